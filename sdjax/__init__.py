@@ -1,0 +1,1 @@
+"""Stable Diffusion in JAX/Flax."""

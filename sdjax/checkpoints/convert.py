@@ -1,0 +1,101 @@
+"""Map PyTorch-layout state dicts (diffusers / transformers names) onto sdjax parameters.
+
+sdjax modules mirror the PyTorch module names, with list indices joined by an
+underscore, so one rule serves every network:
+
+    down_blocks.0.resnets.1.conv1.weight  ->  down_blocks_0/resnets_1/conv1/kernel
+
+``weight`` becomes ``kernel`` (transposed to Flax layout), ``scale`` (norms) or
+``embedding``, whichever the target module owns; ``bias`` stays. A 1x1 conv and a
+linear layer are interchangeable (SD 1 stores some projections as convs).
+"""
+
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+from flax import traverse_util
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: wrong format, corrupt, or not matching the model."""
+
+
+def flax_path(torch_key: str) -> tuple[str, ...]:
+    parts: list[str] = []
+    for p in torch_key.split("."):
+        if p.isdigit() and parts:
+            parts[-1] = f"{parts[-1]}_{p}"
+        else:
+            parts.append(p)
+    return tuple(parts)
+
+
+def _to_flax_layout(arr: np.ndarray, leaf: str, target_shape: tuple[int, ...]) -> np.ndarray:
+    if leaf == "kernel":
+        if arr.ndim == 4:  # (O, I, kh, kw) -> (kh, kw, I, O)
+            arr = arr.transpose(2, 3, 1, 0)
+        elif arr.ndim == 2:  # (O, I) -> (I, O)
+            arr = arr.T
+        if arr.shape != target_shape and arr.size == int(np.prod(target_shape)):
+            # linear <-> 1x1 conv
+            if len(target_shape) == 4 and arr.ndim == 2:
+                arr = arr.reshape(target_shape)
+            elif len(target_shape) == 2 and arr.ndim == 4 and arr.shape[:2] == (1, 1):
+                arr = arr.reshape(target_shape)
+    return arr
+
+
+def torch_to_flax(state_dict: Mapping[str, Any], target: Mapping[str, Any], *, what: str,
+                  ignore: Iterable[str] = ()) -> dict:
+    """Build a params tree shaped like ``target`` (arrays or ShapeDtypeStructs) from ``state_dict``.
+
+    Raises CheckpointError listing every missing key, unexpected key and shape mismatch.
+    """
+    flat_target = traverse_util.flatten_dict(dict(target))
+    modules: dict[tuple[str, ...], set[str]] = {}
+    for path in flat_target:
+        modules.setdefault(path[:-1], set()).add(path[-1])
+    ignore = tuple(ignore)
+
+    out: dict[tuple[str, ...], np.ndarray] = {}
+    unexpected, mismatched = [], []
+    mismatched_paths = set()
+    for key, value in state_dict.items():
+        if any(key.endswith(s) for s in ignore):
+            continue
+        path = flax_path(key)
+        owner, leaf = path[:-1], path[-1]
+        names = modules.get(owner)
+        if names is None:
+            unexpected.append(key)
+            continue
+        if leaf == "weight":
+            leaf = next((n for n in ("kernel", "scale", "embedding") if n in names), "weight")
+        if leaf not in names:
+            unexpected.append(key)
+            continue
+        full = owner + (leaf,)
+        want = tuple(flat_target[full].shape)
+        arr = _to_flax_layout(np.asarray(value), leaf, want)
+        if arr.shape != want:
+            mismatched.append(f"{key}: checkpoint {tuple(np.shape(value))}, model {want}")
+            mismatched_paths.add(full)
+            continue
+        out[full] = arr
+    missing = ["/".join(p) for p in flat_target if p not in out and p not in mismatched_paths]
+    if unexpected or mismatched or missing:
+        raise CheckpointError(describe_mismatch(what, missing, unexpected, mismatched))
+    return traverse_util.unflatten_dict(out)
+
+
+def describe_mismatch(what: str, missing: list[str], unexpected: list[str], mismatched: list[str],
+                      limit: int = 20) -> str:
+    lines = [f"{what}: the checkpoint does not match the model configuration."]
+    for title, items in (("missing from checkpoint", missing), ("unexpected in checkpoint", unexpected),
+                         ("shape mismatch", mismatched)):
+        if items:
+            shown = "\n    ".join(sorted(items)[:limit])
+            more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+            lines.append(f"  {title} ({len(items)}):\n    {shown}{more}")
+    lines.append("  Check that the config.json next to the weights describes this checkpoint.")
+    return "\n".join(lines)

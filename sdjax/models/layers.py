@@ -1,0 +1,169 @@
+"""Building blocks shared by the autoencoder and the UNet.
+
+Attribute names mirror the PyTorch originals (diffusers), with list indices joined
+by an underscore (``to_out.0`` -> ``to_out_0``), so that one generic converter maps
+state dicts onto these modules. Parameters carry logical axis names; activations
+get logical constraints; neither mentions mesh axes.
+"""
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Dtype = Any
+
+# Logical axis names used by parameters and activations; configs map them to mesh axes.
+CONV_KERNEL_AXES = (None, None, "conv_in", "conv_out")
+DENSE_KERNEL_AXES = ("dense_in", "dense_out")
+IMAGE_AXES = ("batch", "height", "width", "channels")
+SEQ_AXES = ("batch", "length", "embed")
+
+
+def constrain_image(x_BHWC: jax.Array) -> jax.Array:
+    return nn.with_logical_constraint(x_BHWC, IMAGE_AXES)
+
+
+def constrain_seq(x_BLD: jax.Array) -> jax.Array:
+    return nn.with_logical_constraint(x_BLD, SEQ_AXES)
+
+
+def dense(features: int, *, name: str, dtype: Dtype, param_dtype: Dtype, use_bias: bool = True,
+          kernel_init=nn.initializers.lecun_normal()) -> nn.Dense:
+    return nn.Dense(
+        features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(kernel_init, DENSE_KERNEL_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("dense_out",)),
+    )
+
+
+def conv(features: int, kernel: int = 3, *, name: str, dtype: Dtype, param_dtype: Dtype,
+         stride: int = 1, padding: Any = "SAME", kernel_init=nn.initializers.lecun_normal()) -> nn.Conv:
+    if padding == "SAME" and kernel > 1:
+        padding = ((kernel // 2, kernel // 2), (kernel // 2, kernel // 2))
+    return nn.Conv(
+        features, (kernel, kernel), strides=(stride, stride), padding=padding,
+        dtype=dtype, param_dtype=param_dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(kernel_init, CONV_KERNEL_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+    )
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics are computed in f32; returns ``out_dtype``."""
+    out_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return super().__call__(x.astype(jnp.float32)).astype(self.out_dtype)
+
+
+def group_norm(num_groups: int, epsilon: float, *, name: str, dtype: Dtype, param_dtype: Dtype) -> GroupNorm:
+    return GroupNorm(
+        num_groups=num_groups, epsilon=epsilon, dtype=jnp.float32, param_dtype=param_dtype,
+        out_dtype=dtype, name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+    )
+
+
+def layer_norm(epsilon: float, *, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
+    """LayerNorm computing in f32; callers cast the result back to their dtype."""
+    return nn.LayerNorm(
+        epsilon=epsilon, dtype=jnp.float32, param_dtype=param_dtype, name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+    )
+
+
+def attention(q_BLNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array, *, is_causal: bool = False) -> jax.Array:
+    """softmax(QK^T / sqrt(d)) V through jax.nn.dot_product_attention (fused kernels where
+    the backend has them). The XLA path computes logits and softmax in f32."""
+    return jax.nn.dot_product_attention(q_BLNH, k_BSNH, v_BSNH, is_causal=is_causal)
+
+
+class Attention(nn.Module):
+    """Multi-head attention named as diffusers' ``Attention`` (to_q, to_k, to_v, to_out_0).
+
+    Self-attention when ``ctx_BSD`` is None, cross-attention otherwise.
+    """
+    heads: int
+    head_dim: int
+    out_features: int
+    qkv_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BLD: jax.Array, ctx_BSD: jax.Array | None = None) -> jax.Array:
+        ctx_BSD = x_BLD if ctx_BSD is None else ctx_BSD
+        inner = self.heads * self.head_dim
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.qkv_bias)
+        q = dense(inner, name="to_q", **kw)(x_BLD)
+        k = dense(inner, name="to_k", **kw)(ctx_BSD)
+        v = dense(inner, name="to_v", **kw)(ctx_BSD)
+        B, L, S = x_BLD.shape[0], x_BLD.shape[1], ctx_BSD.shape[1]
+        q_BLNH = q.reshape(B, L, self.heads, self.head_dim)
+        k_BSNH = k.reshape(B, S, self.heads, self.head_dim)
+        v_BSNH = v.reshape(B, S, self.heads, self.head_dim)
+        out_BLNH = attention(q_BLNH, k_BSNH, v_BSNH)
+        out_BLD = out_BLNH.reshape(B, L, inner)
+        return dense(self.out_features, name="to_out_0", dtype=self.dtype, param_dtype=self.param_dtype)(out_BLD)
+
+
+class ResnetBlock(nn.Module):
+    """diffusers' ResnetBlock2D: GN-SiLU-conv, optional time embedding, GN-SiLU-conv, shortcut."""
+    out_channels: int
+    groups: int = 32
+    eps: float = 1e-6
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BHWC: jax.Array, temb_BD: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = group_norm(self.groups, self.eps, name="norm1", **kw)(x_BHWC)
+        h = conv(self.out_channels, 3, name="conv1", **kw)(nn.silu(h))
+        if temb_BD is not None:
+            t = dense(self.out_channels, name="time_emb_proj", **kw)(nn.silu(temb_BD))
+            h = h + t[:, None, None, :]
+        h = group_norm(self.groups, self.eps, name="norm2", **kw)(h)
+        h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=deterministic)
+        h = conv(self.out_channels, 3, name="conv2", **kw)(h)
+        if x_BHWC.shape[-1] != self.out_channels:
+            x_BHWC = conv(self.out_channels, 1, name="conv_shortcut", **kw)(x_BHWC)
+        return constrain_image(x_BHWC + h)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv. ``pad_asymmetric`` pads (0, 1) on H and W first, as the
+    autoencoder's encoder does (diffusers ``Downsample2D(padding=0)``)."""
+    out_channels: int
+    pad_asymmetric: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+        padding = ((0, 1), (0, 1)) if self.pad_asymmetric else ((1, 1), (1, 1))
+        return conv(self.out_channels, 3, stride=2, padding=padding, name="conv",
+                    dtype=self.dtype, param_dtype=self.param_dtype)(x_BHWC)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv."""
+    out_channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+        x_BHWC = jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2)
+        return conv(self.out_channels, 3, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x_BHWC)
+
+
+def unbox(tree: Any) -> Any:
+    """Strip logical-partitioning boxes from an initialised variable tree."""
+    return nn.meta.unbox(tree)
