@@ -1,0 +1,215 @@
+"""``StableDiffusion``: the three networks, their parameters, the tokenizer and the noise schedule."""
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdjax.checkpoints import diffusers_folder, sdjax_format, single_file
+from sdjax.checkpoints.convert import CheckpointError, torch_to_flax
+from sdjax.checkpoints.tensors import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, read_tensors
+from sdjax.diffusion.schedule import SchedulerConfig
+from sdjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from sdjax.models.layers import unbox
+from sdjax.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
+from sdjax.models.unet import UNet, UNetConfig
+from sdjax.tokenizer import load_tokenizer, tokenize
+
+SUPPORTED_FORMATS = (
+    "a diffusers folder (model_index.json with unet/, vae/, text_encoder/, tokenizer/, scheduler/), "
+    "a single-file SD 1.x/2.x checkpoint (.safetensors; .ckpt with allow_pickle=True), "
+    "or an sdjax export (sdjax.json + params/, written by save_pretrained)"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfigs:
+    unet: UNetConfig
+    vae: AutoencoderConfig
+    text_encoder: TextEncoderConfig
+    scheduler: SchedulerConfig
+
+    @classmethod
+    def from_dicts(cls, d: dict[str, Any]) -> "ModelConfigs":
+        return cls(
+            unet=UNetConfig.from_diffusers_config(dict(d["unet"])),
+            vae=AutoencoderConfig.from_diffusers_config(dict(d["vae"])),
+            text_encoder=TextEncoderConfig.from_transformers_config(dict(d["text_encoder"])),
+            scheduler=SchedulerConfig.from_diffusers_config(dict(d.get("scheduler") or {})),
+        )
+
+    def to_dicts(self) -> dict[str, Any]:
+        return dict(unet=self.unet.to_diffusers_config(), vae=self.vae.to_diffusers_config(),
+                    text_encoder=self.text_encoder.to_transformers_config(),
+                    scheduler=self.scheduler.to_diffusers_config())
+
+
+def build_modules(configs: ModelConfigs, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+    """The three Flax modules for ``configs``: (unet, vae, text_encoder)."""
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    return (UNet(configs.unet, **kw), AutoencoderKL(configs.vae, **kw), CLIPTextEncoder(configs.text_encoder, **kw))
+
+
+def init_inputs(configs: ModelConfigs) -> dict[str, tuple]:
+    """Small dummy inputs that trace each network (for init and ``jax.eval_shape``)."""
+    f = configs.vae.downsample_factor
+    n_down = len(configs.unet.block_out_channels) - 1
+    side = 2 ** n_down
+    return dict(
+        unet=(jnp.zeros((1, side, side, configs.unet.in_channels)), jnp.zeros((1,), jnp.int32),
+              jnp.zeros((1, 77, configs.unet.cross_attention_dim))),
+        vae=(jnp.zeros((1, f, f, configs.vae.in_channels)),),
+        text_encoder=(jnp.zeros((1, configs.text_encoder.max_position_embeddings), jnp.int32),),
+    )
+
+
+def abstract_params(configs: ModelConfigs, param_dtype: Any = jnp.float32) -> dict[str, Any]:
+    """Parameter shapes of every network via ``jax.eval_shape`` (no memory is allocated)."""
+    modules = dict(zip(("unet", "vae", "text_encoder"), build_modules(configs, param_dtype=param_dtype)))
+    inputs = init_inputs(configs)
+    key = jax.random.key(0)
+    return {name: unbox(jax.eval_shape(m.init, key, *inputs[name]))["params"] for name, m in modules.items()}
+
+
+def init_params(configs: ModelConfigs, key: jax.Array, param_dtype: Any = jnp.float32) -> dict[str, Any]:
+    """Random parameters for every network."""
+    modules = dict(zip(("unet", "vae", "text_encoder"), build_modules(configs, param_dtype=param_dtype)))
+    inputs = init_inputs(configs)
+    keys = dict(zip(modules, jax.random.split(key, 3)))
+    return {name: unbox(jax.jit(m.init)(keys[name], *inputs[name]))["params"] for name, m in modules.items()}
+
+
+def count_params(tree: Any) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _strip_prefix(state: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def params_from_state_dicts(configs: ModelConfigs, states: dict[str, dict[str, np.ndarray]],
+                            param_dtype: Any = jnp.float32, source: str = "") -> dict[str, Any]:
+    """Convert torch-named state dicts {"unet", "vae", "text_encoder"} to sdjax params."""
+    target = abstract_params(configs, param_dtype)
+    states = dict(states, text_encoder=_strip_prefix(states["text_encoder"], "text_model."))
+    out = {}
+    for name in ("unet", "vae", "text_encoder"):
+        tree = torch_to_flax(states[name], target[name], what=f"{source} {name}".strip(), ignore=("position_ids",))
+        out[name] = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, np.float32), param_dtype), tree)
+    return out
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+    """A loaded Stable Diffusion model: call ``from_pretrained``, then encode, denoise and decode."""
+    configs: ModelConfigs
+    params: dict[str, Any]
+    tokenizer: Any = None
+    tokenizer_dir: str | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        self.unet, self.vae, self.text_encoder = build_modules(self.configs, self.dtype, self.param_dtype)
+        # The decoder stays in f32 when the rest runs in half precision (a known NaN source).
+        self.vae_f32 = AutoencoderKL(self.configs.vae, dtype=jnp.float32, param_dtype=self.param_dtype)
+        self._text = jax.jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids))
+        self._unet = jax.jit(lambda p, x, t, c: self.unet.apply({"params": p}, x, t, c))
+        self._enc = jax.jit(lambda p, x: self.vae_f32.apply({"params": p}, x, method=AutoencoderKL.encode_moments))
+        self._dec = jax.jit(lambda p, z: self.vae_f32.apply({"params": p}, z, method=AutoencoderKL.decode))
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.configs.vae.downsample_factor
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.configs.vae.scaling_factor
+
+    # ---- loading and saving -------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: Any = jnp.float32, *, param_dtype: Any = jnp.float32,
+                        tokenizer: str | None = None, prediction_type: str | None = None,
+                        allow_pickle: bool = False, variant: str | None = None) -> "StableDiffusion":
+        """Load a diffusers folder, a single-file SD checkpoint, or an sdjax export.
+
+        ``tokenizer``: a folder with the CLIP tokenizer files, needed for single files (they carry none).
+        ``prediction_type``: "epsilon" or "v_prediction"; single files cannot tell (SD 2.x 768-v models
+        are v-prediction), folders read it from scheduler/scheduler_config.json.
+        """
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file or directory. Expected {SUPPORTED_FORMATS}.")
+        tokenizer_dir = tokenizer
+        if os.path.isdir(path) and sdjax_format.is_sdjax_dir(path):
+            raw = sdjax_format.read_configs(path)
+            configs = ModelConfigs.from_dicts(raw)
+            params = sdjax_format.load_params(path, abstract_params(configs, param_dtype))
+            params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, param_dtype), params)
+            default_tok = os.path.join(path, "tokenizer")
+        elif os.path.isdir(path) and diffusers_folder.is_diffusers_dir(path):
+            states, raw = {}, {}
+            for name in ("unet", "vae", "text_encoder"):
+                raw[name], states[name] = diffusers_folder.read_component(
+                    path, name, variant=variant, allow_pickle=allow_pickle)
+            raw["scheduler"] = diffusers_folder.read_scheduler_config(path) or {}
+            configs = ModelConfigs.from_dicts(raw)
+            params = params_from_state_dicts(configs, states, param_dtype, source=path)
+            default_tok = os.path.join(path, "tokenizer")
+        elif os.path.isfile(path) and path.endswith((SAFETENSORS_SUFFIX,) + PICKLE_SUFFIXES):
+            state = read_tensors(path, allow_pickle=allow_pickle)
+            split = single_file.split_original(state)
+            raw = single_file.infer_configs(state)
+            configs = ModelConfigs.from_dicts(raw)
+            params = params_from_state_dicts(configs, split, param_dtype, source=path)
+            default_tok = None
+        else:
+            raise CheckpointError(f"{path}: not a checkpoint sdjax can read. Supported: {SUPPORTED_FORMATS}.")
+        if prediction_type is not None:
+            configs = dataclasses.replace(
+                configs, scheduler=dataclasses.replace(configs.scheduler, prediction_type=prediction_type))
+        tokenizer_dir = tokenizer_dir or (default_tok if default_tok and os.path.isdir(default_tok) else None)
+        tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
+        return cls(configs, params, tok, tokenizer_dir, dtype, param_dtype)
+
+    def save_pretrained(self, path: str) -> None:
+        """Write an sdjax export (Orbax params + JSON configs + tokenizer) that loads back bit-exact."""
+        sdjax_format.save(path, self.configs.to_dicts(), self.params, self.tokenizer_dir)
+
+    # ---- the networks ----------------------------------------------------------------------
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        if self.tokenizer is None:
+            raise ValueError("This model has no tokenizer: pass tokenizer=DIR to from_pretrained "
+                             "(a folder with vocab.json and merges.txt, e.g. a diffusers checkpoint's tokenizer/).")
+        return tokenize(self.tokenizer, list(prompts), self.configs.text_encoder.max_position_embeddings)
+
+    def encode_prompt(self, prompts: Sequence[str]) -> jax.Array:
+        """Text context (B, 77, D) for a list of prompts."""
+        return self.encode_ids(self.tokenize(prompts))
+
+    def encode_ids(self, ids_BL: Any) -> jax.Array:
+        return self._text(self.params["text_encoder"], jnp.asarray(ids_BL, jnp.int32))
+
+    def unet_apply(self, latents_BhwC: jax.Array, timesteps: Any, ctx_BLD: jax.Array) -> jax.Array:
+        """One UNet evaluation: model output (epsilon, v or x0) with the latents' shape."""
+        t = jnp.broadcast_to(jnp.asarray(timesteps), (latents_BhwC.shape[0],))
+        return self._unet(self.params["unet"], jnp.asarray(latents_BhwC, self.dtype), t, jnp.asarray(ctx_BLD, self.dtype))
+
+    def vae_encode(self, images_BHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Images in [-1, 1] -> (mean, logvar) of the unscaled latent posterior."""
+        self._check_image_size(images_BHWC)
+        return self._enc(self.params["vae"], jnp.asarray(images_BHWC, jnp.float32))
+
+    def vae_decode(self, latents_BhwC: jax.Array) -> jax.Array:
+        """Unscaled latents -> images in [-1, 1] (values may overshoot slightly; clip for display)."""
+        return self._dec(self.params["vae"], jnp.asarray(latents_BhwC, jnp.float32))
+
+    def _check_image_size(self, images_BHWC: Any) -> None:
+        shape = np.shape(images_BHWC)
+        f = self.downsample_factor
+        if len(shape) != 4 or shape[-1] != self.configs.vae.in_channels or shape[1] % f or shape[2] % f:
+            raise ValueError(f"images must be (B, H, W, {self.configs.vae.in_channels}) NHWC with H and W multiples "
+                             f"of {f}; got {shape}. Resize or crop them first.")
