@@ -1,0 +1,172 @@
+"""Loading real checkpoint formats into ``StableDiffusion`` and matching the PyTorch originals.
+
+Reference: tiny random diffusers/transformers models, saved as a diffusers folder and as an
+original single file; sdjax loads them and each network's output must match to 1e-4 (f32).
+"""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from sdjax.checkpoints.convert import CheckpointError
+from sdjax.stable_diffusion import StableDiffusion, abstract_params, count_params, ModelConfigs
+from sdjax import presets
+from tests import tiny_models
+
+TOL = 1e-4
+
+
+def _nchw(x):
+    return torch.from_numpy(np.ascontiguousarray(np.transpose(np.asarray(x), (0, 3, 1, 2))))
+
+
+def _nhwc(t):
+    return np.transpose(t.detach().numpy(), (0, 2, 3, 1))
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def saved(request, tmp_path_factory):
+    style = request.param
+    folder = tiny_models.save_pipeline(tmp_path_factory.mktemp(style) / "pipe", style, seed=1)
+    unet, vae, text = tiny_models.build_torch_models(style, seed=1)
+    return style, folder, (unet, vae, text)
+
+
+def _check_networks(sd: StableDiffusion, torch_models, style: str):
+    unet, vae, text = torch_models
+    rng = np.random.default_rng(0)
+    cfg = tiny_models.STYLES[style]
+    # text encoder, through the checkpoint's own tokenizer
+    ids = sd.tokenize(["a photo of a cat", ""])
+    with torch.no_grad():
+        ref = text(torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
+    np.testing.assert_allclose(np.asarray(sd.encode_ids(ids)), ref, atol=TOL, rtol=0)
+    # unet
+    x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    t = np.array([10, 901])
+    ctx = rng.standard_normal((2, 77, cfg["unet"]["cross_attention_dim"])).astype(np.float32)
+    with torch.no_grad():
+        ref = _nhwc(unet(_nchw(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample)
+    np.testing.assert_allclose(np.asarray(sd.unet_apply(x, t, ctx)), ref, atol=TOL, rtol=0)
+    # vae
+    img = rng.uniform(-1, 1, (1, 16, 16, 3)).astype(np.float32)
+    with torch.no_grad():
+        post = vae.encode(_nchw(img)).latent_dist
+        f = sd.downsample_factor
+        z = rng.standard_normal((1, 16 // f, 16 // f, 4)).astype(np.float32)
+        dec = _nhwc(vae.decode(_nchw(z)).sample)
+    mean, logvar = sd.vae_encode(img)
+    np.testing.assert_allclose(np.asarray(mean), _nhwc(post.mean), atol=TOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(logvar), _nhwc(post.logvar), atol=TOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(sd.vae_decode(z)), dec, atol=TOL, rtol=0)
+
+
+def test_diffusers_folder_matches_pytorch(saved):
+    style, folder, torch_models = saved
+    sd = StableDiffusion.from_pretrained(folder)
+    assert sd.configs.scheduler.prediction_type == tiny_models.STYLES[style]["prediction_type"]
+    _check_networks(sd, torch_models, style)
+
+
+def test_sdjax_export_round_trip_is_bit_exact(saved, tmp_path):
+    style, folder, _ = saved
+    sd = StableDiffusion.from_pretrained(folder)
+    sd.save_pretrained(tmp_path / "export")
+    back = StableDiffusion.from_pretrained(tmp_path / "export")
+    assert back.configs == sd.configs
+    flat_a = jax_leaves_with_paths(sd.params)
+    flat_b = jax_leaves_with_paths(back.params)
+    assert flat_a.keys() == flat_b.keys()
+    for k in flat_a:
+        assert flat_a[k].dtype == flat_b[k].dtype
+        np.testing.assert_array_equal(np.asarray(flat_a[k]), np.asarray(flat_b[k]), err_msg=k)
+    np.testing.assert_array_equal(back.tokenize(["a cat"]), sd.tokenize(["a cat"]))
+
+
+def jax_leaves_with_paths(tree):
+    from flax import traverse_util
+    return traverse_util.flatten_dict(tree, sep="/")
+
+
+def test_published_parameter_counts():
+    sd15 = {k: count_params(v) for k, v in abstract_params(ModelConfigs.from_dicts(presets.sd15())).items()}
+    sd21 = {k: count_params(v) for k, v in abstract_params(ModelConfigs.from_dicts(presets.sd21())).items()}
+    assert sd15 == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+    assert sd21 == {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840}
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+def test_unknown_path_and_format_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="diffusers folder"):
+        StableDiffusion.from_pretrained(tmp_path / "nope")
+    (tmp_path / "weights.npz").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="Supported"):
+        StableDiffusion.from_pretrained(tmp_path / "weights.npz")
+    with pytest.raises(CheckpointError, match="Supported"):
+        StableDiffusion.from_pretrained(tmp_path)
+
+
+def test_truncated_safetensors_is_a_clear_error(saved, tmp_path):
+    style, folder, _ = saved
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    w = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        StableDiffusion.from_pretrained(broken)
+    w.write_bytes(b"\x05\x00garbage")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        StableDiffusion.from_pretrained(broken)
+
+
+def test_mismatched_config_lists_every_problem(saved, tmp_path):
+    style, folder, _ = saved
+    import shutil
+    broken = tmp_path / "mismatch"
+    shutil.copytree(folder, broken)
+    cfg_path = broken / "unet" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["cross_attention_dim"] = cfg["cross_attention_dim"] * 2
+    cfg["layers_per_block"] = cfg["layers_per_block"] + 1
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as e:
+        StableDiffusion.from_pretrained(broken)
+    msg = str(e.value)
+    assert "missing from checkpoint" in msg and "shape mismatch" in msg
+    assert "attn2" in msg
+
+
+def test_pickles_need_explicit_opt_in(saved, tmp_path):
+    style, folder, (unet, vae, text) = saved
+    import shutil
+    pk = tmp_path / "pickled"
+    shutil.copytree(folder, pk)
+    for name, model, stem in (("unet", unet, "diffusion_pytorch_model"), ("vae", vae, "diffusion_pytorch_model"),
+                              ("text_encoder", text, "model")):
+        os.remove(pk / name / f"{stem}.safetensors")
+        torch.save(model.state_dict(), pk / name / ("pytorch_model.bin" if name == "text_encoder" else f"{stem}.bin"))
+    with pytest.raises(CheckpointError, match="allow_pickle=True"):
+        StableDiffusion.from_pretrained(pk)
+    sd = StableDiffusion.from_pretrained(pk, allow_pickle=True)
+    ref = StableDiffusion.from_pretrained(folder)
+    x = np.random.default_rng(1).standard_normal((1, 8, 8, 4)).astype(np.float32)
+    ctx = np.zeros((1, 77, tiny_models.STYLES[style]["unet"]["cross_attention_dim"]), np.float32)
+    np.testing.assert_array_equal(np.asarray(sd.unet_apply(x, 5, ctx)), np.asarray(ref.unet_apply(x, 5, ctx)))
+
+
+def test_bf16_compute_keeps_f32_params(saved):
+    style, folder, _ = saved
+    sd = StableDiffusion.from_pretrained(folder, dtype=jnp.bfloat16)
+    assert all(p.dtype == jnp.float32 for p in jax_leaves_with_paths(sd.params).values())
+    x = np.random.default_rng(1).standard_normal((1, 8, 8, 4)).astype(np.float32)
+    ctx = sd.encode_prompt(["a cat"])
+    out = sd.unet_apply(x, 500, ctx)
+    assert out.dtype == jnp.bfloat16 and bool(jnp.isfinite(out.astype(jnp.float32)).all())
+    assert sd.vae_decode(np.zeros((1, 4, 4, 4), np.float32)).dtype == jnp.float32

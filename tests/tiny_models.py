@@ -1,0 +1,86 @@
+"""Tiny random PyTorch reference models (diffusers + transformers) saved in the real formats.
+
+Two styles: "sd1" (conv projections, one head count for all levels, quick_gelu text encoder,
+epsilon) and "sd2" (linear projections, per-level heads, gelu text encoder, v-prediction).
+GroupNorm and LayerNorm weights are randomised so a wrong parameter mapping cannot pass.
+"""
+
+from pathlib import Path
+
+import torch
+
+from tests.fixtures_tokenizer import write_tokenizer
+
+STYLES = {
+    "sd1": dict(
+        unet=dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                  attention_head_dim=8, cross_attention_dim=32, norm_num_groups=8),
+        vae=dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                 norm_num_groups=8, sample_size=32),
+        text_encoder=dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+                          num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+                          bos_token_id=0, eos_token_id=2, pad_token_id=1),
+        prediction_type="epsilon",
+    ),
+    "sd2": dict(
+        unet=dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                  attention_head_dim=(2, 4, 4), cross_attention_dim=48, norm_num_groups=16,
+                  use_linear_projection=True, upcast_attention=True),
+        vae=dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=2,
+                 down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                 norm_num_groups=8, sample_size=32),
+        text_encoder=dict(vocab_size=1000, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu",
+                          bos_token_id=0, eos_token_id=2, pad_token_id=1),
+        prediction_type="v_prediction",
+    ),
+}
+
+
+def randomize_norms(module: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
+                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+
+
+def build_torch_models(style: str, seed: int = 0):
+    """(unet, vae, text_encoder): tiny random torch models in eval mode, float32."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = STYLES[style]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**cfg["unet"])
+    vae = AutoencoderKL(**cfg["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+    for i, m in enumerate((unet, vae, text_encoder)):
+        randomize_norms(m, seed + 100 + i)
+        m.eval()
+    return unet, vae, text_encoder
+
+
+def save_pipeline(folder: Path, style: str, seed: int = 0) -> Path:
+    """A tiny StableDiffusionPipeline saved as a diffusers folder (safetensors weights)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    unet, vae, text_encoder = build_torch_models(style, seed)
+    tok_dir = write_tokenizer(Path(folder).parent / f"{Path(folder).name}-tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    tokenizer.model_max_length = 77
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              prediction_type=STYLES[style]["prediction_type"])
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return Path(folder)
