@@ -1,0 +1,208 @@
+"""CLIP text encoder (transformers' ``CLIPTextModel.text_model``) conditioning the UNet.
+
+Parameter names mirror transformers (``embeddings/token_embedding``,
+``encoder/layers_3/self_attn/q_proj``, ``final_layer_norm``) so that
+``sdjax.checkpoints.convert.torch_to_flax`` maps a PyTorch state dict onto them.
+
+SD 1.x conditions on the last layer of OpenAI's CLIP ViT-L/14 text tower; SD 2.x on the
+penultimate layer of OpenCLIP ViT-H/14. Both go through the final LayerNorm. diffusers
+stores SD 2's encoder with the last layer dropped (23 layers, last hidden state), which
+is the same network: ``output_layer="penultimate"`` builds only the layers it uses.
+"""
+
+import dataclasses
+from typing import Any, Literal, Mapping
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from sdjax.checkpoints.convert import torch_to_flax
+from sdjax.models import layers
+
+Dtype = Any
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderConfig:
+    """transformers' ``CLIPTextConfig`` fields, plus which layer's output conditions the UNet."""
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    projection_dim: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int = 1
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+    output_layer: Literal["last", "penultimate"] = "last"
+
+    def __post_init__(self):
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"TextEncoderConfig.hidden_act={self.hidden_act!r} is not supported; "
+                             f"use one of {sorted(ACTIVATIONS)}.")
+        if self.output_layer not in ("last", "penultimate"):
+            raise ValueError(f"TextEncoderConfig.output_layer={self.output_layer!r}; use 'last' or 'penultimate'.")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"TextEncoderConfig.hidden_size={self.hidden_size} is not divisible by "
+                             f"num_attention_heads={self.num_attention_heads}.")
+        if self.num_layers_used < 1:
+            raise ValueError(f"TextEncoderConfig: output_layer={self.output_layer!r} needs at least "
+                             f"{2 if self.output_layer == 'penultimate' else 1} layers, "
+                             f"got num_hidden_layers={self.num_hidden_layers}.")
+
+    @property
+    def num_layers_used(self) -> int:
+        """Transformer layers the encoder builds and runs."""
+        return self.num_hidden_layers - (self.output_layer == "penultimate")
+
+    @classmethod
+    def from_transformers_config(cls, d: Mapping[str, Any], **overrides: Any) -> "TextEncoderConfig":
+        """From a ``CLIPTextConfig`` dict (a diffusers ``text_encoder/config.json``); unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names}, **overrides)
+
+    def to_transformers_config(self) -> dict:
+        """A ``CLIPTextConfig`` dict for the network these parameters describe.
+
+        A penultimate-layer encoder becomes, as in diffusers' SD 2, one with
+        ``num_layers_used`` layers whose last hidden state is the same output.
+        """
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "output_layer"}
+        d["num_hidden_layers"] = self.num_layers_used
+        d["model_type"] = "clip_text_model"
+        return d
+
+
+class CLIPTextEmbeddings(nn.Module):
+    config: TextEncoderConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids_BL: jax.Array) -> jax.Array:
+        c = self.config
+        init = nn.initializers.normal(0.02)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        token = nn.Embed(c.vocab_size, c.hidden_size, name="token_embedding",
+                         embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")), **kw)
+        position = nn.Embed(c.max_position_embeddings, c.hidden_size, name="position_embedding",
+                            embedding_init=nn.with_logical_partitioning(init, (None, "embed")), **kw)
+        L = input_ids_BL.shape[1]
+        return token(input_ids_BL) + position(jnp.arange(L))[None]
+
+
+class CLIPAttention(nn.Module):
+    """Causal multi-head self-attention named as transformers' (q_proj, k_proj, v_proj, out_proj)."""
+    config: TextEncoderConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        c = self.config
+        B, L, D = x_BLD.shape
+        N = c.num_attention_heads
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        q_BLNH = layers.dense(D, name="q_proj", **kw)(x_BLD).reshape(B, L, N, D // N)
+        k_BLNH = layers.dense(D, name="k_proj", **kw)(x_BLD).reshape(B, L, N, D // N)
+        v_BLNH = layers.dense(D, name="v_proj", **kw)(x_BLD).reshape(B, L, N, D // N)
+        out_BLNH = layers.attention(q_BLNH, k_BLNH, v_BLNH, is_causal=True)
+        return layers.dense(D, name="out_proj", **kw)(out_BLNH.reshape(B, L, D))
+
+
+class CLIPMLP(nn.Module):
+    config: TextEncoderConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        c = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h_BLF = ACTIVATIONS[c.hidden_act](layers.dense(c.intermediate_size, name="fc1", **kw)(x_BLD))
+        return layers.dense(c.hidden_size, name="fc2", **kw)(h_BLF)
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+    config: TextEncoderConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        c = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = layers.layer_norm(c.layer_norm_eps, name="layer_norm1", **kw)(x_BLD).astype(self.dtype)
+        x_BLD = layers.constrain_seq(x_BLD + CLIPAttention(c, name="self_attn", **kw)(h))
+        h = layers.layer_norm(c.layer_norm_eps, name="layer_norm2", **kw)(x_BLD).astype(self.dtype)
+        return layers.constrain_seq(x_BLD + CLIPMLP(c, name="mlp", **kw)(h))
+
+
+class CLIPEncoder(nn.Module):
+    config: TextEncoderConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        for i in range(self.config.num_layers_used):
+            x_BLD = CLIPEncoderLayer(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
+                                     name=f"layers_{i}")(x_BLD)
+        return x_BLD
+
+
+class CLIPTextEncoder(nn.Module):
+    """Token ids (B, L) -> per-token hidden states (B, L, D), the UNet's cross-attention context."""
+    config: TextEncoderConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids_BL: jax.Array) -> jax.Array:
+        c = self.config
+        if input_ids_BL.ndim != 2 or input_ids_BL.shape[1] > c.max_position_embeddings:
+            raise ValueError(f"CLIPTextEncoder expects token ids of shape (batch, length <= "
+                             f"{c.max_position_embeddings}), got {input_ids_BL.shape}.")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x_BLD = layers.constrain_seq(CLIPTextEmbeddings(c, name="embeddings", **kw)(input_ids_BL))
+        x_BLD = CLIPEncoder(c, name="encoder", **kw)(x_BLD)
+        x_BLD = layers.layer_norm(c.layer_norm_eps, name="final_layer_norm", **kw)(x_BLD)
+        return layers.constrain_seq(x_BLD.astype(self.dtype))
+
+
+def pooled_output(hidden_BLD: jax.Array, input_ids_BL: jax.Array, eos_token_id: int) -> jax.Array:
+    """The hidden state at each sequence's end-of-text token, as transformers' ``pooler_output``.
+
+    Configs saved before transformers fixed ``eos_token_id`` (value 2) pick the largest id,
+    which is end-of-text in CLIP's vocabulary.
+    """
+    if eos_token_id == 2:
+        idx_B = jnp.argmax(input_ids_BL, axis=-1)
+    else:
+        idx_B = jnp.argmax(input_ids_BL == eos_token_id, axis=-1)
+    return jnp.take_along_axis(hidden_BLD, idx_B[:, None, None], axis=1)[:, 0]
+
+
+def params_from_torch(state_dict: Mapping[str, Any], config: TextEncoderConfig) -> dict:
+    """Flax params from a ``CLIPTextModel`` state dict (with or without the ``text_model.`` prefix).
+
+    For a penultimate-layer config, the layers past the ones used are dropped.
+    """
+    prefix = "text_model."
+    sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+    unused = tuple(f"encoder.layers.{i}." for i in range(config.num_layers_used, config.num_hidden_layers))
+    sd = {k: v for k, v in sd.items() if not k.startswith(unused)}
+    model = CLIPTextEncoder(config)
+    ids = jnp.zeros((1, config.max_position_embeddings), jnp.int32)
+    target = jax.eval_shape(lambda: layers.unbox(model.init(jax.random.key(0), ids))["params"])
+    return torch_to_flax(sd, target, what="text_encoder", ignore=("position_ids",))

@@ -1,0 +1,108 @@
+"""CLIP text encoder against transformers' CLIPTextModel (tiny, random, f32)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from sdjax.models import layers
+from sdjax.models.text_encoder import CLIPTextEncoder, TextEncoderConfig, params_from_torch, pooled_output
+
+TINY = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+            max_position_embeddings=77, bos_token_id=998, eos_token_id=999, pad_token_id=999)
+
+
+def random_torch_model(**kw) -> CLIPTextModel:
+    torch.manual_seed(0)
+    model = CLIPTextModel(CLIPTextConfig(**TINY, **kw)).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # LayerNorm scales and all biases too
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def token_ids(batch: int = 2, length: int = 77) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 998, (batch, length))
+    ids[:, 0] = 998
+    ids[0, 9:] = 999
+    ids[1, 40:] = 999
+    return ids
+
+
+def count(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_sd1_last_layer_matches_transformers():
+    torch_model = random_torch_model(num_hidden_layers=3, hidden_act="quick_gelu")
+    config = TextEncoderConfig.from_transformers_config(torch_model.config.to_dict())
+    assert config.output_layer == "last" and config.num_hidden_layers == 3 and config.hidden_act == "quick_gelu"
+    # On-disk checkpoints carry the "text_model." prefix and the position_ids buffer.
+    sd = {f"text_model.{k}": v.numpy() for k, v in torch_model.state_dict().items()}
+    sd["text_model.embeddings.position_ids"] = np.arange(77)[None]
+    params = params_from_torch(sd, config)
+    ids = token_ids()
+    with torch.no_grad():
+        out = torch_model(torch.from_numpy(ids))
+    hidden = CLIPTextEncoder(config).apply({"params": params}, jnp.asarray(ids, jnp.int32))
+    np.testing.assert_allclose(hidden, out.last_hidden_state.numpy(), atol=1e-4, rtol=0)
+    pooled = pooled_output(hidden, jnp.asarray(ids), config.eos_token_id)
+    np.testing.assert_allclose(pooled, out.pooler_output.numpy(), atol=1e-4, rtol=0)
+
+
+def test_sd2_penultimate_layer_matches_transformers():
+    torch_model = random_torch_model(num_hidden_layers=4, hidden_act="gelu")
+    config = TextEncoderConfig.from_transformers_config(torch_model.config.to_dict(), output_layer="penultimate")
+    params = params_from_torch(torch_model.state_dict(), config)
+    assert set(params["encoder"]) == {"layers_0", "layers_1", "layers_2"}
+    ids = token_ids()
+    with torch.no_grad():
+        out = torch_model(torch.from_numpy(ids), output_hidden_states=True)
+        want = torch_model.final_layer_norm(out.hidden_states[-2]).numpy()
+    hidden = jax.jit(CLIPTextEncoder(config).apply)({"params": params}, jnp.asarray(ids, jnp.int32))
+    np.testing.assert_allclose(hidden, want, atol=1e-4, rtol=0)
+    # diffusers' SD 2 form (one layer fewer, last hidden state) is the same network.
+    diffusers_form = TextEncoderConfig.from_transformers_config(config.to_transformers_config())
+    assert diffusers_form.num_hidden_layers == 3 and diffusers_form.output_layer == "last"
+    sd23 = {k: v for k, v in torch_model.state_dict().items() if not k.startswith("encoder.layers.3.")}
+    assert jax.tree.all(jax.tree.map(np.array_equal, params, params_from_torch(sd23, diffusers_form)))
+
+
+def test_config_round_trips_through_transformers():
+    config = TextEncoderConfig(**TINY, num_hidden_layers=2, hidden_act="gelu")
+    d = config.to_transformers_config()
+    assert CLIPTextConfig(**d).num_hidden_layers == 2
+    assert TextEncoderConfig.from_transformers_config(d) == config
+    with pytest.raises(ValueError, match="hidden_act"):
+        TextEncoderConfig(hidden_act="relu")
+
+
+@pytest.mark.parametrize("kw, expected", [
+    (dict(), 123_060_480),  # OpenAI CLIP ViT-L/14 text tower (SD 1.x)
+    (dict(hidden_size=1024, num_attention_heads=16, intermediate_size=4096, hidden_act="gelu",
+          num_hidden_layers=23), 340_387_840),  # OpenCLIP ViT-H/14 as diffusers stores it for SD 2.x
+    (dict(hidden_size=1024, num_attention_heads=16, intermediate_size=4096, hidden_act="gelu",
+          num_hidden_layers=24, output_layer="penultimate"), 340_387_840),  # the same, OpenCLIP's form
+])
+def test_param_count(kw, expected):
+    model = CLIPTextEncoder(TextEncoderConfig(**kw))
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 77), jnp.int32))
+    assert count(shapes["params"]) == expected
+
+
+def test_bf16_compute_with_f32_params():
+    torch_model = random_torch_model(num_hidden_layers=2, hidden_act="quick_gelu")
+    config = TextEncoderConfig.from_transformers_config(torch_model.config.to_dict())
+    params = params_from_torch(torch_model.state_dict(), config)
+    ids = token_ids()
+    model = CLIPTextEncoder(config, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.asarray(ids, jnp.int32))["params"]
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(layers.unbox(boxed)))
+    hidden = model.apply({"params": params}, jnp.asarray(ids, jnp.int32))
+    assert hidden.dtype == jnp.bfloat16
+    with torch.no_grad():
+        want = torch_model(torch.from_numpy(ids)).last_hidden_state.numpy()
+    np.testing.assert_allclose(np.asarray(hidden, np.float32), want, atol=0.1, rtol=0)
