@@ -19,94 +19,94 @@ METADATA_FILE = "metadata.jsonl"
 
 
 def check_folder(folder: str | Path) -> Path:
-  """Returns the folder as a Path, or raises if it cannot be an image folder."""
-  folder = Path(folder)
-  if not (folder / METADATA_FILE).is_file():
-    raise FileNotFoundError(
-        f"{folder / METADATA_FILE} not found: captioned_images reads a folder of images plus a "
-        f'{METADATA_FILE} with lines {{"file_name": ..., "text": ...}}; pass that folder as manual_dir.')
-  return folder
+    """Returns the folder as a Path, or raises if it cannot be an image folder."""
+    folder = Path(folder)
+    if not (folder / METADATA_FILE).is_file():
+        raise FileNotFoundError(
+            f"{folder / METADATA_FILE} not found: captioned_images reads a folder of images plus a "
+            f'{METADATA_FILE} with lines {{"file_name": ..., "text": ...}}; pass that folder as manual_dir.')
+    return folder
 
 
 def _rgb_image_bytes(path: Path) -> bytes:
-  """Decodes the whole image (so truncation shows) and returns bytes PIL decodes to RGB."""
-  data = path.read_bytes()
-  with Image.open(io.BytesIO(data)) as img:
-    img.load()
-    if img.format in ("JPEG", "PNG") and img.mode == "RGB":
-      return data  # Keep the original encoding: no recompression loss.
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, format="PNG")
-    return buf.getvalue()
+    """Decodes the whole image (so truncation shows) and returns bytes PIL decodes to RGB."""
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        if img.format in ("JPEG", "PNG") and img.mode == "RGB":
+            return data  # Keep the original encoding: no recompression loss.
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, format="PNG")
+        return buf.getvalue()
 
 
 class _Skipped:
-  """Counts skipped entries by reason, with the names of the skipped files."""
+    """Counts skipped entries by reason, with the names of the skipped files."""
 
-  _LABELS = {"unreadable": ("unreadable image", "unreadable images"),
-             "no_caption": ("entry without caption", "entries without caption"),
-             "malformed": ("malformed metadata line", "malformed metadata lines")}
+    _LABELS = {"unreadable": ("unreadable image", "unreadable images"),
+               "no_caption": ("entry without caption", "entries without caption"),
+               "malformed": ("malformed metadata line", "malformed metadata lines")}
 
-  def __init__(self):
-    self.names = collections.defaultdict(list)
+    def __init__(self):
+        self.names = collections.defaultdict(list)
 
-  def add(self, reason: str, name: str):
-    self.names[reason].append(name)
+    def add(self, reason: str, name: str):
+        self.names[reason].append(name)
 
-  def summary(self, num_prepared: int) -> str:
-    parts = [f"{len(names)} {self._LABELS[reason][len(names) > 1]} ({', '.join(names)})"
-             for reason in self._LABELS if (names := self.names[reason])]
-    return f"prepared {num_prepared} examples; skipped {', '.join(parts) or 'nothing'}"
+    def summary(self, num_prepared: int) -> str:
+        parts = [f"{len(names)} {self._LABELS[reason][len(names) > 1]} ({', '.join(names)})"
+                 for reason in self._LABELS if (names := self.names[reason])]
+        return f"prepared {num_prepared} examples; skipped {', '.join(parts) or 'nothing'}"
 
 
 class CaptionedImages(tfds.core.GeneratorBasedBuilder):
-  """A local folder of images with captions in metadata.jsonl (Hugging Face image folder)."""
+    """A local folder of images with captions in metadata.jsonl (Hugging Face image folder)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Images and captions from a local image folder."}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      f"Put the images and a {METADATA_FILE} (one JSON object per line with 'file_name' and "
-      "'text') in one folder and pass it as the manual dir.")
-  # tfds looks for download checksums beside the code through `importlib_resources`, which
-  # it only installs on Python < 3.9; this builder downloads nothing, so skip the lookup.
-  code_path = None
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Images and captions from a local image folder."}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        f"Put the images and a {METADATA_FILE} (one JSON object per line with 'file_name' and "
+        "'text') in one folder and pass it as the manual dir.")
+    # tfds looks for download checksums beside the code through `importlib_resources`, which
+    # it only installs on Python < 3.9; this builder downloads nothing, so skip the lookup.
+    code_path = None
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3)),
-            "text": tfds.features.Text(),
-            "file_name": tfds.features.Text(),
-        }),
-        supervised_keys=("image", "text"),
-    )
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__,
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3)),
+                "text": tfds.features.Text(),
+                "file_name": tfds.features.Text(),
+            }),
+            supervised_keys=("image", "text"),
+        )
 
-  def _split_generators(self, dl_manager):
-    return {"train": self._generate_examples(check_folder(dl_manager.manual_dir))}
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(check_folder(dl_manager.manual_dir))}
 
-  def _generate_examples(self, folder: Path) -> Iterator[tuple[int, dict]]:
-    skipped, num_prepared = _Skipped(), 0
-    with open(folder / METADATA_FILE, encoding="utf-8") as f:
-      for line_no, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          entry = json.loads(line)
-          name = entry["file_name"]
-        except (json.JSONDecodeError, TypeError, KeyError):
-          skipped.add("malformed", f"line {line_no}")
-          continue
-        text = entry.get("text")
-        if not isinstance(text, str) or not text.strip():
-          skipped.add("no_caption", name)
-          continue
-        try:
-          image = _rgb_image_bytes(folder / name)
-        except Exception:  # noqa: BLE001 - PIL raises many types on bad files; none may stop the run.
-          skipped.add("unreadable", name)
-          continue
-        num_prepared += 1
-        yield line_no, {"image": image, "text": text, "file_name": name}
-    print(skipped.summary(num_prepared))
+    def _generate_examples(self, folder: Path) -> Iterator[tuple[int, dict]]:
+        skipped, num_prepared = _Skipped(), 0
+        with open(folder / METADATA_FILE, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                    name = entry["file_name"]
+                except (json.JSONDecodeError, TypeError, KeyError):
+                    skipped.add("malformed", f"line {line_no}")
+                    continue
+                text = entry.get("text")
+                if not isinstance(text, str) or not text.strip():
+                    skipped.add("no_caption", name)
+                    continue
+                try:
+                    image = _rgb_image_bytes(folder / name)
+                except Exception:  # noqa: BLE001 - PIL raises many types on bad files; none may stop the run.
+                    skipped.add("unreadable", name)
+                    continue
+                num_prepared += 1
+                yield line_no, {"image": image, "text": text, "file_name": name}
+        print(skipped.summary(num_prepared))

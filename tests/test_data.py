@@ -1,0 +1,247 @@
+"""Data pipeline tests: tiny prepared datasets in a tmp data_dir, read back through grain."""
+
+import collections
+import dataclasses
+import io
+import json
+import re
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from sdjax import data
+
+NUM_TRAIN = 48
+SEQ_LEN = 77
+
+
+def _tokenize(text: str) -> list[int]:
+    ids = [ord(c) for c in text[:SEQ_LEN]]
+    return ids + [0] * (SEQ_LEN - len(ids))
+
+
+def _to_uint8(image_f32: np.ndarray) -> np.ndarray:
+    return np.rint((image_f32 + 1.0) * 127.5).astype(np.uint8)
+
+
+def _take(config: data.DataConfig, num_batches: int | None = None) -> list[dict]:
+    it = data.make_dataset(config)
+    return list(it) if num_batches is None else [next(it) for _ in range(num_batches)]
+
+
+def _assert_batches_equal(a: list[dict], b: list[dict]):
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["text"], y["text"])
+
+
+@pytest.fixture(scope="module")
+def shapes_config(tmp_path_factory) -> data.DataConfig:
+    config = data.DataConfig(data_dir=str(tmp_path_factory.mktemp("tfds")), num_examples=NUM_TRAIN,
+                             batch_size=8, shard_index=0, shard_count=1)
+    data.prepare(config)
+    return config
+
+
+def test_render_shape_matches_closed_form_geometry():
+    red, blue = data.COLOR_NAMES.index("red"), data.COLOR_NAMES.index("blue")
+    square = data.render_shape(data.SHAPES.index("square"), red, blue, 8, 16, 16, 32)
+    assert square.shape == (32, 32, 3) and square.dtype == np.uint8
+    is_red = (square == data.COLORS["red"]).all(-1)
+    assert (is_red | (square == data.COLORS["blue"]).all(-1)).all()
+    rows, cols = np.nonzero(is_red)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (12, 19, 12, 19) and is_red.sum() == 64
+    circle = data.render_shape(data.SHAPES.index("circle"), red, blue, 40, 50, 50, 100)
+    np.testing.assert_allclose((circle == data.COLORS["red"]).all(-1).sum(), np.pi * 20**2, rtol=0.02)
+    triangle = (data.render_shape(data.SHAPES.index("triangle"), red, blue, 40, 50, 50, 100)
+                == data.COLORS["red"]).all(-1)
+    np.testing.assert_allclose(triangle.sum(), 40 * 40 / 2, rtol=0.05)
+    widths = triangle.sum(1)[30:70]
+    assert widths[0] <= 2 and widths[-1] >= 38 and (np.diff(widths) >= 0).all()  # Apex up.
+
+
+def test_batches_have_expected_shapes_dtypes_and_ranges(shapes_config):
+    batch = next(data.make_dataset(shapes_config, tokenize=_tokenize))
+    assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    assert batch["text"].shape == (8,) and all(isinstance(t, str) for t in batch["text"].tolist())
+    assert batch["input_ids"].shape == (8, SEQ_LEN) and batch["input_ids"].dtype == np.int32
+    np.testing.assert_array_equal(batch["input_ids"][0], _tokenize(str(batch["text"][0])))
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_captions_and_labels_match_rendered_pixels(shapes_config, split):
+    config = dataclasses.replace(shapes_config, split=split, num_epochs=1, batch_size=1,
+                                 label_keys=("shape", "color", "background"))
+    for batch in _take(config):
+        text, image = str(batch["text"][0]), _to_uint8(batch["image"][0])
+        color, shape, background = re.fullmatch(r"a (\w+) (\w+) on a (\w+) background", text).groups()
+        assert (data.COLOR_NAMES[batch["color"][0]], data.SHAPES[batch["shape"][0]],
+                data.COLOR_NAMES[batch["background"][0]]) == (color, shape, background)
+        is_shape = (image == data.COLORS[color]).all(-1)
+        assert (is_shape | (image == data.COLORS[background]).all(-1)).all(), text
+        # The shape's fill of its bounding box tells the shape apart: 1, pi/4 or 1/2.
+        rows, cols = np.nonzero(is_shape)
+        fill = is_shape.sum() / ((np.ptp(rows) + 1) * (np.ptp(cols) + 1))
+        expected = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}[shape]
+        assert abs(fill - expected) < 0.12, (text, fill)
+        if split == "train":
+            assert (shape, color) not in data.HELDOUT_COMBOS
+
+
+def test_shuffle_is_deterministic_per_seed(shapes_config):
+    first = _take(shapes_config, 3)
+    _assert_batches_equal(first, _take(shapes_config, 3))
+    other = _take(dataclasses.replace(shapes_config, seed=1), 3)
+    assert any((a["image"] != b["image"]).any() for a, b in zip(first, other))
+    unshuffled = _take(dataclasses.replace(shapes_config, shuffle=False), 3)
+    assert any((a["image"] != b["image"]).any() for a, b in zip(first, unshuffled))
+
+
+def test_random_flip_mirrors_some_images(shapes_config):
+    plain = _take(dataclasses.replace(shapes_config, num_epochs=1))
+    flipped = _take(dataclasses.replace(shapes_config, num_epochs=1, random_flip=True))
+    num_flipped = 0
+    for a, b in zip(plain, flipped, strict=True):
+        for x, y in zip(a["image"], b["image"]):
+            mirrored = np.array_equal(y, x[:, ::-1])
+            assert mirrored or np.array_equal(y, x)
+            num_flipped += mirrored and not np.array_equal(x, x[:, ::-1])
+    assert 0 < num_flipped < NUM_TRAIN
+
+
+def test_host_shards_are_disjoint_and_cover_the_split(shapes_config):
+    def images(config):
+        return collections.Counter(b["image"].tobytes() for b in _take(
+            dataclasses.replace(config, num_epochs=1, batch_size=1)))
+
+    shards = [images(dataclasses.replace(shapes_config, shard_index=i, shard_count=3)) for i in range(3)]
+    assert [sum(s.values()) for s in shards] == [NUM_TRAIN // 3] * 3
+    assert sum(shards, collections.Counter()) == images(shapes_config)
+
+
+def test_iterator_state_resumes_at_the_same_batch(shapes_config):
+    it = data.make_dataset(shapes_config)
+    for _ in range(7):  # Past the end of the first epoch (6 batches).
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(2)]
+    resumed = data.make_dataset(shapes_config)
+    resumed.set_state(state)
+    _assert_batches_equal(expected, [next(resumed) for _ in range(2)])
+
+
+def test_iterator_state_round_trips_through_orbax(shapes_config, tmp_path):
+    it = data.make_dataset(shapes_config)
+    for _ in range(3):
+        next(it)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        mngr.save(3, args=ocp.args.Composite(data=data.iterator_save_args(it)))
+        mngr.wait_until_finished()
+        expected = next(it)
+        resumed = data.make_dataset(shapes_config)
+        mngr.restore(3, args=ocp.args.Composite(data=data.iterator_restore_args(resumed)))
+    _assert_batches_equal([expected], [next(resumed)])
+
+
+def _save(path, array: np.ndarray, fmt: str):
+    Image.fromarray(array).save(path, format=fmt)
+
+
+def test_image_folder_skips_bad_entries_and_reports_them(tmp_path, capsys):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    good = {"red.png": (255, 0, 0), "green.jpg": (0, 255, 0), "gray.png": (128, 128, 128),
+            "rgba.png": (0, 0, 255)}
+    sizes = [(24, 40), (40, 24), (16, 16), (20, 30)]
+    for (name, rgb), (h, w) in zip(good.items(), sizes):
+        img = np.broadcast_to(np.array(rgb, np.uint8), (h, w, 3))
+        if name == "gray.png":
+            img = img[..., 0]
+        elif name == "rgba.png":
+            img = np.concatenate([img, np.full((h, w, 1), 255, np.uint8)], -1)
+        _save(folder / name, np.ascontiguousarray(img), "JPEG" if name.endswith("jpg") else "PNG")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="JPEG")
+    (folder / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    _save(folder / "nocaption.png", noise, "PNG")
+    entries = [{"file_name": n, "text": f"colour {n}"} for n in good]
+    entries[2:2] = [{"file_name": "corrupt.png", "text": "x"}, {"file_name": "truncated.jpg", "text": "y"},
+                    {"file_name": "nocaption.png"}]
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(e) for e in entries) + "\n")
+
+    config = data.DataConfig(name="captioned_images", data_dir=str(tmp_path / "tfds"), manual_dir=str(folder),
+                             image_size=16, batch_size=1, num_epochs=1, shard_index=0, shard_count=1)
+    data.prepare(config)
+    assert ("prepared 4 examples; skipped 2 unreadable images (corrupt.png, truncated.jpg), "
+            "1 entry without caption (nocaption.png)") in capsys.readouterr().out
+    data.prepare(dataclasses.replace(config, manual_dir=None))  # Reuses the prepared files.
+    assert "prepared" not in capsys.readouterr().out
+
+    batches = _take(config)
+    assert sorted(str(b["text"][0]) for b in batches) == sorted(f"colour {n}" for n in good)
+    for b in batches:
+        assert b["image"].shape == (1, 16, 16, 3)
+        rgb = np.array(good[str(b["text"][0]).removeprefix("colour ")]) / 127.5 - 1.0
+        np.testing.assert_allclose(b["image"][0], np.broadcast_to(rgb, (16, 16, 3)), atol=3 / 127.5)
+
+
+class NestedCaptionsForTest(tfds.core.GeneratorBasedBuilder):
+    """A COCO-like layout: several captions per image under a nested key."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    code_path = None
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "photo": tfds.features.Image(shape=(20, 30, 3)),
+            "captions": tfds.features.Sequence({"text": tfds.features.Text()})}))
+
+    def _split_generators(self, dl_manager):
+        return {"validation": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i in range(4):
+            buf = io.BytesIO()
+            Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).save(buf, format="PNG")
+            yield i, {"photo": buf.getvalue(), "captions": {"text": [f"image {i}", f"picture {i}"]}}
+
+
+def test_any_prepared_tfds_dataset_with_configured_keys(tmp_path):
+    NestedCaptionsForTest(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    config = data.DataConfig(name="nested_captions_for_test", data_dir=str(tmp_path), split="validation",
+                             image_key="photo", text_key="captions/text", image_size=16, random_crop=True,
+                             batch_size=2, num_epochs=1, shard_index=0, shard_count=1)
+    batches = _take(config)
+    assert len(batches) == 2
+    for b in batches:
+        assert b["image"].shape == (2, 16, 16, 3)
+        for text, image in zip(b["text"].tolist(), b["image"]):
+            i = int(text.split()[1])
+            assert text in (f"image {i}", f"picture {i}")
+            np.testing.assert_allclose(image, 40 * i / 127.5 - 1.0, atol=1e-6)
+    with pytest.raises(ValueError, match="Unknown split 'train'"):
+        data.make_dataset(dataclasses.replace(config, split="train"))
+    assert len(_take(dataclasses.replace(config, split="validation[:50%]"))) == 1
+
+
+def test_user_errors_say_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        data.DataConfig(batch_size=0)
+    with pytest.raises(ValueError, match="needs DataConfig.manual_dir"):
+        data.prepare(data.DataConfig(name="captioned_images", data_dir=str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match="metadata.jsonl not found"):
+        data.prepare(data.DataConfig(name="captioned_images", data_dir=str(tmp_path), manual_dir=str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match=r"not prepared .* run sdjax.data.prepare\(config\) first"):
+        data.make_dataset(data.DataConfig(data_dir=str(tmp_path), num_examples=3))
+
+
+def test_reading_does_not_import_tensorflow(shapes_config):
+    next(data.make_dataset(shapes_config))
+    assert "tensorflow" not in sys.modules
