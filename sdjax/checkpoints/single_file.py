@@ -1,0 +1,384 @@
+"""Original single-file Stable Diffusion checkpoints (CompVis SD 1.x, Stability SD 2.x) -> diffusers names.
+
+An original checkpoint holds the whole latent diffusion model in one state dict:
+
+    model.diffusion_model.*   the UNet (LDM ``openaimodel`` names)
+    first_stage_model.*       the autoencoder (LDM ``Encoder``/``Decoder`` names)
+    cond_stage_model.*        the text encoder: HF CLIP-L (SD 1) or OpenCLIP ViT-H (SD 2)
+
+``split_original`` renames each part to the layout of the corresponding diffusers /
+transformers weights file (``unet/``, ``vae/``, ``text_encoder/`` of a diffusers folder),
+and ``infer_configs`` rebuilds their config.json dicts from tensor shapes, so the
+single-file and the diffusers-folder loaders share everything downstream. Numpy only.
+
+What the shapes cannot tell and callers must supply: the prediction type (SD 2 768-v is
+``v_prediction``), the image size, GroupNorm group counts (32 in every released SD
+model) and head counts of models that do not use SD's conventions (see ``infer_configs``).
+"""
+
+import re
+from collections import Counter
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+
+from sdjax.checkpoints.convert import CheckpointError
+
+Version = Literal["v1", "v2"]
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1: transformers CLIPTextModel
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2: OpenCLIP text tower
+
+SD1_UNET_HEADS = 8  # SD 1 (num_heads: 8 in v1-inference.yaml)
+SD2_HEAD_DIM = 64  # SD 2 UNet (num_head_channels: 64) and both CLIP text towers
+VAE_SCALING_FACTOR = 0.18215  # scale_factor of every SD 1.x / 2.x config
+
+_RESNET_RENAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "out_layers.0": "norm2",
+                   "out_layers.3": "conv2", "emb_layers.1": "time_emb_proj", "skip_connection": "conv_shortcut"}
+_VAE_RESNET_RENAMES = {"nin_shortcut": "conv_shortcut"}
+_VAE_ATTN_RENAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_OPEN_CLIP_BLOCK_RENAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1",
+                            "mlp.c_proj": "mlp.fc2", "attn.out_proj": "self_attn.out_proj"}
+_OPEN_CLIP_TOP = {"token_embedding.weight": "embeddings.token_embedding.weight",
+                  "positional_embedding": "embeddings.position_embedding.weight",
+                  "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
+# OpenCLIP tensors SD 2 does not use: the contrastive head.
+_OPEN_CLIP_UNUSED = ("text_projection", "logit_scale")
+
+
+def _prefix_summary(keys: Sequence[str], depth: int = 2, limit: int = 8) -> str:
+    counts = Counter(".".join(k.split(".")[:depth]) for k in keys)
+    return ", ".join(f"{p}.* ({n})" for p, n in counts.most_common(limit)) or "no keys"
+
+
+def detect_version(keys: Sequence[str]) -> Version:
+    """The SD version of an original checkpoint: "v1" (CLIP-L text encoder) or "v2" (OpenCLIP ViT-H)."""
+    keys = list(keys)
+    has_v1 = any(k.startswith(CLIP_PREFIX) for k in keys)
+    has_v2 = any(k.startswith(OPEN_CLIP_PREFIX) for k in keys)
+    if has_v1 != has_v2:
+        return "v1" if has_v1 else "v2"
+    if has_v1:
+        raise CheckpointError(f"checkpoint holds both {CLIP_PREFIX}* (SD 1) and {OPEN_CLIP_PREFIX}* (SD 2) "
+                              "text encoder weights; it is not a Stable Diffusion 1.x or 2.x checkpoint.")
+    found = _prefix_summary(keys)
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        hint = "It looks like SDXL (conditioner.embedders.*), which this loader does not support."
+    elif keys and all(k.startswith(("down_blocks.", "up_blocks.", "mid_block.", "conv_", "time_embedding."))
+                      for k in keys):
+        hint = "It looks like a diffusers UNet weights file; load the whole diffusers folder instead."
+    else:
+        hint = "Expected a CompVis SD 1.x or Stability SD 2.x .safetensors/.ckpt file."
+    raise CheckpointError(f"not a Stable Diffusion 1.x/2.x single-file checkpoint: no {CLIP_PREFIX}* (SD 1) or "
+                          f"{OPEN_CLIP_PREFIX}* (SD 2) text encoder keys. Found: {found}. {hint}")
+
+
+def _strip(state_dict: Mapping[str, Any], prefix: str, what: str) -> dict[str, np.ndarray]:
+    part = {k[len(prefix):]: np.asarray(v) for k, v in state_dict.items() if k.startswith(prefix)}
+    if not part:
+        raise CheckpointError(f"checkpoint has no {what} weights ({prefix}*). "
+                              f"Found: {_prefix_summary(list(state_dict))}.")
+    return part
+
+
+def _unknown(what: str, keys: list[str]) -> CheckpointError:
+    shown = "\n    ".join(sorted(keys)[:20])
+    return CheckpointError(f"{what}: {len(keys)} key(s) do not fit the Stable Diffusion 1.x/2.x layout:\n    {shown}")
+
+
+def _rename(name: str, renames: Mapping[str, str]) -> str:
+    for old, new in renames.items():
+        if name == old or name.startswith(old + "."):
+            return new + name[len(old):]
+    return name
+
+
+def _indices(keys: Sequence[str], pattern: str) -> list[int]:
+    return sorted({int(m.group(1)) for k in keys if (m := re.match(pattern, k))})
+
+
+def _unet_layers_per_block(unet: Mapping[str, np.ndarray]) -> int:
+    downsamplers = _indices(list(unet), r"input_blocks\.(\d+)\.0\.op\.weight$")
+    if downsamplers:
+        return downsamplers[0] - 1
+    return len(_indices(list(unet), r"input_blocks\.(\d+)\.")) - 1  # one level, no downsampling
+
+
+def convert_unet(unet: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """LDM ``openaimodel.UNetModel`` names (prefix removed) -> ``UNet2DConditionModel`` names."""
+    per_level = _unet_layers_per_block(unet) + 1  # resnets (+ attentions) and the down/upsampler
+    top = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+           "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+    out, unknown = {}, []
+    for key, value in unet.items():
+        name, leaf = key.rsplit(".", 1)
+        if name in top:
+            out[f"{top[name]}.{leaf}"] = value
+        elif m := re.match(r"input_blocks\.(\d+)\.(\d)\.(.+)$", key):
+            i, sub, rest = int(m.group(1)), m.group(2), m.group(3)
+            level, j = divmod(i - 1, per_level)
+            if rest.startswith("op."):
+                out[f"down_blocks.{level}.downsamplers.0.conv.{rest[3:]}"] = value
+            elif sub == "0":
+                out[f"down_blocks.{level}.resnets.{j}.{_rename(rest, _RESNET_RENAMES)}"] = value
+            else:
+                out[f"down_blocks.{level}.attentions.{j}.{rest}"] = value
+        elif m := re.match(r"middle_block\.([012])\.(.+)$", key):
+            sub, rest = int(m.group(1)), m.group(2)
+            if sub == 1:
+                out[f"mid_block.attentions.0.{rest}"] = value
+            else:
+                out[f"mid_block.resnets.{sub // 2}.{_rename(rest, _RESNET_RENAMES)}"] = value
+        elif m := re.match(r"output_blocks\.(\d+)\.(\d)\.(.+)$", key):
+            i, sub, rest = int(m.group(1)), m.group(2), m.group(3)
+            level, j = divmod(i, per_level)
+            if rest.startswith("conv."):  # Upsample sits after the resnet (.1) or after resnet + attention (.2)
+                out[f"up_blocks.{level}.upsamplers.0.conv.{rest[5:]}"] = value
+            elif sub == "0":
+                out[f"up_blocks.{level}.resnets.{j}.{_rename(rest, _RESNET_RENAMES)}"] = value
+            else:
+                out[f"up_blocks.{level}.attentions.{j}.{rest}"] = value
+        else:
+            unknown.append(UNET_PREFIX + key)
+    if unknown:
+        raise _unknown("UNet", unknown)
+    return out
+
+
+def _linear_from_conv(value: np.ndarray) -> np.ndarray:
+    """(O, I, 1[, 1]) 1x1-conv kernel -> (O, I) linear weight."""
+    if value.ndim > 2:
+        if any(d != 1 for d in value.shape[2:]):
+            raise CheckpointError(f"VAE attention projection has a {value.shape[2:]} kernel; expected 1x1.")
+        value = value.reshape(value.shape[:2])
+    return value
+
+
+def convert_vae(vae: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """LDM ``AutoencoderKL`` names (prefix removed) -> diffusers ``AutoencoderKL`` names."""
+    num_up = len(_indices(list(vae), r"decoder\.up\.(\d+)\."))
+    out, unknown = {}, []
+    for key, value in vae.items():
+        if key.startswith(("quant_conv.", "post_quant_conv.")) or re.match(r"(en|de)coder\.conv_(in|out)\.", key):
+            out[key] = value
+        elif m := re.match(r"(encoder|decoder)\.norm_out\.(.+)$", key):
+            out[f"{m.group(1)}.conv_norm_out.{m.group(2)}"] = value
+        elif m := re.match(r"encoder\.down\.(\d+)\.block\.(\d+)\.(.+)$", key):
+            rest = _rename(m.group(3), _VAE_RESNET_RENAMES)
+            out[f"encoder.down_blocks.{m.group(1)}.resnets.{m.group(2)}.{rest}"] = value
+        elif m := re.match(r"encoder\.down\.(\d+)\.downsample\.conv\.(.+)$", key):
+            out[f"encoder.down_blocks.{m.group(1)}.downsamplers.0.conv.{m.group(2)}"] = value
+        elif m := re.match(r"decoder\.up\.(\d+)\.block\.(\d+)\.(.+)$", key):
+            level = num_up - 1 - int(m.group(1))  # LDM counts decoder levels from the lowest resolution up
+            rest = _rename(m.group(3), _VAE_RESNET_RENAMES)
+            out[f"decoder.up_blocks.{level}.resnets.{m.group(2)}.{rest}"] = value
+        elif m := re.match(r"decoder\.up\.(\d+)\.upsample\.conv\.(.+)$", key):
+            out[f"decoder.up_blocks.{num_up - 1 - int(m.group(1))}.upsamplers.0.conv.{m.group(2)}"] = value
+        elif m := re.match(r"(encoder|decoder)\.mid\.block_([12])\.(.+)$", key):
+            out[f"{m.group(1)}.mid_block.resnets.{int(m.group(2)) - 1}.{m.group(3)}"] = value
+        elif m := re.match(r"(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(weight|bias)$", key):
+            part, leaf = m.group(2), m.group(3)
+            if part != "norm" and leaf == "weight":
+                value = _linear_from_conv(value)
+            out[f"{m.group(1)}.mid_block.attentions.0.{_VAE_ATTN_RENAMES[part]}.{leaf}"] = value
+        else:
+            unknown.append(VAE_PREFIX + key)
+    if unknown:
+        raise _unknown("VAE", unknown)
+    return out
+
+
+def convert_clip(clip: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """SD 1 ``cond_stage_model.transformer`` (prefix removed) -> ``text_model.*`` CLIPTextModel names.
+
+    Older checkpoints lack the inner ``text_model.`` level; ``position_ids`` is a buffer, not a weight.
+    """
+    return {(k if k.startswith("text_model.") else "text_model." + k): v
+            for k, v in clip.items() if not k.endswith("embeddings.position_ids")}
+
+
+def _open_clip_blocks(clip: Mapping[str, np.ndarray]) -> list[int]:
+    return _indices(list(clip), r"transformer\.resblocks\.(\d+)\.")
+
+
+def convert_open_clip(clip: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """SD 2 OpenCLIP text tower (prefix removed) -> ``text_model.*`` CLIPTextModel names.
+
+    SD 2 conditions on the penultimate layer, so the last resblock is dropped (diffusers'
+    SD 2 text encoder has 23 of OpenCLIP ViT-H's 24 layers); the fused attention input
+    projection is split into q/k/v.
+    """
+    blocks = _open_clip_blocks(clip)
+    if not blocks:
+        raise CheckpointError(f"SD 2 text encoder has no {OPEN_CLIP_PREFIX}transformer.resblocks.* layers.")
+    last = blocks[-1]
+    out, unknown = {}, []
+    for key, value in clip.items():
+        if key in _OPEN_CLIP_TOP:
+            out[f"text_model.{_OPEN_CLIP_TOP[key]}"] = value
+        elif key in _OPEN_CLIP_UNUSED:
+            continue
+        elif m := re.match(r"transformer\.resblocks\.(\d+)\.(.+)$", key):
+            n, rest = int(m.group(1)), m.group(2)
+            if n == last:
+                continue
+            layer = f"text_model.encoder.layers.{n}"
+            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+                leaf = "weight" if rest.endswith("weight") else "bias"
+                if value.shape[0] % 3:
+                    raise CheckpointError(f"{OPEN_CLIP_PREFIX}{key}: fused q/k/v of shape {value.shape} "
+                                          "does not split in three.")
+                for name, part in zip("qkv", np.split(value, 3, axis=0)):
+                    out[f"{layer}.self_attn.{name}_proj.{leaf}"] = part
+            elif (renamed := _rename(rest, _OPEN_CLIP_BLOCK_RENAMES)) != rest:
+                out[f"{layer}.{renamed}"] = value
+            else:
+                unknown.append(OPEN_CLIP_PREFIX + key)
+        else:
+            unknown.append(OPEN_CLIP_PREFIX + key)
+    if unknown:
+        raise _unknown("text encoder", unknown)
+    return out
+
+
+def split_original(state_dict: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+    """Split an original SD 1.x/2.x checkpoint into ``{"unet", "vae", "text_encoder"}`` diffusers state dicts.
+
+    Values keep their dtype (numpy arrays; views where no copy is needed). Keys outside
+    the three models (noise-schedule buffers, ``model_ema.*``) are ignored.
+    """
+    version = detect_version(list(state_dict))
+    text = (convert_clip(_strip(state_dict, CLIP_PREFIX, "text encoder")) if version == "v1"
+            else convert_open_clip(_strip(state_dict, OPEN_CLIP_PREFIX, "text encoder")))
+    return {"unet": convert_unet(_strip(state_dict, UNET_PREFIX, "UNet")),
+            "vae": convert_vae(_strip(state_dict, VAE_PREFIX, "VAE")),
+            "text_encoder": text}
+
+
+def _shape(part: Mapping[str, np.ndarray], key: str, what: str) -> tuple[int, ...]:
+    if key not in part:
+        raise CheckpointError(f"{what}: {key} is missing; cannot infer the model configuration.")
+    return tuple(np.shape(part[key]))
+
+
+def _heads_per_level(channels: list[int], version: Version, heads: int | Sequence[int] | None) -> int | list[int]:
+    if heads is None:
+        heads = SD1_UNET_HEADS if version == "v1" else [c // SD2_HEAD_DIM for c in channels]
+    per_level = [heads] * len(channels) if isinstance(heads, int) else list(heads)
+    if len(per_level) != len(channels) or any(h <= 0 or c % h for c, h in zip(channels, per_level)):
+        raise CheckpointError(f"UNet attention heads {heads} do not fit block_out_channels {channels}; "
+                              "pass unet_heads= (one count, or one per level) that divides each level's channels.")
+    return heads if isinstance(heads, int) else per_level
+
+
+def infer_unet_config(unet: Mapping[str, np.ndarray], version: Version, *, heads: int | Sequence[int] | None,
+                      sample_size: int, norm_num_groups: int) -> dict[str, Any]:
+    """A ``UNet2DConditionModel`` config.json dict for a converted (diffusers-named) SD UNet."""
+    what = "UNet"
+    keys = list(unet)
+    levels = _indices(keys, r"down_blocks\.(\d+)\.")
+    layers = len(_indices(keys, r"down_blocks\.0\.resnets\.(\d+)\."))
+    channels = [_shape(unet, f"down_blocks.{b}.resnets.0.conv2.weight", what)[0] for b in levels]
+    has_attn = [f"down_blocks.{b}.attentions.0.proj_in.weight" in unet for b in levels]
+    attn_levels = [b for b, a in zip(levels, has_attn) if a]
+    if not attn_levels:
+        raise CheckpointError("UNet has no cross-attention; not a Stable Diffusion UNet.")
+    first = f"down_blocks.{attn_levels[0]}.attentions.0"
+    depth = {len(_indices(keys, rf"down_blocks\.{b}\.attentions\.0\.transformer_blocks\.(\d+)\.")) for b in attn_levels}
+    if len(depth) != 1:
+        raise CheckpointError(f"UNet attention depth differs across levels ({sorted(depth)}); not SD 1.x/2.x.")
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": sample_size,
+        "in_channels": _shape(unet, "conv_in.weight", what)[1],
+        "out_channels": _shape(unet, "conv_out.weight", what)[0],
+        "center_input_sample": False,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)],
+        "only_cross_attention": False,
+        "block_out_channels": channels,
+        "layers_per_block": layers,
+        "downsample_padding": 1,
+        "mid_block_scale_factor": 1,
+        "act_fn": "silu",
+        "norm_num_groups": norm_num_groups,
+        "norm_eps": 1e-5,
+        "cross_attention_dim": _shape(unet, f"{first}.transformer_blocks.0.attn2.to_k.weight", what)[1],
+        "transformer_layers_per_block": depth.pop(),
+        "attention_head_dim": _heads_per_level(channels, version, heads),
+        "use_linear_projection": len(_shape(unet, f"{first}.proj_in.weight", what)) == 2,
+        "dual_cross_attention": False,
+        "upcast_attention": False,
+    }
+
+
+def infer_vae_config(vae: Mapping[str, np.ndarray], *, sample_size: int, norm_num_groups: int) -> dict[str, Any]:
+    """An ``AutoencoderKL`` config.json dict for a converted (diffusers-named) SD VAE."""
+    what = "VAE"
+    levels = _indices(list(vae), r"encoder\.down_blocks\.(\d+)\.")
+    return {
+        "_class_name": "AutoencoderKL",
+        "in_channels": _shape(vae, "encoder.conv_in.weight", what)[1],
+        "out_channels": _shape(vae, "decoder.conv_out.weight", what)[0],
+        "down_block_types": ["DownEncoderBlock2D"] * len(levels),
+        "up_block_types": ["UpDecoderBlock2D"] * len(levels),
+        "block_out_channels": [_shape(vae, f"encoder.down_blocks.{b}.resnets.0.conv2.weight", what)[0] for b in levels],
+        "layers_per_block": len(_indices(list(vae), r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")),
+        "act_fn": "silu",
+        "latent_channels": _shape(vae, "decoder.conv_in.weight", what)[1],
+        "norm_num_groups": norm_num_groups,
+        "sample_size": sample_size,
+        "scaling_factor": VAE_SCALING_FACTOR,
+        "use_quant_conv": "quant_conv.weight" in vae,
+        "use_post_quant_conv": "post_quant_conv.weight" in vae,
+    }
+
+
+def infer_text_config(text: Mapping[str, np.ndarray], version: Version, *, heads: int | None) -> dict[str, Any]:
+    """A transformers ``CLIPTextConfig`` dict for a converted (``text_model.*``) SD text encoder."""
+    what = "text encoder"
+    vocab, hidden = _shape(text, "text_model.embeddings.token_embedding.weight", what)
+    heads = hidden // SD2_HEAD_DIM if heads is None else heads
+    if heads <= 0 or hidden % heads:
+        raise CheckpointError(f"text encoder: {heads} heads do not divide hidden size {hidden}; pass text_heads=.")
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": _shape(text, "text_model.encoder.layers.0.mlp.fc1.weight", what)[0],
+        "num_hidden_layers": len(_indices(list(text), r"text_model\.encoder\.layers\.(\d+)\.")),
+        "num_attention_heads": heads,
+        "max_position_embeddings": _shape(text, "text_model.embeddings.position_embedding.weight", what)[0],
+        "hidden_act": "quick_gelu" if version == "v1" else "gelu",
+        "layer_norm_eps": 1e-5,
+    }
+
+
+def infer_configs(state_dict: Mapping[str, Any], *, image_size: int = 512, norm_num_groups: int = 32,
+                  unet_heads: int | Sequence[int] | None = None, text_heads: int | None = None
+                  ) -> dict[str, dict[str, Any]]:
+    """diffusers-style ``{"unet", "vae", "text_encoder"}`` configs for an original SD 1.x/2.x checkpoint.
+
+    Inferred from shapes: channels, levels, layers per block, which levels attend, cross-attention
+    width, linear vs conv transformer projections (SD 2 vs SD 1), text width/depth/MLP/vocab/positions.
+    Fixed by SD convention unless overridden: UNet heads (SD 1: 8 per level; SD 2: channels / 64),
+    text heads (hidden / 64), text activation (SD 1 quick_gelu, SD 2 gelu). Not in the weights at all:
+    ``image_size`` (512; 768 for SD 2 768-v), ``norm_num_groups`` (32 in every SD release), and the
+    prediction type, which the caller must pass to the scheduler.
+    """
+    version = detect_version(list(state_dict))
+    parts = split_original(state_dict)
+    vae = infer_vae_config(parts["vae"], sample_size=image_size, norm_num_groups=norm_num_groups)
+    latent_size = image_size // 2 ** (len(vae["block_out_channels"]) - 1)
+    return {
+        "unet": infer_unet_config(parts["unet"], version, heads=unet_heads, sample_size=latent_size,
+                                  norm_num_groups=norm_num_groups),
+        "vae": vae,
+        "text_encoder": infer_text_config(parts["text_encoder"], version, heads=text_heads),
+    }
