@@ -1,0 +1,131 @@
+"""UNet: parity with diffusers' UNet2DConditionModel, published parameter counts, config I/O,
+bf16 compute and rematerialisation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from sdjax.checkpoints.convert import torch_to_flax
+from sdjax.models.layers import unbox
+from sdjax.models.unet import UNet, UNetConfig
+
+SD15_CONFIG = {  # runwayml/stable-diffusion-v1-5 unet/config.json
+    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.6.0", "act_fn": "silu",
+    "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+SD21_CONFIG = {  # stabilityai/stable-diffusion-2-1 unet/config.json
+    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.10.0.dev0", "act_fn": "silu",
+    "attention_head_dim": [5, 10, 20, 20], "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False, "cross_attention_dim": 1024,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1, "dual_cross_attention": False, "flip_sin_to_cos": True, "freq_shift": 0,
+    "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+    "num_class_embeds": None, "only_cross_attention": False, "out_channels": 4, "sample_size": 96,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "upcast_attention": True, "use_linear_projection": True,
+}
+
+TINY_SD1 = UNetConfig(
+    sample_size=8, block_out_channels=(32, 64), layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=8, cross_attention_dim=32, norm_num_groups=8)
+TINY_SD2 = UNetConfig(
+    sample_size=8, block_out_channels=(32, 64, 64), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=(2, 4, 8), cross_attention_dim=24, norm_num_groups=16, use_linear_projection=True,
+    upcast_attention=True, transformer_layers_per_block=(1, 2, 1), only_cross_attention=(False, True, False),
+    freq_shift=1, flip_sin_to_cos=False)
+
+
+def _param_count(cfg: UNetConfig) -> int:
+    shapes = jax.eval_shape(UNet(cfg).init, jax.random.key(0), jnp.zeros((1, 8, 8, cfg.in_channels)), 0,
+                            jnp.zeros((1, 1, cfg.cross_attention_dim)))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(unbox(shapes)))
+
+
+def _inputs(cfg: UNetConfig, batch: int = 2, ctx_len: int = 7):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, 8, 8, cfg.in_channels), dtype=np.float32)
+    t = np.array([3.0, 917.0][:batch], dtype=np.float32)
+    ctx = rng.standard_normal((batch, ctx_len, cfg.cross_attention_dim), dtype=np.float32)
+    return x, t, ctx
+
+
+@pytest.mark.parametrize("cfg", [TINY_SD1, TINY_SD2], ids=["sd1", "sd2"])
+def test_matches_diffusers(cfg):
+    torch.manual_seed(0)
+    ref = UNet2DConditionModel(**cfg.to_diffusers_config()).eval()
+    with torch.no_grad():  # norms init to 1/0: randomise them so a swapped mapping cannot pass
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.2 + (1.0 if name.endswith("weight") else 0.0))
+    x, t, ctx = _inputs(cfg)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t),
+                   torch.from_numpy(ctx)).sample.permute(0, 2, 3, 1).numpy()
+
+    model = UNet(cfg)
+    target = unbox(jax.eval_shape(model.init, jax.random.key(0), x, t, ctx))["params"]
+    params = torch_to_flax({k: v.numpy() for k, v in ref.state_dict().items()}, target, what="unet")
+    got = jax.jit(model.apply)({"params": params}, x, t, ctx)
+    assert np.abs(want).max() > 0.1
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("d, count", [(SD15_CONFIG, 859_520_964), (SD21_CONFIG, 865_910_724)], ids=["sd15", "sd21"])
+def test_published_parameter_counts(d, count):
+    assert _param_count(UNetConfig.from_diffusers_config(d)) == count
+
+
+def test_config_round_trip_and_head_naming():
+    cfg = UNetConfig.from_diffusers_config(SD21_CONFIG)
+    assert cfg.heads == (5, 10, 20, 20) and cfg.use_linear_projection and cfg.cross_attention_dim == 1024
+    assert UNetConfig.from_diffusers_config(cfg.to_diffusers_config()) == cfg
+    explicit = UNetConfig.from_diffusers_config({**SD15_CONFIG, "num_attention_heads": 4})
+    assert explicit.heads == (4,) * 4
+    assert UNetConfig.from_diffusers_config(explicit.to_diffusers_config()).heads == (4,) * 4
+
+
+@pytest.mark.parametrize("key, value", [("addition_embed_type", "text_time"), ("class_embed_type", "timestep"),
+                                        ("dual_cross_attention", True), ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
+                                        ("no_such_option", 1)])
+def test_unsupported_features_are_named(key, value):
+    with pytest.raises(ValueError, match=key):
+        UNetConfig.from_diffusers_config({**SD15_CONFIG, key: value})
+
+
+def test_bad_inputs_raise_before_compute():
+    model = UNet(TINY_SD2)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 6, 8, 4)), 0, jnp.zeros((1, 3, 24)))
+    with pytest.raises(ValueError, match="cross_attention_dim"):
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 4)), 0, jnp.zeros((1, 3, 32)))
+
+
+def test_bf16_compute_and_remat():
+    x, t, ctx = _inputs(TINY_SD1)
+    params = UNet(TINY_SD1).init(jax.random.key(1), x, t, ctx)
+    remat_params = jax.eval_shape(UNet(TINY_SD1, remat=True).init, jax.random.key(1), x, t, ctx)
+    assert jax.tree.structure(remat_params) == jax.tree.structure(params)
+
+    def loss(p, remat):
+        return jnp.mean(UNet(TINY_SD1, remat=remat).apply(p, x, t, ctx) ** 2)
+
+    plain, remat = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, r) for r in (False, True))
+    np.testing.assert_allclose(remat[0], plain[0], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), remat[1], plain[1])
+
+    out = jax.jit(UNet(TINY_SD1, dtype=jnp.bfloat16).apply)(params, x, t[0], ctx)
+    assert out.dtype == jnp.bfloat16 and out.shape == x.shape
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    f32 = jax.jit(UNet(TINY_SD1).apply)(params, x, t[0], ctx)
+    np.testing.assert_allclose(np.asarray(out, np.float32), f32, atol=0.1 * float(np.abs(f32).max()))
