@@ -1,0 +1,22 @@
+"""Samplers: a static plan per (SchedulerConfig, num_steps), one pure step function, a scan driver."""
+
+import functools
+
+from sdjax.samplers import ddim, dpm_solver, euler
+from sdjax.samplers.base import Sampler, img2img_start
+
+SAMPLERS: dict[str, Sampler] = {
+    "ddim": Sampler("ddim", ddim.make_plan, ddim.sample, ddim.noise_to),
+    "dpm++2m": Sampler("dpm++2m", dpm_solver.make_plan, dpm_solver.sample, dpm_solver.noise_to),
+    "euler": Sampler("euler", functools.partial(euler.make_plan, ancestral=False), euler.sample, euler.noise_to),
+    "euler_a": Sampler("euler_a", functools.partial(euler.make_plan, ancestral=True), euler.sample, euler.noise_to),
+}
+
+
+def get_sampler(name: str) -> Sampler:
+    if name not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {name!r}; valid names: {sorted(SAMPLERS)}.")
+    return SAMPLERS[name]
+
+
+__all__ = ["SAMPLERS", "Sampler", "get_sampler", "img2img_start"]
