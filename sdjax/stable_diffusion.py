@@ -14,6 +14,7 @@ from sdjax.checkpoints.tensors import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, read_
 from sdjax.diffusion.schedule import SchedulerConfig
 from sdjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from sdjax.models.layers import unbox
+from sdjax.models import text_encoder as text_encoder_lib
 from sdjax.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
 from sdjax.models.unet import UNet, UNetConfig
 from sdjax.tokenizer import load_tokenizer, tokenize
@@ -86,20 +87,14 @@ def count_params(tree: Any) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
 
 
-def _strip_prefix(state: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
-
-
 def params_from_state_dicts(configs: ModelConfigs, states: dict[str, dict[str, np.ndarray]],
                             param_dtype: Any = jnp.float32, source: str = "") -> dict[str, Any]:
     """Convert torch-named state dicts {"unet", "vae", "text_encoder"} to sdjax params."""
     target = abstract_params(configs, param_dtype)
-    states = dict(states, text_encoder=_strip_prefix(states["text_encoder"], "text_model."))
-    out = {}
-    for name in ("unet", "vae", "text_encoder"):
-        tree = torch_to_flax(states[name], target[name], what=f"{source} {name}".strip(), ignore=("position_ids",))
-        out[name] = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, np.float32), param_dtype), tree)
-    return out
+    trees = {name: torch_to_flax(states[name], target[name], what=f"{source} {name}".strip())
+             for name in ("unet", "vae")}
+    trees["text_encoder"] = text_encoder_lib.params_from_torch(states["text_encoder"], configs.text_encoder)
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, np.float32), param_dtype), trees)
 
 
 @dataclasses.dataclass
@@ -118,7 +113,7 @@ class StableDiffusion:
         self.vae_f32 = AutoencoderKL(self.configs.vae, dtype=jnp.float32, param_dtype=self.param_dtype)
         self._text = jax.jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids))
         self._unet = jax.jit(lambda p, x, t, c: self.unet.apply({"params": p}, x, t, c))
-        self._enc = jax.jit(lambda p, x: self.vae_f32.apply({"params": p}, x, method=AutoencoderKL.encode_moments))
+        self._enc = jax.jit(lambda p, x: self.vae_f32.apply({"params": p}, x, method=AutoencoderKL.encode))
         self._dec = jax.jit(lambda p, z: self.vae_f32.apply({"params": p}, z, method=AutoencoderKL.decode))
 
     @property
@@ -133,12 +128,15 @@ class StableDiffusion:
     @classmethod
     def from_pretrained(cls, path: str, dtype: Any = jnp.float32, *, param_dtype: Any = jnp.float32,
                         tokenizer: str | None = None, prediction_type: str | None = None,
-                        allow_pickle: bool = False, variant: str | None = None) -> "StableDiffusion":
+                        allow_pickle: bool = False, variant: str | None = None,
+                        single_file_options: dict[str, Any] | None = None) -> "StableDiffusion":
         """Load a diffusers folder, a single-file SD checkpoint, or an sdjax export.
 
         ``tokenizer``: a folder with the CLIP tokenizer files, needed for single files (they carry none).
         ``prediction_type``: "epsilon" or "v_prediction"; single files cannot tell (SD 2.x 768-v models
         are v-prediction), folders read it from scheduler/scheduler_config.json.
+        ``single_file_options``: what a single file's tensors cannot say, passed to
+        ``single_file.infer_configs`` (image_size, norm_num_groups, unet_heads, text_heads).
         """
         path = os.fspath(path)
         if not os.path.exists(path):
@@ -162,7 +160,7 @@ class StableDiffusion:
         elif os.path.isfile(path) and path.endswith((SAFETENSORS_SUFFIX,) + PICKLE_SUFFIXES):
             state = read_tensors(path, allow_pickle=allow_pickle)
             split = single_file.split_original(state)
-            raw = single_file.infer_configs(state)
+            raw = single_file.infer_configs(state, **(single_file_options or {}))
             configs = ModelConfigs.from_dicts(raw)
             params = params_from_state_dicts(configs, split, param_dtype, source=path)
             default_tok = None
@@ -201,7 +199,8 @@ class StableDiffusion:
     def vae_encode(self, images_BHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Images in [-1, 1] -> (mean, logvar) of the unscaled latent posterior."""
         self._check_image_size(images_BHWC)
-        return self._enc(self.params["vae"], jnp.asarray(images_BHWC, jnp.float32))
+        posterior = self._enc(self.params["vae"], jnp.asarray(images_BHWC, jnp.float32))
+        return posterior.mean, posterior.logvar
 
     def vae_decode(self, latents_BhwC: jax.Array) -> jax.Array:
         """Unscaled latents -> images in [-1, 1] (values may overshoot slightly; clip for display)."""

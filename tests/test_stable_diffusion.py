@@ -16,6 +16,7 @@ from sdjax.checkpoints.convert import CheckpointError
 from sdjax.stable_diffusion import StableDiffusion, abstract_params, count_params, ModelConfigs
 from sdjax import presets
 from tests import tiny_models
+from tests.single_file_fixtures import write_original
 
 TOL = 1e-4
 
@@ -69,6 +70,21 @@ def test_diffusers_folder_matches_pytorch(saved):
     style, folder, torch_models = saved
     sd = StableDiffusion.from_pretrained(folder)
     assert sd.configs.scheduler.prediction_type == tiny_models.STYLES[style]["prediction_type"]
+    _check_networks(sd, torch_models, style)
+
+
+def test_single_file_matches_pytorch(saved, tmp_path):
+    style, folder, torch_models = saved
+    unet, vae, text = torch_models
+    sf = tiny_models.STYLES[style]["single_file"]
+    path = tmp_path / "model.safetensors"
+    write_original(str(path), unet.state_dict(), vae.state_dict(), text.state_dict(), version=sf["version"])
+    with pytest.raises(ValueError, match="tokenizer"):
+        StableDiffusion.from_pretrained(path, single_file_options=sf["options"]).tokenize(["a cat"])
+    pred = tiny_models.STYLES[style]["prediction_type"]
+    sd = StableDiffusion.from_pretrained(path, tokenizer=str(folder / "tokenizer"), prediction_type=pred,
+                                         single_file_options=sf["options"])
+    assert sd.configs.scheduler.prediction_type == pred
     _check_networks(sd, torch_models, style)
 
 

@@ -24,6 +24,7 @@ STYLES = {
                           num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
                           bos_token_id=0, eos_token_id=2, pad_token_id=1),
         prediction_type="epsilon",
+        single_file=dict(version="v1", options=dict(norm_num_groups=8, text_heads=4)),
     ),
     "sd2": dict(
         unet=dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
@@ -33,11 +34,12 @@ STYLES = {
                   use_linear_projection=True, upcast_attention=True),
         vae=dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=2,
                  down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                 norm_num_groups=8, sample_size=32),
+                 norm_num_groups=16, sample_size=32),
         text_encoder=dict(vocab_size=1000, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu",
                           bos_token_id=0, eos_token_id=2, pad_token_id=1),
         prediction_type="v_prediction",
+        single_file=dict(version="v2", options=dict(norm_num_groups=16, unet_heads=(2, 4, 4), text_heads=4)),
     ),
 }
 
