@@ -1,0 +1,1 @@
+"""Command-line tools that prepare files for sdjax (they may need torch when run)."""
