@@ -81,7 +81,8 @@ def test_matches_diffusers(cfg):
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("d, count", [(SD15_CONFIG, 859_520_964), (SD21_CONFIG, 865_910_724)], ids=["sd15", "sd21"])
+@pytest.mark.parametrize("d, count", [(SD15_CONFIG, 859_520_964), (SD21_CONFIG, 865_910_724)],
+                         ids=["sd15", "sd21"])
 def test_published_parameter_counts(d, count):
     assert _param_count(UNetConfig.from_diffusers_config(d)) == count
 
@@ -95,9 +96,9 @@ def test_config_round_trip_and_head_naming():
     assert UNetConfig.from_diffusers_config(explicit.to_diffusers_config()).heads == (4,) * 4
 
 
-@pytest.mark.parametrize("key, value", [("addition_embed_type", "text_time"), ("class_embed_type", "timestep"),
-                                        ("dual_cross_attention", True), ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
-                                        ("no_such_option", 1)])
+@pytest.mark.parametrize("key, value", [
+    ("addition_embed_type", "text_time"), ("class_embed_type", "timestep"), ("dual_cross_attention", True),
+    ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"), ("norm_num_groups", None), ("no_such_option", 1)])
 def test_unsupported_features_are_named(key, value):
     with pytest.raises(ValueError, match=key):
         UNetConfig.from_diffusers_config({**SD15_CONFIG, key: value})
@@ -112,20 +113,27 @@ def test_bad_inputs_raise_before_compute():
 
 
 def test_bf16_compute_and_remat():
-    x, t, ctx = _inputs(TINY_SD1)
-    params = UNet(TINY_SD1).init(jax.random.key(1), x, t, ctx)
-    remat_params = jax.eval_shape(UNet(TINY_SD1, remat=True).init, jax.random.key(1), x, t, ctx)
-    assert jax.tree.structure(remat_params) == jax.tree.structure(params)
+    cfg = UNetConfig(block_out_channels=(16,), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",),
+                     up_block_types=("CrossAttnUpBlock2D",), attention_head_dim=2, cross_attention_dim=8,
+                     norm_num_groups=8)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 4, 4, 4), dtype=np.float32)
+    ctx = rng.standard_normal((1, 3, 8), dtype=np.float32)
+    shapes = unbox(jax.eval_shape(UNet(cfg).init, jax.random.key(0), x, 5.0, ctx))
+    params = jax.tree.map(lambda s: (rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]) or 1))
+                          .astype(np.float32), shapes)
+    remat_shapes = unbox(jax.eval_shape(UNet(cfg, remat=True).init, jax.random.key(0), x, 5.0, ctx))
+    assert jax.tree.map(lambda s: s.shape, remat_shapes) == jax.tree.map(lambda s: s.shape, shapes)
 
     def loss(p, remat):
-        return jnp.mean(UNet(TINY_SD1, remat=remat).apply(p, x, t, ctx) ** 2)
+        return jnp.mean(UNet(cfg, remat=remat).apply(p, x, 5.0, ctx) ** 2)
 
     plain, remat = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, r) for r in (False, True))
     np.testing.assert_allclose(remat[0], plain[0], rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), remat[1], plain[1])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), remat[1], plain[1])
 
-    out = jax.jit(UNet(TINY_SD1, dtype=jnp.bfloat16).apply)(params, x, t[0], ctx)
+    out = jax.jit(UNet(cfg, dtype=jnp.bfloat16).apply)(params, x, 5.0, ctx)
     assert out.dtype == jnp.bfloat16 and out.shape == x.shape
-    assert np.isfinite(np.asarray(out, np.float32)).all()
-    f32 = jax.jit(UNet(TINY_SD1).apply)(params, x, t[0], ctx)
-    np.testing.assert_allclose(np.asarray(out, np.float32), f32, atol=0.1 * float(np.abs(f32).max()))
+    out = np.asarray(out, np.float32)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(np.mean(out ** 2), plain[0], rtol=0.05)

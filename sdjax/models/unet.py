@@ -109,8 +109,11 @@ class UNetConfig:
         if not isinstance(self.cross_attention_dim, int):
             raise ValueError(f"UNetConfig: per-level cross_attention_dim={self.cross_attention_dim} is not "
                              "supported; every level attends to the same text context.")
-        attention_levels = {n - 1} | {i for i, t in enumerate(self.down_block_types) if t.startswith("CrossAttn")} \
-            | {n - 1 - i for i, t in enumerate(self.up_block_types) if t.startswith("CrossAttn")}
+        if not isinstance(self.norm_num_groups, int):
+            raise ValueError(f"UNetConfig: norm_num_groups={self.norm_num_groups} is not supported; SD uses 32.")
+        attention_levels = ({n - 1}
+                            | {i for i, t in enumerate(self.down_block_types) if t.startswith("CrossAttn")}
+                            | {n - 1 - i for i, t in enumerate(self.up_block_types) if t.startswith("CrossAttn")})
         for i, ch in enumerate(self.block_out_channels):
             if ch % self.norm_num_groups:
                 raise ValueError(f"UNetConfig: block_out_channels[{i}]={ch} is not divisible by "
@@ -212,7 +215,8 @@ class _BlockBase(nn.Module):
         c, i = self.config, self.level
         cls = nn.remat(SpatialTransformer) if self.remat else SpatialTransformer
         heads = c.heads[i]
-        return cls(heads, c.block_out_channels[i] // heads, num_layers=c.per_level("transformer_layers_per_block")[i],
+        return cls(heads, c.block_out_channels[i] // heads,
+                   num_layers=c.per_level("transformer_layers_per_block")[i],
                    groups=c.norm_num_groups, use_linear_projection=c.use_linear_projection,
                    only_cross_attention=only_cross_attention,
                    dtype=self.dtype, param_dtype=self.param_dtype, name=name)
