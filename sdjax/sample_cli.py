@@ -1,0 +1,186 @@
+"""The sampling command lines (``sample/txt2img.py``, ``sample/img2img.py``) as importable functions.
+
+Writes one PNG per image with a JSON sidecar (enough to reproduce it), and a grid PNG per run.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import time
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from sdjax.samplers import SAMPLERS
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def build_parser(img2img: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="img2img.py" if img2img else "txt2img.py",
+        description=("Img2Img" if img2img else "Text2Img") + " with a Stable Diffusion checkpoint "
+                    "(diffusers folder, single .safetensors file, or sdjax export).")
+    p.add_argument("--checkpoint", required=True, help="checkpoint path")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt (may be empty: \"\")")
+    src.add_argument("--from-file", help="a text file with one prompt per line")
+    p.add_argument("--negative-prompt", default="", help="replaces the empty unconditional prompt")
+    p.add_argument("--n-samples", type=int, default=4, help="images per prompt in one batch")
+    p.add_argument("--n-iter", type=int, default=1, help="batches per prompt")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--H", type=int, default=None, help="height in pixels (default: the model's native size)")
+    p.add_argument("--W", type=int, default=None, help="width in pixels (default: the model's native size)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (params stay float32)")
+    p.add_argument("--out", default="outputs", help="output folder (existing files are never overwritten)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (single-file checkpoints carry none)")
+    p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
+                   help="override (single files cannot tell; SD 2.x 768-v models are v_prediction)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow PyTorch pickles (.ckpt/.bin)")
+    p.add_argument("--compile-cache", default=None, help="folder for JAX's persistent compilation cache")
+    if img2img:
+        p.add_argument("--init-img", required=True, help="the starting image (resized to H x W)")
+        p.add_argument("--strength", type=float, default=0.75, help="in (0, 1]: how much to change the image")
+    return p
+
+
+def check_args(args: argparse.Namespace, img2img: bool) -> list[str]:
+    """Validate everything that needs no model; return the prompts."""
+    if args.from_file is not None:
+        if not os.path.isfile(args.from_file):
+            raise SystemExit(f"error: --from-file {args.from_file}: no such file.")
+        with open(args.from_file, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+        if not prompts:
+            raise SystemExit(f"error: --from-file {args.from_file} has no prompts (one per line).")
+    else:
+        prompts = [args.prompt]
+    if not os.path.exists(args.checkpoint):
+        raise SystemExit(f"error: --checkpoint {args.checkpoint}: no such file or directory.")
+    for name in ("H", "W"):
+        v = getattr(args, name)
+        if v is not None and (v <= 0 or v % 8):
+            raise SystemExit(f"error: --{name} must be a positive multiple of 8, got {v}.")
+    if args.steps < 1:
+        raise SystemExit(f"error: --steps must be >= 1, got {args.steps}.")
+    if args.n_samples < 1 or args.n_iter < 1:
+        raise SystemExit("error: --n-samples and --n-iter must be >= 1.")
+    if img2img:
+        if not os.path.isfile(args.init_img):
+            raise SystemExit(f"error: --init-img {args.init_img}: no such file.")
+        if not 0.0 < args.strength <= 1.0:
+            raise SystemExit(f"error: --strength must be in (0, 1], got {args.strength}.")
+    return prompts
+
+
+def safe_name(prompt: str, limit: int = 60) -> str:
+    """A file-name fragment from a prompt: no path separators or odd characters, bounded length."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", prompt).strip("_-")[:limit]
+    return name or "empty"
+
+
+class OutputWriter:
+    """Numbered PNGs with JSON sidecars; picks indices past what is already in the folder."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        os.makedirs(folder, exist_ok=True)
+        taken = [int(m.group(1)) for f in os.listdir(folder) if (m := re.match(r"(\d{5})-", f))]
+        self.next = max(taken, default=-1) + 1
+        grids = [int(m.group(1)) for f in os.listdir(folder) if (m := re.match(r"grid-(\d{4})\.png$", f))]
+        self.grid_index = max(grids, default=-1) + 1
+
+    def _free(self, stem: str) -> str:
+        path = os.path.join(self.folder, stem)
+        if os.path.exists(path + ".png") or os.path.exists(path + ".json"):
+            raise FileExistsError(f"{path}.png exists; refusing to overwrite.")
+        return path
+
+    def write(self, image: np.ndarray, meta: dict) -> str:
+        path = self._free(f"{self.next:05d}-{safe_name(meta['prompt'])}")
+        self.next += 1
+        Image.fromarray(image).save(path + ".png")
+        with open(path + ".json", "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+        return path + ".png"
+
+    def write_grid(self, images: Sequence[np.ndarray], cols: int) -> str:
+        path = self._free(f"grid-{self.grid_index:04d}")
+        Image.fromarray(make_grid(images, cols)).save(path + ".png")
+        return path + ".png"
+
+
+def make_grid(images: Sequence[np.ndarray], cols: int) -> np.ndarray:
+    images = list(images)
+    cols = max(1, min(cols, len(images)))
+    rows = math.ceil(len(images) / cols)
+    h, w, c = images[0].shape
+    grid = np.full((rows * h, cols * w, c), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = im
+    return grid
+
+
+def _progress(done: int, total: int, start: float) -> None:
+    elapsed = time.perf_counter() - start
+    eta = elapsed / done * (total - done) if done else 0.0
+    bar = "#" * int(30 * done / total)
+    print(f"\r[{bar:<30}] {done}/{total} batches  {elapsed:6.1f}s elapsed  {eta:6.1f}s left", end="", flush=True)
+
+
+def main(argv: Sequence[str] | None = None, img2img: bool = False) -> list[str]:
+    args = build_parser(img2img).parse_args(argv)
+    prompts = check_args(args, img2img)
+
+    import jax
+    import jax.numpy as jnp
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    from sdjax.stable_diffusion import StableDiffusion
+
+    sd = StableDiffusion.from_pretrained(args.checkpoint, dtype=getattr(jnp, args.dtype), tokenizer=args.tokenizer,
+                                         prediction_type=args.prediction_type, allow_pickle=args.allow_pickle)
+    native = sd.configs.unet.sample_size * sd.downsample_factor
+    H, W = args.H or native, args.W or native
+    init = None
+    if img2img:
+        init = np.asarray(Image.open(args.init_img).convert("RGB").resize((W, H), Image.LANCZOS))
+    writer = OutputWriter(args.out)
+    batches = [(p, it) for it in range(args.n_iter) for p in prompts]
+    print(f"{len(batches)} batches of {args.n_samples} at {W}x{H}, {args.steps} {args.sampler} steps, "
+          f"scale {args.scale}, on {jax.device_count()} {jax.devices()[0].platform} device(s)")
+    written, all_images, start = [], [], time.perf_counter()
+    for b, (prompt, it) in enumerate(batches):
+        seed = args.seed + b
+        kw = dict(negative_prompts=[args.negative_prompt] * args.n_samples, steps=args.steps,
+                  guidance_scale=args.scale, eta=args.eta, sampler=args.sampler, height=H, width=W, seed=seed)
+        t0 = time.perf_counter()
+        if img2img:
+            images = sd.img2img(init, [prompt] * args.n_samples, strength=args.strength, **kw)
+        else:
+            images = sd.txt2img([prompt] * args.n_samples, **kw)
+        if b == 0:
+            print(f"first batch (compile + run): {time.perf_counter() - t0:.1f}s")
+        for j, im in enumerate(images):
+            meta = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, index_in_batch=j,
+                        batch_size=args.n_samples, steps=args.steps, sampler=args.sampler, scale=args.scale,
+                        eta=args.eta, height=H, width=W, dtype=args.dtype, checkpoint=os.path.abspath(args.checkpoint))
+            if img2img:
+                meta.update(init_img=os.path.abspath(args.init_img), strength=args.strength)
+            written.append(writer.write(im, meta))
+        all_images.extend(images)
+        _progress(b + 1, len(batches), start)
+    print()
+    grid = writer.write_grid(all_images, cols=args.n_samples)
+    print(f"wrote {len(written)} images and {grid}")
+    return written + [grid]
