@@ -1,0 +1,186 @@
+"""Training metrics: TensorBoard event files, a JSONL log and a console progress line.
+
+TensorBoard files are written by a ~40-line encoder of the event-file format (length,
+masked CRC32C, serialized ``Event`` proto) so that neither TensorFlow nor tensorboardX is
+needed; ``tensorboard --logdir WORKDIR/tb`` reads them. Only process 0 writes.
+"""
+
+import io
+import json
+import os
+import socket
+import struct
+import sys
+import time
+from typing import Any, Mapping
+
+import numpy as np
+from PIL import Image
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    c = 0xFFFFFFFF
+    for b in data:
+        c = _CRC_TABLE[(c ^ b) & 0xFF] ^ (c >> 8)
+    return c ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+    c = crc32c(data)
+    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, wire: int, payload: bytes) -> bytes:
+    key = _varint((number << 3) | wire)
+    if wire == 2:  # length-delimited
+        return key + _varint(len(payload)) + payload
+    return key + payload
+
+
+def _event(step: int, wall_time: float, *, summary_values: list[bytes] = (), file_version: str | None = None) -> bytes:
+    """tensorflow.Event: wall_time=1 (double), step=2 (int64), file_version=3, summary=5."""
+    out = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
+    if file_version is not None:
+        out += _field(3, 2, file_version.encode())
+    if summary_values:
+        out += _field(5, 2, b"".join(_field(1, 2, v) for v in summary_values))
+    return out
+
+
+def _scalar_value(tag: str, value: float) -> bytes:
+    """Summary.Value: tag=1, simple_value=2 (float)."""
+    return _field(1, 2, tag.encode()) + _field(2, 5, struct.pack("<f", value))
+
+
+def _image_value(tag: str, image_HWC: np.ndarray) -> bytes:
+    """Summary.Value with image=4: Summary.Image(height=1, width=2, colorspace=3, encoded_image_string=4)."""
+    buf = io.BytesIO()
+    Image.fromarray(image_HWC).save(buf, format="PNG")
+    h, w, c = image_HWC.shape
+    img = _field(1, 0, _varint(h)) + _field(2, 0, _varint(w)) + _field(3, 0, _varint(c)) + _field(4, 2, buf.getvalue())
+    return _field(1, 2, tag.encode()) + _field(4, 2, img)
+
+
+class EventFileWriter:
+    """Appends TensorBoard events to ``logdir/events.out.tfevents.<time>.<host>``."""
+
+    def __init__(self, logdir: str):
+        os.makedirs(logdir, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
+        self._f = open(os.path.join(logdir, name), "ab")
+        self._write(_event(0, time.time(), file_version="brain.Event:2"))
+
+    def _write(self, data: bytes) -> None:
+        header = struct.pack("<Q", len(data))
+        self._f.write(header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data)))
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        self._write(_event(step, time.time(), summary_values=[_scalar_value(k, float(v)) for k, v in values.items()]))
+        self._f.flush()
+
+    def image(self, step: int, tag: str, image_HWC: np.ndarray) -> None:
+        self._write(_event(step, time.time(), summary_values=[_image_value(tag, image_HWC)]))
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_events(path: str) -> list[bytes]:
+    """The raw Event records of one event file, CRCs checked (for tests and debugging)."""
+    records = []
+    with open(path, "rb") as f:
+        data = f.read()
+    pos = 0
+    while pos < len(data):
+        header = data[pos:pos + 8]
+        (length,) = struct.unpack("<Q", header)
+        if struct.unpack("<I", data[pos + 8:pos + 12])[0] != _masked_crc(header):
+            raise ValueError(f"{path}: bad length CRC at byte {pos}.")
+        body = data[pos + 12:pos + 12 + length]
+        if struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])[0] != _masked_crc(body):
+            raise ValueError(f"{path}: bad data CRC at byte {pos}.")
+        records.append(body)
+        pos += 16 + length
+    return records
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class MetricsWriter:
+    """Scalars to ``workdir/tb`` and ``workdir/metrics.jsonl``, images to ``workdir/samples``, and
+    a console line ``step 120/1000 | loss 0.1234 | 3.2 steps/s | ETA 0:04:35``.
+
+    ``enabled=False`` (non-zero processes) turns every call into a no-op.
+    """
+
+    def __init__(self, workdir: str, total_steps: int, enabled: bool = True, stream=sys.stdout):
+        self.total_steps, self.enabled, self.stream = total_steps, enabled, stream
+        self.workdir = workdir
+        self._tb = EventFileWriter(os.path.join(workdir, "tb")) if enabled else None
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if enabled else None
+
+    def scalars(self, step: int, values: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        values = {k: float(v) for k, v in values.items()}
+        self._tb.scalars(step, values)
+        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self._jsonl.flush()
+
+    def progress(self, step: int, loss: float, steps_per_sec: float) -> None:
+        if not self.enabled:
+            return
+        eta = (self.total_steps - step) / steps_per_sec if steps_per_sec > 0 else float("nan")
+        eta_s = _format_duration(eta) if np.isfinite(eta) else "?"
+        print(f"step {step}/{self.total_steps} | loss {loss:.4f} | {steps_per_sec:.2f} steps/s | ETA {eta_s}",
+              file=self.stream, flush=True)
+
+    def image(self, step: int, tag: str, image_HWC: np.ndarray) -> str | None:
+        """Writes a uint8 image to TensorBoard and ``samples/<tag>_<step>.png``; returns the PNG path."""
+        if not self.enabled:
+            return None
+        self._tb.image(step, tag, image_HWC)
+        path = os.path.join(self.workdir, "samples", f"{tag}_{step:07d}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(image_HWC).save(path)
+        return path
+
+    def close(self) -> None:
+        if self.enabled:
+            self._tb.close()
+            self._jsonl.close()
+
+
+def image_grid(images_BHWC: np.ndarray, cols: int) -> np.ndarray:
+    """Tiles images in [-1, 1] into one uint8 (rows*H, cols*W, C) grid."""
+    x = np.clip((np.asarray(images_BHWC, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    b, h, w, c = x.shape
+    rows = -(-b // cols)
+    x = np.concatenate([x, np.zeros((rows * cols - b, h, w, c), np.uint8)])
+    return x.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)

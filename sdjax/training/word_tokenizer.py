@@ -1,0 +1,54 @@
+"""A small CLIP-format tokenizer folder for a text encoder trained from scratch on a closed vocabulary.
+
+It keeps OpenAI CLIP's layout (the 256 byte symbols, the same with the end-of-word
+marker ``</w>``, one entry per merge, then ``<|startoftext|>`` and ``<|endoftext|>``), so
+``sdjax.tokenizer.load_tokenizer`` and ``transformers.CLIPTokenizer`` read it and any text
+still tokenizes. Merges spell each given word left to right; a word whose inner pair
+is claimed by an earlier word's merge may come out as two or three pieces, which only
+costs a token.
+"""
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """OpenAI's GPT-2/CLIP reversible map from bytes to printable unicode characters."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _merges(words: Iterable[str]) -> list[tuple[str, str]]:
+    merges: list[tuple[str, str]] = []
+    for word in sorted({w.lower() for w in words}, key=lambda w: (-len(w), w)):
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        left = symbols[0]
+        for right in symbols[1:]:
+            if (left, right) not in merges:
+                merges.append((left, right))
+            left += right
+    return merges
+
+
+def write_word_tokenizer(folder: str | Path, words: Iterable[str]) -> Path:
+    """Writes vocab.json and merges.txt for ``words`` (lower-case ASCII) into ``folder``; returns it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    merges = _merges(words)
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
