@@ -1,0 +1,48 @@
+"""Tiny perceptual KL autoencoder on the synthetic captioned_shapes set: trains on a CPU in minutes.
+
+    python train/autoencoder.py --config configs/tiny_autoencoder.py --workdir /tmp/sdjax_vae --export /tmp/sdjax_vae_export
+    python train/latent.py --config configs/tiny.py --workdir /tmp/sdjax_tiny --config.autoencoder.path=/tmp/sdjax_vae_export
+
+32x32 images -> 8x8x4 latents (downsample factor 4). Without LPIPS weights (none can be
+downloaded offline) the perceptual term is off; pass --config.loss.lpips_path=FILE (written by
+``python -m sdjax.tools.convert_lpips``) to switch it on.
+
+Sections:
+  model               diffusers AutoencoderKL config fields.
+  discriminator       NLayerDiscriminator: ndf (first width), n_layers (stride-2 convs).
+  loss                LPIPSWithDiscriminator: disc_start, kl_weight, disc_weight, disc_factor,
+                      perceptual_weight, logvar_init, lpips_path.
+  data                sdjax.data.DataConfig fields (batch_size is train.batch_size / number of hosts).
+  train               optimisation (Adam b1=0.5, b2=0.9), logging, held-out evaluation, checkpoints, export.
+  mesh                device mesh: shape (-1 = fill with all devices) and axis names.
+  logical_axis_rules  logical axis name -> mesh axes; first applicable rule wins, indivisible dims replicate.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict(dict(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
+        norm_num_groups=8, sample_size=32, scaling_factor=1.0))
+    c.discriminator = ml_collections.ConfigDict(dict(ndf=32, n_layers=2))
+    c.loss = ml_collections.ConfigDict(dict(
+        disc_start=400, kl_weight=1e-6, disc_weight=0.5, disc_factor=1.0, perceptual_weight=1.0, logvar_init=0.0,
+        lpips_path=ml_collections.FieldReference(None, field_type=str)))
+    c.data = ml_collections.ConfigDict(dict(
+        name="captioned_shapes", data_dir=ml_collections.FieldReference(None, field_type=str), image_size=32,
+        num_examples=2000, seed=0, num_threads=2))
+    c.train = ml_collections.ConfigDict(dict(
+        steps=600, batch_size=16, learning_rate=1e-3, ema_decay=0.999, seed=0, checkpoint_every=200,
+        max_to_keep=2, log_every=50, eval_every=100, eval_images=64, fast_compile=False,
+        export_dir=ml_collections.FieldReference(None, field_type=str)))
+    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "fsdp")))
+    c.logical_axis_rules = (
+        ("batch", ("data", "fsdp")),
+        ("conv_out", "fsdp"),
+        ("dense_out", "fsdp"),
+        ("conv_in", "tensor"),
+        ("dense_in", "tensor"),
+    )
+    return c

@@ -1,0 +1,150 @@
+"""Phase-1 trainer: losses against closed forms and direct gradients, the GAN switch, sharded vs
+single-device steps, a short training run on captioned_shapes, and the VAE export round trip."""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sdjax import checkpointing
+from sdjax.training import autoencoder as ae
+
+CONFIG_PATH = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_autoencoder.py")
+
+
+def tiny_config(data_dir: str, mesh_shape=(1, 1)):
+    spec = importlib.util.spec_from_file_location("tiny_autoencoder", CONFIG_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.model.block_out_channels = (8, 16)
+    c.model.norm_num_groups = 4
+    c.model.sample_size = 16
+    c.discriminator.ndf = 8
+    c.discriminator.n_layers = 1
+    c.loss.disc_start = 1
+    c.data.data_dir = data_dir
+    c.data.image_size = 16
+    c.data.num_examples = 80
+    c.train.batch_size = 8
+    c.train.learning_rate = 2e-3
+    c.train.eval_images = 8
+    c.train.fast_compile = True
+    c.mesh.shape = mesh_shape
+    return c
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A one-device setup, its initial state (step 0) and one data batch."""
+    config = tiny_config(str(tmp_path_factory.mktemp("data")))
+    setup = ae.build(config, devices=jax.devices()[:1])
+    iterator = ae.make_iterator(setup)
+    batch = {"image": jnp.asarray(next(iterator)["image"])}
+    return config, setup, ae.init_state(setup), batch, iterator
+
+
+def copy(tree):
+    return jax.tree.map(jnp.copy, tree)
+
+
+def test_hinge_and_adopt_weight_closed_form():
+    real = np.array([[2.0, 0.5], [-1.0, 1.0]], np.float32)
+    fake = np.array([[-2.0, 0.0], [3.0, -0.5]], np.float32)
+    want = 0.5 * (np.mean(np.maximum(0, 1 - real)) + np.mean(np.maximum(0, 1 + fake)))
+    np.testing.assert_allclose(ae.hinge_d_loss(real, fake), want, rtol=1e-6)
+    assert float(ae.adopt_weight(0.7, 4, 5)) == 0.0 and float(ae.adopt_weight(0.7, 5, 5)) == np.float32(0.7)
+
+
+def test_adaptive_weight_closed_form():
+    a, b = np.array([3.0, 4.0], np.float32), np.array([0.0, 1.0], np.float32)
+    np.testing.assert_allclose(ae.adaptive_weight(a, b, 0.5), 0.5 * 5.0 / (1.0 + 1e-4), rtol=1e-6)
+    assert float(ae.adaptive_weight(a, 0 * b, 1.0)) == 1e4  # clamped
+
+
+def test_gan_off_before_disc_start_and_adaptive_weight_after(run):
+    _, setup, state0, batch, _ = run
+    state1, m0 = setup.step_fn(copy(state0), batch, setup.frozen)
+    assert float(m0["disc_factor"]) == 0.0 and float(m0["disc_loss"]) == 0.0
+    assert float(m0["loss"]) == pytest.approx(float(m0["nll_loss"] + 1e-6 * m0["kl_loss"]), rel=1e-6)
+    # Zero discriminator gradients leave Adam's update exactly zero.
+    jax.tree.map(np.testing.assert_array_equal, state1.params["discriminator"], state0.params["discriminator"])
+
+    # Step 1 == disc_start: the GAN is on. Its adaptive weight against an independent jax.grad
+    # of each loss with respect to the decoder's conv_out kernel alone.
+    cfg, params, key = setup.step_config, state1.params, state1.step_key()
+
+    def loss_of_last_layer(kernel, which):
+        vae = jax.tree.map(lambda x: x, params["autoencoder"])
+        vae["decoder"]["conv_out"]["kernel"] = kernel
+        losses, _ = ae.generator_losses({"autoencoder": vae, "logvar": params["logvar"]}, params["discriminator"],
+                                        None, batch["image"], key, cfg)
+        return losses[which]
+
+    kernel = params["autoencoder"]["decoder"]["conv_out"]["kernel"]
+    grads = jax.jit(lambda k: (jax.grad(loss_of_last_layer)(k, 0), jax.grad(loss_of_last_layer)(k, 2)))(kernel)
+    g_nll, g_gan = (np.asarray(g, np.float64) for g in grads)
+    want = 0.5 * min(np.linalg.norm(g_nll) / (np.linalg.norm(g_gan) + 1e-4), 1e4)
+
+    state2, m1 = setup.step_fn(copy(state1), batch, setup.frozen)
+    assert float(m1["disc_factor"]) == 1.0 and float(m1["disc_loss"]) > 0.0
+    np.testing.assert_allclose(float(m1["d_weight"]), want, rtol=1e-4)
+    np.testing.assert_allclose(float(m1["loss"]), float(m1["nll_loss"] + 1e-6 * m1["kl_loss"]
+                                                         + m1["d_weight"] * m1["g_loss"]), rtol=1e-5)
+    kernels = [p["discriminator"]["main_0"]["kernel"] for p in (state1.params, state2.params)]
+    assert float(jnp.max(jnp.abs(kernels[1] - kernels[0]))) > 0.0
+
+
+def test_sharded_step_matches_single_device(run):
+    config, setup, state0, batch, _ = run
+    config8 = tiny_config(config.data.data_dir, mesh_shape=(2, 4))
+    setup8 = ae.build(config8)
+    assert dict(setup8.mesh.shape) == {"data": 2, "fsdp": 4}
+    state8 = jax.device_put(copy(state0).replace(tx=setup8.shardings.tx), setup8.shardings)
+    batch8 = {"image": jax.device_put(batch["image"], setup8.batch_sharding)}
+    for _ in range(2):  # GAN off, then on
+        state, m = setup.step_fn(copy(state0), batch, setup.frozen)
+        state8, m8 = setup8.step_fn(state8, batch8, setup8.frozen)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), m8, m)
+        for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(state.params)[0],
+                                jax.tree.leaves(state8.params)):
+            # The key bias's gradient is exactly zero in exact arithmetic (softmax ignores a shift
+            # shared by all keys): Adam turns its round-off into +-lr steps of arbitrary sign.
+            if "to_k" not in jax.tree_util.keystr(path):
+                np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5,
+                                           err_msg=jax.tree_util.keystr(path))
+        state0 = state
+
+
+def test_training_improves_reconstructions_and_export_round_trips(run, tmp_path):
+    _, setup, state, _, iterator = run
+    held_out = ae.eval_images(setup)
+    psnr0, _ = ae.evaluate(setup, state.params["autoencoder"], held_out)
+    state, rec_losses = copy(state), []
+    for _ in range(30):
+        state, m = setup.step_fn(state, {"image": jnp.asarray(next(iterator)["image"])}, setup.frozen)
+        rec_losses.append(float(m["rec_loss"]))
+    psnr1, grid = ae.evaluate(setup, state.params["autoencoder"], held_out)
+    assert np.mean(rec_losses[-5:]) < 0.7 * np.mean(rec_losses[:5]), rec_losses
+    assert psnr1 > psnr0 + 1.5, (psnr0, psnr1)
+    assert grid.shape == (2 * 16, 8 * 16, 3) and grid.dtype == np.uint8
+
+    config = ae.export(setup, state, str(tmp_path / "vae"), held_out)
+    loaded_config, loaded = checkpointing.load_frozen_vae(str(tmp_path / "vae"))
+    assert loaded_config == config and config.scaling_factor != 1.0
+    want = setup.reconstruct_fn(state.params["autoencoder"], held_out)
+    np.testing.assert_array_equal(setup.reconstruct_fn(loaded, held_out), want)
+
+
+def test_bad_config_is_reported_before_compiling(tmp_path):
+    config = tiny_config(str(tmp_path))
+    config.loss.lpips_path = str(tmp_path / "missing.safetensors")
+    with pytest.raises(FileNotFoundError, match="convert_lpips"):
+        ae.build(config, devices=jax.devices()[:1])
+    config = tiny_config(str(tmp_path))
+    config.data.image_size = 7
+    with pytest.raises(ValueError, match="image_size=7"):
+        ae.build(config, devices=jax.devices()[:1])
