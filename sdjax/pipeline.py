@@ -59,11 +59,16 @@ def pad_batch(x: np.ndarray, multiple: int) -> np.ndarray:
 SAMPLER_STREAM, POSTERIOR_STREAM = 1 << 20, 1 << 21
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _standard_normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    # Module-level so that it compiles once per shape, not on every call of starting_noise.
+    return jax.random.normal(key, shape, jnp.float32)
+
+
 def starting_noise(seed: int, count: int, shape: tuple[int, ...], stream: int = 0) -> np.ndarray:
     """Standard-normal latents; image j's noise depends only on (seed, stream, j)."""
     root = jax.random.fold_in(jax.random.key(seed), stream) if stream else jax.random.key(seed)
-    draw = jax.jit(lambda k: jax.random.normal(k, shape, jnp.float32))
-    return np.stack([np.asarray(draw(jax.random.fold_in(root, j))) for j in range(count)])
+    return np.stack([np.asarray(_standard_normal(jax.random.fold_in(root, j), tuple(shape))) for j in range(count)])
 
 
 def to_uint8(images_BHWC: np.ndarray) -> np.ndarray:
