@@ -1,0 +1,228 @@
+"""Benchmarks of sdjax against diffusers (Flax 0.39.0 and current PyTorch), side by side on one machine.
+
+    python -m benchmarks.run --only text2img,compile,overhead,train,scaling --size sd15 --out results.json
+    ./run bench --size tiny --only text2img,overhead
+
+Each runner is a subprocess in its own environment (peers in venvs under .bench-envs/, created
+on first use) that prints one JSON line; this script prints the table and writes all of it.
+Every time is the median over --repeats warm calls, synchronised before the clock is read.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import envs, timing
+
+BENCHMARKS = ("text2img", "compile", "overhead", "train", "scaling")
+TARGETS = dict(text2img_vs_flax=1.2, overhead=1.05)
+
+
+def defaults(gpu: bool) -> dict[str, Any]:
+    """CPU: a shape two shared cores finish in minutes; GPU: the usual 512x512, 50 steps."""
+    if gpu:
+        return dict(height=512, width=512, steps=50, batch="1,8", jax_dtype="bfloat16", torch_dtype="float16")
+    return dict(height=128, width=128, steps=4, batch="1", jax_dtype="float32", torch_dtype="float32")
+
+
+def run_runner(python: str, module: str, args: list[str], env_extra: dict[str, str] | None = None,
+               log: Path | None = None) -> dict[str, Any]:
+    """Run ``python -m module args`` from the repo root and return the JSON it printed."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
+    env.update(PYTHONPATH=envs.repo_root(), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
+    cmd = [python, "-m", module] + args
+    print(f"[bench] {' '.join(cmd)}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=envs.repo_root(), env=env, capture_output=True, text=True)
+    if log is not None:
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}\n")
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        return dict(error=f"{module} exited with {proc.returncode}:\n{tail}")
+    out = timing.parse(proc.stdout)
+    out["wall_s"] = time.perf_counter() - t0
+    return out
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def fmt(x: Any, unit: str = "") -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.3g}{unit}" if abs(x) < 1000 else f"{x:.4g}{unit}"
+    return f"{x}{unit}"
+
+
+def table(results: dict[str, Any]) -> str:
+    """Markdown rows: benchmark, metric, sdjax, diffusers Flax, sdjax/Flax, diffusers PyTorch, sdjax/PyTorch."""
+    lines = ["| benchmark | metric | sdjax | diffusers Flax 0.39 | sdjax / Flax | diffusers PyTorch | sdjax / PyTorch |",
+             "|---|---|---|---|---|---|---|"]
+
+    def row(bench, metric, ours, flax=None, torch=None, unit=""):
+        lines.append(f"| {bench} | {metric} | {fmt(ours, unit)} | {fmt(flax, unit)} | {fmt(ratio(ours, flax))} | "
+                     f"{fmt(torch, unit)} | {fmt(ratio(ours, torch))} |")
+
+    for key, t in results.get("text2img", {}).items():
+        s, f, p = (t.get(k, {}) for k in ("sdjax", "flax", "torch"))
+        row("text2img", f"{key}: images/s", s.get("images_per_s"), f.get("images_per_s"), p.get("images_per_s"))
+        row("text2img", f"{key}: s/batch", s.get("batch_s"), f.get("batch_s"), p.get("batch_s"), " s")
+    if "compile" in results:
+        c = results["compile"]
+        row("compile", "first call (cold)", c.get("sdjax_first_call_s"), c.get("flax_first_call_s"),
+            c.get("torch_first_call_s"), " s")
+        row("compile", "first call, persistent cache warm", c.get("sdjax_cached_first_call_s"), unit=" s")
+    for key, o in results.get("overhead", {}).items():
+        row("overhead", f"{key}: text2img / (steps x UNet(2B) + text + decode)", o.get("overhead"))
+        for part in ("text_encoder_s", "unet_guided_s", "vae_decode_s", "ideal_s", "batch_s"):
+            row("overhead", f"{key}: {part}", o.get(part), unit=" s")
+    for r in results.get("train", {}).get("rows", []):
+        key = f"{r['size']} {r['image_size']}px B={r['batch']} {r['dtype']} remat={r['remat']}"
+        row("train", f"{key}: step", r.get("step_s"), unit=" s")
+        row("train", f"{key}: images/s", r.get("images_per_s"))
+        row("train", f"{key}: GFLOP/step (XLA)", (r.get("flops_per_step") or 0) / 1e9 or None)
+        row("train", f"{key}: MFU vs measured matmul peak", r.get("mfu"))
+        row("train", f"{key}: compiled memory (args+out-alias+temp)",
+            (r.get("memory", {}).get("peak_estimate") or 0) / 2**20 or None, " MiB")
+        row("train", f"{key}: temporaries", (r.get("memory", {}).get("temp_size") or 0) / 2**20 or None, " MiB")
+        row("train", f"{key}: compile", r.get("compile_s"), unit=" s")
+    for r in results.get("scaling", {}).get("rows", []):
+        row("scaling", f"{r['devices']} devices: s/batch (max |diff| vs 1 = {r['max_abs_diff_vs_1']:.2g})", r["batch_s"],
+            unit=" s")
+    for name, value in results.get("errors", {}).items():
+        lines.append(f"| {name} | error | {value.splitlines()[-1] if value else ''} | | | | |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    p.add_argument("--size", default="sd15", choices=("tiny", "sd15"), help="network shapes (random weights)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch", default=None, help="comma-separated batch sizes, e.g. 1,8")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--train-batch", type=int, default=None, help="default: 8 (tiny), 1 (sd15)")
+    p.add_argument("--train-image-size", type=int, default=None, help="default: 32 (tiny), 256 (sd15)")
+    p.add_argument("--peers", default="flax,torch", help="comma-separated peers to run ('' for none)")
+    p.add_argument("--out", default="bench-results.json")
+    p.add_argument("--cache-dir", default=os.path.join(envs.repo_root(), ".bench-cache"), help="random weights")
+    p.add_argument("--envs-dir", default=os.path.join(envs.repo_root(), ".bench-envs"), help="peer venvs")
+    a = p.parse_args(argv)
+    only = [b for b in a.only.split(",") if b]
+    unknown = sorted(set(only) - set(BENCHMARKS))
+    if unknown:
+        p.error(f"unknown benchmarks {unknown}; choose from {','.join(BENCHMARKS)}.")
+    peers = [x for x in a.peers.split(",") if x]
+    if set(peers) - {"flax", "torch"}:
+        p.error(f"--peers takes flax and/or torch, got {a.peers!r}.")
+
+    from benchmarks import weights
+
+    mach = timing.machine()
+    gpu = bool(mach["gpus"])
+    d = defaults(gpu)
+    steps, height, width = a.steps or d["steps"], a.height or d["height"], a.width or d["width"]
+    batches = [int(b) for b in (a.batch or d["batch"]).split(",")]
+    shape = ["--steps", str(steps), "--height", str(height), "--width", str(width), "--repeats", str(a.repeats)]
+    log = Path(a.out).with_suffix(".log")
+    log.write_text("")
+    results: dict[str, Any] = dict(
+        machine=mach, device_kind="gpu" if gpu else "cpu", started=time.strftime("%Y-%m-%d %H:%M:%S"),
+        command=" ".join(["python -m benchmarks.run"] + (argv if argv is not None else sys.argv[1:])),
+        config=dict(only=only, size=a.size, steps=steps, height=height, width=width, batches=batches, repeats=a.repeats,
+                    sampler="ddim", guidance_scale=7.5, jax_dtype=d["jax_dtype"], torch_dtype=d["torch_dtype"]),
+        versions={"sdjax-env": timing.versions("jax", "jaxlib", "flax", "diffusers", "torch", "transformers")},
+        errors={})
+    here = sys.executable
+
+    if {"text2img", "compile", "overhead"} & set(only):
+        folder = str(weights.ensure_folder(a.size, a.cache_dir))
+        py = {name: envs.python(a.envs_dir, f"diffusers-{name}", gpu) for name in peers}
+        cache = tempfile.mkdtemp(prefix="sdjax-compile-cache-")
+        results["text2img"], results["overhead"] = {}, {}
+        for i, b in enumerate(batches):
+            key = f"{a.size} {height}x{width} {steps} steps B={b}"
+            common = ["--folder", folder, "--batch", str(b)] + shape
+            t: dict[str, Any] = {}
+            t["sdjax"] = run_runner(here, "benchmarks.sdjax_runner", common + ["--dtype", d["jax_dtype"], "--overhead"]
+                                    + (["--compile-cache", cache] if i == 0 else []), log=log)
+            if "flax" in peers:
+                t["flax"] = run_runner(py["flax"], "benchmarks.peer_flax", common + ["--dtype", d["jax_dtype"]], log=log)
+            if "torch" in peers:
+                t["torch"] = run_runner(py["torch"], "benchmarks.peer_torch", common + ["--dtype", d["torch_dtype"]],
+                                        log=log)
+            for name, r in t.items():
+                if "error" in r:
+                    results["errors"][f"text2img {key} {name}"] = r["error"]
+                elif name != "sdjax":
+                    results["versions"][f"diffusers-{name}-env"] = r.get("versions")
+            results["text2img"][key] = t
+            results["overhead"][key] = {k: t["sdjax"].get(k) for k in
+                                        ("overhead", "text_encoder_s", "unet_guided_s", "vae_decode_s", "ideal_s",
+                                         "batch_s")}
+            if i == 0:
+                cached = run_runner(here, "benchmarks.sdjax_runner", common + ["--dtype", d["jax_dtype"],
+                                    "--compile-cache", cache, "--first-call-only"], log=log)
+                results["compile"] = dict(
+                    shape=key, sdjax_first_call_s=t["sdjax"].get("first_call_s"),
+                    flax_first_call_s=t.get("flax", {}).get("first_call_s"),
+                    torch_first_call_s=t.get("torch", {}).get("first_call_s"),
+                    sdjax_cached_first_call_s=cached.get("first_call_s"))
+                if "error" in cached:
+                    results["errors"]["compile (cache warm)"] = cached["error"]
+        if "overhead" not in only:
+            results.pop("overhead")
+        if "compile" not in only:
+            results.pop("compile")
+        if "text2img" not in only:
+            results.pop("text2img")
+
+    if "train" in only:
+        tb = a.train_batch or (8 if a.size == "tiny" else 1)
+        args = ["--size", a.size, "--batch", str(tb), "--repeats", str(a.repeats), "--dtype", d["jax_dtype"]]
+        if a.train_image_size:
+            args += ["--image-size", str(a.train_image_size)]
+        rows = []
+        if a.size == "sd15":  # also the tiny shapes, which run anywhere
+            tiny = run_runner(here, "benchmarks.train_runner", ["--size", "tiny", "--batch", "8", "--repeats",
+                                                                 str(a.repeats)], log=log)
+            rows += tiny.get("rows", [])
+            if not gpu:  # the SD 1.5 train state (params, EMA, 2 Adam moments, grads) is ~20 GB in f32
+                args.append("--no-run")
+        r = run_runner(here, "benchmarks.train_runner", args, log=log)
+        if "error" in r:
+            results["errors"]["train"] = r["error"]
+        results["train"] = dict(r, rows=rows + r.get("rows", []))
+
+    if "scaling" in only:
+        folder = str(weights.ensure_folder("tiny", a.cache_dir))
+        r = run_runner(here, "benchmarks.scaling_runner", ["--folder", folder, "--repeats", str(a.repeats)],
+                       env_extra=dict(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"),
+                       log=log)
+        if "error" in r:
+            results["errors"]["scaling"] = r["error"]
+        results["scaling"] = r
+
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    results["load_avg_end"] = list(os.getloadavg())
+    Path(a.out).write_text(json.dumps(results, indent=1))
+    print(table(results))
+    print(f"\nload average at start {mach['load_avg']}, at end {results['load_avg_end']}; "
+          f"JSON: {a.out}, runner logs: {log}")
+
+
+if __name__ == "__main__":
+    main()
