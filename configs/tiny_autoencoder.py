@@ -28,14 +28,14 @@ def get_config() -> ml_collections.ConfigDict:
         norm_num_groups=8, sample_size=32, scaling_factor=1.0))
     c.discriminator = ml_collections.ConfigDict(dict(ndf=32, n_layers=2))
     c.loss = ml_collections.ConfigDict(dict(
-        disc_start=400, kl_weight=1e-6, disc_weight=0.5, disc_factor=1.0, perceptual_weight=1.0, logvar_init=0.0,
+        disc_start=1500, kl_weight=1e-6, disc_weight=0.5, disc_factor=1.0, perceptual_weight=1.0, logvar_init=0.0,
         lpips_path=ml_collections.FieldReference(None, field_type=str)))
     c.data = ml_collections.ConfigDict(dict(
         name="captioned_shapes", data_dir=ml_collections.FieldReference(None, field_type=str), image_size=32,
         num_examples=2000, seed=0, num_threads=2))
     c.train = ml_collections.ConfigDict(dict(
-        steps=600, batch_size=16, learning_rate=1e-3, ema_decay=0.999, seed=0, checkpoint_every=200,
-        max_to_keep=2, log_every=50, eval_every=100, eval_images=64, fast_compile=False,
+        steps=2000, batch_size=16, learning_rate=1e-3, ema_decay=0.999, seed=0, checkpoint_every=500,
+        max_to_keep=2, log_every=50, eval_every=250, eval_images=64, fast_compile=False,
         export_dir=ml_collections.FieldReference(None, field_type=str)))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "fsdp")))
     c.logical_axis_rules = (
