@@ -13,6 +13,7 @@ import time
 from typing import Any, Callable
 
 RESULT_PREFIX = "BENCH_RESULT "
+clock = time.perf_counter  # module-level so tests can substitute a fake clock
 
 
 def measure(fn: Callable[[], Any], sync: Callable[[Any], Any], repeats: int, warmup: int = 1) -> dict[str, Any]:
@@ -23,25 +24,24 @@ def measure(fn: Callable[[], Any], sync: Callable[[Any], Any], repeats: int, war
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}.")
-    first = None
-    for i in range(warmup):
-        t0 = time.perf_counter()
+    warm = []
+    for _ in range(warmup):
+        t0 = clock()
         sync(fn())
-        if i == 0:
-            first = time.perf_counter() - t0
+        warm.append(clock() - t0)
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         sync(fn())
-        times.append(time.perf_counter() - t0)
-    return dict(median_s=statistics.median(times), min_s=min(times), times_s=times, first_call_s=first)
+        times.append(clock() - t0)
+    return dict(median_s=statistics.median(times), min_s=min(times), times_s=times, first_call_s=warm[0] if warm else None)
 
 
 def first_call(fn: Callable[[], Any], sync: Callable[[Any], Any]) -> float:
     """Seconds of one (cold) call, synchronised."""
-    t0 = time.perf_counter()
+    t0 = clock()
     sync(fn())
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def _cpu_model() -> str:

@@ -1,0 +1,66 @@
+"""The benchmark harness's own measurement code, on a tiny model (no peers, no SD 1.5 weights)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import run, sdjax_runner, timing, train_runner
+from sdjax import StableDiffusion
+from tests import tiny_models
+
+
+def test_measure_takes_the_median_after_warmup(monkeypatch):
+    # Fake clock: call i takes durations[i] seconds.
+    durations = [9.0, 5.0, 3.0, 1.0, 2.0]
+    ticks = []
+    for d in durations:
+        ticks += [0.0, d]
+    monkeypatch.setattr(timing, "clock", lambda: ticks.pop(0))
+    synced = []
+    out = timing.measure(lambda: "x", synced.append, repeats=3, warmup=2)
+    assert synced == ["x"] * 5  # every call is synchronised before the clock is read
+    assert out["first_call_s"] == 9.0
+    assert out["times_s"] == [3.0, 1.0, 2.0]
+    assert out["median_s"] == 2.0 and out["min_s"] == 1.0
+    with pytest.raises(ValueError, match="repeats"):
+        timing.measure(lambda: None, lambda x: x, repeats=0)
+
+
+def test_result_line_survives_library_chatter(capsys):
+    print("Some weights were newly initialized ...")
+    timing.emit({"batch_s": 1.5, "rows": [1, 2]})
+    assert timing.parse("noise\n" + capsys.readouterr().out + "\n") == {"batch_s": 1.5, "rows": [1, 2]}
+    with pytest.raises(ValueError, match="BENCH_RESULT"):
+        timing.parse("no result here")
+
+
+def test_cost_analysis_counts_matmul_flops():
+    n = 64
+    a = jnp.ones((n, n), jnp.float32)
+    compiled = jax.jit(lambda a, b: a @ b).lower(a, a).compile()
+    assert train_runner.flops_of(compiled) == pytest.approx(2 * n**3, rel=0.01)
+    mem = train_runner.memory_of(compiled)
+    assert mem["argument_size"] == 2 * n * n * 4 and mem["output_size"] == n * n * 4
+
+
+def test_text2img_and_overhead_on_a_tiny_model(tmp_path):
+    sd = StableDiffusion.from_pretrained(tiny_models.save_pipeline(tmp_path / "pipe", "sd1"))
+    steps, size = 2, 16
+    t = sdjax_runner.text2img(sd, 1, steps, size, size, repeats=2)
+    assert t["first_call_s"] > t["batch_s"] > 0 and len(t["times_s"]) == 2
+    assert t["images_per_s"] == pytest.approx(1 / t["batch_s"])
+    c = sdjax_runner.components(sd, 1, steps, size, size, repeats=2)
+    assert c["ideal_s"] == pytest.approx(c["text_encoder_s"] + steps * c["unet_guided_s"] + c["vae_decode_s"])
+    assert min(c.values()) > 0
+
+
+def test_table_shows_ratios_and_errors():
+    results = dict(
+        text2img={"sd15 B=1": dict(sdjax=dict(images_per_s=3.0, batch_s=1 / 3), flax=dict(images_per_s=2.0, batch_s=0.5),
+                                   torch={})},
+        compile=dict(sdjax_first_call_s=10.0, flax_first_call_s=20.0, sdjax_cached_first_call_s=2.0),
+        errors={"text2img torch": "peer_torch exited with 1:\nOSError: no weights"})
+    text = run.table(results)
+    assert "| text2img | sd15 B=1: images/s | 3 | 2 | 1.5 | - | - |" in text
+    assert "| compile | first call (cold) | 10 s | 20 s | 0.5 |" in text
+    assert "OSError: no weights" in text
