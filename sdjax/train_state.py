@@ -94,10 +94,10 @@ def state_shardings(init: Callable[..., TrainState], mesh: Mesh, rules, *args: A
 RUN_ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
-def sharded_init(init: Callable[..., TrainState], shardings: TrainState, *args: Any) -> TrainState:
-    """Runs ``init(*args)`` once under jit, writing every array straight into its sharding."""
+def sharded_init(init: Callable[..., TrainState], shardings: TrainState) -> Callable[..., TrainState]:
+    """``init`` jitted to write every array straight into its sharding (boxes removed)."""
     return jax.jit(lambda *a: nn.meta.unbox(init(*a)), out_shardings=shardings,
-                   compiler_options=RUN_ONCE_COMPILER_OPTIONS)(*args)
+                   compiler_options=RUN_ONCE_COMPILER_OPTIONS)
 
 
 def abstract_sharded(init: Callable[..., TrainState], shardings: TrainState, *args: Any) -> TrainState:

@@ -102,6 +102,7 @@ class Setup:
     tokenizer_dir: str
     frozen: dict[str, Any]  # frozen VAE (and text encoder) params, empty-caption ids, schedule
     init: Any  # init(key, latent_scale) -> boxed TrainState
+    init_fn: Any  # jitted init into the state shardings
     shardings: TrainState
     batch_sharding: jax.sharding.NamedSharding
     step_fn: Any  # jitted train_step(state, batch, frozen) -> (state, metrics)
@@ -294,7 +295,8 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setu
                       compiler_options=RUN_ONCE_COMPILER_OPTIONS if train.fast_compile else None)
     return Setup(config=config, train=train, configs=configs, mesh=mesh, rules=rules, step_config=step_config,
                   tokenizer=tokenizer, tokenizer_dir=tokenizer_dir, frozen=frozen, init=init, shardings=shardings,
-                  batch_sharding=batch_sharding, step_fn=step_fn, latent_scale_default=latent_scale_default)
+                  init_fn=sharded_init(init, shardings), batch_sharding=batch_sharding, step_fn=step_fn,
+                  latent_scale_default=latent_scale_default)
 
 
 def data_config(config: ml_collections.ConfigDict, train: TrainConfig) -> DataConfig:
@@ -337,7 +339,7 @@ def init_state(setup: Setup, first_batch: dict[str, jax.Array] | None = None) ->
             raise ValueError("train.scale_by_std needs the first batch to measure the latents' std.")
         scale = measure_latent_scale(setup, first_batch, jax.random.fold_in(key, 1))
     init_from = setup.train.init_from
-    state = sharded_init(setup.init, setup.shardings, key, jnp.float32(scale))
+    state = setup.init_fn(key, jnp.float32(scale))
     if init_from:
         state = _load_init_params(setup, state, init_from)
     return state

@@ -1,0 +1,235 @@
+"""Phase-2 training: sharded step parity, multi-process parity, kill/resume, loss, export, errors.
+
+Everything runs the tiny config (tests/latent_multiprocess.tiny_test_config) with XLA's backend
+optimisation off for the step (``train.fast_compile``); compiled functions are shared by the
+module-scoped fixtures.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import traverse_util
+
+from sdjax import metrics
+from sdjax.data import prepare
+from sdjax.stable_diffusion import StableDiffusion
+from sdjax.train_state import ema_decay
+from sdjax.training import latent
+from sdjax.training.latent import min_snr_weight
+from tests.latent_multiprocess import emulated_host_batches, run, tiny_test_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("data"))
+    prepare(latent.data_config(tiny_test_config(d), latent.TrainConfig(batch_size=8)))
+    return d
+
+
+@pytest.fixture(scope="module")
+def setup8(data_dir, tmp_path_factory):
+    return latent.build(tiny_test_config(data_dir), str(tmp_path_factory.mktemp("w8")))
+
+
+@pytest.fixture(scope="module")
+def reference(setup8):
+    """STEPS steps on 1 process x 8 devices, fed the batches two hosts would feed."""
+    state = run(setup8, emulated_host_batches(setup8, 2), STEPS)
+    return jax.tree.map(np.asarray, state.params)
+
+
+def _flat(tree):
+    return traverse_util.flatten_dict(jax.tree.map(np.asarray, tree), sep="/")
+
+
+def test_ema_decay_and_min_snr_closed_form():
+    np.testing.assert_allclose(ema_decay(jnp.arange(4), 0.9999), [1 / 10, 2 / 11, 3 / 12, 4 / 13], rtol=1e-6)
+    assert float(ema_decay(10**6, 0.999)) == pytest.approx(0.999)
+    snr = jnp.asarray([0.5, 5.0, 50.0])
+    np.testing.assert_allclose(min_snr_weight(snr, 5.0, "epsilon"), [1.0, 1.0, 0.1], rtol=1e-6)
+    np.testing.assert_allclose(min_snr_weight(snr, 5.0, "v_prediction"), [0.5 / 1.5, 5 / 6, 5 / 51], rtol=1e-6)
+
+
+def test_config_errors_come_before_compiling(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(jax, "jit", lambda *a, **k: pytest.fail("compiled before the config check"))
+    c = tiny_test_config(data_dir)
+    c.mesh.shape = (3, 4)
+    with pytest.raises(ValueError, match="has 12 devices but this run has 8"):
+        latent.build(c, str(tmp_path))
+    c = tiny_test_config(data_dir)
+    c.train.batch_size = 12
+    with pytest.raises(ValueError, match="not divisible by the data-parallel size 8"):
+        latent.build(c, str(tmp_path))
+    c = tiny_test_config(data_dir)
+    c.train.dtype = "float64"
+    with pytest.raises(ValueError, match="train.dtype"):
+        latent.build(c, str(tmp_path))
+
+
+def test_sharded_step_matches_single_device(setup8, data_dir, tmp_path):
+    c1 = tiny_test_config(data_dir)
+    c1.mesh.shape = (1, 1)
+    setup1 = latent.build(c1, str(tmp_path), devices=jax.devices()[:1])
+    host = next(emulated_host_batches(setup8, 1))
+    b8, b1 = latent.device_batch(setup8, host), latent.device_batch(setup1, host)
+    s8 = latent.init_state(setup8, b8)
+    assert len({s.device for s in s8.params["unet"]["conv_in"]["kernel"].addressable_shards}) == 8
+    # The same initial values on one device, through host memory so no buffer is shared with s8.
+    s1 = jax.device_put(jax.tree.map(np.asarray, s8.replace(tx=setup1.shardings.tx)), setup1.shardings)
+    s8, m8 = setup8.step_fn(s8, b8, setup8.frozen)
+    s1, m1 = setup1.step_fn(s1, b1, setup1.frozen)
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    for tree8, tree1 in ((s8.params, s1.params), (s8.ema_params, s1.ema_params)):
+        f8, f1 = _flat(tree8), _flat(tree1)
+        for k in f1:
+            np.testing.assert_allclose(f8[k], f1[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_loss_falls_and_export_loads(setup8, tmp_path):
+    batches = emulated_host_batches(setup8, 1)
+    state = latent.init_state(setup8, latent.device_batch(setup8, next(batches)))
+    losses = []
+    for _ in range(40):
+        state, m = setup8.step_fn(state, latent.device_batch(setup8, next(batches)), setup8.frozen)
+        losses.append(float(m["loss"]))
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5]), losses
+
+    latent.export(setup8, state, str(tmp_path / "export"))
+    sd = StableDiffusion.from_pretrained(str(tmp_path / "export"))
+    assert sd.configs.vae.scaling_factor == pytest.approx(float(state.extra["latent_scale"]))
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
+    ctx = sd.encode_prompt(["a red circle on a green background", ""])
+    t = jnp.asarray([10, 500])
+    want = setup8.step_config.unet.apply({"params": state.ema_params["unet"]}, x, t, ctx)
+    np.testing.assert_allclose(sd.unet_apply(x, t, ctx), want, rtol=1e-5, atol=1e-6)
+    ema_text = setup8.step_config.text_encoder.apply({"params": state.ema_params["text_encoder"]},
+                                                     jnp.asarray(sd.tokenize(["a red circle on a green background"])))
+    np.testing.assert_allclose(ctx[:1], ema_text, rtol=1e-5, atol=1e-6)
+
+
+def test_metrics_event_file_round_trip(tmp_path):
+    w = metrics.MetricsWriter(str(tmp_path), total_steps=10)
+    w.scalars(3, {"loss": 0.5})
+    w.image(3, "grid", metrics.image_grid(np.zeros((3, 4, 4, 3)), cols=2))
+    w.close()
+    (event_file,) = os.listdir(tmp_path / "tb")
+    records = metrics.read_events(str(tmp_path / "tb" / event_file))  # CRCs are checked.
+    assert len(records) == 3 and b"brain.Event:2" in records[0] and b"loss" in records[1]
+    assert (tmp_path / "metrics.jsonl").read_text().strip() == '{"step": 3, "loss": 0.5}'
+
+
+def _env(devices: int, cache_dir: str, **extra) -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    env.update(extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(reference, data_dir, tmp_path):
+    port = _free_port()
+    out = tmp_path / "params.npz"
+    procs = [subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "tests", "latent_multiprocess.py"), data_dir, str(tmp_path / "w"),
+         str(out), str(STEPS)],
+        env=_env(4, str(tmp_path / "cache"), SDJAX_COORDINATOR=f"localhost:{port}", SDJAX_NUM_PROCESSES="2",
+                 SDJAX_PROCESS_ID=str(i)),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    got = dict(np.load(out))
+    want = _flat(reference)
+    assert got.keys() == want.keys()
+    for k in want:
+        # atol: attention key biases have an exactly zero gradient (softmax ignores them), so Adam
+        # turns the different reduction order's rounding noise into ~1e-5 moves on either run.
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=5e-5, err_msg=k)
+
+
+def _train_cmd(data_dir: str, workdir: str, steps: int) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, "train", "latent.py"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
+            "--workdir", workdir, f"--config.data.data_dir={data_dir}", "--config.data.num_examples=64",
+            "--config.train.batch_size=8", f"--config.train.steps={steps}", "--config.train.checkpoint_every=2",
+            "--config.train.sample_every=0", "--config.train.log_every=1", "--config.train.fast_compile=True",
+            "--config.train.caption_dropout=0.5"]
+
+
+def _final_state(workdir: str, step: int) -> dict:
+    """Every saved array of the train state (params, EMA, optimizer, step, RNG, latent scale) by path."""
+    restored = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bitwise_identical(data_dir, tmp_path):
+    steps, cache = 8, str(tmp_path / "cache")
+    killed = str(tmp_path / "killed")
+    p = subprocess.Popen(_train_cmd(data_dir, killed, steps), env=_env(8, cache),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    try:
+        while not os.path.isdir(os.path.join(killed, "checkpoints", "2")):
+            assert p.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
+            time.sleep(0.2)
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+    finally:
+        p.kill()
+    assert not os.path.isdir(os.path.join(killed, "checkpoints", str(steps)))
+    for workdir in (killed, str(tmp_path / "straight")):
+        r = subprocess.run(_train_cmd(data_dir, workdir, steps), env=_env(8, cache), capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    got, want = _final_state(killed, steps), _final_state(str(tmp_path / "straight"), steps)
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_vae_export_round_trip(tmp_path):
+    from sdjax.checkpointing import export_vae, load_frozen_vae
+    from sdjax.models.autoencoder import AutoencoderConfig
+
+    config = AutoencoderConfig(block_out_channels=(8, 8), norm_num_groups=4, scaling_factor=0.5)
+    params = {"encoder": {"conv_in": {"kernel": np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3)}}}
+    export_vae(str(tmp_path / "vae"), config, params)
+    got_config, got = load_frozen_vae(str(tmp_path / "vae"))
+    assert got_config == config
+    np.testing.assert_array_equal(got["encoder"]["conv_in"]["kernel"], params["encoder"]["conv_in"]["kernel"])
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_frozen_vae(str(tmp_path / "missing"))
+
+
+def test_word_tokenizer_gives_one_token_per_caption_word(tmp_path):
+    from sdjax.tokenizer import load_tokenizer
+    from sdjax.training.word_tokenizer import write_word_tokenizer
+
+    words = tiny_test_config("unused").tokenizer.words.split()
+    tok = load_tokenizer(write_word_tokenizer(tmp_path, words))
+    assert tok.tokenize("a yellow triangle on a green background") == [
+        "a</w>", "yellow</w>", "triangle</w>", "on</w>", "a</w>", "green</w>", "background</w>"]
