@@ -99,9 +99,8 @@ def test_split_original_recovers_diffusers_state_dicts(sd):
         assert_same_state(parts[name], want)
 
 
+@pytest.mark.parametrize("sd", ["v1"], indirect=True)  # the outer-only CLIP layout exists for SD 1 only
 def test_split_original_v1_without_inner_text_model_and_fp16(sd):
-    if sd["version"] != "v1":
-        pytest.skip("the outer-only CLIP layout exists for SD 1 only")
     state = to_original(sd["unet"].state_dict(), sd["vae"].state_dict(), sd["text"].state_dict(), version="v1",
                         inner_text_model=False)
     assert not any(k.startswith("cond_stage_model.transformer.text_model.") for k in state)
