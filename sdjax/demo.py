@@ -1,0 +1,164 @@
+"""The main job on the built-in default: both training phases, sampling and scoring, on a CPU.
+
+    ./run demo                       # = python -m sdjax.demo --workdir demo-output
+
+1. prepares the synthetic captioned-shapes set through its TFDS builder;
+2. trains the tiny autoencoder (``train/autoencoder.py``, ``configs/tiny_autoencoder.py``);
+3. trains the tiny latent diffusion model on its latents (``train/latent.py``, ``configs/tiny.py``);
+4. samples every (shape, colour) pair, the held-out ones included (``sample/txt2img.py``);
+5. judges each sample's pixels (``sdjax.data.shapes_score``) and prints shape and colour accuracy
+   for seen and held-out pairs, next to the judge's own accuracy on real images.
+
+Re-running reuses the prepared data and resumes (or skips) finished phases.
+"""
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_BACKGROUNDS = ("green", "white")
+
+
+def _run(cmd: list[str], log: str) -> None:
+    """Run one phase, streaming its output, and stop the demo if it fails."""
+    print("$ " + " ".join(cmd), flush=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log, "a") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            f.write(line)
+            if not line.startswith(("I1", "W1")):  # absl's INFO/WARNING lines go to the log only
+                print(line, end="", flush=True)
+        if proc.wait() != 0:
+            raise SystemExit(f"demo: {cmd[1]} failed (exit {proc.returncode}); see {log}")
+
+
+def prompts_to_sample() -> list[tuple[str, int, int, bool]]:
+    """(prompt, shape, colour, held_out) for every shape/colour pair on a couple of backgrounds."""
+    from sdjax.data import COLOR_NAMES, SHAPES, caption, is_heldout
+
+    out = []
+    for s in range(len(SHAPES)):
+        for c in range(len(COLOR_NAMES)):
+            for bg_name in DEMO_BACKGROUNDS:
+                bg = COLOR_NAMES.index(bg_name)
+                if bg == c:
+                    bg = COLOR_NAMES.index("purple" if COLOR_NAMES[c] != "purple" else "yellow")
+                out.append((caption(s, c, bg), s, c, is_heldout(s, c)))
+    return out
+
+
+def judge_real_images(data_dir: str, n: int = 500) -> dict[str, float]:
+    """The judge's accuracy on real test-split images: how far its verdicts can be trusted."""
+    from sdjax.data import DataConfig, builder
+    from sdjax.data.shapes_score import accuracy
+
+    source = builder(DataConfig(data_dir=data_dir, num_examples=2000)).as_data_source("test")
+    ex = [source[i] for i in range(min(n, len(source)))]
+    return accuracy(np.stack([e["image"] for e in ex]), np.array([e["shape"] for e in ex]),
+                    np.array([e["color"] for e in ex]))
+
+
+def score_samples(sample_dir: str, wanted: dict[str, tuple[int, int, bool]]) -> dict[str, dict[str, float]]:
+    from PIL import Image
+
+    from sdjax.data.shapes_score import accuracy
+
+    groups: dict[str, list] = {"seen": [], "held_out": []}
+    for meta_path in sorted(glob.glob(os.path.join(sample_dir, "0*.json"))):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        shape, color, held_out = wanted[meta["prompt"]]
+        image = np.asarray(Image.open(meta_path[:-5] + ".png").convert("RGB"))
+        groups["held_out" if held_out else "seen"].append((image, shape, color))
+    out = {}
+    for name, items in groups.items():
+        ims, sh, co = zip(*items)
+        out[name] = dict(accuracy(np.stack(ims), np.array(sh), np.array(co)), images=len(items))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", default=os.path.join(REPO, "demo-output"))
+    p.add_argument("--ae-steps", type=int, default=800, help="autoencoder training steps")
+    p.add_argument("--latent-steps", type=int, default=3000, help="latent diffusion training steps")
+    p.add_argument("--n-samples", type=int, default=4, help="samples per prompt")
+    p.add_argument("--sample-steps", type=int, default=25)
+    p.add_argument("--scale", type=float, default=4.0, help="classifier-free guidance scale")
+    args = p.parse_args(argv)
+
+    t0 = time.perf_counter()
+    w = os.path.abspath(args.workdir)
+    os.makedirs(w, exist_ok=True)
+    log = os.path.join(w, "demo.log")
+    data_dir, vae_dir, model_dir = (os.path.join(w, d) for d in ("data", "vae", "model"))
+    py = sys.executable
+    common = [f"--config.data.data_dir={data_dir}"]
+    timings = {}
+
+    print(f"== 1/5 preparing the captioned-shapes set in {data_dir}", flush=True)
+    from sdjax.data import DataConfig, prepare
+    t = time.perf_counter()
+    prepare(DataConfig(data_dir=data_dir, num_examples=2000))
+    timings["prepare_s"] = time.perf_counter() - t
+
+    print(f"== 2/5 training the autoencoder ({args.ae_steps} steps)", flush=True)
+    t = time.perf_counter()
+    if not os.path.isdir(vae_dir):
+        _run([py, "train/autoencoder.py", "--config", "configs/tiny_autoencoder.py",
+              "--workdir", os.path.join(w, "autoencoder"), "--export", vae_dir,
+              f"--config.train.steps={args.ae_steps}", f"--config.loss.disc_start={int(args.ae_steps * 0.75)}",
+              *common], log)
+    timings["autoencoder_s"] = time.perf_counter() - t
+
+    print(f"== 3/5 training latent diffusion ({args.latent_steps} steps)", flush=True)
+    t = time.perf_counter()
+    if not os.path.isdir(model_dir):
+        _run([py, "train/latent.py", "--config", "configs/tiny.py", "--workdir", os.path.join(w, "latent"),
+              "--export", model_dir, f"--config.autoencoder.path={vae_dir}",
+              f"--config.train.steps={args.latent_steps}", *common], log)
+    timings["latent_s"] = time.perf_counter() - t
+
+    print("== 4/5 sampling every shape/colour pair, held-out pairs included", flush=True)
+    t = time.perf_counter()
+    prompts = prompts_to_sample()
+    prompt_file = os.path.join(w, "prompts.txt")
+    with open(prompt_file, "w") as f:
+        f.write("\n".join(pr for pr, *_ in prompts) + "\n")
+    sample_dir = os.path.join(w, "samples")
+    shutil.rmtree(sample_dir, ignore_errors=True)
+    _run([py, "sample/txt2img.py", "--checkpoint", model_dir, "--from-file", prompt_file,
+          "--n-samples", str(args.n_samples), "--steps", str(args.sample_steps), "--scale", str(args.scale),
+          "--sampler", "ddim", "--seed", "0", "--out", sample_dir], log)
+    timings["sample_s"] = time.perf_counter() - t
+
+    print("== 5/5 scoring the samples' pixels", flush=True)
+    scores = score_samples(sample_dir, {pr: (s, c, h) for pr, s, c, h in prompts})
+    judge = judge_real_images(data_dir)
+    timings["total_s"] = time.perf_counter() - t0
+    report = dict(scores=scores, judge_on_real_images=judge, timings=timings,
+                  args=vars(args), grid=os.path.join(sample_dir, "grid-0000.png"))
+    with open(os.path.join(w, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+
+    print(f"\n{'':<22}{'images':>8}{'shape':>9}{'colour':>9}{'both':>9}")
+    for name, label in (("seen", "seen pairs"), ("held_out", "held-out pairs")):
+        r = scores[name]
+        print(f"{label:<22}{r['images']:>8}{r['shape']:>9.1%}{r['color']:>9.1%}{r['both']:>9.1%}")
+    print(f"{'judge on real images':<22}{'':>8}{judge['shape']:>9.1%}{judge['color']:>9.1%}{judge['both']:>9.1%}")
+    print(f"\ntimes: " + ", ".join(f"{k[:-2]} {v / 60:.1f} min" for k, v in timings.items()))
+    print(f"grid of all samples: {report['grid']}\nreport: {os.path.join(w, 'report.json')}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
