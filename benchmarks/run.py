@@ -82,6 +82,11 @@ def table(results: dict[str, Any]) -> str:
         row("compile", "first call (cold)", c.get("sdjax_first_call_s"), c.get("flax_first_call_s"),
             c.get("torch_first_call_s"), " s")
         row("compile", "first call, persistent cache warm", c.get("sdjax_cached_first_call_s"), unit=" s")
+        warm = {name: t.get(name, {}).get("batch_s") for t in results.get("text2img", {}).values() for name in
+                ("sdjax", "flax", "torch")} if results.get("text2img") else {}
+        minus = {n: c.get(f"{n}_first_call_s") - warm[n] if c.get(f"{n}_first_call_s") and warm.get(n) else None
+                 for n in ("sdjax", "flax")}
+        row("compile", "first call - warm call (compile estimate)", minus["sdjax"], minus["flax"], unit=" s")  # torch is eager: nothing to compile
     for key, o in results.get("overhead", {}).items():
         row("overhead", f"{key}: text2img / (steps x UNet(2B) + text + decode)", o.get("overhead"))
         for part in ("text_encoder_s", "unet_guided_s", "vae_decode_s", "ideal_s", "batch_s"):
@@ -97,7 +102,7 @@ def table(results: dict[str, Any]) -> str:
         row("train", f"{key}: temporaries", (r.get("memory", {}).get("temp_size") or 0) / 2**20 or None, " MiB")
         row("train", f"{key}: compile", r.get("compile_s"), unit=" s")
     for r in results.get("scaling", {}).get("rows", []):
-        row("scaling", f"{r['devices']} devices: s/batch (max |diff| vs 1 = {r['max_abs_diff_vs_1']:.2g})", r["batch_s"],
+        row("scaling", f"{r['devices']} devices: s/batch (max abs diff vs 1 device = {r['max_abs_diff_vs_1']:.2g})", r["batch_s"],
             unit=" s")
     for name, value in results.get("errors", {}).items():
         lines.append(f"| {name} | error | {value.splitlines()[-1] if value else ''} | | | | |")
