@@ -89,7 +89,7 @@ def score_samples(sample_dir: str, wanted: dict[str, tuple[int, int, bool]]) -> 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default=os.path.join(REPO, "demo-output"))
-    p.add_argument("--ae-steps", type=int, default=800, help="autoencoder training steps")
+    p.add_argument("--ae-steps", type=int, default=700, help="autoencoder training steps")
     p.add_argument("--latent-steps", type=int, default=3000, help="latent diffusion training steps")
     p.add_argument("--n-samples", type=int, default=4, help="samples per prompt")
     p.add_argument("--sample-steps", type=int, default=25)
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not os.path.isdir(model_dir):
         _run([py, "train/latent.py", "--config", "configs/tiny.py", "--workdir", os.path.join(w, "latent"),
               "--export", model_dir, f"--config.autoencoder.path={vae_dir}",
-              f"--config.train.steps={args.latent_steps}", *common], log)
+              f"--config.train.steps={args.latent_steps}", "--config.train.sample_every=1000", *common], log)
     timings["latent_s"] = time.perf_counter() - t
 
     print("== 4/5 sampling every shape/colour pair, held-out pairs included", flush=True)
