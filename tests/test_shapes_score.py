@@ -33,6 +33,15 @@ def test_judge_tolerates_pixel_noise():
     assert acc["color"] >= 0.98 and acc["shape"] >= 0.9
 
 
+def test_judge_tolerates_blur():
+    from PIL import Image, ImageFilter
+
+    ims, sh, co = _rendered(200, 32, seed=2)
+    blurred = np.stack([np.asarray(Image.fromarray(i).filter(ImageFilter.GaussianBlur(0.8))) for i in ims])
+    acc = accuracy(blurred, sh, co)
+    assert acc["color"] >= 0.98 and acc["shape"] >= 0.97
+
+
 def test_blank_image_has_no_shape():
     j = judge(np.full((32, 32, 3), shapes.COLOR_VALUES[2], np.uint8))
     assert (j.shape, j.color, j.background) == (-1, -1, 2)

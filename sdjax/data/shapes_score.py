@@ -1,9 +1,10 @@
 """A non-neural judge for captioned-shapes images: which shape, which colour, which background?
 
-Reads pixels only: the background is the median colour of the border, the shape is every pixel
-far from it, its colour the median of those pixels (nearest palette entry), and its kind follows
-from geometry: a triangle (apex up) holds most of its mass in the lower half of its bounding box;
-otherwise a square fills its box (fill 1) and a circle fills pi/4 of it.
+Reads pixels only. The background is the median colour of the border; the shape's colour is the
+median of the pixels far from it (nearest palette entry). The shape's mask is every pixel closer to
+the shape colour than to the background (a midpoint threshold, so blurred edges move it little),
+and its kind is the template (the mask's bounding box, the ellipse inscribed in it, or the apex-up
+triangle inscribed in it) with the highest intersection-over-union.
 """
 
 import dataclasses
@@ -12,10 +13,8 @@ import numpy as np
 
 from sdjax.data.shapes import COLOR_VALUES, SHAPES
 
-_FAR = 60.0           # RGB distance from the background that counts as "shape"
-_MIN_PIXELS = 6       # fewer shape pixels than this: no shape drawn
-_TRIANGLE_LOWER = 0.62  # lower-half mass fraction above which the shape is a triangle (ideal: 0.75)
-_SQUARE_FILL = 0.89     # box fill above which a symmetric shape is a square (ideal 1.0 vs circle 0.785)
+_FAR = 60.0       # RGB distance from the background that surely belongs to the shape
+_MIN_PIXELS = 6   # fewer shape pixels than this: no shape drawn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,24 +34,31 @@ def judge(image: np.ndarray) -> Judgement:
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
     bg_rgb = np.median(border, axis=0)
     background = _nearest_color(bg_rgb)
-    mask = np.sqrt(((img - bg_rgb) ** 2).sum(-1)) > _FAR
-    if mask.sum() < _MIN_PIXELS:
+    far = np.sqrt(((img - bg_rgb) ** 2).sum(-1)) > _FAR
+    if far.sum() < _MIN_PIXELS:
         return Judgement(-1, -1, background)
-    color = _nearest_color(np.median(img[mask], axis=0))
+    fg_rgb = np.median(img[far], axis=0)
+    color = _nearest_color(fg_rgb)
+    # Position of each pixel along the background -> shape colour line; the shape is past halfway.
+    axis = fg_rgb - bg_rgb
+    mask = ((img - bg_rgb) @ axis) / max(float(axis @ axis), 1e-6) > 0.5
     ys, xs = np.nonzero(mask)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    box = mask[y0:y1, x0:x1]
-    fill = box.mean()
-    mid = (y1 - y0) / 2
-    rows = np.arange(y1 - y0)[:, None] + 0.5
-    lower = box[(rows > mid)[:, 0]].sum() / max(box.sum(), 1)
-    if lower > _TRIANGLE_LOWER:
-        shape = SHAPES.index("triangle")
-    elif fill > _SQUARE_FILL:
-        shape = SHAPES.index("square")
-    else:
-        shape = SHAPES.index("circle")
-    return Judgement(shape, color, background)
+    box = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    ious = [_iou(box, template) for template in _templates(*box.shape)]
+    return Judgement(int(np.argmax(ious)), color, background)
+
+
+def _templates(h: int, w: int) -> list[np.ndarray]:
+    """Circle (inscribed ellipse), square (the box) and apex-up triangle, in SHAPES order."""
+    y, x = np.mgrid[:h, :w] + 0.5
+    u, v = (x - w / 2) / (w / 2), (y - h / 2) / (h / 2)   # both in [-1, 1]
+    shapes = {"circle": u ** 2 + v ** 2 <= 1.0, "square": np.ones((h, w), bool),
+              "triangle": np.abs(u) <= (v + 1) / 2}
+    return [shapes[name] for name in SHAPES]
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
 
 
 def accuracy(images: np.ndarray, shapes: np.ndarray, colors: np.ndarray) -> dict[str, float]:
