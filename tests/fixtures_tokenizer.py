@@ -8,6 +8,8 @@ end-of-word marker ``</w>``, one entry per merge, then ``<|startoftext|>`` and
 import json
 from pathlib import Path
 
+from sdjax.training.word_tokenizer import bytes_to_unicode
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 # Merges spell out a few whole words, so "a photo of a cat" is 7 tokens with BOS/EOS.
@@ -15,19 +17,6 @@ MERGES = [
     ("o", "f</w>"), ("c", "a"), ("ca", "t</w>"), ("p", "h"), ("ph", "o"),
     ("t", "o</w>"), ("pho", "to</w>"), ("d", "o"), ("do", "g</w>"),
 ]
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """OpenAI's GPT-2/CLIP reversible map from bytes to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def vocabulary() -> dict[str, int]:

@@ -15,7 +15,7 @@ from typing import Iterable
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """OpenAI's GPT-2/CLIP reversible map from bytes to printable unicode characters."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -45,7 +45,7 @@ def write_word_tokenizer(folder: str | Path, words: Iterable[str]) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     merges = _merges(words)
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
