@@ -233,3 +233,35 @@ def test_word_tokenizer_gives_one_token_per_caption_word(tmp_path):
     tok = load_tokenizer(write_word_tokenizer(tmp_path, words))
     assert tok.tokenize("a yellow triangle on a green background") == [
         "a</w>", "yellow</w>", "triangle</w>", "on</w>", "a</w>", "green</w>", "background</w>"]
+
+
+def test_trains_on_an_image_folder_with_bad_entries(tmp_path, capsys):
+    """A corrupt image and an entry without a caption are skipped, counted, and training goes on."""
+    import json
+
+    from PIL import Image
+
+    from sdjax.data import caption, render_shape
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    lines = []
+    for i in range(16):
+        s, c, bg = i % 3, i % 6, (i + 1) % 6
+        Image.fromarray(render_shape(s, c, bg, 14, 16, 16, 32)).save(folder / f"{i}.png")
+        lines.append({"file_name": f"{i}.png", "text": caption(s, c, bg)})
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    lines.append({"file_name": "corrupt.png", "text": "a red circle on a blue background"})
+    Image.fromarray(render_shape(0, 0, 1, 14, 16, 16, 32)).save(folder / "nocaption.png")
+    lines.append({"file_name": "nocaption.png"})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+
+    c = tiny_test_config(str(tmp_path / "data"))
+    c.data.name = "captioned_images"
+    c.data.manual_dir = str(folder)
+    c.train.update(steps=2, checkpoint_every=2)
+    state = latent.train(c, str(tmp_path / "work"))
+    out = capsys.readouterr().out
+    assert "prepared 16 examples" in out and "corrupt.png" in out and "nocaption.png" in out, out
+    assert int(state.step) == 2
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
