@@ -100,3 +100,9 @@ def start_noise(noise: jax.Array, x0: jax.Array | None, plan: Any, start_index: 
             raise ValueError("start_index > 0 needs x0 (the clean latent to noise); pass x0= for img2img.")
         return noise.astype(jnp.float32) * init_sigma
     return noise_to(x0, noise, plan, start_index)
+
+
+def vp_noise_to(x0: jax.Array, noise: jax.Array, plan: Any, start_index: int) -> jax.Array:
+    """x0 noised to plan step `start_index`'s alpha_bar (diffusers' add_noise): shared by DDIM and DPM-Solver."""
+    a = plan.alpha_bar[start_index]
+    return jnp.sqrt(a) * x0.astype(jnp.float32) + jnp.sqrt(1.0 - a) * noise.astype(jnp.float32)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.diffusion.schedule import SchedulerConfig, alphas_cumprod_f64, to_x0_eps
-from sdjax.samplers.base import ModelFn, batch_t, check_start, check_steps, spaced_timesteps, start_noise
+from sdjax.samplers.base import vp_noise_to, ModelFn, batch_t, check_start, check_steps, spaced_timesteps, start_noise
 
 
 @flax.struct.dataclass
@@ -58,10 +58,7 @@ def step(
     return x_prev, x0
 
 
-def noise_to(x0: jax.Array, noise: jax.Array, plan: DDIMPlan, start_index: int) -> jax.Array:
-    """x0 noised to the timestep of plan step `start_index` (diffusers' DDIMScheduler.add_noise)."""
-    a = plan.alpha_bar[start_index]
-    return jnp.sqrt(a) * x0.astype(jnp.float32) + jnp.sqrt(1.0 - a) * noise.astype(jnp.float32)
+noise_to = vp_noise_to
 
 
 def sample(

@@ -14,6 +14,7 @@ import numpy as np
 
 from sdjax.diffusion.schedule import SchedulerConfig, to_x0_eps
 from sdjax.samplers.base import (
+    vp_noise_to,
     ModelFn,
     batch_t,
     check_no_eta,
@@ -83,10 +84,7 @@ def step(
     return plan.a[i] * x + plan.b[i] * x0 + c * (x0 - prev_x0), x0
 
 
-def noise_to(x0: jax.Array, noise: jax.Array, plan: DPMSolverPlan, start_index: int) -> jax.Array:
-    """x0 noised to the level of plan step `start_index` (diffusers' add_noise after set_begin_index)."""
-    a = plan.alpha_bar[start_index]
-    return jnp.sqrt(a) * x0.astype(jnp.float32) + jnp.sqrt(1.0 - a) * noise.astype(jnp.float32)
+noise_to = vp_noise_to
 
 
 def sample(
