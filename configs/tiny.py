@@ -14,7 +14,9 @@ Sections:
   text_encoder        pretrained=PATH: frozen CLIP from a StableDiffusion checkpoint; None: trained from scratch.
   tokenizer           dir=a CLIP tokenizer folder, or words=... to write a word-level one into the workdir.
   data                sdjax.data.DataConfig fields (batch_size is train.batch_size / number of hosts).
-  train               optimisation, EMA, precision, logging, checkpointing and export settings.
+  train               optimisation, EMA, precision, logging, checkpointing and export settings;
+                      cache_latents=True encodes the dataset once (into latent_cache_dir, default
+                      <workdir>/latent_cache) and trains on the cached posteriors: no VAE in the step.
   sample              fixed prompts for the EMA sample grids (DDIM + classifier-free guidance).
   mesh                device mesh: shape (-1 = fill with all devices) and axis names.
   logical_axis_rules  logical axis name -> mesh axes; first applicable rule wins, indivisible dims replicate.
@@ -57,7 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
         latent_scale=ml_collections.FieldReference(None, field_type=float), scale_by_std=True,
         checkpoint_every=100, max_to_keep=2, log_every=10, sample_every=100,
         export_dir=ml_collections.FieldReference(None, field_type=str), fast_compile=False,
-        init_from=ml_collections.FieldReference(None, field_type=str)))
+        init_from=ml_collections.FieldReference(None, field_type=str), cache_latents=False,
+        latent_cache_dir=ml_collections.FieldReference(None, field_type=str)))
     c.sample = ml_collections.ConfigDict(dict(
         num_steps=20, guidance_scale=3.0,
         prompts=("a red circle on a green background", "a blue square on a yellow background",

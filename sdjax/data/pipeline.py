@@ -157,12 +157,13 @@ def _preprocess(example: dict, rng: np.random.Generator, config: DataConfig,
     return out
 
 
-def make_dataset(config: DataConfig,
-                 tokenize: Callable[[str], Sequence[int]] | None = None) -> grain.DatasetIterator:
+def make_dataset(config: DataConfig, tokenize: Callable[[str], Sequence[int]] | None = None,
+                 drop_remainder: bool = True) -> grain.DatasetIterator:
     """This host's batches: shuffled by `config.seed`, with `get_state()/set_state()`.
 
     `tokenize` maps one caption to a fixed-length id sequence (e.g. 77 CLIP ids); the
-    batch then carries them as int32 "input_ids" (B, L) next to the raw "text".
+    batch then carries them as int32 "input_ids" (B, L) next to the raw "text". With
+    `drop_remainder=False` a finite pass (`num_epochs`) ends with a smaller last batch.
     """
     b = builder(config)
     _check_prepared(b, config)
@@ -178,7 +179,7 @@ def make_dataset(config: DataConfig,
     ds = ds.random_map(functools.partial(_preprocess, config=config, tokenize=tokenize))
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads,
                                                  prefetch_buffer_size=2 * config.batch_size))
-    it_ds = it_ds.batch(config.batch_size, drop_remainder=True)
+    it_ds = it_ds.batch(config.batch_size, drop_remainder=drop_remainder)
     if config.num_workers:
         # Grain's worker processes read absl flags; scripts not run by absl.app have parsed none.
         if not flags.FLAGS.is_parsed():

@@ -8,6 +8,8 @@ Config sections are described in ``configs/tiny.py``.
 
 import dataclasses
 import functools
+import hashlib
+import json
 import os
 import time
 from typing import Any
@@ -20,9 +22,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from sdjax import checkpointing, metrics, sharding
-from sdjax.data import DataConfig, make_dataset, prepare
+from sdjax.data import DataConfig, latent_cache, make_dataset, prepare
 from sdjax.diffusion.schedule import SchedulerConfig, add_noise, alphas_cumprod, get_target
-from sdjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from sdjax.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from sdjax.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
 from sdjax.models.unet import UNet
 from sdjax.samplers import get_sampler
@@ -61,6 +63,8 @@ class TrainConfig:
     export_dir: str | None = None
     fast_compile: bool = False  # skip XLA backend optimisation of the step: quick compiles, slower steps (CPU tests)
     init_from: str | None = None  # a StableDiffusion checkpoint to start the trained networks from
+    cache_latents: bool = False  # encode the dataset once, then train on the cached posteriors
+    latent_cache_dir: str | None = None  # None: <workdir>/latent_cache
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -107,6 +111,8 @@ class Setup:
     batch_sharding: jax.sharding.NamedSharding
     step_fn: Any  # jitted train_step(state, batch, frozen) -> (state, metrics)
     latent_scale_default: float  # used unless train.scale_by_std
+    batch_keys: tuple[str, ...]  # ("image" or "moments", "input_ids")
+    workdir: str
 
 
 # ---- the step ------------------------------------------------------------------------------------
@@ -117,6 +123,13 @@ def min_snr_weight(snr_B: jax.Array, gamma: float, prediction_type: str) -> jax.
     return clipped / (snr_B + 1.0) if prediction_type == "v_prediction" else clipped / snr_B
 
 
+def _posterior(vae: AutoencoderKL, vae_params: Any, batch: dict[str, jax.Array]) -> DiagonalGaussian:
+    """The latent posterior of a batch of images, or of cached moments (``train.cache_latents``)."""
+    if "moments" in batch:
+        return DiagonalGaussian.from_moments(batch["moments"])
+    return vae.apply({"params": vae_params}, batch["image"], method=AutoencoderKL.encode)
+
+
 def _micro_loss(params: Any, frozen: dict, micro: dict, key: jax.Array, latent_scale: jax.Array,
                 cfg: StepConfig) -> jax.Array:
     k_drop, k_vae, k_t, k_noise = jax.random.split(key, 4)
@@ -124,7 +137,7 @@ def _micro_loss(params: Any, frozen: dict, micro: dict, key: jax.Array, latent_s
     B = ids.shape[0]
     drop_B = jax.random.bernoulli(k_drop, cfg.caption_dropout, (B,))
     ids = jnp.where(drop_B[:, None], frozen["empty_ids"][None], ids)
-    posterior = cfg.vae.apply({"params": frozen["vae"]}, micro["image"], method=AutoencoderKL.encode)
+    posterior = _posterior(cfg.vae, frozen["vae"], micro)
     z = jax.lax.stop_gradient(posterior.sample(k_vae) * latent_scale)
     text_params = params["text_encoder"] if cfg.train_text_encoder else frozen["text_encoder"]
     ctx = cfg.text_encoder.apply({"params": text_params}, ids)
@@ -143,7 +156,8 @@ def _micro_loss(params: Any, frozen: dict, micro: dict, key: jax.Array, latent_s
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: dict[str, Any], *,
                cfg: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update on a global batch {"image" (B,H,W,3), "input_ids" (B,L)}.
+    """One optimizer update on a global batch {"image" (B,H,W,3), "input_ids" (B,L)}; with
+    ``train.cache_latents`` the images are replaced by cached posterior "moments" (B,h,w,2C).
 
     Randomness (caption dropout, VAE sample, timesteps, noise) comes from
     ``fold_in(state.key, state.step)``, so a resumed run repeats an uninterrupted one.
@@ -212,6 +226,9 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setu
     mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, devices)
     rules = sharding.filter_rules([tuple(r) for r in config.logical_axis_rules], mesh)
     sharding.check_batch_size(train.batch_size, mesh, rules, train.grad_accum)
+    if train.cache_latents and (config.data.get("random_crop") or config.data.get("random_flip")):
+        raise ValueError("train.cache_latents encodes each image once, so random crops and flips would be frozen "
+                         "into the cache: set data.random_crop=False and data.random_flip=False, or turn caching off.")
 
     raw = dict(config.model.to_dict())
     text_config, text_params = _frozen_text_encoder(config)
@@ -284,7 +301,8 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setu
                              caption_dropout=train.caption_dropout, min_snr_gamma=train.min_snr_gamma,
                              grad_accum=train.grad_accum, ema_decay=train.ema_decay, mesh=mesh, rules=rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    batch_shardings = {"image": batch_sharding, "input_ids": batch_sharding}
+    batch_keys = ("moments" if train.cache_latents else "image", "input_ids")
+    batch_shardings = {k: batch_sharding for k in batch_keys}
 
     def step_with_lr(state, batch, frozen):
         new_state, m = train_step(state, batch, frozen, cfg=step_config)
@@ -296,7 +314,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setu
     return Setup(config=config, train=train, configs=configs, mesh=mesh, rules=rules, step_config=step_config,
                   tokenizer=tokenizer, tokenizer_dir=tokenizer_dir, frozen=frozen, init=init, shardings=shardings,
                   init_fn=sharded_init(init, shardings), batch_sharding=batch_sharding, step_fn=step_fn,
-                  latent_scale_default=latent_scale_default)
+                  latent_scale_default=latent_scale_default, batch_keys=batch_keys, workdir=workdir)
 
 
 def data_config(config: ml_collections.ConfigDict, train: TrainConfig) -> DataConfig:
@@ -305,17 +323,84 @@ def data_config(config: ml_collections.ConfigDict, train: TrainConfig) -> DataCo
 
 
 def make_iterator(setup: Setup):
+    """This host's training batches: images read through the data pipeline, or cached latents."""
     cfg = data_config(setup.config, setup.train)
     if jax.process_index() == 0:
         prepare(cfg)
     multihost_utils.sync_global_devices("sdjax data prepared")
+    if setup.train.cache_latents:
+        arrays = cached_latents(setup, cfg)
+        seed = int(np.random.SeedSequence([cfg.seed, cfg.shard()[0]]).generate_state(1)[0])
+        return latent_cache.make_dataset(arrays, cfg.batch_size, seed, shuffle=cfg.shuffle)
+    return make_dataset(cfg, tokenize=_tokenize_fn(setup))
+
+
+def _tokenize_fn(setup: Setup):
     seq_len = setup.configs.text_encoder.max_position_embeddings
-    return make_dataset(cfg, tokenize=lambda text: tokenize(setup.tokenizer, [text], seq_len)[0])
+    return lambda text: tokenize(setup.tokenizer, [text], seq_len)[0]
+
+
+def _cache_fingerprint(setup: Setup, cfg: DataConfig) -> dict:
+    """What a latent cache depends on: the data read, the autoencoder's weights, the tokenizer."""
+    vae_hash = hashlib.sha256()
+    for leaf in jax.tree.leaves(setup.frozen["vae"]):
+        vae_hash.update(np.asarray(leaf.addressable_data(0)).tobytes())
+    data = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("batch_size", "num_threads", "num_workers")}
+    return {"data": data, "vae_sha256": vae_hash.hexdigest(), "tokenizer": setup.tokenizer_dir and os.path.abspath(
+        setup.tokenizer_dir), "vocab_size": len(setup.tokenizer),
+        "seq_len": setup.configs.text_encoder.max_position_embeddings}
+
+
+def cached_latents(setup: Setup, cfg: DataConfig) -> dict[str, np.ndarray]:
+    """This host's cache ({"moments", "input_ids"}), encoding its shard once if it is absent or stale.
+
+    Each host encodes only its own shard, on its first local device, so no collective is needed.
+    """
+    shard, shards = cfg.shard()
+    root = setup.train.latent_cache_dir or os.path.join(setup.workdir, "latent_cache")
+    path = os.path.join(root, f"shard{shard:05d}-of-{shards:05d}")
+    fingerprint = _cache_fingerprint(setup, cfg)
+    arrays = latent_cache.read(path, fingerprint)
+    if arrays is None:
+        print(f"caching latents of {cfg.name}[{cfg.split}] (shard {shard + 1}/{shards}) in {path}", flush=True)
+        arrays = encode_dataset(setup, cfg)
+        latent_cache.write(path, arrays, fingerprint)
+        arrays = latent_cache.read(path, fingerprint)
+    print(f"training on {len(arrays['moments'])} cached latents from {path}", flush=True)
+    return arrays
+
+
+def encode_dataset(setup: Setup, cfg: DataConfig) -> dict[str, np.ndarray]:
+    """One unshuffled pass over this host's shard: posterior moments and token ids of every example."""
+    vae = setup.step_config.vae
+    device = jax.local_devices()[0]
+    vae_params = jax.device_put(jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), setup.frozen["vae"]), device)
+
+    @jax.jit
+    def encode(params, x):
+        posterior = vae.apply({"params": params}, x, method=AutoencoderKL.encode)
+        return jnp.concatenate([posterior.mean, posterior.logvar], axis=-1)
+
+    pass_cfg = dataclasses.replace(cfg, shuffle=False, num_epochs=1)
+    moments, ids = [], []
+    done, t0 = 0, time.perf_counter()
+    for batch in make_dataset(pass_cfg, tokenize=_tokenize_fn(setup), drop_remainder=False):
+        n = len(batch["image"])
+        images = np.zeros((cfg.batch_size,) + batch["image"].shape[1:], np.float32)
+        images[:n] = batch["image"]  # The last batch is padded: one compiled shape.
+        moments.append(np.asarray(encode(vae_params, jax.device_put(images, device)))[:n])
+        ids.append(batch["input_ids"])
+        done += n
+        if len(moments) % 50 == 0:
+            print(f"  encoded {done} images ({done / (time.perf_counter() - t0):.0f} images/s)", flush=True)
+    if not moments:
+        raise ValueError(f"{cfg.name}[{cfg.split}] shard {cfg.shard()[0]} has no examples to cache.")
+    return {"moments": np.concatenate(moments), "input_ids": np.concatenate(ids)}
 
 
 def device_batch(setup: Setup, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """A host batch (this process's rows) -> the global batch the step takes."""
-    return sharding.global_batch({k: host_batch[k] for k in ("image", "input_ids")}, setup.batch_sharding)
+    return sharding.global_batch({k: host_batch[k] for k in setup.batch_keys}, setup.batch_sharding)
 
 
 def measure_latent_scale(setup: Setup, batch: dict[str, jax.Array], key: jax.Array) -> jax.Array:
@@ -323,11 +408,10 @@ def measure_latent_scale(setup: Setup, batch: dict[str, jax.Array], key: jax.Arr
     vae = setup.step_config.vae
 
     @functools.partial(jax.jit, compiler_options=RUN_ONCE_COMPILER_OPTIONS)
-    def scale(vae_params, images, key):
-        z = vae.apply({"params": vae_params}, images, method=AutoencoderKL.encode).sample(key)
-        return 1.0 / jnp.std(z)
+    def scale(vae_params, batch, key):
+        return 1.0 / jnp.std(_posterior(vae, vae_params, batch).sample(key))
 
-    return scale(setup.frozen["vae"], batch["image"], key)
+    return scale(setup.frozen["vae"], batch, key)
 
 
 def init_state(setup: Setup, first_batch: dict[str, jax.Array] | None = None) -> TrainState:
