@@ -345,10 +345,10 @@ def _cache_fingerprint(setup: Setup, cfg: DataConfig) -> dict:
     vae_hash = hashlib.sha256()
     for leaf in jax.tree.leaves(setup.frozen["vae"]):
         vae_hash.update(np.asarray(leaf.addressable_data(0)).tobytes())
+    vocab = json.dumps(sorted(setup.tokenizer.get_vocab().items())).encode()
     data = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("batch_size", "num_threads", "num_workers")}
-    return {"data": data, "vae_sha256": vae_hash.hexdigest(), "tokenizer": setup.tokenizer_dir and os.path.abspath(
-        setup.tokenizer_dir), "vocab_size": len(setup.tokenizer),
-        "seq_len": setup.configs.text_encoder.max_position_embeddings}
+    return {"data": data, "vae_sha256": vae_hash.hexdigest(), "vocab_sha256": hashlib.sha256(vocab).hexdigest(),
+            "seq_len": setup.configs.text_encoder.max_position_embeddings}
 
 
 def cached_latents(setup: Setup, cfg: DataConfig) -> dict[str, np.ndarray]:

@@ -1,0 +1,123 @@
+"""Latent caching (``train.cache_latents``): the cache holds each example's posterior and tokens,
+a step on cached latents equals the step on the images, and a cache is reused only when it
+was made from the same data, autoencoder and tokenizer."""
+
+import jax
+import numpy as np
+import pytest
+
+from sdjax.data import builder, latent_cache, prepare
+from sdjax.models.autoencoder import AutoencoderKL
+from sdjax.tokenizer import tokenize
+from sdjax.training import latent
+from tests.latent_multiprocess import tiny_test_config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("data"))
+    prepare(latent.data_config(tiny_test_config(d), latent.TrainConfig(batch_size=8)))
+    return d
+
+
+def _one_device_config(data_dir: str, **train):
+    c = tiny_test_config(data_dir)
+    c.mesh.shape = (1, 1)
+    c.train.update(train)
+    return c
+
+
+@pytest.fixture(scope="module")
+def cached(data_dir, tmp_path_factory):
+    """A one-device setup training from cached latents, and its cache."""
+    c = _one_device_config(data_dir, cache_latents=True, latent_cache_dir=str(tmp_path_factory.mktemp("cache")))
+    setup = latent.build(c, str(tmp_path_factory.mktemp("work")), devices=jax.devices()[:1])
+    arrays = latent.cached_latents(setup, latent.data_config(c, setup.train))
+    return setup, arrays
+
+
+def _examples(setup, n: int):
+    cfg = latent.data_config(setup.config, setup.train)
+    source = builder(cfg).as_data_source("train")
+    return [source[i] for i in range(n)]
+
+
+def test_cache_holds_each_examples_posterior_and_tokens(cached):
+    setup, arrays = cached
+    assert arrays["moments"].shape == (64, 8, 8, 8) and arrays["input_ids"].shape == (64, 16)
+    examples = _examples(setup, 64)
+    images = np.stack([e["image"] for e in examples]).astype(np.float32) / 127.5 - 1.0
+    vae_params = jax.tree.map(np.asarray, setup.frozen["vae"])
+    posterior = jax.jit(lambda p, x: setup.step_config.vae.apply({"params": p}, x, method=AutoencoderKL.encode))(
+        vae_params, images[:16])
+    np.testing.assert_allclose(arrays["moments"][:16, ..., :4], posterior.mean, atol=1e-5)
+    np.testing.assert_allclose(arrays["moments"][:16, ..., 4:], posterior.logvar, atol=1e-4)
+    seq_len = setup.configs.text_encoder.max_position_embeddings
+    want_ids = tokenize(setup.tokenizer, [e["text"].decode() for e in examples], seq_len)
+    np.testing.assert_array_equal(arrays["input_ids"], want_ids)
+
+
+def test_cached_posterior_equals_the_images_posterior(cached, data_dir, tmp_path):
+    """The step differs only in where the posterior comes from (``_posterior``): the same latents
+    and the same ``scale_by_std`` scale from images and from their cached moments."""
+    setup_c, arrays = cached
+    setup_i = latent.build(_one_device_config(data_dir), str(tmp_path), devices=jax.devices()[:1])
+    examples = _examples(setup_i, 8)
+    images = np.stack([e["image"] for e in examples]).astype(np.float32) / 127.5 - 1.0
+    b_img = latent.device_batch(setup_i, {"image": images, "input_ids": np.asarray(arrays["input_ids"][:8])})
+    b_lat = latent.device_batch(setup_c, {"moments": np.asarray(arrays["moments"][:8]),
+                                          "input_ids": np.asarray(arrays["input_ids"][:8])})
+    key = jax.random.key(3)
+    vae, vae_params = setup_i.step_config.vae, setup_i.frozen["vae"]
+    z_img = latent._posterior(vae, vae_params, b_img).sample(key)
+    z_lat = latent._posterior(vae, vae_params, b_lat).sample(key)
+    np.testing.assert_allclose(z_lat, z_img, atol=1e-4)
+    np.testing.assert_allclose(latent.measure_latent_scale(setup_c, b_lat, key),
+                               latent.measure_latent_scale(setup_i, b_img, key), rtol=1e-5)
+
+
+def test_cache_is_reused_and_rebuilt_when_stale(cached, monkeypatch):
+    setup, arrays = cached
+    cfg = latent.data_config(setup.config, setup.train)
+    monkeypatch.setattr(latent, "encode_dataset", lambda *a: pytest.fail("re-encoded a valid cache"))
+    again = latent.cached_latents(setup, cfg)
+    np.testing.assert_array_equal(again["moments"], arrays["moments"])
+
+    fingerprint = latent._cache_fingerprint(setup, cfg)
+    path = f"{setup.train.latent_cache_dir}/shard00000-of-00001"
+    assert latent_cache.read(path, fingerprint) is not None
+    for key, value in (("vae_sha256", "0" * 64), ("seq_len", 77)):
+        assert latent_cache.read(path, dict(fingerprint, **{key: value})) is None, key
+    assert latent_cache.read(path, dict(fingerprint, data=dict(fingerprint["data"], seed=1))) is None
+    calls = []
+    monkeypatch.setattr(latent, "encode_dataset", lambda *a: calls.append(1) or {
+        k: np.asarray(v)[:8] for k, v in arrays.items()})
+    monkeypatch.setattr(latent, "_cache_fingerprint", lambda *a: dict(fingerprint, seq_len=77))
+    rebuilt = latent.cached_latents(setup, cfg)
+    assert calls == [1] and len(rebuilt["moments"]) == 8
+
+
+def test_training_iterator_reads_the_cache_and_resumes(cached, data_dir, tmp_path, capsys):
+    setup, arrays = cached
+    it = latent.make_iterator(setup)
+    assert "training on 64 cached latents" in capsys.readouterr().out
+    rows = {tuple(ids) for ids in np.asarray(arrays["input_ids"])}
+    for _ in range(3):
+        batch = next(it)
+        assert batch["moments"].shape == (8, 8, 8, 8) and all(tuple(ids) in rows for ids in batch["input_ids"])
+    saved = it.get_state()
+    want = next(it)
+    resumed = latent.make_iterator(setup)
+    resumed.set_state(saved)
+    got = next(resumed)
+    for k in ("moments", "input_ids"):
+        np.testing.assert_array_equal(got[k], want[k])
+
+    state = latent.init_state(setup, latent.device_batch(setup, batch))
+    state, m = setup.step_fn(state, latent.device_batch(setup, got), setup.frozen)
+    assert np.isfinite(float(m["loss"])) and int(state.step) == 1
+
+    c = _one_device_config(data_dir, cache_latents=True)
+    c.data.random_flip = True
+    with pytest.raises(ValueError, match="random_flip=False"):
+        latent.build(c, str(tmp_path / "flip"), devices=jax.devices()[:1])
