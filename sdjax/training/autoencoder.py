@@ -7,7 +7,8 @@ Generator (autoencoder + a learned scalar ``logvar``)::
     loss  = nll + kl_weight * sum(KL) / B + d_weight * disc_factor * g_loss,   g_loss = -mean(D(x_rec))
     d_weight = disc_weight * clip(|grad_W nll| / (|grad_W g_loss| + 1e-4), 0, 1e4), detached,
 
-W the decoder's ``conv_out`` kernel; ``disc_factor`` is 0 before ``disc_start``. The
+W the decoder's ``conv_out`` kernel; ``disc_factor`` is 0 before ``disc_start``, and the GAN terms
+(adaptive weight, discriminator loss and gradients) are then skipped, not computed and zeroed. The
 PatchGAN discriminator minimises ``disc_factor * hinge(D(x), D(x_rec))``. Both networks
 use Adam(lr, b1=0.5, b2=0.9); one Adam over the joint tree is exactly the originals' two
 optimizers, as Adam is element-wise and both step once per batch.
@@ -163,14 +164,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: dict[str,
                                 lpips_params=frozen["lpips"], images=images, key=state.step_key(), cfg=cfg)
         (nll_loss, kl_loss, g_loss), vjp_fn, aux = jax.vjp(fwd, gen_params, has_aux=True)
         one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
-        # Only the last layer's cotangent is used from these two: XLA prunes the rest of each pass.
-        (nll_grads,) = vjp_fn((one, zero, zero))
-        (g_grads,) = vjp_fn((zero, zero, one))
-        d_weight = adaptive_weight(last_layer(nll_grads["autoencoder"]), last_layer(g_grads["autoencoder"]),
-                                   cfg.loss.disc_weight)
         disc_factor = adopt_weight(cfg.loss.disc_factor, state.step, cfg.loss.disc_start)
-        (gen_grads,) = vjp_fn((one, jnp.float32(cfg.loss.kl_weight), d_weight * disc_factor))
-
         fake = jax.lax.stop_gradient(aux["reconstructions"])
 
         def disc_loss_fn(disc_params):
@@ -179,8 +173,23 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: dict[str,
             fake_logits = cfg.discriminator.apply({"params": disc_params}, fake)
             return disc_factor * hinge_d_loss(real, fake_logits), (jnp.mean(real), jnp.mean(fake_logits))
 
-        (disc_loss, (logits_real, logits_fake)), disc_grads = jax.value_and_grad(disc_loss_fn, has_aux=True)(
-            params["discriminator"])
+        def gan_on():
+            # Only the last layer's cotangent is used from these two: XLA prunes the rest of each pass.
+            (nll_grads,) = vjp_fn((one, zero, zero))
+            (g_grads,) = vjp_fn((zero, zero, one))
+            d_weight = adaptive_weight(last_layer(nll_grads["autoencoder"]), last_layer(g_grads["autoencoder"]),
+                                       cfg.loss.disc_weight)
+            (disc_loss, logits), disc_grads = jax.value_and_grad(disc_loss_fn, has_aux=True)(params["discriminator"])
+            return d_weight, disc_loss, logits, disc_grads
+
+        def gan_off():
+            # Before disc_start every GAN term is multiplied by 0: skip computing them. The
+            # discriminator's gradients are then exactly zero, as in the originals.
+            return zero, zero, (zero, zero), jax.tree.map(jnp.zeros_like, params["discriminator"])
+
+        d_weight, disc_loss, (logits_real, logits_fake), disc_grads = jax.lax.cond(
+            disc_factor > 0, gan_on, gan_off)
+        (gen_grads,) = vjp_fn((one, jnp.float32(cfg.loss.kl_weight), d_weight * disc_factor))
     grads = dict(gen_grads, discriminator=disc_grads)
     new_state = state.apply_gradients(grads, cfg.ema_decay)
     loss = nll_loss + cfg.loss.kl_weight * kl_loss + d_weight * disc_factor * g_loss
