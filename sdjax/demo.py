@@ -89,15 +89,16 @@ def score_samples(sample_dir: str, wanted: dict[str, tuple[int, int, bool]]) -> 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default=os.path.join(REPO, "demo-output"))
-    p.add_argument("--ae-steps", type=int, default=700, help="autoencoder training steps")
+    p.add_argument("--ae-steps", type=int, default=1000, help="autoencoder training steps")
     p.add_argument("--ae-lr", type=float, default=2e-3, help="autoencoder learning rate")
     p.add_argument("--gan", action="store_true",
                    help="switch the autoencoder's GAN loss on for its last quarter (off by default: in a few "
                         "hundred steps it costs sharpness, as in the originals it needs a converged autoencoder)")
-    p.add_argument("--latent-steps", type=int, default=3000, help="latent diffusion training steps")
+    p.add_argument("--latent-steps", type=int, default=6000, help="latent diffusion training steps")
+    p.add_argument("--latent-batch", type=int, default=16, help="latent diffusion batch size")
     p.add_argument("--n-samples", type=int, default=4, help="samples per prompt")
     p.add_argument("--sample-steps", type=int, default=25)
-    p.add_argument("--scale", type=float, default=4.0, help="classifier-free guidance scale")
+    p.add_argument("--scale", type=float, default=5.0, help="classifier-free guidance scale")
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not os.path.isdir(model_dir):
         _run([py, "train/latent.py", "--config", "configs/tiny.py", "--workdir", os.path.join(w, "latent"),
               "--export", model_dir, f"--config.autoencoder.path={vae_dir}",
-              f"--config.train.steps={args.latent_steps}", "--config.train.sample_every=1000",
+              f"--config.train.steps={args.latent_steps}", f"--config.train.batch_size={args.latent_batch}",
+              f"--config.train.sample_every={max(args.latent_steps // 4, 1)}",
               "--config.train.cache_latents=True", *common], log)
     timings["latent_s"] = time.perf_counter() - t
 
