@@ -78,9 +78,26 @@ def layer_norm(epsilon: float, *, name: str, dtype: Dtype, param_dtype: Dtype) -
 
 
 def attention(q_BLNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array, *, is_causal: bool = False) -> jax.Array:
-    """softmax(QK^T / sqrt(d)) V through jax.nn.dot_product_attention (fused kernels where
-    the backend has them). The XLA path computes logits and softmax in f32."""
-    return jax.nn.dot_product_attention(q_BLNH, k_BSNH, v_BSNH, is_causal=is_causal)
+    """softmax(QK^T / sqrt(d)) V, logits and softmax in f32, heads folded into the batch (X = B*N).
+
+    With one batch dimension per product XLA's CPU backend fuses QK^T, softmax and PV into one
+    kernel; ``jax.nn.dot_product_attention``'s XLA path (batch and heads as two batch dimensions)
+    writes out, transposes and copies the probabilities before PV, and runs no fused kernel on GPU
+    either unless asked for cuDNN.
+    """
+    B, L, N, H = q_BLNH.shape
+    S = k_BSNH.shape[1]
+
+    def fold(x_BTNH: jax.Array) -> jax.Array:
+        return jnp.swapaxes(x_BTNH, 1, 2).reshape(B * N, x_BTNH.shape[1], H)
+
+    logits_XLS = jnp.einsum("xlh,xsh->xls", fold(q_BLNH), fold(k_BSNH),
+                            preferred_element_type=jnp.float32) * (H ** -0.5)
+    if is_causal:
+        logits_XLS = jnp.where(jnp.tril(jnp.ones((L, S), bool)), logits_XLS, jnp.finfo(jnp.float32).min)
+    probs_XLS = jax.nn.softmax(logits_XLS, axis=-1).astype(v_BSNH.dtype)
+    out_XLH = jnp.einsum("xls,xsh->xlh", probs_XLS, fold(v_BSNH))
+    return jnp.swapaxes(out_XLH.reshape(B, N, L, H), 1, 2)
 
 
 class Attention(nn.Module):
