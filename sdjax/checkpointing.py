@@ -27,6 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sdjax.checkpoints.convert import CheckpointError
+from sdjax.checkpoints.sdjax_format import single_process_checkpointer
 from sdjax.data import iterator_restore_args, iterator_save_args
 from sdjax.models.autoencoder import AutoencoderConfig
 from sdjax.train_state import TrainState
@@ -80,7 +81,7 @@ def export_vae(path: str, config: AutoencoderConfig, params: Any) -> None:
     tmp = path + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    ckptr = ocp.StandardCheckpointer()
+    ckptr = single_process_checkpointer()
     ckptr.save(os.path.join(tmp, "params"), jax.tree.map(np.asarray, params))
     ckptr.wait_until_finished()
     with open(os.path.join(tmp, VAE_MARKER), "w") as f:

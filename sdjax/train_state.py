@@ -67,13 +67,13 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int, total_steps: int,
                    clip_norm: float | None = 1.0) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with linear warm-up then a constant or cosine-decayed rate, after global-norm clipping."""
     if schedule == "constant":
-        lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
-                                   optax.constant_schedule(learning_rate)], [max(warmup_steps, 1)])
+        lr = optax.constant_schedule(learning_rate)
     elif schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1),
-                                                max(total_steps, warmup_steps + 1))
+        lr = optax.cosine_decay_schedule(learning_rate, max(total_steps - warmup_steps, 1))
     else:
         raise ValueError(f"train.schedule={schedule!r} is not supported; use 'constant' or 'cosine'.")
+    if warmup_steps:  # 0: the full rate from the first step on
+        lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), lr], [warmup_steps])
     parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
     parts.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
     return optax.chain(*parts), lr

@@ -4,9 +4,11 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \
     python tests/latent_multiprocess.py DATA_DIR WORKDIR OUT.npz STEPS
 
-Each process feeds its own data shard; process 0 writes the final params to OUT.npz.
+Each process feeds its own data shard. At the end both export (latent.export) to WORKDIR/export
+and process 0 writes the final params and EMA params to OUT.npz ("params/..." and "ema_params/...").
 """
 
+import os
 import sys
 
 import numpy as np
@@ -66,9 +68,10 @@ def main(data_dir: str, workdir: str, out: str, steps: int) -> None:
 
     setup = latent.build(tiny_test_config(data_dir), workdir)
     state = run(setup, iter(latent.make_iterator(setup)), steps)
-    params = multihost_utils.process_allgather(state.params, tiled=True)
+    latent.export(setup, state, os.path.join(workdir, "export"))
+    trees = multihost_utils.process_allgather({"params": state.params, "ema_params": state.ema_params}, tiled=True)
     if jax.process_index() == 0:
-        flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, params), sep="/")
+        flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, trees), sep="/")
         np.savez(out, **flat)
 
 

@@ -5,78 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from torch import nn as tnn
 
 from sdjax.checkpoints.convert import CheckpointError
 from sdjax.models.lpips import LPIPS, normalize_features, load_lpips_params
-from sdjax.tools import convert_lpips
-
-
-def torchvision_vgg16_features() -> tnn.Sequential:
-    """torchvision's ``vgg16().features`` (config "D"), same indices."""
-    layers, c_in = [], 3
-    for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"):
-        if v == "M":
-            layers.append(tnn.MaxPool2d(kernel_size=2, stride=2))
-        else:
-            layers += [tnn.Conv2d(c_in, v, kernel_size=3, padding=1), tnn.ReLU(inplace=True)]
-            c_in = v
-    return tnn.Sequential(*layers)
-
-
-class NetLinLayer(tnn.Module):
-    def __init__(self, chn_in):
-        super().__init__()
-        self.model = tnn.Sequential(tnn.Dropout(), tnn.Conv2d(chn_in, 1, 1, stride=1, padding=0, bias=False))
-
-    def forward(self, x):
-        return self.model(x)
-
-
-class TorchLPIPS(tnn.Module):
-    """taming.modules.losses.lpips.LPIPS: ScalingLayer, vgg16 slices, normalize_tensor, lins."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("shift", torch.tensor([-.030, -.088, -.188])[None, :, None, None])
-        self.register_buffer("scale", torch.tensor([.458, .448, .450])[None, :, None, None])
-        self.features = torchvision_vgg16_features()
-        self.slices = [(0, 4), (4, 9), (9, 16), (16, 23), (23, 30)]
-        self.lins = tnn.ModuleList([NetLinLayer(c) for c in (64, 128, 256, 512, 512)])
-
-    def stages(self, x):
-        outs = []
-        for a, b in self.slices:
-            for i in range(a, b):
-                x = self.features[i](x)
-            outs.append(x)
-        return outs
-
-    def forward(self, x0, x1):
-        norm = lambda f: f / (torch.sqrt(torch.sum(f ** 2, dim=1, keepdim=True)) + 1e-10)
-        f0s = self.stages((x0 - self.shift) / self.scale)
-        f1s = self.stages((x1 - self.shift) / self.scale)
-        val = 0
-        for lin, f0, f1 in zip(self.lins, f0s, f1s):
-            val = val + lin((norm(f0) - norm(f1)) ** 2).mean([2, 3], keepdim=True)
-        return val
+from tests.lpips_reference import write_reference
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    torch.manual_seed(0)
-    model = TorchLPIPS().eval()
-    with torch.no_grad():
-        for lin in model.lins:  # the learned heads are non-negative
-            lin.model[1].weight.uniform_(0.0, 1.0)
-    d = tmp_path_factory.mktemp("lpips")
-    vgg = {f"features.{k}": v for k, v in model.features.state_dict().items()}
-    vgg["classifier.0.weight"] = torch.zeros(2, 2)  # a torchvision checkpoint carries the classifier too
-    torch.save(vgg, d / "vgg16.pth")
-    torch.save({f"lin{k}.model.1.weight": lin.model[1].weight for k, lin in enumerate(model.lins)}, d / "vgg.pth")
-    out = d / "lpips_vgg.safetensors"
-    convert_lpips.main(["--vgg", str(d / "vgg16.pth"), "--lin", str(d / "vgg.pth"), "--out", str(out)])
-    return model, str(out)
+    return write_reference(tmp_path_factory.mktemp("lpips"))
 
 
 def test_matches_original(reference):

@@ -8,9 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from sdjax import checkpointing
+from sdjax.models.autoencoder import AutoencoderKL
 from sdjax.training import autoencoder as ae
+from tests.lpips_reference import write_reference
 
 CONFIG_PATH = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_autoencoder.py")
 
@@ -96,6 +99,38 @@ def test_gan_off_before_disc_start_and_adaptive_weight_after(run):
                                                          + m1["d_weight"] * m1["g_loss"]), rtol=1e-5)
     kernels = [p["discriminator"]["main_0"]["kernel"] for p in (state1.params, state2.params)]
     assert float(jnp.max(jnp.abs(kernels[1] - kernels[0]))) > 0.0
+
+
+def test_lpips_branch_matches_torch_reference(run, tmp_path):
+    """The step's p_loss and nll_loss with LPIPS on, against a direct reconstruction scored by the
+    PyTorch LPIPS and the nll written out in numpy."""
+    config, _, state0, batch, _ = run
+    model, path = write_reference(tmp_path)
+    config = tiny_config(config.data.data_dir)
+    config.loss.update(lpips_path=path, perceptual_weight=0.7)  # not 1, so the weight is seen to apply
+    setup = ae.build(config, devices=jax.devices()[:1])
+    # logvar 0.5, not its initial 0: then exp(logvar) != 1, so the nll's division and offset both count.
+    state0 = copy(state0).replace(tx=setup.shardings.tx)
+    state0 = state0.replace(params=dict(state0.params, logvar=jnp.float32(0.5)))
+    images = np.asarray(batch["image"], np.float64)
+
+    @jax.jit
+    def reconstruct(vae_params, x, key):
+        vae = setup.step_config.vae
+        z = vae.apply({"params": vae_params}, x, method=AutoencoderKL.encode).sample(key)
+        return vae.apply({"params": vae_params}, z, method=AutoencoderKL.decode)
+
+    rec = np.asarray(reconstruct(state0.params["autoencoder"], batch["image"], state0.step_key()), np.float64)
+    with torch.no_grad():
+        nchw = lambda a: torch.from_numpy(a.astype(np.float32)).permute(0, 3, 1, 2)  # noqa: E731
+        p = model(nchw(images), nchw(rec)).reshape(-1).numpy().astype(np.float64)
+    per_pixel = np.abs(images - rec) + 0.7 * p[:, None, None, None]
+    nll = np.sum(per_pixel / np.exp(0.5) + 0.5) / len(images)
+
+    _, m = setup.step_fn(state0, batch, setup.frozen)
+    assert p.min() > 1e-3  # a random autoencoder's reconstructions are far from the images
+    np.testing.assert_allclose(float(m["p_loss"]), p.mean(), rtol=1e-4)
+    np.testing.assert_allclose(float(m["nll_loss"]), nll, rtol=1e-5)
 
 
 def test_sharded_step_matches_single_device(run):

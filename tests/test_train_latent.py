@@ -1,10 +1,13 @@
-"""Phase-2 training: sharded step parity, multi-process parity, kill/resume, loss, export, errors.
+"""Phase-2 training: sharded step parity, gradient accumulation, remat, bf16, a frozen pretrained
+text encoder with init_from, multi-process parity and export, kill/resume, loss, export, errors.
 
 Everything runs the tiny config (tests/latent_multiprocess.tiny_test_config) with XLA's backend
 optimisation off for the step (``train.fast_compile``); compiled functions are shared by the
 module-scoped fixtures.
 """
 
+import dataclasses
+import functools
 import os
 import signal
 import socket
@@ -15,14 +18,16 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
+from jax.extend.core import ClosedJaxpr, Jaxpr
 
 from sdjax import metrics
 from sdjax.data import prepare
-from sdjax.stable_diffusion import StableDiffusion
-from sdjax.train_state import ema_decay
+from sdjax.stable_diffusion import StableDiffusion, abstract_params
+from sdjax.train_state import RUN_ONCE_COMPILER_OPTIONS, ema_decay, make_optimizer
 from sdjax.training import latent
 from sdjax.training.latent import min_snr_weight
 from tests.latent_multiprocess import emulated_host_batches, run, tiny_test_config
@@ -50,8 +55,52 @@ def reference(setup8):
     return jax.tree.map(np.asarray, state.params)
 
 
+@pytest.fixture(scope="module")
+def start(setup8):
+    """A first host batch and setup8's initial state on it, in host memory (reused by every setup)."""
+    host = next(emulated_host_batches(setup8, 1))
+    return host, jax.tree.map(np.asarray, latent.init_state(setup8, latent.device_batch(setup8, host)))
+
+
+@pytest.fixture(scope="module")
+def step8(setup8, start):
+    """setup8's first step from ``start``: (state after it, metrics), in host memory."""
+    host, state0 = start
+    state, m = setup8.step_fn(_put(setup8, state0), latent.device_batch(setup8, host), setup8.frozen)
+    return jax.tree.map(np.asarray, state), jax.device_get(m)
+
+
+def _put(setup, host_state):
+    """A host copy of a state placed into ``setup``'s shardings (no buffer shared with other runs)."""
+    return jax.device_put(host_state.replace(tx=setup.shardings.tx), setup.shardings)
+
+
 def _flat(tree):
     return traverse_util.flatten_dict(jax.tree.map(np.asarray, tree), sep="/")
+
+
+# Adam's first update is lr * g / (|g| + eps). Where g is within rounding noise of zero (the text
+# encoder's key biases have an exactly zero gradient: softmax ignores a shift shared by all keys),
+# two runs that round differently move the weight by different amounts up to ~lr / 10; a weight
+# with a real gradient moves by lr = 1e-3. So weights are compared to ADAM_ATOL, and the gradient
+# itself, tightly, through Adam's first moment (0.1 x the clipped gradient after one step).
+ADAM_ATOL = 1e-4
+
+
+def _assert_trees_close(got, want, rtol, atol):
+    got, want = (jax.tree_util.tree_flatten_with_path(t)[0] for t in (got, want))
+    assert [path for path, _ in got] == [path for path, _ in want]
+    for (path, a), (_, b) in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def _assert_steps_match(got, want, grad_rtol: float):
+    """Two states one step after the same start: weights and EMA to ADAM_ATOL, gradients to grad_rtol."""
+    _assert_trees_close((got.params, got.ema_params), (want.params, want.ema_params), rtol=1e-6, atol=ADAM_ATOL)
+    mu = lambda s: optax.tree_utils.tree_get(s.opt_state, "mu")  # noqa: E731
+    _assert_trees_close(mu(got), mu(want), rtol=grad_rtol, atol=1e-8)
+    assert int(got.step) == int(want.step) == 1
 
 
 def test_ema_decay_and_min_snr_closed_form():
@@ -60,6 +109,19 @@ def test_ema_decay_and_min_snr_closed_form():
     snr = jnp.asarray([0.5, 5.0, 50.0])
     np.testing.assert_allclose(min_snr_weight(snr, 5.0, "epsilon"), [1.0, 1.0, 0.1], rtol=1e-6)
     np.testing.assert_allclose(min_snr_weight(snr, 5.0, "v_prediction"), [0.5 / 1.5, 5 / 6, 5 / 51], rtol=1e-6)
+
+
+def test_learning_rate_schedules_closed_form():
+    kw = dict(learning_rate=1e-3, total_steps=10)
+    for schedule in ("constant", "cosine"):  # without warm-up the first step already moves the weights
+        _, lr = make_optimizer(warmup_steps=0, schedule=schedule, **kw)
+        assert float(lr(0)) == pytest.approx(1e-3)
+    _, lr = make_optimizer(warmup_steps=4, schedule="constant", **kw)
+    np.testing.assert_allclose([lr(i) for i in (0, 2, 4, 9)], [0.0, 5e-4, 1e-3, 1e-3], rtol=1e-6)
+    _, lr = make_optimizer(warmup_steps=0, schedule="cosine", **kw)
+    np.testing.assert_allclose([lr(i) for i in (5, 10)], [5e-4, 0.0], rtol=1e-6, atol=1e-12)
+    _, lr = make_optimizer(warmup_steps=2, schedule="cosine", **kw)  # then 8 steps of 0.5 (1 + cos(pi t / 8))
+    np.testing.assert_allclose([lr(i) for i in (1, 2, 6, 10)], [5e-4, 1e-3, 5e-4, 0.0], rtol=1e-6, atol=1e-12)
 
 
 def test_config_errors_come_before_compiling(data_dir, tmp_path, monkeypatch):
@@ -92,10 +154,7 @@ def test_sharded_step_matches_single_device(setup8, data_dir, tmp_path):
     s1, m1 = setup1.step_fn(s1, b1, setup1.frozen)
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
     np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
-    for tree8, tree1 in ((s8.params, s1.params), (s8.ema_params, s1.ema_params)):
-        f8, f1 = _flat(tree8), _flat(tree1)
-        for k in f1:
-            np.testing.assert_allclose(f8[k], f1[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    _assert_steps_match(s8, s1, grad_rtol=1e-4)
 
 
 def test_loss_falls_and_export_loads(setup8, tmp_path):
@@ -118,6 +177,143 @@ def test_loss_falls_and_export_loads(setup8, tmp_path):
     ema_text = setup8.step_config.text_encoder.apply({"params": state.ema_params["text_encoder"]},
                                                      jnp.asarray(sd.tokenize(["a red circle on a green background"])))
     np.testing.assert_allclose(ctx[:1], ema_text, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_accum_averages_interleaved_micro_batches(data_dir, start, tmp_path):
+    """grad_accum=2 against value_and_grad of each micro-batch (rows 0::2, then 1::2), on one device."""
+    c = tiny_test_config(data_dir)
+    c.train.update(grad_accum=2, batch_size=16)  # each micro-batch of 8 spans the 8 data-parallel devices
+    setup = latent.build(c, str(tmp_path))
+    host = next(emulated_host_batches(setup, 1))
+    state0 = start[1].replace(tx=setup.shardings.tx)
+    state, m = setup.step_fn(_put(setup, state0), latent.device_batch(setup, host), setup.frozen)
+
+    cfg = setup.step_config
+    grad_fn = jax.jit(jax.value_and_grad(functools.partial(latent._micro_loss, cfg=cfg)),
+                      compiler_options=RUN_ONCE_COMPILER_OPTIONS)
+    frozen = jax.tree.map(np.asarray, setup.frozen)
+    micro = [grad_fn(state0.params, frozen, {k: v[i::2] for k, v in host.items()},
+                     jax.random.fold_in(state0.step_key(), i), state0.extra["latent_scale"]) for i in range(2)]
+    loss, grads = jax.tree.map(lambda a, b: (a + b) / 2, *micro)
+    want = jax.jit(lambda s, g: s.apply_gradients(g, cfg.ema_decay), compiler_options=RUN_ONCE_COMPILER_OPTIONS)(
+        state0, grads)
+
+    assert abs(float(micro[0][0] - micro[1][0])) > 1e-3  # two different micro-batches, not one twice
+    np.testing.assert_allclose(m["loss"], loss, rtol=1e-5)
+    np.testing.assert_allclose(m["grad_norm"], optax.global_norm(grads), rtol=1e-5)
+    _assert_steps_match(state, want, grad_rtol=1e-4)
+
+
+def _primitive_names(jaxpr):
+    """Every primitive in ``jaxpr``, nested jaxprs (scans, custom gradients, remat) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn.primitive.name
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, ClosedJaxpr):
+                    yield from _primitive_names(sub.jaxpr)
+                elif isinstance(sub, Jaxpr):
+                    yield from _primitive_names(sub)
+
+
+def test_remat_recomputes_without_changing_the_step(data_dir, setup8, start, step8, tmp_path):
+    c = tiny_test_config(data_dir)
+    c.train.remat = True
+    setup = latent.build(c, str(tmp_path))
+    host, state0 = start
+    args = (_put(setup, state0), latent.device_batch(setup, host), setup.frozen)
+    # jax.checkpoint's primitive ("remat2" in JAX 0.10, "checkpoint" in older releases).
+    is_remat = lambda name: "remat" in name or "checkpoint" in name  # noqa: E731
+    assert any(map(is_remat, _primitive_names(setup.step_fn.trace(*args).jaxpr.jaxpr)))
+    plain = setup8.step_fn.trace(_put(setup8, state0), latent.device_batch(setup8, host), setup8.frozen)
+    assert not any(map(is_remat, _primitive_names(plain.jaxpr.jaxpr)))
+
+    state, m = setup.step_fn(*args)
+    want, want_m = step8
+    np.testing.assert_allclose(m["loss"], want_m["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m["grad_norm"], want_m["grad_norm"], rtol=1e-6)
+    _assert_steps_match(state, want, grad_rtol=1e-5)
+
+
+def _cosine(a, b):
+    a, b = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)]).astype(np.float64) for t in (a, b))
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_bf16_step_keeps_f32_master_weights_and_tracks_f32(data_dir, setup8, start, step8, tmp_path):
+    c = tiny_test_config(data_dir)
+    c.train.dtype = "bfloat16"
+    setup = latent.build(c, str(tmp_path))
+    host, state0 = start
+    state, m = setup.step_fn(_put(setup, state0), latent.device_batch(setup, host), setup.frozen)
+    for name in ("params", "ema_params", "opt_state"):
+        floats = [x for x in jax.tree.leaves(getattr(state, name)) if jnp.issubdtype(x.dtype, jnp.floating)]
+        assert floats and all(x.dtype == jnp.float32 for x in floats), name
+
+    want, want_m = step8
+    # bf16 keeps 8 significant bits (relative rounding 2**-9 per operation). The loss averages
+    # 8 x 8 x 8 x 4 squared errors of order 1, so rounding through the UNet's ~20 layers mostly
+    # cancels in it (2e-4 here); the gradient norm, a sum of squares, keeps more of it (7e-3).
+    assert np.isfinite(m["loss"])
+    np.testing.assert_allclose(m["loss"], want_m["loss"], rtol=2e-2)
+    np.testing.assert_allclose(m["grad_norm"], want_m["grad_norm"], rtol=5e-2)
+    # The gradient's direction, through Adam's first moment (see ADAM_ATOL).
+    mu = lambda s: optax.tree_utils.tree_get(s.opt_state, "mu")  # noqa: E731
+    assert _cosine(mu(state), mu(want)) > 0.999
+    # The first Adam update is about lr * sign(gradient): components whose gradient is within
+    # bf16's rounding noise can flip sign, so the update's direction agrees less (0.985 here).
+    delta = lambda s: jax.tree.map(lambda a, b: np.asarray(a) - b, s.params, state0.params)  # noqa: E731
+    assert _cosine(delta(state), delta(want)) > 0.95
+
+
+def test_frozen_pretrained_text_encoder_and_init_from(data_dir, setup8, start, step8, tmp_path):
+    """text_encoder.pretrained + train.init_from pointing at an export of setup8 after one step."""
+    host, state0 = start
+    export = str(tmp_path / "export")
+    latent.export(setup8, _put(setup8, step8[0]), export)
+    sd = StableDiffusion.from_pretrained(export)
+    exported_unet, exported_text = _flat(sd.params["unet"]), _flat(sd.params["text_encoder"])
+    assert any(not np.array_equal(v, _flat(state0.params["unet"])[k]) for k, v in exported_unet.items())
+
+    c = tiny_test_config(data_dir)
+    c.text_encoder.pretrained = export
+    c.tokenizer.dir = os.path.join(export, "tokenizer")
+    c.train.update(init_from=export, scale_by_std=False)  # no latent-scale measurement: one compile fewer
+    setup = latent.build(c, str(tmp_path / "w"))
+    batch = latent.device_batch(setup, host)
+    state = latent.init_state(setup, batch)
+    assert set(state.params) == {"unet"}  # the text encoder is frozen: not trained, no EMA, no moments
+    for tree in (state.params["unet"], state.ema_params["unet"]):
+        got = _flat(tree)
+        assert got.keys() == exported_unet.keys()
+        for k in got:
+            np.testing.assert_array_equal(got[k], exported_unet[k], err_msg=k)
+
+    initial = jax.tree.map(np.asarray, state)
+    state, m = setup.step_fn(state, batch, setup.frozen)
+    got = _flat(state.params["unet"])
+    assert any(not np.array_equal(got[k], exported_unet[k]) for k in got)
+    for tree in (setup.frozen["text_encoder"], latent.inference_params(setup, state)["text_encoder"]):
+        got = _flat(tree)
+        assert got.keys() == exported_text.keys()
+        for k in got:
+            np.testing.assert_array_equal(got[k], exported_text[k], err_msg=k)
+
+    # The step conditions on the exported encoder: setup8, which trains its own text encoder,
+    # computes the same loss when that encoder starts from the export's.
+    params = {"unet": initial.params["unet"], "text_encoder": jax.tree.map(np.asarray, sd.params["text_encoder"])}
+    s8 = initial.replace(params=params, ema_params=params, opt_state=setup8.shardings.tx.init(params))
+    _, m8 = setup8.step_fn(_put(setup8, s8), latent.device_batch(setup8, host), setup8.frozen)
+    np.testing.assert_allclose(m["loss"], m8["loss"], rtol=1e-5)
+
+    # A checkpoint whose UNet is half as wide: same tree, shapes that still divide the mesh.
+    narrow = dataclasses.replace(setup.configs, unet=dataclasses.replace(setup.configs.unet,
+                                                                         block_out_channels=(16, 32)))
+    zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract_params(narrow))
+    StableDiffusion(narrow, zeros).save_pretrained(str(tmp_path / "narrow"))
+    bad = dataclasses.replace(setup, train=dataclasses.replace(setup.train, init_from=str(tmp_path / "narrow")))
+    with pytest.raises(ValueError, match="init_from=.*narrow.*do not match config.model"):
+        latent.init_state(bad, batch)
 
 
 def test_metrics_event_file_round_trip(tmp_path):
@@ -162,13 +358,21 @@ def test_two_processes_match_one(reference, data_dir, tmp_path):
         for p in procs:
             p.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
-    got = dict(np.load(out))
+    saved = dict(np.load(out))
+    got = {k.removeprefix("params/"): v for k, v in saved.items() if k.startswith("params/")}
     want = _flat(reference)
     assert got.keys() == want.keys()
     for k in want:
         # atol: attention key biases have an exactly zero gradient (softmax ignores them), so Adam
         # turns the different reduction order's rounding noise into ~1e-5 moves on either run.
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=5e-5, err_msg=k)
+
+    # The two processes' export holds exactly the EMA weights they trained, gathered from both.
+    sd = StableDiffusion.from_pretrained(str(tmp_path / "w" / "export"))
+    exported = _flat({"unet": sd.params["unet"], "text_encoder": sd.params["text_encoder"]})
+    assert exported.keys() == want.keys()
+    for k, v in exported.items():
+        np.testing.assert_array_equal(v, saved[f"ema_params/{k}"], err_msg=k)
 
 
 def _train_cmd(data_dir: str, workdir: str, steps: int) -> list[str]:

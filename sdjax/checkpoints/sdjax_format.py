@@ -27,6 +27,14 @@ def is_sdjax_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MARKER))
 
 
+def single_process_checkpointer() -> ocp.StandardCheckpointer:
+    """An Orbax checkpointer that writes from the calling process alone. Exports are written by
+    one host; the default checkpointer would wait at barriers for every process of the run."""
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
+
+
 def save(path: str, configs: dict[str, Any], params: dict[str, Any], tokenizer_dir: str | None = None) -> None:
     """Write configs and params to ``path`` (created; an existing sdjax export there is replaced)."""
     path = os.path.abspath(path)
@@ -35,7 +43,7 @@ def save(path: str, configs: dict[str, Any], params: dict[str, Any], tokenizer_d
     tmp = path + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    ckptr = ocp.StandardCheckpointer()
+    ckptr = single_process_checkpointer()
     ckptr.save(os.path.join(tmp, "params"), jax.tree_util.tree_map(np.asarray, params))
     ckptr.wait_until_finished()
     if tokenizer_dir is not None:

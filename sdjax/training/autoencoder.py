@@ -319,8 +319,8 @@ def psnr(images: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:
 
 def evaluate(setup: Setup, vae_params: Any, images: np.ndarray) -> tuple[float, np.ndarray]:
     """(mean PSNR of the posterior-mode reconstructions, a grid: originals above, reconstructions below)."""
-    rec = np.asarray(multihost_utils.process_allgather(setup.reconstruct_fn(vae_params, jnp.asarray(images))))
-    rec = rec.reshape(images.shape)
+    rec = np.asarray(multihost_utils.process_allgather(setup.reconstruct_fn(vae_params, jnp.asarray(images)),
+                                                    tiled=True))
     n = min(8, len(images))
     grid = metrics.image_grid(np.concatenate([images[:n], rec[:n]]), cols=n)
     return float(np.mean(psnr(images, rec))), grid
@@ -334,7 +334,8 @@ def latent_scale(setup: Setup, vae_params: Any, images: np.ndarray, key: jax.Arr
     def scale(p, x, k):
         return 1.0 / jnp.std(vae.apply({"params": p}, x, method=AutoencoderKL.encode).sample(k))
 
-    return float(multihost_utils.process_allgather(scale(vae_params, jnp.asarray(images), key)).reshape(-1)[0])
+    return float(multihost_utils.process_allgather(scale(vae_params, jnp.asarray(images), key),
+                                                 tiled=True).reshape(-1)[0])
 
 
 def export(setup: Setup, state: TrainState, path: str, images: np.ndarray) -> AutoencoderConfig:

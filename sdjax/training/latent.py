@@ -433,10 +433,16 @@ def _load_init_params(setup: Setup, state: TrainState, path: str) -> TrainState:
     """Starts the trained networks (and their EMA) from a pretrained Stable Diffusion checkpoint."""
     sd = StableDiffusion.from_pretrained(path)
     params = {name: sd.params[name] for name in state.params}
-    try:
-        params = jax.device_put(params, setup.shardings.params)
-    except ValueError as e:
-        raise ValueError(f"train.init_from={path}: its networks do not match config.model ({e}).") from e
+    # device_put accepts any shapes that divide the mesh (another width, say), so compare them first.
+    shapes = lambda tree: {jax.tree_util.keystr(k): v.shape  # noqa: E731
+                           for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    got, want = shapes(params), shapes(state.params)
+    if got != want:
+        diff = [f"{k}: checkpoint {got.get(k, 'missing')}, config {want.get(k, 'missing')}"
+                for k in sorted(got.keys() | want.keys()) if got.get(k) != want.get(k)]
+        raise ValueError(f"train.init_from={path}: its networks do not match config.model ({len(diff)} "
+                         f"parameters differ, e.g. {'; '.join(diff[:3])}). Set config.model to the checkpoint's.")
+    params = jax.device_put(params, setup.shardings.params)
     return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params),
                          opt_state=state.tx.init(params))
 
@@ -491,7 +497,7 @@ def export(setup: Setup, state: TrainState, path: str) -> None:
     """Writes an sdjax export that ``StableDiffusion.from_pretrained(path)`` loads, with the EMA
     weights and the latent scale used in training as the VAE's ``scaling_factor``."""
     params = inference_params(setup, state)
-    scale = float(multihost_utils.process_allgather(state.extra["latent_scale"]).reshape(-1)[0])
+    scale = float(multihost_utils.process_allgather(state.extra["latent_scale"], tiled=True).reshape(-1)[0])
     configs = dataclasses.replace(setup.configs, vae=dataclasses.replace(setup.configs.vae, scaling_factor=scale))
     if jax.process_index() == 0:
         StableDiffusion(configs, params, tokenizer=setup.tokenizer, tokenizer_dir=setup.tokenizer_dir).save_pretrained(path)
