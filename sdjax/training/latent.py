@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 
 from sdjax import checkpointing, metrics, sharding
 from sdjax.data import DataConfig, latent_cache, make_dataset, prepare
-from sdjax.diffusion.schedule import SchedulerConfig, add_noise, alphas_cumprod, get_target
+from sdjax.diffusion.schedule import add_noise, alphas_cumprod, get_target
 from sdjax.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from sdjax.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
 from sdjax.models.unet import UNet
