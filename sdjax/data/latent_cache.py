@@ -46,7 +46,7 @@ def read(path: str, fingerprint: dict) -> dict[str, np.ndarray] | None:
     return {k: np.load(os.path.join(path, f"{k}.npy"), mmap_mode="r") for k in _ARRAYS}
 
 
-def write(path: str, arrays: dict[str, np.ndarray], fingerprint: dict, skipped: int = 0) -> None:
+def write(path: str, arrays: dict[str, np.ndarray], fingerprint: dict) -> None:
     """Writes a cache atomically: the folder appears complete or not at all."""
     missing = set(_ARRAYS) - set(arrays)
     if missing:
@@ -57,7 +57,7 @@ def write(path: str, arrays: dict[str, np.ndarray], fingerprint: dict, skipped: 
     for k in _ARRAYS:
         np.save(os.path.join(tmp, f"{k}.npy"), np.asarray(arrays[k]))
     with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({"fingerprint": fingerprint, "examples": len(arrays["moments"]), "skipped": skipped}, f, indent=1)
+        json.dump({"fingerprint": fingerprint, "examples": len(arrays["moments"])}, f, indent=1)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
 

@@ -65,6 +65,11 @@ class DataConfig:
         if (self.shard_index is None) != (self.shard_count is None):
             raise ValueError("Set both DataConfig.shard_index and shard_count, or neither (one shard per host).")
 
+    def shard_seed(self) -> int:
+        """The seed of this host's shard: `seed` with the shard index folded in, so shuffles and
+        augmentations of different hosts are independent."""
+        return int(np.random.SeedSequence([self.seed, self.shard()[0]]).generate_state(1)[0])
+
     def shard(self) -> tuple[int, int]:
         """(index, count) of this host's shard, defaulting to the JAX process layout."""
         if self.shard_index is None:
@@ -171,8 +176,7 @@ def make_dataset(config: DataConfig, tokenize: Callable[[str], Sequence[int]] | 
     ds = grain.MapDataset.source(b.as_data_source(split=config.split))[shard_index::shard_count]
     if len(ds) == 0:
         raise ValueError(f"Shard {shard_index} of {shard_count} of {config.name}[{config.split}] is empty.")
-    # Folding in the shard keeps augmentations of different hosts independent.
-    ds = ds.seed(int(np.random.SeedSequence([config.seed, shard_index]).generate_state(1)[0]))
+    ds = ds.seed(config.shard_seed())
     if config.shuffle:
         ds = ds.shuffle()
     ds = ds.repeat(config.num_epochs)

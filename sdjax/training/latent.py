@@ -330,8 +330,7 @@ def make_iterator(setup: Setup):
     multihost_utils.sync_global_devices("sdjax data prepared")
     if setup.train.cache_latents:
         arrays = cached_latents(setup, cfg)
-        seed = int(np.random.SeedSequence([cfg.seed, cfg.shard()[0]]).generate_state(1)[0])
-        return latent_cache.make_dataset(arrays, cfg.batch_size, seed, shuffle=cfg.shuffle)
+        return latent_cache.make_dataset(arrays, cfg.batch_size, cfg.shard_seed(), shuffle=cfg.shuffle)
     return make_dataset(cfg, tokenize=_tokenize_fn(setup))
 
 
