@@ -62,12 +62,30 @@ def start(setup8):
     return host, jax.tree.map(np.asarray, latent.init_state(setup8, latent.device_batch(setup8, host)))
 
 
+def _build1(data_dir: str, workdir: str, **train):
+    """The test config on one device, with ``train`` overrides: options that change no sharding are
+    checked here, where each compile and step costs a fraction of the 2 x 4 mesh's."""
+    c = tiny_test_config(data_dir)
+    c.mesh.shape = (1, 1)
+    c.train.update(train)
+    return latent.build(c, workdir, devices=jax.devices()[:1])
+
+
 @pytest.fixture(scope="module")
-def step8(setup8, start):
-    """setup8's first step from ``start``: (state after it, metrics), in host memory."""
+def setup1(data_dir, tmp_path_factory):
+    return _build1(data_dir, str(tmp_path_factory.mktemp("w1")))
+
+
+def _first_step(setup, start):
+    """``setup``'s first step from ``start``: (state after it, metrics), in host memory."""
     host, state0 = start
-    state, m = setup8.step_fn(_put(setup8, state0), latent.device_batch(setup8, host), setup8.frozen)
+    state, m = setup.step_fn(_put(setup, state0), latent.device_batch(setup, host), setup.frozen)
     return jax.tree.map(np.asarray, state), jax.device_get(m)
+
+
+@pytest.fixture(scope="module")
+def step1(setup1, start):
+    return _first_step(setup1, start)
 
 
 def _put(setup, host_state):
@@ -140,18 +158,13 @@ def test_config_errors_come_before_compiling(data_dir, tmp_path, monkeypatch):
         latent.build(c, str(tmp_path))
 
 
-def test_sharded_step_matches_single_device(setup8, data_dir, tmp_path):
-    c1 = tiny_test_config(data_dir)
-    c1.mesh.shape = (1, 1)
-    setup1 = latent.build(c1, str(tmp_path), devices=jax.devices()[:1])
-    host = next(emulated_host_batches(setup8, 1))
-    b8, b1 = latent.device_batch(setup8, host), latent.device_batch(setup1, host)
-    s8 = latent.init_state(setup8, b8)
+def test_sharded_step_matches_single_device(setup8, setup1, start, step1):
+    """The same initial values (``start``, through host memory) stepped on the 2 x 4 mesh and on one device."""
+    s8 = _put(setup8, start[1])
     assert len({s.device for s in s8.params["unet"]["conv_in"]["kernel"].addressable_shards}) == 8
-    # The same initial values on one device, through host memory so no buffer is shared with s8.
-    s1 = jax.device_put(jax.tree.map(np.asarray, s8.replace(tx=setup1.shardings.tx)), setup1.shardings)
-    s8, m8 = setup8.step_fn(s8, b8, setup8.frozen)
-    s1, m1 = setup1.step_fn(s1, b1, setup1.frozen)
+    assert len({s.device for s in _put(setup1, start[1]).params["unet"]["conv_in"]["kernel"].addressable_shards}) == 1
+    s8, m8 = _first_step(setup8, start)
+    s1, m1 = step1
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
     np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
     _assert_steps_match(s8, s1, grad_rtol=1e-4)
@@ -181,10 +194,8 @@ def test_loss_falls_and_export_loads(setup8, tmp_path):
 
 def test_grad_accum_averages_interleaved_micro_batches(data_dir, start, tmp_path):
     """grad_accum=2 against value_and_grad of each micro-batch (rows 0::2, then 1::2), on one device."""
-    c = tiny_test_config(data_dir)
-    c.train.update(grad_accum=2, batch_size=16)  # each micro-batch of 8 spans the 8 data-parallel devices
-    setup = latent.build(c, str(tmp_path))
-    host = next(emulated_host_batches(setup, 1))
+    setup = _build1(data_dir, str(tmp_path), grad_accum=2)
+    host = start[0]
     state0 = start[1].replace(tx=setup.shardings.tx)
     state, m = setup.step_fn(_put(setup, state0), latent.device_batch(setup, host), setup.frozen)
 
@@ -216,20 +227,18 @@ def _primitive_names(jaxpr):
                     yield from _primitive_names(sub)
 
 
-def test_remat_recomputes_without_changing_the_step(data_dir, setup8, start, step8, tmp_path):
-    c = tiny_test_config(data_dir)
-    c.train.remat = True
-    setup = latent.build(c, str(tmp_path))
+def test_remat_recomputes_without_changing_the_step(data_dir, setup1, start, step1, tmp_path):
+    setup = _build1(data_dir, str(tmp_path), remat=True)
     host, state0 = start
     args = (_put(setup, state0), latent.device_batch(setup, host), setup.frozen)
     # jax.checkpoint's primitive ("remat2" in JAX 0.10, "checkpoint" in older releases).
     is_remat = lambda name: "remat" in name or "checkpoint" in name  # noqa: E731
     assert any(map(is_remat, _primitive_names(setup.step_fn.trace(*args).jaxpr.jaxpr)))
-    plain = setup8.step_fn.trace(_put(setup8, state0), latent.device_batch(setup8, host), setup8.frozen)
+    plain = setup1.step_fn.trace(_put(setup1, state0), latent.device_batch(setup1, host), setup1.frozen)
     assert not any(map(is_remat, _primitive_names(plain.jaxpr.jaxpr)))
 
     state, m = setup.step_fn(*args)
-    want, want_m = step8
+    want, want_m = step1
     np.testing.assert_allclose(m["loss"], want_m["loss"], rtol=1e-6)
     np.testing.assert_allclose(m["grad_norm"], want_m["grad_norm"], rtol=1e-6)
     _assert_steps_match(state, want, grad_rtol=1e-5)
@@ -240,17 +249,15 @@ def _cosine(a, b):
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def test_bf16_step_keeps_f32_master_weights_and_tracks_f32(data_dir, setup8, start, step8, tmp_path):
-    c = tiny_test_config(data_dir)
-    c.train.dtype = "bfloat16"
-    setup = latent.build(c, str(tmp_path))
+def test_bf16_step_keeps_f32_master_weights_and_tracks_f32(data_dir, start, step1, tmp_path):
+    setup = _build1(data_dir, str(tmp_path), dtype="bfloat16")
     host, state0 = start
     state, m = setup.step_fn(_put(setup, state0), latent.device_batch(setup, host), setup.frozen)
     for name in ("params", "ema_params", "opt_state"):
         floats = [x for x in jax.tree.leaves(getattr(state, name)) if jnp.issubdtype(x.dtype, jnp.floating)]
         assert floats and all(x.dtype == jnp.float32 for x in floats), name
 
-    want, want_m = step8
+    want, want_m = step1
     # bf16 keeps 8 significant bits (relative rounding 2**-9 per operation). The loss averages
     # 8 x 8 x 8 x 4 squared errors of order 1, so rounding through the UNet's ~20 layers mostly
     # cancels in it (2e-4 here); the gradient norm, a sum of squares, keeps more of it (7e-3).
@@ -266,20 +273,21 @@ def test_bf16_step_keeps_f32_master_weights_and_tracks_f32(data_dir, setup8, sta
     assert _cosine(delta(state), delta(want)) > 0.95
 
 
-def test_frozen_pretrained_text_encoder_and_init_from(data_dir, setup8, start, step8, tmp_path):
-    """text_encoder.pretrained + train.init_from pointing at an export of setup8 after one step."""
+def test_frozen_pretrained_text_encoder_and_init_from(data_dir, setup1, start, step1, tmp_path):
+    """text_encoder.pretrained + train.init_from pointing at an export of setup1 after one step."""
     host, state0 = start
     export = str(tmp_path / "export")
-    latent.export(setup8, _put(setup8, step8[0]), export)
+    latent.export(setup1, _put(setup1, step1[0]), export)
     sd = StableDiffusion.from_pretrained(export)
     exported_unet, exported_text = _flat(sd.params["unet"]), _flat(sd.params["text_encoder"])
     assert any(not np.array_equal(v, _flat(state0.params["unet"])[k]) for k, v in exported_unet.items())
 
     c = tiny_test_config(data_dir)
+    c.mesh.shape = (1, 1)
     c.text_encoder.pretrained = export
     c.tokenizer.dir = os.path.join(export, "tokenizer")
     c.train.update(init_from=export, scale_by_std=False)  # no latent-scale measurement: one compile fewer
-    setup = latent.build(c, str(tmp_path / "w"))
+    setup = latent.build(c, str(tmp_path / "w"), devices=jax.devices()[:1])
     batch = latent.device_batch(setup, host)
     state = latent.init_state(setup, batch)
     assert set(state.params) == {"unet"}  # the text encoder is frozen: not trained, no EMA, no moments
@@ -299,14 +307,14 @@ def test_frozen_pretrained_text_encoder_and_init_from(data_dir, setup8, start, s
         for k in got:
             np.testing.assert_array_equal(got[k], exported_text[k], err_msg=k)
 
-    # The step conditions on the exported encoder: setup8, which trains its own text encoder,
+    # The step conditions on the exported encoder: setup1, which trains its own text encoder,
     # computes the same loss when that encoder starts from the export's.
     params = {"unet": initial.params["unet"], "text_encoder": jax.tree.map(np.asarray, sd.params["text_encoder"])}
-    s8 = initial.replace(params=params, ema_params=params, opt_state=setup8.shardings.tx.init(params))
-    _, m8 = setup8.step_fn(_put(setup8, s8), latent.device_batch(setup8, host), setup8.frozen)
-    np.testing.assert_allclose(m["loss"], m8["loss"], rtol=1e-5)
+    s1 = initial.replace(params=params, ema_params=params, opt_state=setup1.shardings.tx.init(params))
+    _, m1 = setup1.step_fn(_put(setup1, s1), latent.device_batch(setup1, host), setup1.frozen)
+    np.testing.assert_allclose(m["loss"], m1["loss"], rtol=1e-5)
 
-    # A checkpoint whose UNet is half as wide: same tree, shapes that still divide the mesh.
+    # A checkpoint whose UNet is half as wide: the same tree with other shapes.
     narrow = dataclasses.replace(setup.configs, unet=dataclasses.replace(setup.configs.unet,
                                                                          block_out_channels=(16, 32)))
     zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract_params(narrow))
@@ -393,7 +401,7 @@ def _final_state(workdir: str, step: int) -> dict:
 def test_sigkill_then_resume_is_bitwise_identical(data_dir, tmp_path):
     steps, cache = 8, str(tmp_path / "cache")
     killed = str(tmp_path / "killed")
-    p = subprocess.Popen(_train_cmd(data_dir, killed, steps), env=_env(8, cache),
+    p = subprocess.Popen(_train_cmd(data_dir, killed, steps), env=_env(2, cache),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     try:
@@ -406,7 +414,7 @@ def test_sigkill_then_resume_is_bitwise_identical(data_dir, tmp_path):
         p.kill()
     assert not os.path.isdir(os.path.join(killed, "checkpoints", str(steps)))
     for workdir in (killed, str(tmp_path / "straight")):
-        r = subprocess.run(_train_cmd(data_dir, workdir, steps), env=_env(8, cache), capture_output=True, text=True,
+        r = subprocess.run(_train_cmd(data_dir, workdir, steps), env=_env(2, cache), capture_output=True, text=True,
                            timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
     got, want = _final_state(killed, steps), _final_state(str(tmp_path / "straight"), steps)
