@@ -170,24 +170,24 @@ def test_sharded_step_matches_single_device(setup8, setup1, start, step1):
     _assert_steps_match(s8, s1, grad_rtol=1e-4)
 
 
-def test_loss_falls_and_export_loads(setup8, tmp_path):
-    batches = emulated_host_batches(setup8, 1)
-    state = latent.init_state(setup8, latent.device_batch(setup8, next(batches)))
+def test_loss_falls_and_export_loads(setup1, start, tmp_path):
+    batches = emulated_host_batches(setup1, 1)
+    state = _put(setup1, start[1])
     losses = []
     for _ in range(40):
-        state, m = setup8.step_fn(state, latent.device_batch(setup8, next(batches)), setup8.frozen)
+        state, m = setup1.step_fn(state, latent.device_batch(setup1, next(batches)), setup1.frozen)
         losses.append(float(m["loss"]))
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5]), losses
 
-    latent.export(setup8, state, str(tmp_path / "export"))
+    latent.export(setup1, state, str(tmp_path / "export"))
     sd = StableDiffusion.from_pretrained(str(tmp_path / "export"))
     assert sd.configs.vae.scaling_factor == pytest.approx(float(state.extra["latent_scale"]))
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
     ctx = sd.encode_prompt(["a red circle on a green background", ""])
     t = jnp.asarray([10, 500])
-    want = setup8.step_config.unet.apply({"params": state.ema_params["unet"]}, x, t, ctx)
+    want = jax.jit(setup1.step_config.unet.apply)({"params": state.ema_params["unet"]}, x, t, ctx)
     np.testing.assert_allclose(sd.unet_apply(x, t, ctx), want, rtol=1e-5, atol=1e-6)
-    ema_text = setup8.step_config.text_encoder.apply({"params": state.ema_params["text_encoder"]},
+    ema_text = jax.jit(setup1.step_config.text_encoder.apply)({"params": state.ema_params["text_encoder"]},
                                                      jnp.asarray(sd.tokenize(["a red circle on a green background"])))
     np.testing.assert_allclose(ctx[:1], ema_text, rtol=1e-5, atol=1e-6)
 
@@ -399,25 +399,29 @@ def _final_state(workdir: str, step: int) -> dict:
 
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_identical(data_dir, tmp_path):
-    steps, cache = 8, str(tmp_path / "cache")
-    killed = str(tmp_path / "killed")
-    p = subprocess.Popen(_train_cmd(data_dir, killed, steps), env=_env(2, cache),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    steps, cache = 4, str(tmp_path / "cache")  # killed after step 2's checkpoint, resumed for 3 and 4
+    killed, straight = str(tmp_path / "killed"), str(tmp_path / "straight")
+    # The uninterrupted run goes alongside the one to be killed (a second core), each in its process.
+    logs = [open(tmp_path / f"{name}.log", "w") for name in ("killed", "straight")]
+    runs = [subprocess.Popen(_train_cmd(data_dir, w, steps), env=_env(2, cache), stdout=log, stderr=subprocess.STDOUT)
+            for w, log in zip((killed, straight), logs)]
     deadline = time.time() + 600
     try:
         while not os.path.isdir(os.path.join(killed, "checkpoints", "2")):
-            assert p.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
+            assert runs[0].poll() is None and time.time() < deadline, "training ended before its first checkpoint"
             time.sleep(0.2)
-        p.send_signal(signal.SIGKILL)
-        p.wait(timeout=60)
-    finally:
-        p.kill()
-    assert not os.path.isdir(os.path.join(killed, "checkpoints", str(steps)))
-    for workdir in (killed, str(tmp_path / "straight")):
-        r = subprocess.run(_train_cmd(data_dir, workdir, steps), env=_env(2, cache), capture_output=True, text=True,
+        runs[0].send_signal(signal.SIGKILL)
+        runs[0].wait(timeout=60)
+        assert not os.path.isdir(os.path.join(killed, "checkpoints", str(steps)))
+        r = subprocess.run(_train_cmd(data_dir, killed, steps), env=_env(2, cache), capture_output=True, text=True,
                            timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
-    got, want = _final_state(killed, steps), _final_state(str(tmp_path / "straight"), steps)
+        assert runs[1].wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+    finally:
+        for p, log in zip(runs, logs):
+            p.kill()
+            log.close()
+    got, want = _final_state(killed, steps), _final_state(straight, steps)
     assert got.keys() == want.keys()
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
