@@ -4,8 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
-from sdjax.models.layers import attention
+from sdjax.models.layers import attention, conv
 
 
 def reference_attention(q_BLNH: np.ndarray, k_BSNH: np.ndarray, v_BSNH: np.ndarray, is_causal: bool) -> np.ndarray:
@@ -43,3 +44,42 @@ def test_attention_products_have_one_batch_dimension():
     for e in dots:
         (_, _), (lhs_batch, rhs_batch) = e.params["dimension_numbers"]
         assert len(lhs_batch) == len(rhs_batch) == 1
+
+
+def _conv_reference(x, w, b, stride, pad):
+    """Direct float64 convolution (NHWC x HWIO), one output position at a time."""
+    x = np.pad(x.astype(np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    k = w.shape[0]
+    ho, wo = (x.shape[1] - k) // stride + 1, (x.shape[2] - k) // stride + 1
+    out = np.zeros((x.shape[0], ho, wo, w.shape[-1]))
+    for i in range(ho):
+        for j in range(wo):
+            patch = x[:, i * stride:i * stride + k, j * stride:j * stride + k]
+            out[:, i, j] = np.einsum("bhwc,hwco->bo", patch, w.astype(np.float64))
+    return out + b
+
+
+@pytest.mark.parametrize("hw,channels,kernel,stride", [
+    (2, 5, 3, 1), (4, 256, 3, 2), (4, 256, 3, 1), (3, 5, 3, 1),  # im2col on CPU
+    (4, 5, 3, 1), (8, 256, 3, 1), (2, 5, 1, 1)])  # XLA's convolution
+def test_conv_matches_float64_reference(hw, channels, kernel, stride):
+    m = conv(6, kernel, name="c", dtype=jnp.float32, param_dtype=jnp.float32, stride=stride)
+    x = np.asarray(jax.random.normal(jax.random.key(0), (2, hw, hw, channels)))
+    params = jax.tree.map(np.asarray, nn.unbox(m.init(jax.random.key(1), x)))["params"]
+    params["bias"] = np.asarray(jax.random.normal(jax.random.key(2), (6,)))
+    got = jax.jit(m.apply)({"params": params}, x)
+    want = _conv_reference(x, params["kernel"], params["bias"], stride, kernel // 2)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda p: jnp.sum(m.apply({"params": p}, x) ** 2))(params)
+    want_grad = jax.grad(lambda p: jnp.sum((jax.lax.conv_general_dilated(
+        x, p["kernel"], (stride, stride), [(kernel // 2, kernel // 2)] * 2,
+        dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["bias"]) ** 2))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), grads, want_grad)
+
+
+@pytest.mark.parametrize("hw,channels,matmul", [(2, 4, True), (4, 4, False), (4, 256, True), (8, 256, False)])
+def test_small_convolutions_compile_to_a_matmul_on_cpu(hw, channels, matmul):
+    m = conv(8, 3, name="c", dtype=jnp.float32, param_dtype=jnp.float32)
+    x = jnp.ones((1, hw, hw, channels))
+    hlo = jax.jit(m.apply).lower(m.init(jax.random.key(0), x), x).compile().as_text()
+    assert ("convolution(" not in hlo) == matmul

@@ -38,13 +38,54 @@ def dense(features: int, *, name: str, dtype: Dtype, param_dtype: Dtype, use_bia
     )
 
 
+# XLA:CPU turns a convolution whose input is hardly larger than its kernel (the UNet's 2x2 and
+# 4x4 levels at small resolutions) into a slow generic loop: a 3x3 conv on 2 x 2x2x1280 takes
+# 173 ms, against 7 ms as one matmul over the 9 shifted copies of the input (im2col); at 4x4
+# with 1280 channels im2col is 1.9-2.7x faster, with 64 channels about even (docs/benchmarks.md).
+IM2COL_MAX_POSITIONS = 4  # positions per image (H x W) up to which im2col is always used on CPU
+IM2COL_WIDE_MAX_POSITIONS, IM2COL_WIDE_MIN_CHANNELS = 16, 256  # and up to 16 for >= 256 input channels
+
+
+def _use_im2col(lhs_shape, rhs_shape) -> bool:
+    positions, channels = lhs_shape[1] * lhs_shape[2], lhs_shape[3]
+    return rhs_shape[0] * rhs_shape[1] > 1 and (
+        positions <= IM2COL_MAX_POSITIONS
+        or (positions <= IM2COL_WIDE_MAX_POSITIONS and channels >= IM2COL_WIDE_MIN_CHANNELS))
+
+
+def _im2col_conv(lhs, rhs, window_strides, padding, dimension_numbers, precision):
+    """NHWC x HWIO convolution as one matmul over the stacked kernel taps (im2col)."""
+    (kh, kw), (sh, sw) = rhs.shape[:2], window_strides
+    x = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
+    ho, wo = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+    taps = [x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw] for i in range(kh) for j in range(kw)]
+    cols = jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]
+    return jnp.einsum("bhwk,ko->bhwo", cols, rhs.reshape(-1, rhs.shape[-1]), precision=precision)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None):
+    """``lax.conv_general_dilated`` for ``nn.Conv``, with the im2col form on CPU for small NHWC inputs."""
+    xla = lambda x, w: jax.lax.conv_general_dilated(  # noqa: E731
+        x, w, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count, precision=precision)
+    plain = (feature_group_count == 1 and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+             and not isinstance(padding, str) and lhs.ndim == 4
+             and tuple(dimension_numbers) == tuple(jax.lax.conv_dimension_numbers(
+                 lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))))
+    if not plain or not _use_im2col(lhs.shape, rhs.shape):
+        return xla(lhs, rhs)
+    im2col = lambda x, w: _im2col_conv(x, w, window_strides, padding, dimension_numbers, precision)  # noqa: E731
+    return jax.lax.platform_dependent(lhs, rhs, cpu=im2col, default=xla)
+
+
 def conv(features: int, kernel: int = 3, *, name: str, dtype: Dtype, param_dtype: Dtype,
          stride: int = 1, padding: Any = "SAME", kernel_init=nn.initializers.lecun_normal()) -> nn.Conv:
     if padding == "SAME" and kernel > 1:
         padding = ((kernel // 2, kernel // 2), (kernel // 2, kernel // 2))
     return nn.Conv(
         features, (kernel, kernel), strides=(stride, stride), padding=padding,
-        dtype=dtype, param_dtype=param_dtype, name=name,
+        dtype=dtype, param_dtype=param_dtype, name=name, conv_general_dilated=conv_general_dilated,
         kernel_init=nn.with_logical_partitioning(kernel_init, CONV_KERNEL_AXES),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
     )
