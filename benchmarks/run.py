@@ -98,8 +98,8 @@ def table(results: dict[str, Any]) -> str:
         row("train", f"{key}: GFLOP/step (XLA)", (r.get("flops_per_step") or 0) / 1e9 or None)
         row("train", f"{key}: MFU vs measured matmul peak", r.get("mfu"))
         row("train", f"{key}: compiled memory (args+out-alias+temp)",
-            (r.get("memory", {}).get("peak_estimate") or 0) / 2**20 or None, " MiB")
-        row("train", f"{key}: temporaries", (r.get("memory", {}).get("temp_size") or 0) / 2**20 or None, " MiB")
+            (r.get("memory", {}).get("peak_estimate") or 0) / 2**20 or None, unit=" MiB")
+        row("train", f"{key}: temporaries", (r.get("memory", {}).get("temp_size") or 0) / 2**20 or None, unit=" MiB")
         row("train", f"{key}: compile", r.get("compile_s"), unit=" s")
     for r in results.get("scaling", {}).get("rows", []):
         row("scaling", f"{r['devices']} devices: s/batch (max abs diff vs 1 device = {r['max_abs_diff_vs_1']:.2g})", r["batch_s"],

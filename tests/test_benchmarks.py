@@ -59,8 +59,12 @@ def test_table_shows_ratios_and_errors():
         text2img={"sd15 B=1": dict(sdjax=dict(images_per_s=3.0, batch_s=1 / 3), flax=dict(images_per_s=2.0, batch_s=0.5),
                                    torch={})},
         compile=dict(sdjax_first_call_s=10.0, flax_first_call_s=20.0, sdjax_cached_first_call_s=2.0),
+        train=dict(rows=[dict(size="sd15", image_size=256, batch=1, dtype="float32", remat=False, step_s=None,
+                              flops_per_step=8.5e11, memory=dict(peak_estimate=3 * 2**30, temp_size=2**30))]),
         errors={"text2img torch": "peer_torch exited with 1:\nOSError: no weights"})
     text = run.table(results)
+    assert "| train | sd15 256px B=1 float32 remat=False: compiled memory (args+out-alias+temp) | 3072 MiB | - | - |" in text
+    assert "| train | sd15 256px B=1 float32 remat=False: GFLOP/step (XLA) | 850 | - | - |" in text
     assert "| text2img | sd15 B=1: images/s | 3 | 2 | 1.5 | - | - |" in text
     assert "| compile | first call (cold) | 10 s | 20 s | 0.5 |" in text
     assert "OSError: no weights" in text
