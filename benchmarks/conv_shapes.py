@@ -29,7 +29,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     pad = ((1, 1), (1, 1))
     xla = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=DIMS))
-    im2col = jax.jit(lambda x, w: _im2col_conv(x, w, (1, 1), pad, None, None))
+    im2col = jax.jit(lambda x, w: _im2col_conv(x, w, (1, 1), pad))
     rows = []
     print("| input (B, H, W, Cin) -> Cout | XLA conv | im2col | XLA / im2col | sdjax on CPU uses | max abs diff |")
     print("|---|---|---|---|---|---|")

@@ -29,8 +29,7 @@ DEMO_BACKGROUNDS = ("green", "white")
 
 def _run(cmd: list[str], log: str, **env_vars: str) -> None:
     """Run one phase, streaming its output, and stop the demo if it fails."""
-    print("$ " + " ".join(f"{k}={v}" for k, v in env_vars.items()) + ("" if not env_vars else " ") + " ".join(cmd),
-          flush=True)
+    print("$ " + "".join(f"{k}={v} " for k, v in env_vars.items()) + " ".join(cmd), flush=True)
     # TRANSFORMERS_NO_ADVISORY_WARNINGS: transformers (tokenizers only here) would say PyTorch is absent.
     env = dict(os.environ, PYTHONUNBUFFERED="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1", **env_vars)
     with open(log, "a") as f:

@@ -40,8 +40,9 @@ def dense(features: int, *, name: str, dtype: Dtype, param_dtype: Dtype, use_bia
 
 # XLA:CPU turns a convolution whose input is hardly larger than its kernel (the UNet's 2x2 and
 # 4x4 levels at small resolutions) into a slow generic loop: a 3x3 conv on 2 x 2x2x1280 takes
-# 173 ms, against 7 ms as one matmul over the 9 shifted copies of the input (im2col); at 4x4
-# with 1280 channels im2col is 1.9-2.7x faster, with 64 channels about even (docs/benchmarks.md).
+# 160 ms, against 6.7 ms as one matmul over the 9 shifted copies of the input (im2col); at 4x4
+# with 1280-2560 channels im2col is 1.4-2.9x faster, with 64 channels even
+# (python -m benchmarks.conv_shapes; docs/benchmarks.md).
 IM2COL_MAX_POSITIONS = 4  # positions per image (H x W) up to which im2col is always used on CPU
 IM2COL_WIDE_MAX_POSITIONS, IM2COL_WIDE_MIN_CHANNELS = 16, 256  # and up to 16 for >= 256 input channels
 
@@ -53,7 +54,7 @@ def _use_im2col(lhs_shape, rhs_shape) -> bool:
         or (positions <= IM2COL_WIDE_MAX_POSITIONS and channels >= IM2COL_WIDE_MIN_CHANNELS))
 
 
-def _im2col_conv(lhs, rhs, window_strides, padding, dimension_numbers, precision):
+def _im2col_conv(lhs, rhs, window_strides, padding, precision=None):
     """NHWC x HWIO convolution as one matmul over the stacked kernel taps (im2col)."""
     (kh, kw), (sh, sw) = rhs.shape[:2], window_strides
     x = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
@@ -75,7 +76,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                  lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))))
     if not plain or not _use_im2col(lhs.shape, rhs.shape):
         return xla(lhs, rhs)
-    im2col = lambda x, w: _im2col_conv(x, w, window_strides, padding, dimension_numbers, precision)  # noqa: E731
+    im2col = lambda x, w: _im2col_conv(x, w, window_strides, padding, precision)  # noqa: E731
     return jax.lax.platform_dependent(lhs, rhs, cpu=im2col, default=xla)
 
 
