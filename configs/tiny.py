@@ -9,7 +9,7 @@ tokenizer written into the workdir from ``tokenizer.words``.
 
 Sections:
   model               diffusers-style dicts for ModelConfigs.from_dicts (unet, vae, text_encoder, scheduler).
-  autoencoder.path    frozen VAE: a checkpointing.export_vae folder or any StableDiffusion checkpoint;
+  autoencoder.path    frozen VAE: an autoencoder export (train/autoencoder.py --export) or any SD checkpoint;
                       None = a random frozen VAE (seeded by autoencoder.seed), for smoke tests only.
   text_encoder        pretrained=PATH: frozen CLIP from a StableDiffusion checkpoint; None: trained from scratch.
   tokenizer           dir=a CLIP tokenizer folder, or words=... to write a word-level one into the workdir.

@@ -6,7 +6,7 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from sdjax.stable_diffusion import ModelConfigs, abstract_params, count_params
+from sdjax.models.configs import ModelConfigs, abstract_params, count_params
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
 

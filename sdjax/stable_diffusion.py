@@ -1,7 +1,6 @@
 """``StableDiffusion``: the three networks, their parameters, the tokenizer and the noise schedule."""
 
 import dataclasses
-import os
 from typing import Any, Sequence
 
 import jax
@@ -9,93 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import pipeline
-from sdjax.checkpoints import diffusers_folder, sdjax_format, single_file
-from sdjax.checkpoints.convert import CheckpointError, torch_to_flax
-from sdjax.checkpoints.tensors import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, read_tensors
-from sdjax.diffusion.schedule import SchedulerConfig
-from sdjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
-from sdjax.models.layers import unbox
-from sdjax.models import text_encoder as text_encoder_lib
-from sdjax.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
-from sdjax.models.unet import UNet, UNetConfig
+from sdjax.checkpoints import load as load_lib, sdjax_format
+from sdjax.models.autoencoder import AutoencoderKL
+from sdjax.models.configs import ModelConfigs, build_modules
 from sdjax.tokenizer import load_tokenizer, tokenize
-
-SUPPORTED_FORMATS = (
-    "a diffusers folder (model_index.json with unet/, vae/, text_encoder/, tokenizer/, scheduler/), "
-    "a single-file SD 1.x/2.x checkpoint (.safetensors; .ckpt with allow_pickle=True), "
-    "or an sdjax export (sdjax.json + params/, written by save_pretrained)"
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfigs:
-    unet: UNetConfig
-    vae: AutoencoderConfig
-    text_encoder: TextEncoderConfig
-    scheduler: SchedulerConfig
-
-    @classmethod
-    def from_dicts(cls, d: dict[str, Any]) -> "ModelConfigs":
-        return cls(
-            unet=UNetConfig.from_diffusers_config(dict(d["unet"])),
-            vae=AutoencoderConfig.from_diffusers_config(dict(d["vae"])),
-            text_encoder=TextEncoderConfig.from_transformers_config(dict(d["text_encoder"])),
-            scheduler=SchedulerConfig.from_diffusers_config(dict(d.get("scheduler") or {})),
-        )
-
-    def to_dicts(self) -> dict[str, Any]:
-        return dict(unet=self.unet.to_diffusers_config(), vae=self.vae.to_diffusers_config(),
-                    text_encoder=self.text_encoder.to_transformers_config(),
-                    scheduler=self.scheduler.to_diffusers_config())
-
-
-def build_modules(configs: ModelConfigs, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
-    """The three Flax modules for ``configs``: (unet, vae, text_encoder)."""
-    kw = dict(dtype=dtype, param_dtype=param_dtype)
-    return (UNet(configs.unet, **kw), AutoencoderKL(configs.vae, **kw), CLIPTextEncoder(configs.text_encoder, **kw))
-
-
-def init_inputs(configs: ModelConfigs) -> dict[str, tuple]:
-    """Small dummy inputs that trace each network (for init and ``jax.eval_shape``)."""
-    f = configs.vae.downsample_factor
-    n_down = len(configs.unet.block_out_channels) - 1
-    side = 2 ** n_down
-    return dict(
-        unet=(jnp.zeros((1, side, side, configs.unet.in_channels)), jnp.zeros((1,), jnp.int32),
-              jnp.zeros((1, 77, configs.unet.cross_attention_dim))),
-        vae=(jnp.zeros((1, f, f, configs.vae.in_channels)),),
-        text_encoder=(jnp.zeros((1, configs.text_encoder.max_position_embeddings), jnp.int32),),
-    )
-
-
-def abstract_params(configs: ModelConfigs, param_dtype: Any = jnp.float32) -> dict[str, Any]:
-    """Parameter shapes of every network via ``jax.eval_shape`` (no memory is allocated)."""
-    modules = dict(zip(("unet", "vae", "text_encoder"), build_modules(configs, param_dtype=param_dtype)))
-    inputs = init_inputs(configs)
-    key = jax.random.key(0)
-    return {name: unbox(jax.eval_shape(m.init, key, *inputs[name]))["params"] for name, m in modules.items()}
-
-
-def init_params(configs: ModelConfigs, key: jax.Array, param_dtype: Any = jnp.float32) -> dict[str, Any]:
-    """Random parameters for every network."""
-    modules = dict(zip(("unet", "vae", "text_encoder"), build_modules(configs, param_dtype=param_dtype)))
-    inputs = init_inputs(configs)
-    keys = dict(zip(modules, jax.random.split(key, 3)))
-    return {name: unbox(jax.jit(m.init)(keys[name], *inputs[name]))["params"] for name, m in modules.items()}
-
-
-def count_params(tree: Any) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
-
-
-def params_from_state_dicts(configs: ModelConfigs, states: dict[str, dict[str, np.ndarray]],
-                            param_dtype: Any = jnp.float32, source: str = "") -> dict[str, Any]:
-    """Convert torch-named state dicts {"unet", "vae", "text_encoder"} to sdjax params."""
-    target = abstract_params(configs, param_dtype)
-    trees = {name: torch_to_flax(states[name], target[name], what=f"{source} {name}".strip())
-             for name in ("unet", "vae")}
-    trees["text_encoder"] = text_encoder_lib.params_from_torch(states["text_encoder"], configs.text_encoder)
-    return jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, np.float32), param_dtype), trees)
 
 
 @dataclasses.dataclass
@@ -141,40 +57,11 @@ class StableDiffusion:
         ``single_file_options``: what a single file's tensors cannot say, passed to
         ``single_file.infer_configs`` (image_size, norm_num_groups, unet_heads, text_heads).
         """
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no such file or directory. Expected {SUPPORTED_FORMATS}.")
-        tokenizer_dir = tokenizer
-        if os.path.isdir(path) and sdjax_format.is_sdjax_dir(path):
-            raw = sdjax_format.read_configs(path)
-            configs = ModelConfigs.from_dicts(raw)
-            params = sdjax_format.load_params(path, abstract_params(configs, param_dtype))
-            params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, param_dtype), params)
-            default_tok = os.path.join(path, "tokenizer")
-        elif os.path.isdir(path) and diffusers_folder.is_diffusers_dir(path):
-            states, raw = {}, {}
-            for name in ("unet", "vae", "text_encoder"):
-                raw[name], states[name] = diffusers_folder.read_component(
-                    path, name, variant=variant, allow_pickle=allow_pickle)
-            raw["scheduler"] = diffusers_folder.read_scheduler_config(path) or {}
-            configs = ModelConfigs.from_dicts(raw)
-            params = params_from_state_dicts(configs, states, param_dtype, source=path)
-            default_tok = os.path.join(path, "tokenizer")
-        elif os.path.isfile(path) and path.endswith((SAFETENSORS_SUFFIX,) + PICKLE_SUFFIXES):
-            state = read_tensors(path, allow_pickle=allow_pickle)
-            split = single_file.split_original(state)
-            raw = single_file.infer_configs(state, **(single_file_options or {}))
-            configs = ModelConfigs.from_dicts(raw)
-            params = params_from_state_dicts(configs, split, param_dtype, source=path)
-            default_tok = None
-        else:
-            raise CheckpointError(f"{path}: not a checkpoint sdjax can read. Supported: {SUPPORTED_FORMATS}.")
-        if prediction_type is not None:
-            configs = dataclasses.replace(
-                configs, scheduler=dataclasses.replace(configs.scheduler, prediction_type=prediction_type))
-        tokenizer_dir = tokenizer_dir or (default_tok if default_tok and os.path.isdir(default_tok) else None)
+        loaded = load_lib.load(path, param_dtype=param_dtype, prediction_type=prediction_type,
+                               allow_pickle=allow_pickle, variant=variant, single_file_options=single_file_options)
+        tokenizer_dir = tokenizer or loaded.tokenizer_dir
         tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
-        return cls(configs, params, tok, tokenizer_dir, dtype, param_dtype)
+        return cls(loaded.configs, loaded.params, tok, tokenizer_dir, dtype, param_dtype)
 
     def save_pretrained(self, path: str) -> None:
         """Write an sdjax export (Orbax params + JSON configs + tokenizer) that loads back bit-exact."""

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sdjax.checkpoints.convert import CheckpointError
-from sdjax.models.lpips import LPIPS, normalize_features, load_lpips_params
+from sdjax.checkpoints.load import load_lpips
+from sdjax.models.lpips import LPIPS, normalize_features
 from tests.lpips_reference import write_reference
 
 
@@ -18,7 +19,7 @@ def reference(tmp_path_factory):
 
 def test_matches_original(reference):
     model, path = reference
-    params = load_lpips_params(path)
+    params = load_lpips(path)
     rng = np.random.default_rng(0)
     x0 = rng.uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32)
     x1 = np.clip(x0 + 0.3 * rng.standard_normal(x0.shape), -1, 1).astype(np.float32)
@@ -49,4 +50,4 @@ def test_bad_file_is_reported(tmp_path):
     bad = tmp_path / "bad.safetensors"
     save_file({"features.0.weight": np.zeros((64, 3, 3, 3), np.float32)}, str(bad))
     with pytest.raises(CheckpointError, match="missing from checkpoint"):
-        load_lpips_params(str(bad))
+        load_lpips(str(bad))

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from sdjax.checkpoints.convert import CheckpointError
-from sdjax.stable_diffusion import StableDiffusion, abstract_params, count_params, ModelConfigs
+from sdjax.models.configs import ModelConfigs, abstract_params, count_params
+from sdjax.stable_diffusion import StableDiffusion
 from sdjax import presets
 from tests import tiny_models
 from tests.single_file_fixtures import write_original

@@ -8,7 +8,8 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdjax.models import layers
-from sdjax.models.text_encoder import CLIPTextEncoder, TextEncoderConfig, params_from_torch, pooled_output
+from sdjax.checkpoints.convert import text_encoder_from_torch
+from sdjax.models.text_encoder import CLIPTextEncoder, TextEncoderConfig, pooled_output
 
 TINY = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_attention_heads=4,
             max_position_embeddings=77, bos_token_id=998, eos_token_id=999, pad_token_id=999)
@@ -43,7 +44,7 @@ def test_sd1_last_layer_matches_transformers():
     # On-disk checkpoints carry the "text_model." prefix and the position_ids buffer.
     sd = {f"text_model.{k}": v.numpy() for k, v in torch_model.state_dict().items()}
     sd["text_model.embeddings.position_ids"] = np.arange(77)[None]
-    params = params_from_torch(sd, config)
+    params = text_encoder_from_torch(sd, config)
     ids = token_ids()
     with torch.no_grad():
         out = torch_model(torch.from_numpy(ids))
@@ -56,7 +57,7 @@ def test_sd1_last_layer_matches_transformers():
 def test_sd2_penultimate_layer_matches_transformers():
     torch_model = random_torch_model(num_hidden_layers=4, hidden_act="gelu")
     config = TextEncoderConfig.from_transformers_config(torch_model.config.to_dict(), output_layer="penultimate")
-    params = params_from_torch(torch_model.state_dict(), config)
+    params = text_encoder_from_torch(torch_model.state_dict(), config)
     assert set(params["encoder"]) == {"layers_0", "layers_1", "layers_2"}
     ids = token_ids()
     with torch.no_grad():
@@ -68,7 +69,7 @@ def test_sd2_penultimate_layer_matches_transformers():
     diffusers_form = TextEncoderConfig.from_transformers_config(config.to_transformers_config())
     assert diffusers_form.num_hidden_layers == 3 and diffusers_form.output_layer == "last"
     sd23 = {k: v for k, v in torch_model.state_dict().items() if not k.startswith("encoder.layers.3.")}
-    assert jax.tree.all(jax.tree.map(np.array_equal, params, params_from_torch(sd23, diffusers_form)))
+    assert jax.tree.all(jax.tree.map(np.array_equal, params, text_encoder_from_torch(sd23, diffusers_form)))
 
 
 def test_config_round_trips_through_transformers():
@@ -96,7 +97,7 @@ def test_param_count(kw, expected):
 def test_bf16_compute_with_f32_params():
     torch_model = random_torch_model(num_hidden_layers=2, hidden_act="quick_gelu")
     config = TextEncoderConfig.from_transformers_config(torch_model.config.to_dict())
-    params = params_from_torch(torch_model.state_dict(), config)
+    params = text_encoder_from_torch(torch_model.state_dict(), config)
     ids = token_ids()
     model = CLIPTextEncoder(config, dtype=jnp.bfloat16, param_dtype=jnp.float32)
     boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.asarray(ids, jnp.int32))["params"]

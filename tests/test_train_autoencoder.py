@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdjax import checkpointing
+from sdjax.checkpoints import load as load_lib
 from sdjax.models.autoencoder import AutoencoderKL
 from sdjax.training import autoencoder as ae
 from tests.lpips_reference import write_reference
@@ -168,7 +168,7 @@ def test_training_improves_reconstructions_and_export_round_trips(run, tmp_path)
     assert grid.shape == (2 * 16, 8 * 16, 3) and grid.dtype == np.uint8
 
     config = ae.export(setup, state, str(tmp_path / "vae"), held_out)
-    loaded_config, loaded = checkpointing.load_frozen_vae(str(tmp_path / "vae"))
+    loaded_config, loaded = load_lib.load_vae(str(tmp_path / "vae"))
     assert loaded_config == config and config.scaling_factor != 1.0
     want = setup.reconstruct_fn(state.params["autoencoder"], held_out)
     np.testing.assert_array_equal(setup.reconstruct_fn(loaded, held_out), want)

@@ -26,7 +26,8 @@ from jax.extend.core import ClosedJaxpr, Jaxpr
 
 from sdjax import metrics
 from sdjax.data import prepare
-from sdjax.stable_diffusion import StableDiffusion, abstract_params
+from sdjax.models.configs import abstract_params
+from sdjax.stable_diffusion import StableDiffusion
 from sdjax.train_state import RUN_ONCE_COMPILER_OPTIONS, ema_decay, make_optimizer
 from sdjax.training import latent
 from sdjax.training.latent import min_snr_weight
@@ -428,17 +429,18 @@ def test_sigkill_then_resume_is_bitwise_identical(data_dir, tmp_path):
 
 
 def test_vae_export_round_trip(tmp_path):
-    from sdjax.checkpointing import export_vae, load_frozen_vae
+    from sdjax.checkpoints.load import load_vae
+    from sdjax.checkpoints.sdjax_format import save_vae
     from sdjax.models.autoencoder import AutoencoderConfig
 
     config = AutoencoderConfig(block_out_channels=(8, 8), norm_num_groups=4, scaling_factor=0.5)
     params = {"encoder": {"conv_in": {"kernel": np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3)}}}
-    export_vae(str(tmp_path / "vae"), config, params)
-    got_config, got = load_frozen_vae(str(tmp_path / "vae"))
+    save_vae(str(tmp_path / "vae"), config, params)
+    got_config, got = load_vae(str(tmp_path / "vae"))
     assert got_config == config
     np.testing.assert_array_equal(got["encoder"]["conv_in"]["kernel"], params["encoder"]["conv_in"]["kernel"])
     with pytest.raises(FileNotFoundError, match="no such file"):
-        load_frozen_vae(str(tmp_path / "missing"))
+        load_vae(str(tmp_path / "missing"))
 
 
 def test_word_tokenizer_gives_one_token_per_caption_word(tmp_path):

@@ -14,7 +14,7 @@ from sdjax.training import autoencoder
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reconstructions.")
-_EXPORT = flags.DEFINE_string("export", None, "Write the trained autoencoder here (checkpointing.export_vae).")
+_EXPORT = flags.DEFINE_string("export", None, "Write the trained autoencoder here (an autoencoder export that train/latent.py reads).")
 
 
 def main(argv) -> None:

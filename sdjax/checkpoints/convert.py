@@ -12,8 +12,13 @@ linear layer are interchangeable (SD 1 stores some projections as convs).
 
 from typing import Any, Iterable, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+
+from sdjax.models.layers import unbox
+from sdjax.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
 
 
 class CheckpointError(ValueError):
@@ -99,3 +104,15 @@ def describe_mismatch(what: str, missing: list[str], unexpected: list[str], mism
             lines.append(f"  {title} ({len(items)}):\n    {shown}{more}")
     lines.append("  Check that the config.json next to the weights describes this checkpoint.")
     return "\n".join(lines)
+
+
+def text_encoder_from_torch(state_dict: Mapping[str, Any], config: TextEncoderConfig) -> dict:
+    """Flax params of ``CLIPTextEncoder`` from a ``CLIPTextModel`` state dict (with or without the
+    ``text_model.`` prefix). For a penultimate-layer config, the layers past the ones used are dropped."""
+    prefix = "text_model."
+    sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+    unused = tuple(f"encoder.layers.{i}." for i in range(config.num_layers_used, config.num_hidden_layers))
+    sd = {k: v for k, v in sd.items() if not k.startswith(unused)}
+    ids = jnp.zeros((1, config.max_position_embeddings), jnp.int32)
+    target = jax.eval_shape(lambda: unbox(CLIPTextEncoder(config).init(jax.random.key(0), ids))["params"])
+    return torch_to_flax(sd, target, what="text_encoder", ignore=("position_ids",))

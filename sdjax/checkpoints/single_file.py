@@ -361,8 +361,8 @@ def infer_text_config(text: Mapping[str, np.ndarray], version: Version, *, heads
 
 
 def infer_configs(state_dict: Mapping[str, Any], *, image_size: int = 512, norm_num_groups: int = 32,
-                  unet_heads: int | Sequence[int] | None = None, text_heads: int | None = None
-                  ) -> dict[str, dict[str, Any]]:
+                  unet_heads: int | Sequence[int] | None = None, text_heads: int | None = None,
+                  parts: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> dict[str, dict[str, Any]]:
     """diffusers-style ``{"unet", "vae", "text_encoder"}`` configs for an original SD 1.x/2.x checkpoint.
 
     Inferred from shapes: channels, levels, layers per block, which levels attend, cross-attention
@@ -370,10 +370,11 @@ def infer_configs(state_dict: Mapping[str, Any], *, image_size: int = 512, norm_
     Fixed by SD convention unless overridden: UNet heads (SD 1: 8 per level; SD 2: channels / 64),
     text heads (hidden / 64), text activation (SD 1 quick_gelu, SD 2 gelu). Not in the weights at all:
     ``image_size`` (512; 768 for SD 2 768-v), ``norm_num_groups`` (32 in every SD release), and the
-    prediction type, which the caller must pass to the scheduler.
+    prediction type, which the caller must pass to the scheduler. ``parts``: ``split_original(state_dict)``
+    when the caller already has it.
     """
     version = detect_version(list(state_dict))
-    parts = split_original(state_dict)
+    parts = split_original(state_dict) if parts is None else parts
     vae = infer_vae_config(parts["vae"], sample_size=image_size, norm_num_groups=norm_num_groups)
     latent_size = image_size // 2 ** (len(vae["block_out_channels"]) - 1)
     return {

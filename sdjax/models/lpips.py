@@ -8,7 +8,8 @@ along channels; the squared differences go through learned 1x1 heads ``lin0..lin
 Weights file (``LPIPS_KEYS``): one safetensors file in PyTorch layout,
 ``features.{i}.weight`` (O, I, 3, 3) / ``features.{i}.bias`` for the 13 convs at
 torchvision's ``vgg16().features`` indices, and ``lin{k}.weight`` (1, C_k, 1, 1) from the
-LPIPS ``vgg.pth``; ``sdjax/tools/convert_lpips.py`` writes it from those two files.
+LPIPS ``vgg.pth``; ``sdjax/tools/convert_lpips.py`` writes it from those two files; ``sdjax.checkpoints.load.load_lpips``
+reads it.
 """
 
 from typing import Any
@@ -17,9 +18,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from sdjax.checkpoints.convert import torch_to_flax
-from sdjax.checkpoints.tensors import read_safetensors
-from sdjax.models.layers import CONV_KERNEL_AXES, unbox
+from sdjax.models.layers import CONV_KERNEL_AXES
 
 Dtype = Any
 
@@ -90,15 +89,3 @@ class LPIPS(nn.Module):
             d = jnp.square(normalize_features(f0.astype(jnp.float32)) - normalize_features(f1.astype(jnp.float32)))
             total = total + jnp.mean(lin(d), axis=(1, 2, 3))
         return total
-
-
-def load_lpips_params(path: str, param_dtype: Dtype = jnp.float32) -> dict:
-    """The ``params`` tree of ``LPIPS`` from a weights file in the layout above.
-
-    Raises CheckpointError naming missing, unexpected or mis-shaped tensors.
-    """
-    x = jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)
-    target = jax.eval_shape(LPIPS(param_dtype=param_dtype).init, jax.random.key(0), x, x)
-    state = read_safetensors(path)
-    params = torch_to_flax(state, unbox(target)["params"], what=f"LPIPS weights {path}")
-    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, param_dtype), params)

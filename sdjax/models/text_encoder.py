@@ -2,7 +2,7 @@
 
 Parameter names mirror transformers (``embeddings/token_embedding``,
 ``encoder/layers_3/self_attn/q_proj``, ``final_layer_norm``) so that
-``sdjax.checkpoints.convert.torch_to_flax`` maps a PyTorch state dict onto them.
+``sdjax.checkpoints.convert`` maps a PyTorch state dict onto them.
 
 SD 1.x conditions on the last layer of OpenAI's CLIP ViT-L/14 text tower; SD 2.x on the
 penultimate layer of OpenCLIP ViT-H/14. Both go through the final LayerNorm. diffusers
@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from sdjax.checkpoints.convert import torch_to_flax
 from sdjax.models import layers
 
 Dtype = Any
@@ -191,18 +190,3 @@ def pooled_output(hidden_BLD: jax.Array, input_ids_BL: jax.Array, eos_token_id: 
     else:
         idx_B = jnp.argmax(input_ids_BL == eos_token_id, axis=-1)
     return jnp.take_along_axis(hidden_BLD, idx_B[:, None, None], axis=1)[:, 0]
-
-
-def params_from_torch(state_dict: Mapping[str, Any], config: TextEncoderConfig) -> dict:
-    """Flax params from a ``CLIPTextModel`` state dict (with or without the ``text_model.`` prefix).
-
-    For a penultimate-layer config, the layers past the ones used are dropped.
-    """
-    prefix = "text_model."
-    sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
-    unused = tuple(f"encoder.layers.{i}." for i in range(config.num_layers_used, config.num_hidden_layers))
-    sd = {k: v for k, v in sd.items() if not k.startswith(unused)}
-    model = CLIPTextEncoder(config)
-    ids = jnp.zeros((1, config.max_position_embeddings), jnp.int32)
-    target = jax.eval_shape(lambda: layers.unbox(model.init(jax.random.key(0), ids))["params"])
-    return torch_to_flax(sd, target, what="text_encoder", ignore=("position_ids",))

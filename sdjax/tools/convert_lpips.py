@@ -1,4 +1,4 @@
-"""Write the LPIPS weights file that ``sdjax.models.lpips.load_lpips_params`` reads.
+"""Write the LPIPS weights file that ``sdjax.checkpoints.load.load_lpips`` reads.
 
     python -m sdjax.tools.convert_lpips --vgg vgg16-397923af.pth --lin vgg.pth --out lpips_vgg.safetensors
 

@@ -36,11 +36,12 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from sdjax import checkpointing, metrics, sharding
+from sdjax import metrics, sharding
+from sdjax.checkpoints import load as load_lib, sdjax_format, train as train_ckpt
 from sdjax.data import DataConfig, make_dataset, prepare
 from sdjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from sdjax.models.discriminator import NLayerDiscriminator
-from sdjax.models.lpips import LPIPS, load_lpips_params
+from sdjax.models.lpips import LPIPS
 from sdjax.train_state import (RUN_ONCE_COMPILER_OPTIONS, TrainState, abstract_sharded, sharded_init,
                                state_shardings)
 
@@ -251,7 +252,7 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Setup:
                             "--config.loss.lpips_path to use them.")
         lpips, lpips_params = None, None
     else:
-        lpips, lpips_params = LPIPS(), load_lpips_params(loss.lpips_path)
+        lpips, lpips_params = LPIPS(), load_lib.load_lpips(loss.lpips_path)
     vae = AutoencoderKL(vae_config)
     tx = make_optimizer(train.learning_rate)
 
@@ -339,13 +340,13 @@ def latent_scale(setup: Setup, vae_params: Any, images: np.ndarray, key: jax.Arr
 
 
 def export(setup: Setup, state: TrainState, path: str, images: np.ndarray) -> AutoencoderConfig:
-    """Writes the trained autoencoder as ``checkpointing.export_vae`` (what the latent trainer's
+    """Writes the trained autoencoder as ``sdjax_format.save_vae`` (what the latent trainer's
     ``autoencoder.path`` loads), with ``scaling_factor`` measured on ``images``."""
     params = jax.tree.map(np.asarray, multihost_utils.process_allgather(state.params["autoencoder"], tiled=True))
     scale = latent_scale(setup, state.params["autoencoder"], images, jax.random.key(setup.train.seed))
     config = dataclasses.replace(setup.vae_config, scaling_factor=scale)
     if jax.process_index() == 0:
-        checkpointing.export_vae(path, config, params)
+        sdjax_format.save_vae(path, config, params)
     multihost_utils.sync_global_devices("sdjax vae export written")
     return config
 
@@ -360,9 +361,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     tc = setup.train
     iterator = make_iterator(setup)
     held_out = eval_images(setup)
-    manager = checkpointing.make_manager(workdir, tc.max_to_keep)
+    manager = train_ckpt.make_manager(workdir, tc.max_to_keep)
     target = abstract_sharded(setup.init, setup.shardings, jax.random.key(tc.seed))
-    state = checkpointing.restore_latest(manager, target, iterator)
+    state = train_ckpt.restore_latest(manager, target, iterator)
     if state is None:
         state = init_state(setup)
     writer = metrics.MetricsWriter(workdir, tc.steps, enabled=jax.process_index() == 0)
@@ -386,7 +387,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             if jax.process_index() == 0:
                 print(f"step {step}: held-out PSNR {value:.2f} dB", flush=True)
         if step % tc.checkpoint_every == 0 or step == tc.steps:
-            checkpointing.save(manager, state, iterator, force=step == tc.steps)
+            train_ckpt.save(manager, state, iterator, force=step == tc.steps)
     manager.wait_until_finished()
     manager.close()
     writer.close()

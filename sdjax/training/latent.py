@@ -21,14 +21,15 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sdjax import checkpointing, metrics, sharding
+from sdjax import metrics, sharding
+from sdjax.checkpoints import load as load_lib, sdjax_format, train as train_ckpt
 from sdjax.data import DataConfig, latent_cache, make_dataset, prepare
 from sdjax.diffusion.schedule import add_noise, alphas_cumprod, get_target
 from sdjax.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from sdjax.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
 from sdjax.models.unet import UNet
 from sdjax.samplers import get_sampler
-from sdjax.stable_diffusion import ModelConfigs, StableDiffusion
+from sdjax.models.configs import ModelConfigs
 from sdjax.tokenizer import load_tokenizer, tokenize
 from sdjax.train_state import (RUN_ONCE_COMPILER_OPTIONS, TrainState, abstract_sharded, make_optimizer, sharded_init,
                                state_shardings)
@@ -62,7 +63,7 @@ class TrainConfig:
     sample_every: int = 0  # 0: no sample grids
     export_dir: str | None = None
     fast_compile: bool = False  # skip XLA backend optimisation of the step: quick compiles, slower steps (CPU tests)
-    init_from: str | None = None  # a StableDiffusion checkpoint to start the trained networks from
+    init_from: str | None = None  # a Stable Diffusion checkpoint to start the trained networks from
     cache_latents: bool = False  # encode the dataset once, then train on the cached posteriors
     latent_cache_dir: str | None = None  # None: <workdir>/latent_cache
 
@@ -213,8 +214,8 @@ def _frozen_text_encoder(config: ml_collections.ConfigDict) -> tuple[TextEncoder
     path = config.text_encoder.get("pretrained")
     if not path:
         return None, None
-    sd = StableDiffusion.from_pretrained(path)
-    return sd.configs.text_encoder, sd.params["text_encoder"]
+    loaded = load_lib.load(path)
+    return loaded.configs.text_encoder, loaded.params["text_encoder"]
 
 
 def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
@@ -236,7 +237,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setu
         raw["text_encoder"] = text_config.to_transformers_config() | {"output_layer": text_config.output_layer}
     vae_path = config.autoencoder.get("path")
     if vae_path:
-        vae_config, vae_params = checkpointing.load_frozen_vae(vae_path)
+        vae_config, vae_params = load_lib.load_vae(vae_path)
         raw["vae"] = vae_config.to_diffusers_config()
     configs = ModelConfigs.from_dicts(raw)
     if configs.unet.cross_attention_dim != configs.text_encoder.hidden_size:
@@ -430,8 +431,8 @@ def init_state(setup: Setup, first_batch: dict[str, jax.Array] | None = None) ->
 
 def _load_init_params(setup: Setup, state: TrainState, path: str) -> TrainState:
     """Starts the trained networks (and their EMA) from a pretrained Stable Diffusion checkpoint."""
-    sd = StableDiffusion.from_pretrained(path)
-    params = {name: sd.params[name] for name in state.params}
+    loaded = load_lib.load(path)
+    params = {name: loaded.params[name] for name in state.params}
     # device_put accepts any shapes that divide the mesh (another width, say), so compare them first.
     shapes = lambda tree: {jax.tree_util.keystr(k): v.shape  # noqa: E731
                            for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -499,7 +500,7 @@ def export(setup: Setup, state: TrainState, path: str) -> None:
     scale = float(multihost_utils.process_allgather(state.extra["latent_scale"], tiled=True).reshape(-1)[0])
     configs = dataclasses.replace(setup.configs, vae=dataclasses.replace(setup.configs.vae, scaling_factor=scale))
     if jax.process_index() == 0:
-        StableDiffusion(configs, params, tokenizer=setup.tokenizer, tokenizer_dir=setup.tokenizer_dir).save_pretrained(path)
+        sdjax_format.save(path, configs.to_dicts(), params, setup.tokenizer_dir)
     multihost_utils.sync_global_devices("sdjax export written")
 
 
@@ -511,9 +512,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     setup = build(config, workdir)
     train_cfg = setup.train
     iterator = make_iterator(setup)
-    manager = checkpointing.make_manager(workdir, train_cfg.max_to_keep)
+    manager = train_ckpt.make_manager(workdir, train_cfg.max_to_keep)
     target = abstract_sharded(setup.init, setup.shardings, jax.random.key(train_cfg.seed), 1.0)
-    state = checkpointing.restore_latest(manager, target, iterator)
+    state = train_ckpt.restore_latest(manager, target, iterator)
     pending = None
     if state is None:
         pending = device_batch(setup, next(iterator))
@@ -540,7 +541,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         if sampler is not None and (step % train_cfg.sample_every == 0 or step == train_cfg.steps):
             writer.image(step, "samples", sample_grid(setup, state, sampler, list(sample_cfg.prompts)))
         if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps:
-            checkpointing.save(manager, state, iterator, force=step == train_cfg.steps)
+            train_ckpt.save(manager, state, iterator, force=step == train_cfg.steps)
     manager.wait_until_finished()
     manager.close()
     writer.close()

@@ -1,0 +1,117 @@
+"""Loading any checkpoint sdjax reads: format detection, reading, conversion to sdjax parameters.
+
+``load(path)`` -> ``Loaded(configs, params, tokenizer_dir)`` for a diffusers folder, an
+original single file or an sdjax export; ``load_vae(path)`` takes the autoencoder out of an
+autoencoder export or any of those; ``load_lpips(path)`` reads the LPIPS weights file.
+"""
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdjax.checkpoints import diffusers_folder, sdjax_format, single_file
+from sdjax.checkpoints.convert import CheckpointError, text_encoder_from_torch, torch_to_flax
+from sdjax.checkpoints.tensors import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, read_safetensors, read_tensors
+from sdjax.models.autoencoder import AutoencoderConfig
+from sdjax.models.configs import ModelConfigs, abstract_params
+from sdjax.models.layers import unbox
+from sdjax.models.lpips import LPIPS
+
+SUPPORTED_FORMATS = (
+    "a diffusers folder (model_index.json with unet/, vae/, text_encoder/, tokenizer/, scheduler/), "
+    "a single-file SD 1.x/2.x checkpoint (.safetensors; .ckpt with allow_pickle=True), "
+    "or an sdjax export (sdjax.json + params/, written by save_pretrained)"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """A checkpoint read into sdjax's terms."""
+    configs: ModelConfigs
+    params: dict[str, Any]  # {"unet", "vae", "text_encoder"}
+    tokenizer_dir: str | None  # the folder holding the checkpoint's tokenizer files, if it has one
+
+
+def detect_format(path: str) -> str:
+    """"sdjax", "diffusers" or "single_file"; raises with the supported formats otherwise."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or directory. Expected {SUPPORTED_FORMATS}.")
+    if os.path.isdir(path) and sdjax_format.is_sdjax_dir(path):
+        return "sdjax"
+    if os.path.isdir(path) and diffusers_folder.is_diffusers_dir(path):
+        return "diffusers"
+    if os.path.isfile(path) and path.endswith((SAFETENSORS_SUFFIX,) + PICKLE_SUFFIXES):
+        return "single_file"
+    raise CheckpointError(f"{path}: not a checkpoint sdjax can read. Supported: {SUPPORTED_FORMATS}.")
+
+
+def params_from_state_dicts(configs: ModelConfigs, states: dict[str, dict[str, np.ndarray]],
+                            param_dtype: Any = jnp.float32, source: str = "") -> dict[str, Any]:
+    """Convert torch-named state dicts {"unet", "vae", "text_encoder"} to sdjax params."""
+    target = abstract_params(configs, param_dtype)
+    trees = {name: torch_to_flax(states[name], target[name], what=f"{source} {name}".strip())
+             for name in ("unet", "vae")}
+    trees["text_encoder"] = text_encoder_from_torch(states["text_encoder"], configs.text_encoder)
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, np.float32), param_dtype), trees)
+
+
+def load(path: str, *, param_dtype: Any = jnp.float32, prediction_type: str | None = None,
+         allow_pickle: bool = False, variant: str | None = None,
+         single_file_options: dict[str, Any] | None = None) -> Loaded:
+    """Reads a diffusers folder, a single-file SD checkpoint, or an sdjax export (see
+    ``StableDiffusion.from_pretrained`` for the options)."""
+    path = os.fspath(path)
+    fmt = detect_format(path)
+    tokenizer_dir = os.path.join(path, "tokenizer")
+    if fmt == "sdjax":
+        configs = ModelConfigs.from_dicts(sdjax_format.read_configs(path))
+        params = sdjax_format.load_params(path, abstract_params(configs, param_dtype))
+        params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, param_dtype), params)
+    elif fmt == "diffusers":
+        states, raw = {}, {}
+        for name in ("unet", "vae", "text_encoder"):
+            raw[name], states[name] = diffusers_folder.read_component(
+                path, name, variant=variant, allow_pickle=allow_pickle)
+        raw["scheduler"] = diffusers_folder.read_scheduler_config(path) or {}
+        configs = ModelConfigs.from_dicts(raw)
+        params = params_from_state_dicts(configs, states, param_dtype, source=path)
+    else:
+        state = read_tensors(path, allow_pickle=allow_pickle)
+        parts = single_file.split_original(state)
+        configs = ModelConfigs.from_dicts(single_file.infer_configs(state, parts=parts, **(single_file_options or {})))
+        params = params_from_state_dicts(configs, parts, param_dtype, source=path)
+        tokenizer_dir = None
+    if prediction_type is not None:
+        configs = dataclasses.replace(
+            configs, scheduler=dataclasses.replace(configs.scheduler, prediction_type=prediction_type))
+    if tokenizer_dir is not None and not os.path.isdir(tokenizer_dir):
+        tokenizer_dir = None
+    return Loaded(configs, params, tokenizer_dir)
+
+
+def load_vae(path: str) -> tuple[AutoencoderConfig, Any]:
+    """(config, params) of the autoencoder in ``path``: an autoencoder export (phase 1's) or any
+    whole Stable Diffusion checkpoint ``load`` reads."""
+    path = os.fspath(path)
+    if os.path.isdir(path) and sdjax_format.is_vae_dir(path):
+        return sdjax_format.read_vae(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or directory. Give an autoencoder export "
+                                f"({sdjax_format.VAE_MARKER} + params/) or a Stable Diffusion checkpoint.")
+    loaded = load(path)
+    return loaded.configs.vae, loaded.params["vae"]
+
+
+def load_lpips(path: str, param_dtype: Any = jnp.float32) -> dict:
+    """The ``params`` tree of ``sdjax.models.lpips.LPIPS`` from its weights file (layout in that module).
+
+    Raises CheckpointError naming missing, unexpected or mis-shaped tensors.
+    """
+    x = jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)
+    target = jax.eval_shape(LPIPS(param_dtype=param_dtype).init, jax.random.key(0), x, x)
+    params = torch_to_flax(read_safetensors(path), unbox(target)["params"], what=f"LPIPS weights {path}")
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, param_dtype), params)
