@@ -21,7 +21,6 @@ from typing import Any
 from benchmarks import envs, timing
 
 BENCHMARKS = ("text2img", "compile", "overhead", "train", "scaling")
-TARGETS = dict(text2img_vs_flax=1.2, overhead=1.05)
 
 
 def defaults(gpu: bool) -> dict[str, Any]:

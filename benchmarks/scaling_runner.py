@@ -8,14 +8,13 @@ import argparse
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
 
 from benchmarks import timing
 from benchmarks.sdjax_runner import PROMPT
 
 
 def main(argv=None) -> None:
-    from sdjax import StableDiffusion, pipeline
+    from sdjax import StableDiffusion, generate, sharding
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--folder", required=True)
@@ -30,15 +29,13 @@ def main(argv=None) -> None:
                          "XLA_FLAGS=--xla_force_host_platform_device_count=8 before jax starts.")
     sd = StableDiffusion.from_pretrained(a.folder)
     f, c = sd.downsample_factor, sd.configs.unet.in_channels
-    noise = pipeline.starting_noise(0, a.batch, (a.height // f, a.width // f, c))
-    ids = sd.tokenize([PROMPT] * a.batch)
-    uncond = sd.tokenize([""] * a.batch)
-    opts = pipeline.SamplingOptions(a.steps, 7.5, 0.0, "ddim", a.height, a.width, 0)
+    noise = generate.starting_noise(0, a.batch, (a.height // f, a.width // f, c))
+    inputs = generate.Inputs(sd.tokenize([PROMPT] * a.batch), sd.tokenize([""] * a.batch), noise)
+    opts = generate.SamplingOptions(a.steps, 7.5, 0.0, "ddim", a.height, a.width, 0)
     rows, reference = [], None
     for n in (1, 2, 4, 8):
-        gen = pipeline.Generator(sd.unet, sd.vae_f32, sd.text_encoder, sd.scaling_factor, sd.configs.scheduler,
-                                 mesh=Mesh(np.asarray(jax.devices()[:n]), ("data",)))
-        call = lambda: gen(sd.params, ids, uncond, noise, opts)  # noqa: E731
+        gen = generate.Generator(sd.generator.nets, sd.configs.scheduler, mesh=sharding.data_mesh(jax.devices()[:n]))
+        call = lambda: gen(sd.params, inputs, opts, sd.scaling_factor)  # noqa: E731
         first = timing.first_call(call, np.asarray)
         warm = timing.measure(call, np.asarray, a.repeats, warmup=1)
         images = call()

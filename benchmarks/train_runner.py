@@ -42,7 +42,7 @@ def train_config(size: str, batch: int, image_size: int | None, remat: bool, dty
 
 
 def fake_batch(setup, batch: int) -> dict[str, jax.Array]:
-    s = setup.config.data.image_size
+    s = setup.data.image_size
     rng = np.random.default_rng(0)
     host = dict(image=rng.uniform(-1, 1, (batch, s, s, 3)).astype(np.float32),
                 input_ids=rng.integers(0, len(setup.tokenizer), (batch, setup.configs.text_encoder.max_position_embeddings),
@@ -87,7 +87,7 @@ def bench_one(size: str, batch: int, image_size: int | None, remat: bool, dtype:
         t0 = time.perf_counter()
         abstract = abstract_sharded(setup.init, setup.shardings, jax.random.key(0), 1.0)
         compiled = setup.step_fn.lower(abstract, data, setup.frozen).compile()
-        out = dict(size=size, batch=batch, image_size=setup.config.data.image_size, remat=remat, dtype=dtype,
+        out = dict(size=size, batch=batch, image_size=setup.data.image_size, remat=remat, dtype=dtype,
                    compile_s=time.perf_counter() - t0, flops_per_step=flops_of(compiled), memory=memory_of(compiled),
                    params=int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract.params))))
         if not run:

@@ -1,14 +1,12 @@
 """Print the parameter count of each network of a config, from ``jax.eval_shape`` (no memory).
 
-    python -m sdjax.params --config configs/sd15.py
+    python -m sdjax.params --config sd15
 """
 
-from absl import app, flags
-from ml_collections import config_flags
+import argparse
 
+from sdjax import configs
 from sdjax.models.configs import ModelConfigs, abstract_params, count_params
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
 
 
 def param_counts(model_config: dict) -> dict[str, int]:
@@ -16,9 +14,10 @@ def param_counts(model_config: dict) -> dict[str, int]:
     return {name: count_params(t) for name, t in tree.items()}
 
 
-def main(argv) -> None:
-    del argv
-    counts = param_counts(_CONFIG.value.model.to_dict())
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="a shipped config's name (sd15) or a config file's path")
+    counts = param_counts(configs.load(p.parse_args(argv).config).model.to_dict())
     print(f"{'network':<14}{'parameters':>16}")
     for name, n in counts.items():
         print(f"{name:<14}{n:>16,}")
@@ -26,5 +25,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    main()

@@ -46,5 +46,3 @@ def sd21() -> dict:
     cfg["scheduler"].update(prediction_type="v_prediction")
     return cfg
 
-
-PRESETS = {"sd15": sd15, "sd21": sd21}

@@ -19,6 +19,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 Rules = Sequence[tuple[str, Any]]
 
+# The logical-axis rules every config starts from: the batch over data (and fsdp) devices, the
+# output side of every weight over fsdp, the input side over an optional tensor axis.
+LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("conv_out", "fsdp"),
+    ("dense_out", "fsdp"),
+    ("vocab", "fsdp"),
+    ("conv_in", "tensor"),
+    ("dense_in", "tensor"),
+    ("embed", "tensor"),
+)
+
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> None:
@@ -76,6 +88,11 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str], devices: Sequence[jax.D
     except (ValueError, NotImplementedError, AssertionError):  # Backends without topology information.
         grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, tuple(axes))
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh named ``data`` over every device of every host (or ``devices``): inference."""
+    return make_mesh((-1,), ("data",), devices)
 
 
 def filter_rules(rules: Rules, mesh: Mesh) -> tuple[tuple[str, Any], ...]:

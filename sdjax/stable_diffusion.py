@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import pipeline
+from sdjax import generate
 from sdjax.checkpoints import load as load_lib, sdjax_format
 from sdjax.models.autoencoder import AutoencoderKL
 from sdjax.models.configs import ModelConfigs, build_modules
@@ -32,7 +32,7 @@ class StableDiffusion:
         self._unet = jax.jit(lambda p, x, t, c: self.unet.apply({"params": p}, x, t, c))
         self._enc = jax.jit(lambda p, x: self.vae_f32.apply({"params": p}, x, method=AutoencoderKL.encode))
         self._dec = jax.jit(lambda p, z: self.vae_f32.apply({"params": p}, z, method=AutoencoderKL.decode))
-        self.generator = pipeline.Generator(self.unet, self.vae_f32, self.text_encoder, self.scaling_factor,
+        self.generator = generate.Generator(generate.Networks(self.unet, self.vae_f32, self.text_encoder),
                                             self.configs.scheduler)
 
     @property
@@ -103,43 +103,51 @@ class StableDiffusion:
             raise ValueError(f"images must be (B, H, W, {self.configs.vae.in_channels}) NHWC with H and W multiples "
                              f"of {f}; got {shape}. Resize or crop them first.")
 
+    @property
+    def native_size(self) -> int:
+        """The image side the model was trained at (the UNet's sample size times the VAE factor)."""
+        return self.configs.unet.sample_size * self.downsample_factor
+
     # ---- generation ------------------------------------------------------------------------
     def txt2img(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, steps: int = 50,
-                guidance_scale: float = 7.5, eta: float = 0.0, sampler: str = "ddim", height: int = 512,
-                width: int = 512, seed: int = 0, init_latents: Any = None, output: str = "uint8") -> np.ndarray:
+                guidance_scale: float = 7.5, eta: float = 0.0, sampler: str = "ddim", height: int | None = None,
+                width: int | None = None, seed: int = 0, init_latents: Any = None, output: str = "uint8") -> np.ndarray:
         """Images (B, H, W, 3) for ``prompts``: uint8, or float in [0, 1] with ``output="float"``.
 
+        ``height``/``width`` default to the model's native size (512 for SD 1.x, 768 for SD 2.x 768-v).
         ``init_latents`` (B, H/f, W/f, C) replaces the seed-drawn standard-normal starting noise.
         """
-        opts = pipeline.SamplingOptions(steps, guidance_scale, eta, sampler, height, width, seed)
+        height = self.native_size if height is None else height
+        width = self.native_size if width is None else width
+        opts = generate.SamplingOptions(steps, guidance_scale, eta, sampler, height, width, seed)
         return self._run(prompts, negative_prompts, opts, init_latents, None, 1.0, output)
 
     def img2img(self, init_images: Any, prompts: Sequence[str], strength: float = 0.75,
                 negative_prompts: Sequence[str] | None = None, steps: int = 50, guidance_scale: float = 7.5,
                 eta: float = 0.0, sampler: str = "ddim", height: int | None = None, width: int | None = None,
                 seed: int = 0, init_latents: Any = None, output: str = "uint8") -> np.ndarray:
-        """Img2Img: encode ``init_images`` (uint8, or float in [-1, 1]), noise them to the step that
-        ``strength`` selects, and run the remaining steps."""
-        shape = np.shape(init_images)
-        height = shape[-3] if height is None else height
-        width = shape[-2] if width is None else width
+        """Img2Img: encode ``init_images`` (uint8, float in [0, 1], or PIL images), noise them to the
+        step that ``strength`` selects, and run the remaining steps. The size is the images' own."""
+        images = generate.as_image_array(init_images)
+        height = images.shape[1] if height is None else height
+        width = images.shape[2] if width is None else width
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}.")
-        opts = pipeline.SamplingOptions(steps, guidance_scale, eta, sampler, height, width, seed)
-        return self._run(prompts, negative_prompts, opts, init_latents, init_images, strength, output)
+        opts = generate.SamplingOptions(steps, guidance_scale, eta, sampler, height, width, seed)
+        return self._run(prompts, negative_prompts, opts, init_latents, images, strength, output)
 
     def _run(self, prompts, negative_prompts, opts, init_latents, init_images, strength, output) -> np.ndarray:
         if output not in ("uint8", "float"):
             raise ValueError(f"output must be 'uint8' or 'float', got {output!r}.")
         opts.validate(self.downsample_factor)
-        prompts, negative = pipeline.check_prompts(prompts, negative_prompts)
+        prompts, negative = generate.check_prompts(prompts, negative_prompts)
         n = len(prompts)
         f, c = self.downsample_factor, self.configs.unet.in_channels
         latent_shape = (opts.height // f, opts.width // f, c)
         if init_images is not None:
-            init_images = pipeline.check_init_images(init_images, n, opts.height, opts.width)
+            init_images = generate.check_init_images(init_images, n, opts.height, opts.width)
         if init_latents is None:
-            noise = pipeline.starting_noise(opts.seed, n, latent_shape)
+            noise = generate.starting_noise(opts.seed, n, latent_shape)
         else:
             noise = np.asarray(init_latents, np.float32)
             if noise.shape != (n,) + latent_shape:
@@ -147,7 +155,7 @@ class StableDiffusion:
                                  f"{n} prompts at {opts.height}x{opts.width}; got {noise.shape}.")
         posterior_noise = None
         if init_images is not None:
-            posterior_noise = pipeline.starting_noise(opts.seed, n, latent_shape, pipeline.POSTERIOR_STREAM)
-        cond, uncond = self.tokenize(prompts), self.tokenize(negative)
-        images = self.generator(self.params, cond, uncond, noise, opts, init_images, posterior_noise, strength)
-        return pipeline.to_uint8(images) if output == "uint8" else images
+            posterior_noise = generate.starting_noise(opts.seed, n, latent_shape, generate.POSTERIOR_STREAM)
+        inputs = generate.Inputs(self.tokenize(prompts), self.tokenize(negative), noise, init_images, posterior_noise)
+        images = self.generator(self.params, inputs, opts, self.scaling_factor, strength)
+        return generate.to_uint8(images) if output == "uint8" else images

@@ -22,7 +22,7 @@ from sdjax import sharding as sharding_lib
 class TrainState(flax.struct.PyTreeNode):
     step: jax.Array  # int32 scalar: optimizer updates done
     params: Any  # trained parameters (f32 master weights)
-    ema_params: Any  # exponential moving average of params, same structure and shardings
+    ema_params: Any  # exponential moving average of params, same structure and shardings; None: no EMA
     opt_state: Any
     rng: jax.Array  # uint32 raw root key
     extra: dict[str, jax.Array]  # small non-trained state that must survive a resume (e.g. latent scale)
@@ -30,9 +30,9 @@ class TrainState(flax.struct.PyTreeNode):
 
     @classmethod
     def create(cls, params: Any, tx: optax.GradientTransformation, key: jax.Array,
-               extra: dict[str, jax.Array] | None = None) -> "TrainState":
+               extra: dict[str, jax.Array] | None = None, ema: bool = True) -> "TrainState":
         """A fresh state; ``params`` may be boxed (then so are EMA and optimizer moments)."""
-        return cls(step=jnp.zeros((), jnp.int32), params=params, ema_params=jax.tree.map(jnp.copy, params),
+        return cls(step=jnp.zeros((), jnp.int32), params=params, ema_params=jax.tree.map(jnp.copy, params) if ema else None,
                    opt_state=tx.init(params), rng=jax.random.key_data(key), extra=dict(extra or {}), tx=tx)
 
     @property
@@ -43,13 +43,14 @@ class TrainState(flax.struct.PyTreeNode):
         """This step's key: the same for a given step whatever happened before (resume-exact)."""
         return jax.random.fold_in(self.key, self.step)
 
-    def apply_gradients(self, grads: Any, ema_max_decay: float) -> "TrainState":
-        """One optimizer update, then the EMA update with the step count after it."""
+    def apply_gradients(self, grads: Any, ema_max_decay: float | None = None) -> "TrainState":
+        """One optimizer update, then the EMA update (if the state keeps one) with the step count after it."""
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
         params = optax.apply_updates(self.params, updates)
-        decay = ema_decay(self.step, ema_max_decay)
-        return self.replace(step=self.step + 1, params=params, opt_state=opt_state,
-                            ema_params=update_ema(self.ema_params, params, decay))
+        ema = self.ema_params
+        if ema is not None:
+            ema = update_ema(ema, params, ema_decay(self.step, ema_max_decay))
+        return self.replace(step=self.step + 1, params=params, opt_state=opt_state, ema_params=ema)
 
 
 def ema_decay(step: jax.Array, max_decay: float) -> jax.Array:

@@ -19,9 +19,9 @@ from sdjax.data import DataConfig, make_dataset
 
 def tiny_test_config(data_dir: str):
     """The tiny config shrunk for tests: 64 examples, global batch 8 on a 2 x 4 mesh, quick compiles."""
-    from configs.tiny import get_config
+    from sdjax import configs
 
-    c = get_config()
+    c = configs.load("tiny")
     c.data.data_dir, c.data.num_examples = data_dir, 64
     c.mesh.shape = (2, 4)
     c.train.update(batch_size=8, caption_dropout=0.5, fast_compile=True, sample_every=0, log_every=1,
@@ -32,9 +32,7 @@ def tiny_test_config(data_dir: str):
 def emulated_host_batches(setup, num_hosts: int):
     """In one process, the global batches ``num_hosts`` hosts would feed (their rows in process order)."""
     from sdjax.tokenizer import tokenize
-    from sdjax.training.latent import data_config
-
-    base = data_config(setup.config, setup.train)
+    base = setup.data
     seq_len = setup.configs.text_encoder.max_position_embeddings
     tok = lambda text: tokenize(setup.tokenizer, [text], seq_len)[0]  # noqa: E731
     its = [make_dataset(DataConfig(**{**base.__dict__, "batch_size": base.batch_size // num_hosts,

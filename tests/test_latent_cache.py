@@ -32,13 +32,12 @@ def cached(data_dir, tmp_path_factory):
     """A one-device setup training from cached latents, and its cache."""
     c = _one_device_config(data_dir, cache_latents=True, latent_cache_dir=str(tmp_path_factory.mktemp("cache")))
     setup = latent.build(c, str(tmp_path_factory.mktemp("work")), devices=jax.devices()[:1])
-    arrays = latent.cached_latents(setup, latent.data_config(c, setup.train))
+    arrays = latent.cached_latents(setup)
     return setup, arrays
 
 
 def _examples(setup, n: int):
-    cfg = latent.data_config(setup.config, setup.train)
-    source = builder(cfg).as_data_source("train")
+    source = builder(setup.data).as_data_source("train")
     return [source[i] for i in range(n)]
 
 
@@ -78,22 +77,21 @@ def test_cached_posterior_equals_the_images_posterior(cached, data_dir, tmp_path
 
 def test_cache_is_reused_and_rebuilt_when_stale(cached, monkeypatch):
     setup, arrays = cached
-    cfg = latent.data_config(setup.config, setup.train)
-    monkeypatch.setattr(latent, "encode_dataset", lambda *a: pytest.fail("re-encoded a valid cache"))
-    again = latent.cached_latents(setup, cfg)
+    monkeypatch.setattr(latent_cache, "encode_all", lambda *a: pytest.fail("re-encoded a valid cache"))
+    again = latent.cached_latents(setup)
     np.testing.assert_array_equal(again["moments"], arrays["moments"])
 
-    fingerprint = latent._cache_fingerprint(setup, cfg)
+    fingerprint = latent._cache_fingerprint(setup)
     path = f"{setup.train.latent_cache_dir}/shard00000-of-00001"
     assert latent_cache.read(path, fingerprint) is not None
     for key, value in (("vae_sha256", "0" * 64), ("seq_len", 77)):
         assert latent_cache.read(path, dict(fingerprint, **{key: value})) is None, key
     assert latent_cache.read(path, dict(fingerprint, data=dict(fingerprint["data"], seed=1))) is None
     calls = []
-    monkeypatch.setattr(latent, "encode_dataset", lambda *a: calls.append(1) or {
+    monkeypatch.setattr(latent_cache, "encode_all", lambda *a: calls.append(1) or {
         k: np.asarray(v)[:8] for k, v in arrays.items()})
     monkeypatch.setattr(latent, "_cache_fingerprint", lambda *a: dict(fingerprint, seq_len=77))
-    rebuilt = latent.cached_latents(setup, cfg)
+    rebuilt = latent.cached_latents(setup)
     assert calls == [1] and len(rebuilt["moments"]) == 8
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 
 from sdjax.data import shapes
-from sdjax.data.shapes_score import accuracy, judge
+from sdjax_demo.shapes_score import accuracy, judge
 
 
 def _rendered(n: int, image_size: int, seed: int, noise: float = 0.0):

@@ -6,6 +6,7 @@ original single file; sdjax loads them and each network's output must match to 1
 
 import json
 import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -187,3 +188,13 @@ def test_bf16_compute_keeps_f32_params(saved):
     out = sd.unet_apply(x, 500, ctx)
     assert out.dtype == jnp.bfloat16 and bool(jnp.isfinite(out.astype(jnp.float32)).all())
     assert sd.vae_decode(np.zeros((1, 4, 4, 4), np.float32)).dtype == jnp.float32
+
+
+def test_params_command_prints_the_published_counts(capsys):
+    from sdjax import params
+
+    params.main(["--config", "sd15"])  # the README's command, by config name
+    out = capsys.readouterr().out
+    for name, count in (("unet", 859_520_964), ("vae", 83_653_863), ("text_encoder", 123_060_480),
+                        ("total", 859_520_964 + 83_653_863 + 123_060_480)):
+        assert re.search(rf"^{name}\s+{count:,}$", out, re.M), out

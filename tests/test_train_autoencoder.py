@@ -1,28 +1,20 @@
 """Phase-1 trainer: losses against closed forms and direct gradients, the GAN switch, sharded vs
 single-device steps, a short training run on captioned_shapes, and the VAE export round trip."""
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
+from sdjax import configs
 from sdjax.checkpoints import load as load_lib
 from sdjax.models.autoencoder import AutoencoderKL
-from sdjax.training import autoencoder as ae
+from sdjax.training import autoencoder as ae, autoencoder_loss
 from tests.lpips_reference import write_reference
 
-CONFIG_PATH = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_autoencoder.py")
-
-
 def tiny_config(data_dir: str, mesh_shape=(1, 1)):
-    spec = importlib.util.spec_from_file_location("tiny_autoencoder", CONFIG_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = configs.load("tiny_autoencoder")
     c.model.block_out_channels = (8, 16)
     c.model.norm_num_groups = 4
     c.model.sample_size = 16
@@ -58,14 +50,14 @@ def test_hinge_and_adopt_weight_closed_form():
     real = np.array([[2.0, 0.5], [-1.0, 1.0]], np.float32)
     fake = np.array([[-2.0, 0.0], [3.0, -0.5]], np.float32)
     want = 0.5 * (np.mean(np.maximum(0, 1 - real)) + np.mean(np.maximum(0, 1 + fake)))
-    np.testing.assert_allclose(ae.hinge_d_loss(real, fake), want, rtol=1e-6)
-    assert float(ae.adopt_weight(0.7, 4, 5)) == 0.0 and float(ae.adopt_weight(0.7, 5, 5)) == np.float32(0.7)
+    np.testing.assert_allclose(autoencoder_loss.hinge_d_loss(real, fake), want, rtol=1e-6)
+    assert float(autoencoder_loss.adopt_weight(0.7, 4, 5)) == 0.0 and float(autoencoder_loss.adopt_weight(0.7, 5, 5)) == np.float32(0.7)
 
 
 def test_adaptive_weight_closed_form():
     a, b = np.array([3.0, 4.0], np.float32), np.array([0.0, 1.0], np.float32)
-    np.testing.assert_allclose(ae.adaptive_weight(a, b, 0.5), 0.5 * 5.0 / (1.0 + 1e-4), rtol=1e-6)
-    assert float(ae.adaptive_weight(a, 0 * b, 1.0)) == 1e4  # clamped
+    np.testing.assert_allclose(autoencoder_loss.adaptive_weight(a, b, 0.5), 0.5 * 5.0 / (1.0 + 1e-4), rtol=1e-6)
+    assert float(autoencoder_loss.adaptive_weight(a, 0 * b, 1.0)) == 1e4  # clamped
 
 
 def test_gan_off_before_disc_start_and_adaptive_weight_after(run):
@@ -83,8 +75,9 @@ def test_gan_off_before_disc_start_and_adaptive_weight_after(run):
     def loss_of_last_layer(kernel, which):
         vae = jax.tree.map(lambda x: x, params["autoencoder"])
         vae["decoder"]["conv_out"]["kernel"] = kernel
-        losses, _ = ae.generator_losses({"autoencoder": vae, "logvar": params["logvar"]}, params["discriminator"],
-                                        None, batch["image"], key, cfg)
+        losses, _ = autoencoder_loss.generator_losses({"autoencoder": vae, "logvar": params["logvar"]},
+                                                      params["discriminator"], None, batch["image"], key, cfg.nets,
+                                                      cfg.loss)
         return losses[which]
 
     kernel = params["autoencoder"]["decoder"]["conv_out"]["kernel"]

@@ -385,7 +385,7 @@ def test_two_processes_match_one(reference, data_dir, tmp_path):
 
 
 def _train_cmd(data_dir: str, workdir: str, steps: int) -> list[str]:
-    return [sys.executable, os.path.join(ROOT, "train", "latent.py"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
+    return [sys.executable, os.path.join(ROOT, "train", "latent.py"), "--config", "tiny",
             "--workdir", workdir, f"--config.data.data_dir={data_dir}", "--config.data.num_examples=64",
             "--config.train.batch_size=8", f"--config.train.steps={steps}", "--config.train.checkpoint_every=2",
             "--config.train.sample_every=0", "--config.train.log_every=1", "--config.train.fast_compile=True",

@@ -10,6 +10,8 @@ Files are written into a temporary folder and renamed, so a killed run leaves no
 import json
 import os
 import shutil
+import time
+from typing import Callable, Iterable
 
 import grain
 import numpy as np
@@ -60,6 +62,40 @@ def write(path: str, arrays: dict[str, np.ndarray], fingerprint: dict) -> None:
         json.dump({"fingerprint": fingerprint, "examples": len(arrays["moments"])}, f, indent=1)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
+
+
+def encode_all(batches: Iterable[dict[str, np.ndarray]], encode: Callable[[np.ndarray], np.ndarray],
+               batch_size: int) -> dict[str, np.ndarray]:
+    """Posterior moments (``encode``: images -> (B, h, w, 2C)) and token ids of every example of
+    ``batches`` ({"image", "input_ids"}); the last, shorter batch is padded to ``batch_size`` so
+    that ``encode`` sees one shape."""
+    moments, ids = [], []
+    done, t0 = 0, time.perf_counter()
+    for batch in batches:
+        n = len(batch["image"])
+        images = np.zeros((batch_size,) + batch["image"].shape[1:], np.float32)
+        images[:n] = batch["image"]
+        moments.append(np.asarray(encode(images))[:n])
+        ids.append(batch["input_ids"])
+        done += n
+        if len(moments) % 50 == 0:
+            print(f"  encoded {done} images ({done / (time.perf_counter() - t0):.0f} images/s)", flush=True)
+    if not moments:
+        raise ValueError("The dataset has no examples to cache.")
+    return {"moments": np.concatenate(moments), "input_ids": np.concatenate(ids)}
+
+
+def load_or_build(path: str, fingerprint: dict, batches: Callable[[], Iterable[dict[str, np.ndarray]]],
+                  encode: Callable[[np.ndarray], np.ndarray], batch_size: int, what: str) -> dict[str, np.ndarray]:
+    """The cache at ``path``; encodes one pass of ``batches()`` with ``encode`` into it first when it
+    is absent or was made from something else (``fingerprint``)."""
+    arrays = read(path, fingerprint)
+    if arrays is None:
+        print(f"caching latents of {what} in {path}", flush=True)
+        write(path, encode_all(batches(), encode, batch_size), fingerprint)
+        arrays = read(path, fingerprint)
+    print(f"training on {len(arrays['moments'])} cached latents from {path}", flush=True)
+    return arrays
 
 
 def make_dataset(arrays: dict[str, np.ndarray], batch_size: int, seed: int,

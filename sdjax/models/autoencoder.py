@@ -123,6 +123,10 @@ class DiagonalGaussian:
     def mode(self) -> jax.Array:
         return self.mean
 
+    def latent_scale(self, key: jax.Array) -> jax.Array:
+        """1 / std of a sample of these latents: LDM's ``scale_by_std`` latent scale."""
+        return 1.0 / jnp.std(self.sample(key))
+
     def kl(self, other: "DiagonalGaussian | None" = None) -> jax.Array:
         """Per-example KL(self || other), other = N(0, I) by default, summed over H, W, C."""
         if other is None:

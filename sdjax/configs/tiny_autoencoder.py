@@ -20,6 +20,8 @@ Sections:
 
 import ml_collections
 
+from sdjax import sharding
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -34,15 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
         name="captioned_shapes", data_dir=ml_collections.FieldReference(None, field_type=str), image_size=32,
         num_examples=2000, seed=0, num_threads=2))
     c.train = ml_collections.ConfigDict(dict(
-        steps=2000, batch_size=16, learning_rate=1e-3, ema_decay=0.999, seed=0, checkpoint_every=500,
+        steps=2000, batch_size=16, learning_rate=1e-3, seed=0, checkpoint_every=500,
         max_to_keep=2, log_every=50, eval_every=250, eval_images=64, fast_compile=False,
         export_dir=ml_collections.FieldReference(None, field_type=str)))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "fsdp")))
-    c.logical_axis_rules = (
-        ("batch", ("data", "fsdp")),
-        ("conv_out", "fsdp"),
-        ("dense_out", "fsdp"),
-        ("conv_in", "tensor"),
-        ("dense_in", "tensor"),
-    )
+    c.logical_axis_rules = sharding.LOGICAL_AXIS_RULES
     return c

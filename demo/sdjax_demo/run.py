@@ -1,13 +1,15 @@
 """The main job on the built-in default: both training phases, sampling and scoring, on a CPU.
 
-    ./run demo                       # = python -m sdjax.demo --workdir demo-output
+    ./run demo                       # = sdjax-demo --workdir demo-output
 
 1. prepares the synthetic captioned-shapes set through its TFDS builder;
-2. trains the tiny autoencoder (``train/autoencoder.py``, ``configs/tiny_autoencoder.py``);
-3. trains the tiny latent diffusion model on its latents (``train/latent.py``, ``configs/tiny.py``);
-4. samples every (shape, colour) pair, the held-out ones included (``sample/txt2img.py``);
-5. judges each sample's pixels (``sdjax.data.shapes_score``) and prints shape and colour accuracy
+2. trains the tiny autoencoder (``sdjax-train autoencoder --config tiny_autoencoder``);
+3. trains the tiny latent diffusion model on its latents (``sdjax-train latent --config tiny``);
+4. samples every (shape, colour) pair, the held-out ones included (``sdjax-txt2img``);
+5. judges each sample's pixels (``sdjax_demo.shapes_score``) and prints shape and colour accuracy
    for seen and held-out pairs, next to the judge's own accuracy on real images.
+
+Each phase runs as its own process through the same command lines a user runs.
 
 Re-running reuses the prepared data and resumes (or skips) finished phases.
 """
@@ -23,23 +25,23 @@ import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from sdjax_demo.shapes_score import accuracy
+
 DEMO_BACKGROUNDS = ("green", "white")
 
 
 def _run(cmd: list[str], log: str, **env_vars: str) -> None:
     """Run one phase, streaming its output, and stop the demo if it fails."""
     print("$ " + "".join(f"{k}={v} " for k, v in env_vars.items()) + " ".join(cmd), flush=True)
-    # TRANSFORMERS_NO_ADVISORY_WARNINGS: transformers (tokenizers only here) would say PyTorch is absent.
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1", **env_vars)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **env_vars)
     with open(log, "a") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             f.write(line)
             if not line.startswith(("I1", "W1")):  # absl's INFO/WARNING lines go to the log only
                 print(line, end="", flush=True)
         if proc.wait() != 0:
-            raise SystemExit(f"demo: {cmd[1]} failed (exit {proc.returncode}); see {log}")
+            raise SystemExit(f"demo: {' '.join(cmd[2:4])} failed (exit {proc.returncode}); see {log}")
 
 
 def cpu_devices(n: int) -> dict[str, str]:
@@ -67,8 +69,6 @@ def prompts_to_sample() -> list[tuple[str, int, int, bool]]:
 def judge_real_images(data_dir: str, n: int = 500) -> dict[str, float]:
     """The judge's accuracy on real test-split images: how far its verdicts can be trusted."""
     from sdjax.data import DataConfig, builder
-    from sdjax.data.shapes_score import accuracy
-
     source = builder(DataConfig(data_dir=data_dir, num_examples=2000)).as_data_source("test")
     ex = [source[i] for i in range(min(n, len(source)))]
     return accuracy(np.stack([e["image"] for e in ex]), np.array([e["shape"] for e in ex]),
@@ -77,8 +77,6 @@ def judge_real_images(data_dir: str, n: int = 500) -> dict[str, float]:
 
 def score_samples(sample_dir: str, wanted: dict[str, tuple[int, int, bool]]) -> dict[str, dict[str, float]]:
     from PIL import Image
-
-    from sdjax.data.shapes_score import accuracy
 
     groups: dict[str, list] = {"seen": [], "held_out": []}
     for meta_path in sorted(glob.glob(os.path.join(sample_dir, "0*.json"))):
@@ -94,9 +92,10 @@ def score_samples(sample_dir: str, wanted: dict[str, tuple[int, int, bool]]) -> 
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None) -> dict:
+    """Runs the demo; returns its report (also written to WORKDIR/report.json)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", default=os.path.join(REPO, "demo-output"))
+    p.add_argument("--workdir", default="demo-output")
     p.add_argument("--ae-steps", type=int, default=1000, help="autoencoder training steps")
     p.add_argument("--ae-lr", type=float, default=2e-3, help="autoencoder learning rate")
     p.add_argument("--gan", action="store_true",
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"== 2/5 training the autoencoder ({args.ae_steps} steps)", flush=True)
     t = time.perf_counter()
     if not os.path.isdir(vae_dir):
-        _run([py, "train/autoencoder.py", "--config", "configs/tiny_autoencoder.py",
+        _run([py, "-m", "sdjax.cli.train", "autoencoder", "--config", "tiny_autoencoder",
               "--workdir", os.path.join(w, "autoencoder"), "--export", vae_dir,
               f"--config.train.steps={args.ae_steps}", f"--config.train.learning_rate={args.ae_lr}",
               f"--config.loss.disc_start={int(args.ae_steps * 0.75) if args.gan else args.ae_steps + 1}",
@@ -141,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"== 3/5 training latent diffusion ({args.latent_steps} steps)", flush=True)
     t = time.perf_counter()
     if not os.path.isdir(model_dir):
-        _run([py, "train/latent.py", "--config", "configs/tiny.py", "--workdir", os.path.join(w, "latent"),
+        _run([py, "-m", "sdjax.cli.train", "latent", "--config", "tiny", "--workdir", os.path.join(w, "latent"),
               "--export", model_dir, f"--config.autoencoder.path={vae_dir}",
               f"--config.train.steps={args.latent_steps}", f"--config.train.batch_size={args.latent_batch}",
               f"--config.train.sample_every={max(args.latent_steps // 4, 1)}",
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         f.write("\n".join(pr for pr, *_ in prompts) + "\n")
     sample_dir = os.path.join(w, "samples")
     shutil.rmtree(sample_dir, ignore_errors=True)
-    _run([py, "sample/txt2img.py", "--checkpoint", model_dir, "--from-file", prompt_file,
+    _run([py, "-m", "sdjax.cli.txt2img", "--checkpoint", model_dir, "--from-file", prompt_file,
           "--n-samples", str(args.n_samples), "--steps", str(args.sample_steps), "--scale", str(args.scale),
           "--sampler", "ddim", "--seed", "0", "--out", sample_dir], log)
     timings["sample_s"] = time.perf_counter() - t
@@ -179,6 +178,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\ntimes: " + ", ".join(f"{k[:-2]} {v / 60:.1f} min" for k, v in timings.items()))
     print(f"grid of all samples: {report['grid']}\nreport: {os.path.join(w, 'report.json')}")
     return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``sdjax-demo`` (a console script's exit status comes from its return value: none)."""
+    run(argv)
 
 
 if __name__ == "__main__":

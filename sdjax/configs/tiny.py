@@ -24,6 +24,7 @@ Sections:
 
 import ml_collections
 
+from sdjax import sharding
 from sdjax.data import COLOR_NAMES, SHAPES
 
 
@@ -66,13 +67,5 @@ def get_config() -> ml_collections.ConfigDict:
         prompts=("a red circle on a green background", "a blue square on a yellow background",
                  "a green triangle on a red background", "a yellow circle on a blue background")))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "fsdp")))
-    c.logical_axis_rules = (
-        ("batch", ("data", "fsdp")),
-        ("conv_out", "fsdp"),
-        ("dense_out", "fsdp"),
-        ("vocab", "fsdp"),
-        ("conv_in", "tensor"),
-        ("dense_in", "tensor"),
-        ("embed", "tensor"),
-    )
+    c.logical_axis_rules = sharding.LOGICAL_AXIS_RULES
     return c

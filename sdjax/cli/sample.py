@@ -1,6 +1,10 @@
-"""The sampling command lines (``sample/txt2img.py``, ``sample/img2img.py``) as importable functions.
+"""Text2Img and Img2Img from the command line (``sdjax-txt2img``, ``sdjax-img2img``).
 
-Writes one PNG per image with a JSON sidecar (enough to reproduce it), and a grid PNG per run.
+Writes one PNG per image with a JSON sidecar (enough to reproduce it) as each batch finishes,
+so memory stays flat however many prompts there are, and one grid per run of at most
+``GRID_MAX_IMAGES`` thumbnails, at most ``GRID_MAX_SIDE`` pixels a side (``--skip-grid``: none).
+The CompVis script spellings (``--ckpt``, ``--ddim_steps``, ``--n_samples``, ``--n_iter``,
+``--outdir``, ``--fixed_code``, ``--precision``, ``--ddim_eta``) are accepted too.
 """
 
 import argparse
@@ -14,39 +18,50 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from sdjax.cli.errors import user_errors
 from sdjax.samplers import SAMPLERS
 
 DTYPES = ("float32", "bfloat16", "float16")
+PRECISIONS = {"full": "float32", "autocast": "bfloat16"}  # CompVis' --precision
+GRID_MAX_IMAGES = 64
+GRID_MAX_SIDE = 4096
 
 
 def build_parser(img2img: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="img2img.py" if img2img else "txt2img.py",
+        prog="sdjax-img2img" if img2img else "sdjax-txt2img",
         description=("Img2Img" if img2img else "Text2Img") + " with a Stable Diffusion checkpoint "
                     "(diffusers folder, single .safetensors file, or sdjax export).")
-    p.add_argument("--checkpoint", required=True, help="checkpoint path")
+    p.add_argument("--checkpoint", "--ckpt", required=True, help="checkpoint path")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt (may be empty: \"\")")
-    src.add_argument("--from-file", help="a text file with one prompt per line")
+    src.add_argument("--from-file", "--from_file", help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", default="", help="replaces the empty unconditional prompt")
-    p.add_argument("--n-samples", type=int, default=4, help="images per prompt in one batch")
-    p.add_argument("--n-iter", type=int, default=1, help="batches per prompt")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--n-samples", "--n_samples", type=int, default=4, help="images per prompt in one batch")
+    p.add_argument("--n-iter", "--n_iter", type=int, default=1, help="batches per prompt")
+    p.add_argument("--steps", "--ddim_steps", type=int, default=50)
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--H", type=int, default=None, help="height in pixels (default: the model's native size)")
-    p.add_argument("--W", type=int, default=None, help="width in pixels (default: the model's native size)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (params stay float32)")
-    p.add_argument("--out", default="outputs", help="output folder (existing files are never overwritten)")
+    p.add_argument("--eta", "--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--seed", type=int, default=0, help="batch b uses seed + b (with --fixed-code: seed)")
+    p.add_argument("--fixed-code", "--fixed_code", action="store_true",
+                   help="the same starting noise for every batch (CompVis' --fixed_code)")
+    p.add_argument("--H", type=int, default=None, help="height in pixels (default: the model's native size; "
+                                                       "img2img: the init image's, keeping its aspect ratio)")
+    p.add_argument("--W", type=int, default=None, help="width in pixels (defaults as --H)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="compute dtype (params stay float32); default float32")
+    p.add_argument("--precision", default=None, choices=sorted(PRECISIONS),
+                   help="CompVis spelling: full = --dtype float32, autocast = --dtype bfloat16")
+    p.add_argument("--out", "--outdir", default="outputs", help="output folder (existing files are never overwritten)")
+    p.add_argument("--skip-grid", "--skip_grid", action="store_true", help="write no grid image")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (single-file checkpoints carry none)")
     p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
                    help="override (single files cannot tell; SD 2.x 768-v models are v_prediction)")
     p.add_argument("--allow-pickle", action="store_true", help="allow PyTorch pickles (.ckpt/.bin)")
     p.add_argument("--compile-cache", default=None, help="folder for JAX's persistent compilation cache")
     if img2img:
-        p.add_argument("--init-img", required=True, help="the starting image (resized to H x W)")
+        p.add_argument("--init-img", "--init_img", required=True,
+                       help="the starting image (scaled and centre-cropped to H x W, never squashed)")
         p.add_argument("--strength", type=float, default=0.75, help="in (0, 1]: how much to change the image")
     return p
 
@@ -72,12 +87,43 @@ def check_args(args: argparse.Namespace, img2img: bool) -> list[str]:
         raise SystemExit(f"error: --steps must be >= 1, got {args.steps}.")
     if args.n_samples < 1 or args.n_iter < 1:
         raise SystemExit("error: --n-samples and --n-iter must be >= 1.")
+    if args.precision is not None:
+        if args.dtype is not None and args.dtype != PRECISIONS[args.precision]:
+            raise SystemExit(f"error: --precision {args.precision} means --dtype {PRECISIONS[args.precision]}, "
+                             f"but --dtype {args.dtype} was given; pass one of them.")
+        args.dtype = PRECISIONS[args.precision]
+    args.dtype = args.dtype or "float32"
     if img2img:
         if not os.path.isfile(args.init_img):
             raise SystemExit(f"error: --init-img {args.init_img}: no such file.")
         if not 0.0 < args.strength <= 1.0:
             raise SystemExit(f"error: --strength must be in (0, 1], got {args.strength}.")
     return prompts
+
+
+def init_image(path: str, height: int | None, width: int | None, multiple: int = 8) -> np.ndarray:
+    """The init image as uint8 (H, W, 3). Without --H/--W its own size rounded down to a multiple
+    of ``multiple``; with one of them, the other follows its aspect ratio. It is scaled to cover
+    H x W and centre-cropped, so it is never squashed."""
+    try:
+        img = Image.open(path)
+        img.load()
+    except OSError as e:
+        raise SystemExit(f"error: --init-img {path}: not an image PIL can read ({e}).") from None
+    img = img.convert("RGB")
+    w, h = img.size
+    if width is None and height is None:
+        width, height = w, h
+    elif width is None:
+        width = w * height / h
+    elif height is None:
+        height = h * width / w
+    width, height = (max(multiple, int(v) // multiple * multiple) for v in (width, height))
+    scale = max(width / w, height / h)
+    size = (max(width, math.ceil(w * scale)), max(height, math.ceil(h * scale)))
+    img = img.resize(size, Image.Resampling.LANCZOS)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    return np.asarray(img.crop((left, top, left + width, top + height)))
 
 
 def safe_name(prompt: str, limit: int = 60) -> str:
@@ -111,10 +157,34 @@ class OutputWriter:
             json.dump(meta, f, indent=2)
         return path + ".png"
 
-    def write_grid(self, images: Sequence[np.ndarray], cols: int) -> str:
+    def write_grid(self, grid: np.ndarray) -> str:
         path = self._free(f"grid-{self.grid_index:04d}")
-        Image.fromarray(make_grid(images, cols)).save(path + ".png")
+        Image.fromarray(grid).save(path + ".png")
         return path + ".png"
+
+
+class Grid:
+    """The first ``max_images`` images of a run, as thumbnails small enough that the grid of ``cols``
+    columns stays within ``max_side`` pixels a side."""
+
+    def __init__(self, cols: int, height: int, width: int, max_images: int = GRID_MAX_IMAGES,
+                 max_side: int = GRID_MAX_SIDE):
+        self.cols = max(1, min(cols, max_images))
+        rows = math.ceil(max_images / self.cols)
+        scale = min(1.0, max_side / (self.cols * width), max_side / (rows * height))
+        self.cell = (max(1, int(width * scale)), max(1, int(height * scale)))
+        self.max_images = max_images
+        self.images: list[np.ndarray] = []
+
+    def add(self, image: np.ndarray) -> None:
+        if len(self.images) < self.max_images:
+            thumb = Image.fromarray(image)
+            if thumb.size != self.cell:
+                thumb = thumb.resize(self.cell, Image.Resampling.LANCZOS)
+            self.images.append(np.asarray(thumb))
+
+    def render(self) -> np.ndarray:
+        return make_grid(self.images, self.cols)
 
 
 def make_grid(images: Sequence[np.ndarray], cols: int) -> np.ndarray:
@@ -137,9 +207,14 @@ def _progress(done: int, total: int, start: float) -> None:
 
 
 def main(argv: Sequence[str] | None = None, img2img: bool = False) -> list[str]:
+    """Runs the command; returns the paths written (images, then the grid if any)."""
     args = build_parser(img2img).parse_args(argv)
     prompts = check_args(args, img2img)
+    with user_errors():
+        return _sample(args, prompts, img2img)
 
+
+def _sample(args: argparse.Namespace, prompts: list[str], img2img: bool) -> list[str]:
     import jax
     import jax.numpy as jnp
     if args.compile_cache:
@@ -150,18 +225,20 @@ def main(argv: Sequence[str] | None = None, img2img: bool = False) -> list[str]:
 
     sd = StableDiffusion.from_pretrained(args.checkpoint, dtype=getattr(jnp, args.dtype), tokenizer=args.tokenizer,
                                          prediction_type=args.prediction_type, allow_pickle=args.allow_pickle)
-    native = sd.configs.unet.sample_size * sd.downsample_factor
-    H, W = args.H or native, args.W or native
     init = None
     if img2img:
-        init = np.asarray(Image.open(args.init_img).convert("RGB").resize((W, H), Image.LANCZOS))
+        init = init_image(args.init_img, args.H, args.W, max(8, sd.downsample_factor))
+        H, W = init.shape[:2]
+    else:
+        H, W = args.H or sd.native_size, args.W or sd.native_size
     writer = OutputWriter(args.out)
+    grid = None if args.skip_grid else Grid(args.n_samples, H, W)
     batches = [(p, it) for it in range(args.n_iter) for p in prompts]
     print(f"{len(batches)} batches of {args.n_samples} at {W}x{H}, {args.steps} {args.sampler} steps, "
           f"scale {args.scale}, on {jax.device_count()} {jax.devices()[0].platform} device(s)")
-    written, all_images, start = [], [], time.perf_counter()
+    written, start = [], time.perf_counter()
     for b, (prompt, it) in enumerate(batches):
-        seed = args.seed + b
+        seed = args.seed if args.fixed_code else args.seed + b
         kw = dict(negative_prompts=[args.negative_prompt] * args.n_samples, steps=args.steps,
                   guidance_scale=args.scale, eta=args.eta, sampler=args.sampler, height=H, width=W, seed=seed)
         t0 = time.perf_counter()
@@ -178,9 +255,23 @@ def main(argv: Sequence[str] | None = None, img2img: bool = False) -> list[str]:
             if img2img:
                 meta.update(init_img=os.path.abspath(args.init_img), strength=args.strength)
             written.append(writer.write(im, meta))
-        all_images.extend(images)
+            if grid is not None:
+                grid.add(im)
         _progress(b + 1, len(batches), start)
     print()
-    grid = writer.write_grid(all_images, cols=args.n_samples)
-    print(f"wrote {len(written)} images and {grid}")
-    return written + [grid]
+    if grid is None:
+        print(f"wrote {len(written)} images to {args.out}")
+        return written
+    path = writer.write_grid(grid.render())
+    print(f"wrote {len(written)} images and {path}")
+    return written + [path]
+
+
+def txt2img(argv: Sequence[str] | None = None) -> None:
+    """``sdjax-txt2img`` (a console script's exit status comes from its return value: none)."""
+    main(argv)
+
+
+def img2img(argv: Sequence[str] | None = None) -> None:
+    """``sdjax-img2img``."""
+    main(argv, img2img=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from jax.sharding import Mesh
 
-from sdjax import pipeline
+from sdjax import generate
 from sdjax.stable_diffusion import StableDiffusion
 from tests import tiny_models
 
@@ -36,7 +36,7 @@ def _nchw(x):
 def test_txt2img_matches_diffusers(folder, sd):
     from diffusers import StableDiffusionPipeline
 
-    noise = pipeline.starting_noise(11, len(PROMPTS), _latent_shape(sd))
+    noise = generate.starting_noise(11, len(PROMPTS), _latent_shape(sd))
     ours = sd.txt2img(PROMPTS, steps=STEPS, guidance_scale=SCALE, height=SIZE, width=SIZE,
                       init_latents=noise, output="float")
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
@@ -54,11 +54,11 @@ def test_img2img_matches_diffusers(folder, sd, monkeypatch):
 
     n, shape, seed, strength = 2, _latent_shape(sd), 5, 0.6
     init = np.random.default_rng(0).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
-    noise = pipeline.starting_noise(21, n, shape)
+    noise = generate.starting_noise(21, n, shape)
     ours = sd.img2img(init, PROMPTS[:n], strength=strength, steps=STEPS, guidance_scale=SCALE, seed=seed,
                       init_latents=noise, output="float")
     # diffusers draws the posterior sample and the start noise with torch; hand it ours.
-    posterior = pipeline.starting_noise(seed, n, shape, pipeline.POSTERIOR_STREAM)
+    posterior = generate.starting_noise(seed, n, shape, generate.POSTERIOR_STREAM)
     monkeypatch.setattr(vae_module, "randn_tensor", lambda *a, **k: _nchw(posterior))
     monkeypatch.setattr(img2img_module, "randn_tensor", lambda *a, **k: _nchw(noise))
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
@@ -76,11 +76,11 @@ def test_seed_reproducible_and_sharding_invariant(folder, sd):
     c = sd.txt2img(PROMPTS, **dict(kw, seed=8))
     assert np.abs(a - c).mean() > 1e-3
     assert len(jax.devices()) == 8
-    one = pipeline.Generator(sd.unet, sd.vae_f32, sd.text_encoder, sd.scaling_factor, sd.configs.scheduler,
-                             mesh=Mesh(np.asarray(jax.devices()[:1]), ("data",)))
-    opts = pipeline.SamplingOptions(3, 7.5, 0.0, "euler_a", SIZE, SIZE, 7)
-    noise = pipeline.starting_noise(7, len(PROMPTS), _latent_shape(sd))
-    single = one(sd.params, sd.tokenize(PROMPTS), sd.tokenize([""] * 3), noise, opts)
+    one = generate.Generator(sd.generator.nets, sd.configs.scheduler, mesh=Mesh(np.asarray(jax.devices()[:1]), ("data",)))
+    opts = generate.SamplingOptions(3, 7.5, 0.0, "euler_a", SIZE, SIZE, 7)
+    noise = generate.starting_noise(7, len(PROMPTS), _latent_shape(sd))
+    inputs = generate.Inputs(sd.tokenize(PROMPTS), sd.tokenize([""] * 3), noise)
+    single = one(sd.params, inputs, opts, sd.scaling_factor)
     np.testing.assert_allclose(single, a, atol=1e-5)
 
 
@@ -113,3 +113,22 @@ def test_bad_txt2img_input_fails_before_compiling(folder, kwargs, match):
 def test_bad_strength(sd, strength):
     with pytest.raises(ValueError, match="strength"):
         sd.img2img(np.zeros((SIZE, SIZE, 3), np.uint8), ["a cat"], strength=strength, steps=2)
+
+
+def test_one_image_convention_in_and_out_and_native_size(sd):
+    from PIL import Image
+
+    init = np.random.default_rng(1).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    kw = dict(strength=0.5, steps=2, seed=1)
+    as_uint8 = sd.img2img(init, ["a cat"], output="float", **kw)
+    as_float = sd.img2img(init.astype(np.float32) / 255.0, ["a cat"], output="float", **kw)
+    as_pil = sd.img2img(Image.fromarray(init), ["a cat"], output="float", **kw)
+    np.testing.assert_array_equal(as_float, as_uint8)
+    np.testing.assert_array_equal(as_pil, as_uint8)
+    assert as_uint8.shape == (1, SIZE, SIZE, 3)  # the init image's own size
+    np.testing.assert_array_equal(sd.img2img(init, ["a cat"], **kw), np.round(as_uint8 * 255).astype(np.uint8))
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        sd.img2img(init.astype(np.float32) / 127.5 - 1.0, ["a cat"], **kw)
+    native = sd.configs.unet.sample_size * sd.downsample_factor
+    assert sd.native_size == native == 32
+    assert sd.txt2img(["a cat"], steps=1).shape == (1, native, native, 3)

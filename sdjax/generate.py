@@ -1,0 +1,232 @@
+"""Text2Img and Img2Img: text encoding, guided sampling and decoding in one compiled function.
+
+``generate`` is that function, pure and jittable: the Stable Diffusion API and the trainers'
+sample grids both call it. ``Generator`` compiles it once per (batch, size, steps, sampler,
+start step) with the batch sharded over every device of a 1-D ``data`` mesh
+(``sharding.data_mesh``); a batch that does not divide the device count is padded, then
+trimmed. ``guidance_scale``, ``eta`` and the latent scale are traced, so changing them never
+recompiles.
+
+Images go in and come out in one convention: uint8 (B, H, W, 3), or float in [0, 1]; PIL
+images are accepted as input.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sdjax import sharding
+from sdjax.models.autoencoder import AutoencoderKL
+from sdjax.models.text_encoder import CLIPTextEncoder
+from sdjax.models.unet import UNet
+from sdjax.samplers import get_sampler, img2img_start
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """Validated options shared by txt2img and img2img."""
+    steps: int = 50
+    guidance_scale: float = 7.5
+    eta: float = 0.0
+    sampler: str = "ddim"
+    height: int = 512
+    width: int = 512
+    seed: int = 0
+
+    def validate(self, downsample_factor: int) -> None:
+        get_sampler(self.sampler)
+        if not isinstance(self.steps, (int, np.integer)) or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}.")
+        multiple = max(8, downsample_factor)
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v <= 0 or v % multiple:
+                raise ValueError(f"{name} must be a positive multiple of {multiple}, got {v!r}; "
+                                 f"try {max(multiple, round(v / multiple) * multiple) if isinstance(v, (int, float)) else 512}.")
+        if self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Networks:
+    """The three modules a generation runs (static: hashed into the compiled function)."""
+    unet: UNet
+    vae: AutoencoderKL  # f32: the decoder stays in f32 when the rest runs in half precision
+    text_encoder: CLIPTextEncoder
+
+
+@flax.struct.dataclass
+class Inputs:
+    """The per-image arrays of one generation call, each with the batch as its leading axis."""
+    cond_ids: jax.Array  # (B, L) prompt token ids
+    uncond_ids: jax.Array  # (B, L) negative-prompt token ids
+    noise: jax.Array  # (B, h, w, C) starting latents
+    init_images: jax.Array | None = None  # (B, H, W, 3) in [-1, 1]: Img2Img
+    posterior_noise: jax.Array | None = None  # (B, h, w, C): the init images' latent sample
+
+    def padded(self, multiple: int) -> "Inputs":
+        """Every array padded along the batch (repeating the last row) to a multiple of ``multiple``."""
+        return jax.tree.map(lambda x: pad_batch(np.asarray(x), multiple), self)
+
+    def shardings(self, mesh: Mesh) -> "Inputs":
+        """The batch axis of every array split over the mesh's ``data`` axis."""
+        return jax.tree.map(lambda _: NamedSharding(mesh, P("data")), self)
+
+
+def pad_batch(x: np.ndarray, multiple: int) -> np.ndarray:
+    pad = (-x.shape[0]) % multiple
+    if pad == 0:
+        return x
+    return np.concatenate([x, np.repeat(x[-1:], pad, axis=0)], axis=0)
+
+
+# Independent random streams derived from one seed.
+SAMPLER_STREAM, POSTERIOR_STREAM = 1 << 20, 1 << 21
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _standard_normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    # Module-level so that it compiles once per shape, not on every call of starting_noise.
+    return jax.random.normal(key, shape, jnp.float32)
+
+
+def starting_noise(seed: int, count: int, shape: tuple[int, ...], stream: int = 0) -> np.ndarray:
+    """Standard-normal latents; image j's noise depends only on (seed, stream, j)."""
+    root = jax.random.fold_in(jax.random.key(seed), stream) if stream else jax.random.key(seed)
+    return np.stack([np.asarray(_standard_normal(jax.random.fold_in(root, j), tuple(shape))) for j in range(count)])
+
+
+def to_uint8(images_BHWC: np.ndarray) -> np.ndarray:
+    """[0, 1] floats -> uint8, rounded as the originals do."""
+    return (np.clip(images_BHWC, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def guided_model_fn(unet: UNet, unet_params: Any, ctx_2BLD: jax.Array, guidance_scale: jax.Array) -> Callable:
+    """Classifier-free guidance: ``model_fn(x, t)`` runs the UNet once on [x; x] against the
+    context [uncond; cond] and returns uncond + guidance_scale * (cond - uncond), in f32."""
+    dtype = unet.dtype
+    ctx = ctx_2BLD.astype(dtype)
+
+    def model_fn(x_BhwC: jax.Array, t_B: jax.Array) -> jax.Array:
+        x2 = jnp.concatenate([x_BhwC, x_BhwC]).astype(dtype)
+        out = unet.apply({"params": unet_params}, x2, jnp.concatenate([t_B, t_B]), ctx).astype(jnp.float32)
+        out_uncond, out_cond = jnp.split(out, 2)
+        return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+    return model_fn
+
+
+def generate(nets: Networks, sampler_name: str, start_index: int, params: dict[str, Any], inputs: Inputs,
+             key: jax.Array, plan: Any, guidance_scale: jax.Array, scaling_factor: jax.Array) -> jax.Array:
+    """The whole generation: ids -> context -> guided sampling -> f32 decode -> [0, 1] images.
+
+    ``params`` = {"unet", "vae", "text_encoder"}; ``plan`` comes from the sampler's ``make_plan``;
+    ``start_index`` > 0 (Img2Img) starts from ``inputs.init_images`` noised to that step.
+    """
+    sampler = get_sampler(sampler_name)
+    ctx = nets.text_encoder.apply({"params": params["text_encoder"]},
+                                  jnp.concatenate([inputs.uncond_ids, inputs.cond_ids]))
+    model_fn = guided_model_fn(nets.unet, params["unet"], ctx, guidance_scale)
+    x0 = None
+    if inputs.init_images is not None:
+        post = nets.vae.apply({"params": params["vae"]}, inputs.init_images, method=AutoencoderKL.encode)
+        x0 = (post.mean + post.std * inputs.posterior_noise) * scaling_factor
+    latents = sampler.sample(model_fn, inputs.noise, key, plan, start_index=start_index, x0=x0)
+    images = nets.vae.apply({"params": params["vae"]}, latents / scaling_factor, method=AutoencoderKL.decode)
+    return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+
+
+class Generator:
+    """Compiled generation for one model; one compilation per (batch, size, steps, sampler, start)."""
+
+    def __init__(self, nets: Networks, scheduler_config, mesh: Mesh | None = None):
+        self.nets = nets
+        self.mesh = mesh or sharding.data_mesh()
+        self.scheduler_config = scheduler_config
+        self._compiled: dict[tuple, Callable] = {}
+
+    def _fn(self, sampler: str, start_index: int, inputs: Inputs) -> Callable:
+        key = (sampler, start_index, inputs.init_images is not None)
+        if key not in self._compiled:
+            rep = NamedSharding(self.mesh, P())
+            self._compiled[key] = jax.jit(
+                functools.partial(generate, self.nets, sampler, start_index),
+                in_shardings=(rep, inputs.shardings(self.mesh), rep, rep, rep, rep),
+                out_shardings=NamedSharding(self.mesh, P("data")))
+        return self._compiled[key]
+
+    def __call__(self, params: dict[str, Any], inputs: Inputs, opts: SamplingOptions, scaling_factor: float,
+                 strength: float = 1.0) -> np.ndarray:
+        """[0, 1] float images (B, H, W, 3). Img2Img when ``inputs.init_images`` is set: its latent
+        posterior is sampled as mean + std * ``inputs.posterior_noise``, then noised to the start
+        step that ``strength`` selects."""
+        sampler = get_sampler(opts.sampler)
+        plan = sampler.make_plan(self.scheduler_config, opts.steps, eta=opts.eta)
+        start = img2img_start(opts.steps, strength) if inputs.init_images is not None else 0
+        n = inputs.cond_ids.shape[0]
+        inputs = inputs.padded(self.mesh.devices.size)
+        key = jax.random.fold_in(jax.random.key(opts.seed), SAMPLER_STREAM)
+        out = self._fn(opts.sampler, start, inputs)(params, inputs, key, plan, jnp.float32(opts.guidance_scale),
+                                                    jnp.float32(scaling_factor))
+        return np.asarray(out)[:n]
+
+
+def check_prompts(prompts: Sequence[str], negative_prompts: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts is empty; pass at least one prompt (an empty string is fine).")
+    if negative_prompts is None:
+        negative = [""] * len(prompts)
+    else:
+        negative = [negative_prompts] * len(prompts) if isinstance(negative_prompts, str) else list(negative_prompts)
+        if len(negative) == 1:
+            negative = negative * len(prompts)
+        if len(negative) != len(prompts):
+            raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts; give one, or one per prompt.")
+    return prompts, negative
+
+
+def as_image_array(images: Any) -> np.ndarray:
+    """Images as given by a user (a PIL image, a list of them, or an array (B, H, W, 3) / (H, W, 3)
+    of uint8, or of floats in [0, 1]) -> float32 (B, H, W, 3) in [0, 1]."""
+    if _is_pil(images):
+        images = [images]
+    if isinstance(images, (list, tuple)) and images and _is_pil(images[0]):
+        images = np.stack([np.asarray(im.convert("RGB")) for im in images])
+    arr = np.asarray(images)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"images must be (B, H, W, 3) or (H, W, 3), or PIL images; got shape {arr.shape}.")
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    arr = arr.astype(np.float32)
+    if arr.min() < -1e-3 or arr.max() > 1.001:
+        raise ValueError(f"float images must be in [0, 1] (got values in [{arr.min():.3g}, {arr.max():.3g}]); "
+                         "or pass uint8 images in [0, 255].")
+    return np.clip(arr, 0.0, 1.0)
+
+
+def _is_pil(x: Any) -> bool:
+    return type(x).__module__.startswith("PIL.")
+
+
+def check_init_images(images: Any, n: int, height: int, width: int) -> np.ndarray:
+    """Init images (see ``as_image_array``) as (n, H, W, 3) float32 in [-1, 1], the VAE's range."""
+    arr = as_image_array(images)
+    if arr.shape[1:3] != (height, width):
+        raise ValueError(f"init images are {arr.shape[2]}x{arr.shape[1]} but height x width is {width}x{height}; "
+                         "resize them or pass matching height/width.")
+    if arr.shape[0] == 1 and n > 1:
+        arr = np.repeat(arr, n, axis=0)
+    if arr.shape[0] != n:
+        raise ValueError(f"{arr.shape[0]} init images for {n} prompts; give one, or one per prompt.")
+    return arr * 2.0 - 1.0

@@ -1,0 +1,102 @@
+"""The one training loop both phases run: resume, step, log, periodic hooks, checkpoint, export.
+
+A phase supplies a ``Task``: its jitted step, how to start (a fresh state, or the abstract
+state a checkpoint restores into), its data, and what to do every few steps (held-out
+evaluation, sample grids). ``run`` resumes from the workdir's latest checkpoint (train state
+and data position together), so re-running the same command continues an interrupted run.
+"""
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+
+from sdjax import metrics
+from sdjax.checkpoints import train as train_ckpt
+from sdjax.train_state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """The ``config.train`` fields every phase shares."""
+    steps: int = 1000
+    batch_size: int = 8  # global, over all hosts
+    learning_rate: float = 1e-4
+    seed: int = 0
+    checkpoint_every: int = 1000
+    max_to_keep: int = 3
+    log_every: int = 50
+    export_dir: str | None = None
+    fast_compile: bool = False  # skip XLA backend optimisation of the step: quick compiles, slower steps (CPU tests)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "checkpoint_every", "max_to_keep", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """``run(step, state, writer)`` every ``every`` steps and after the last one (never if 0)."""
+    every: int
+    run: Callable[[int, TrainState, metrics.MetricsWriter], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What a phase hands to ``run``."""
+    train: LoopConfig
+    step_fn: Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]  # (state, global batch)
+    restore_target: TrainState  # abstract arrays carrying shardings
+    init_state: Callable[[Any], TrainState]  # the first global batch -> a fresh state
+    iterator: Iterator  # this host's batches, checkpointable (grain)
+    device_batch: Callable[[Any], Any]  # a host batch -> the global batch the step takes
+    hooks: tuple[Hook, ...] = ()
+    export: Callable[[TrainState], None] | None = None  # after the last step
+
+
+def run(task: Task, workdir: str) -> TrainState:
+    """Trains until ``task.train.steps`` (resuming from ``workdir``'s latest checkpoint if any),
+    then exports. Metrics go to ``workdir`` (process 0 writes)."""
+    tc = task.train
+    manager = train_ckpt.make_manager(workdir, tc.max_to_keep)
+    state = train_ckpt.restore_latest(manager, task.restore_target, task.iterator)
+    pending = None
+    if state is None:
+        pending = task.device_batch(next(task.iterator))
+        state = task.init_state(pending)
+    writer = metrics.MetricsWriter(workdir, tc.steps, enabled=jax.process_index() == 0)
+    step = int(state.step)
+    t_last, step_last = time.perf_counter(), step
+    while step < tc.steps:
+        batch = pending if pending is not None else task.device_batch(next(task.iterator))
+        pending = None
+        state, m = task.step_fn(state, batch)
+        step += 1
+        last = step == tc.steps
+        if step % tc.log_every == 0 or last:
+            m = jax.device_get(m)
+            now = time.perf_counter()
+            steps_per_sec = (step - step_last) / max(now - t_last, 1e-9)
+            t_last, step_last = now, step
+            writer.scalars(step, dict(m, steps_per_sec=steps_per_sec, images_per_sec=steps_per_sec * tc.batch_size))
+            writer.progress(step, float(m["loss"]), steps_per_sec)
+        for hook in task.hooks:
+            if hook.every and (step % hook.every == 0 or last):
+                hook.run(step, state, writer)
+        if step % tc.checkpoint_every == 0 or last:
+            train_ckpt.save(manager, state, task.iterator, force=last)
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    if task.export is not None:
+        task.export(state)
+    return state
+
+
+def train(build_task: Callable[[Any, str], Task], config: Any, workdir: str) -> TrainState:
+    """Creates ``workdir``, builds the phase's task from ``config`` and runs it."""
+    os.makedirs(workdir, exist_ok=True)
+    return run(build_task(config, workdir), workdir)
