@@ -1,12 +1,15 @@
-"""Print the parameter count of each network of a config, from ``jax.eval_shape`` (no memory).
+"""Print the parameter count of each network of a model, from ``jax.eval_shape`` (no memory).
 
-    python -m sdjax.params --config sd15
+    python -m sdjax.params --preset sd15          # or sd21: the published architectures
+    python -m sdjax.params --config tiny          # a config that holds its whole model
 """
 
 import argparse
 
-from sdjax import configs
+from sdjax import configs, presets
 from sdjax.models.configs import ModelConfigs, abstract_params, count_params
+
+PRESETS = {"sd15": presets.sd15, "sd21": presets.sd21}
 
 
 def param_counts(model_config: dict) -> dict[str, int]:
@@ -16,8 +19,19 @@ def param_counts(model_config: dict) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="a shipped config's name (sd15) or a config file's path")
-    counts = param_counts(configs.load(p.parse_args(argv).config).model.to_dict())
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--preset", choices=sorted(PRESETS), help="a published Stable Diffusion architecture")
+    which.add_argument("--config", help="a config's name or path whose `model` holds unet, vae and text_encoder")
+    args = p.parse_args(argv)
+    if args.preset:
+        model = PRESETS[args.preset]()
+    else:
+        model = configs.load(args.config).get("model")
+        model = model.to_dict() if model is not None else {}
+        if not {"unet", "vae", "text_encoder"} <= set(model):
+            raise SystemExit(f"error: --config {args.config} does not hold a whole model (its networks come from a "
+                             "checkpoint); use --preset, or a config like tiny.")
+    counts = param_counts(model)
     print(f"{'network':<14}{'parameters':>16}")
     for name, n in counts.items():
         print(f"{name:<14}{n:>16,}")

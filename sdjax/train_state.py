@@ -66,7 +66,8 @@ def update_ema(ema: Any, params: Any, decay: jax.Array) -> Any:
 def make_optimizer(*, learning_rate: float, warmup_steps: int, total_steps: int, schedule: str = "constant",
                    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2,
                    clip_norm: float | None = 1.0) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with linear warm-up then a constant or cosine-decayed rate, after global-norm clipping."""
+    """AdamW with linear warm-up then a constant or cosine-decayed rate, after global-norm clipping
+    (``clip_norm`` None or 0: none)."""
     if schedule == "constant":
         lr = optax.constant_schedule(learning_rate)
     elif schedule == "cosine":

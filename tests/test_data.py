@@ -114,14 +114,63 @@ def test_random_flip_mirrors_some_images(shapes_config):
     assert 0 < num_flipped < NUM_TRAIN
 
 
-def test_host_shards_are_disjoint_and_cover_the_split(shapes_config):
-    def images(config):
-        return collections.Counter(b["image"].tobytes() for b in _take(
-            dataclasses.replace(config, num_epochs=1, batch_size=1)))
+def test_hosts_read_their_rows_of_the_same_global_batches(shapes_config):
+    """Host i of n yields rows [i*b, (i+1)*b) of each global batch: the hosts' batches, concatenated
+    in process order, are one host's batches, over several epochs, whatever the number of hosts."""
+    one = _take(dataclasses.replace(shapes_config, batch_size=12), 9)  # 48 examples: 4 batches per epoch
+    for n in (2, 3):
+        hosts = [_take(dataclasses.replace(shapes_config, batch_size=12 // n, shard_index=i, shard_count=n), 9)
+                 for i in range(n)]
+        for k, want in enumerate(one):
+            np.testing.assert_array_equal(np.concatenate([h[k]["image"] for h in hosts]), want["image"])
+            assert [t for h in hosts for t in h[k]["text"].tolist()] == want["text"].tolist()
+    epoch = collections.Counter(t for b in one[:4] for t in b["text"].tolist())
+    every = collections.Counter(str(data.builder(shapes_config).as_data_source("train")[i]["text"].decode())
+                                for i in range(NUM_TRAIN))
+    assert epoch == every  # one epoch holds every example once
 
-    shards = [images(dataclasses.replace(shapes_config, shard_index=i, shard_count=3)) for i in range(3)]
-    assert [sum(s.values()) for s in shards] == [NUM_TRAIN // 3] * 3
-    assert sum(shards, collections.Counter()) == images(shapes_config)
+
+def test_resume_on_another_number_of_hosts(shapes_config):
+    one = data.make_dataset(dataclasses.replace(shapes_config, batch_size=12))
+    for _ in range(5):
+        next(one)
+    state = one.get_state()
+    want = next(one)
+    hosts = [data.make_dataset(dataclasses.replace(shapes_config, batch_size=4, shard_index=i, shard_count=3))
+             for i in range(3)]
+    for h in hosts:
+        h.set_state(state)
+    np.testing.assert_array_equal(np.concatenate([next(h)["image"] for h in hosts]), want["image"])
+
+
+def test_held_out_split(shapes_config, tmp_path):
+    b = data.builder(shapes_config)
+    assert data.splits(b, shapes_config) == ("train", "test")  # the dataset's own test split
+    train = dataclasses.replace(shapes_config, split="train[:40]")  # as if it had no test split
+    NestedCaptionsForTest(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    nested = data.DataConfig(name="nested_captions_for_test", data_dir=str(tmp_path), split="validation",
+                             image_key="photo", text_key="captions/text", holdout=0.3)
+    b = data.builder(nested)
+    assert data.splits(b, nested) == ("validation[:-2]", "validation[-2:]")  # ceil(4 * 0.3) = 2 held out
+    assert data.splits(b, dataclasses.replace(nested, holdout=0.01)) == ("validation[:-1]", "validation[-1:]")
+    assert data.splits(data.builder(train), dataclasses.replace(train, eval_split="train[40:]")) == (
+        "train[:40]", "train[40:]")
+
+
+def test_config_section_is_every_field_and_typed():
+    section = data.config_section(image_size=64)
+    fields = {f.name for f in dataclasses.fields(data.DataConfig)} - {"batch_size"}
+    assert set(section.keys()) == fields and section.image_size == 64
+    section.manual_dir = "/some/folder"  # a None default still takes a string from the command line
+    config = data.DataConfig.from_config(section, batch_size=4)
+    assert config.manual_dir == "/some/folder" and config.batch_size == 4
+    section = data.config_section()
+    section.unlock()
+    section.bogus = 1
+    with pytest.raises(ValueError, match="data.bogus is not a data setting; valid keys: .*manual_dir"):
+        data.DataConfig.from_config(section, batch_size=4)
+    with pytest.raises(ValueError, match="gs://b/d: sdjax reads and writes local paths only"):
+        data.DataConfig(data_dir="gs://b/d")
 
 
 def test_iterator_state_resumes_at_the_same_batch(shapes_config):
@@ -181,8 +230,9 @@ def test_image_folder_skips_bad_entries_and_reports_them(tmp_path, capsys):
     data.prepare(config)
     assert ("prepared 4 examples; skipped 2 unreadable images (corrupt.png, truncated.jpg), "
             "1 entry without caption (nocaption.png)") in capsys.readouterr().out
-    data.prepare(dataclasses.replace(config, manual_dir=None))  # Reuses the prepared files.
+    data.prepare(config)  # Reuses the prepared files.
     assert "prepared" not in capsys.readouterr().out
+    first = data.builder(config).info.config_name
 
     batches = _take(config)
     assert sorted(str(b["text"][0]) for b in batches) == sorted(f"colour {n}" for n in good)
@@ -190,6 +240,14 @@ def test_image_folder_skips_bad_entries_and_reports_them(tmp_path, capsys):
         assert b["image"].shape == (1, 16, 16, 3)
         rgb = np.array(good[str(b["text"][0]).removeprefix("colour ")]) / 127.5 - 1.0
         np.testing.assert_allclose(b["image"][0], np.broadcast_to(rgb, (16, 16, 3)), atol=3 / 127.5)
+
+    # A changed folder is prepared anew (never read stale), under another config name.
+    _save(folder / "white.png", np.full((16, 16, 3), 255, np.uint8), "PNG")
+    with open(folder / "metadata.jsonl", "a") as f:
+        f.write(json.dumps({"file_name": "white.png", "text": "colour white.png"}) + "\n")
+    data.prepare(config)
+    assert "prepared 5 examples" in capsys.readouterr().out
+    assert data.builder(config).info.config_name != first and len(_take(config)) == 5
 
 
 class NestedCaptionsForTest(tfds.core.GeneratorBasedBuilder):
@@ -234,8 +292,10 @@ def test_any_prepared_tfds_dataset_with_configured_keys(tmp_path):
 def test_user_errors_say_what_to_do(tmp_path):
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         data.DataConfig(batch_size=0)
-    with pytest.raises(ValueError, match="needs DataConfig.manual_dir"):
+    with pytest.raises(ValueError, match="needs data.manual_dir"):
         data.prepare(data.DataConfig(name="captioned_images", data_dir=str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        data.prepare(data.DataConfig(name="captioned_images", data_dir=str(tmp_path), manual_dir=str(tmp_path / "x")))
     with pytest.raises(FileNotFoundError, match="metadata.jsonl not found"):
         data.prepare(data.DataConfig(name="captioned_images", data_dir=str(tmp_path), manual_dir=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match=r"not prepared .* run sdjax.data.prepare\(config\) first"):

@@ -1,27 +1,27 @@
 """Latent caching (``train.cache_latents``): the cache holds each example's posterior and tokens,
-a step on cached latents equals the step on the images, and a cache is reused only when it
-was made from the same data, autoencoder and tokenizer."""
+a step on cached latents equals the step on the images, a cache is reused only when it was made
+from the same data, autoencoder and tokenizer, and encoding writes chunk by chunk and resumes."""
 
 import jax
 import numpy as np
 import pytest
 
-from sdjax.data import builder, latent_cache, prepare
+from sdjax.data import DataConfig, builder, latent_cache, prepare
 from sdjax.models.autoencoder import AutoencoderKL
 from sdjax.tokenizer import tokenize
 from sdjax.training import latent
-from tests.latent_multiprocess import tiny_test_config
+from tests.tiny_configs import latent_config
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("data"))
-    prepare(latent.data_config(tiny_test_config(d), latent.TrainConfig(batch_size=8)))
+    prepare(DataConfig.from_config(latent_config(d).data, batch_size=8))
     return d
 
 
 def _one_device_config(data_dir: str, **train):
-    c = tiny_test_config(data_dir)
+    c = latent_config(data_dir)
     c.mesh.shape = (1, 1)
     c.train.update(train)
     return c
@@ -32,8 +32,13 @@ def cached(data_dir, tmp_path_factory):
     """A one-device setup training from cached latents, and its cache."""
     c = _one_device_config(data_dir, cache_latents=True, latent_cache_dir=str(tmp_path_factory.mktemp("cache")))
     setup = latent.build(c, str(tmp_path_factory.mktemp("work")), devices=jax.devices()[:1])
-    arrays = latent.cached_latents(setup)
-    return setup, arrays
+    return setup, _all(latent.cached_latents(setup))
+
+
+def _all(source) -> dict[str, np.ndarray]:
+    """Every example of a cache, stacked."""
+    rows = [source[i] for i in range(len(source))]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 def _examples(setup, n: int):
@@ -75,24 +80,54 @@ def test_cached_posterior_equals_the_images_posterior(cached, data_dir, tmp_path
                                latent.measure_latent_scale(setup_i, b_img, key), rtol=1e-5)
 
 
-def test_cache_is_reused_and_rebuilt_when_stale(cached, monkeypatch):
+def test_cache_is_reused_and_rebuilt_when_stale(cached, monkeypatch, capsys):
     setup, arrays = cached
-    monkeypatch.setattr(latent_cache, "encode_all", lambda *a: pytest.fail("re-encoded a valid cache"))
-    again = latent.cached_latents(setup)
+    capsys.readouterr()
+    again = _all(latent.cached_latents(setup))
+    assert "caching latents" not in capsys.readouterr().out  # reused, not encoded again
     np.testing.assert_array_equal(again["moments"], arrays["moments"])
 
     fingerprint = latent._cache_fingerprint(setup)
-    path = f"{setup.train.latent_cache_dir}/shard00000-of-00001"
+    path = setup.train.latent_cache_dir
     assert latent_cache.read(path, fingerprint) is not None
     for key, value in (("vae_sha256", "0" * 64), ("seq_len", 77)):
         assert latent_cache.read(path, dict(fingerprint, **{key: value})) is None, key
     assert latent_cache.read(path, dict(fingerprint, data=dict(fingerprint["data"], seed=1))) is None
-    calls = []
-    monkeypatch.setattr(latent_cache, "encode_all", lambda *a: calls.append(1) or {
-        k: np.asarray(v)[:8] for k, v in arrays.items()})
     monkeypatch.setattr(latent, "_cache_fingerprint", lambda *a: dict(fingerprint, seq_len=77))
-    rebuilt = latent.cached_latents(setup)
-    assert calls == [1] and len(rebuilt["moments"]) == 8
+    rebuilt = _all(latent.cached_latents(setup))
+    assert "caching latents" in capsys.readouterr().out
+    assert latent_cache.read(path, fingerprint) is None  # the stale cache was replaced
+    np.testing.assert_array_equal(rebuilt["moments"], arrays["moments"])
+
+
+def test_encoding_writes_chunk_by_chunk_and_resumes(tmp_path, monkeypatch, capsys):
+    """A run killed while encoding leaves its finished chunks, and the next run encodes only the
+    rest; no more than one chunk of examples is asked for at a time."""
+    monkeypatch.setattr(latent_cache, "CHUNK", 4)
+    n, asked = 10, []
+
+    def examples(start, stop):
+        asked.append((start, stop))
+        if len(asked) == 3 and stop == 10:
+            raise KeyboardInterrupt  # killed while encoding the last chunk
+        idx = np.arange(start, stop, dtype=np.float32)
+        return {"image": np.broadcast_to(idx[:, None, None, None], (stop - start, 2, 2, 3)),
+                "input_ids": np.repeat(np.arange(start, stop, dtype=np.int32)[:, None], 5, axis=1)}
+
+    def encode(images):  # (3, 2, 2, 3) -> moments (3, 1, 1, 2): the image index and its double
+        assert images.shape[0] == 3  # the last, shorter batch of a chunk is padded to one shape
+        return np.concatenate([images[:, :1, :1, :1], 2 * images[:, :1, :1, :1]], axis=-1)
+
+    build = lambda: latent_cache.build(str(tmp_path / "c"), {"v": 1}, n, examples, encode, 3, "test")  # noqa: E731
+    with pytest.raises(KeyboardInterrupt):
+        build()
+    assert asked == [(0, 4), (4, 8), (8, 10)]
+    assert latent_cache.read(str(tmp_path / "c"), {"v": 1}) is None  # incomplete: never read
+    source = build()
+    assert asked[3:] == [(8, 10)]  # only the missing chunk
+    got = _all(source)
+    np.testing.assert_array_equal(got["moments"][:, 0, 0], np.stack([np.arange(n), 2 * np.arange(n)], -1))
+    np.testing.assert_array_equal(got["input_ids"][:, 0], np.arange(n))
 
 
 def test_training_iterator_reads_the_cache_and_resumes(cached, data_dir, tmp_path, capsys):

@@ -193,7 +193,7 @@ def test_bf16_compute_keeps_f32_params(saved):
 def test_params_command_prints_the_published_counts(capsys):
     from sdjax import params
 
-    params.main(["--config", "sd15"])  # the README's command, by config name
+    params.main(["--preset", "sd15"])  # the README's command
     out = capsys.readouterr().out
     for name, count in (("unet", 859_520_964), ("vae", 83_653_863), ("text_encoder", 123_060_480),
                         ("total", 859_520_964 + 83_653_863 + 123_060_480)):

@@ -1,7 +1,8 @@
 """Phase-2 training: sharded step parity, gradient accumulation, remat, bf16, a frozen pretrained
-text encoder with init_from, multi-process parity and export, kill/resume, loss, export, errors.
+text encoder with init_from, two hosts (each its own HOME) against one through the command line,
+kill/resume, loss, export, errors.
 
-Everything runs the tiny config (tests/latent_multiprocess.tiny_test_config) with XLA's backend
+Everything runs the tiny config (tests/tiny_configs.latent_config) with XLA's backend
 optimisation off for the step (``train.fast_compile``); compiled functions are shared by the
 module-scoped fixtures.
 """
@@ -25,13 +26,14 @@ from flax import traverse_util
 from jax.extend.core import ClosedJaxpr, Jaxpr
 
 from sdjax import metrics
-from sdjax.data import prepare
+from sdjax.data import DataConfig, make_dataset, prepare
 from sdjax.models.configs import abstract_params
 from sdjax.stable_diffusion import StableDiffusion
 from sdjax.train_state import RUN_ONCE_COMPILER_OPTIONS, ema_decay, make_optimizer
 from sdjax.training import latent
 from sdjax.training.latent import min_snr_weight
-from tests.latent_multiprocess import emulated_host_batches, run, tiny_test_config
+from tests.tiny_configs import latent_config
+from tests.own_data import write_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
@@ -40,33 +42,33 @@ STEPS = 3
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("data"))
-    prepare(latent.data_config(tiny_test_config(d), latent.TrainConfig(batch_size=8)))
+    prepare(DataConfig.from_config(latent_config(d).data, batch_size=8))
     return d
 
 
 @pytest.fixture(scope="module")
 def setup8(data_dir, tmp_path_factory):
-    return latent.build(tiny_test_config(data_dir), str(tmp_path_factory.mktemp("w8")))
+    return latent.build(latent_config(data_dir), str(tmp_path_factory.mktemp("w8")))
 
 
-@pytest.fixture(scope="module")
-def reference(setup8):
-    """STEPS steps on 1 process x 8 devices, fed the batches two hosts would feed."""
-    state = run(setup8, emulated_host_batches(setup8, 2), STEPS)
-    return jax.tree.map(np.asarray, state.params)
+def _batches(setup):
+    """``setup``'s training batches (this one process's: the whole global batch): images and token ids."""
+    it = make_dataset(setup.data, tokenize=lambda text: latent.tokenize(setup.tokenizer, [text], setup.seq_len)[0])
+    for batch in it:
+        yield {k: batch[k] for k in ("image", "input_ids")}
 
 
 @pytest.fixture(scope="module")
 def start(setup8):
-    """A first host batch and setup8's initial state on it, in host memory (reused by every setup)."""
-    host = next(emulated_host_batches(setup8, 1))
+    """A first batch and setup8's initial state on it, in host memory (reused by every setup)."""
+    host = next(_batches(setup8))
     return host, jax.tree.map(np.asarray, latent.init_state(setup8, latent.device_batch(setup8, host)))
 
 
 def _build1(data_dir: str, workdir: str, **train):
     """The test config on one device, with ``train`` overrides: options that change no sharding are
     checked here, where each compile and step costs a fraction of the 2 x 4 mesh's."""
-    c = tiny_test_config(data_dir)
+    c = latent_config(data_dir)
     c.mesh.shape = (1, 1)
     c.train.update(train)
     return latent.build(c, workdir, devices=jax.devices()[:1])
@@ -145,15 +147,15 @@ def test_learning_rate_schedules_closed_form():
 
 def test_config_errors_come_before_compiling(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(jax, "jit", lambda *a, **k: pytest.fail("compiled before the config check"))
-    c = tiny_test_config(data_dir)
+    c = latent_config(data_dir)
     c.mesh.shape = (3, 4)
     with pytest.raises(ValueError, match="has 12 devices but this run has 8"):
         latent.build(c, str(tmp_path))
-    c = tiny_test_config(data_dir)
+    c = latent_config(data_dir)
     c.train.batch_size = 12
     with pytest.raises(ValueError, match="not divisible by the data-parallel size 8"):
         latent.build(c, str(tmp_path))
-    c = tiny_test_config(data_dir)
+    c = latent_config(data_dir)
     c.train.dtype = "float64"
     with pytest.raises(ValueError, match="train.dtype"):
         latent.build(c, str(tmp_path))
@@ -172,7 +174,7 @@ def test_sharded_step_matches_single_device(setup8, setup1, start, step1):
 
 
 def test_loss_falls_and_export_loads(setup1, start, tmp_path):
-    batches = emulated_host_batches(setup1, 1)
+    batches = _batches(setup1)
     state = _put(setup1, start[1])
     losses = []
     for _ in range(40):
@@ -283,7 +285,7 @@ def test_frozen_pretrained_text_encoder_and_init_from(data_dir, setup1, start, s
     exported_unet, exported_text = _flat(sd.params["unet"]), _flat(sd.params["text_encoder"])
     assert any(not np.array_equal(v, _flat(state0.params["unet"])[k]) for k, v in exported_unet.items())
 
-    c = tiny_test_config(data_dir)
+    c = latent_config(data_dir)
     c.mesh.shape = (1, 1)
     c.text_encoder.pretrained = export
     c.tokenizer.dir = os.path.join(export, "tokenizer")
@@ -351,25 +353,56 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _saved_state(workdir: str, step: int) -> dict:
+    """A saved train state as host arrays, whatever devices and processes wrote it."""
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    ckptr = ocp.PyTreeCheckpointer()
+    tree = ckptr.metadata(path).item_metadata.tree
+    return ckptr.restore(path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+
+
 @pytest.mark.slow
-def test_two_processes_match_one(reference, data_dir, tmp_path):
-    port = _free_port()
-    out = tmp_path / "params.npz"
-    procs = [subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "tests", "latent_multiprocess.py"), data_dir, str(tmp_path / "w"),
-         str(out), str(STEPS)],
-        env=_env(4, str(tmp_path / "cache"), SDJAX_COORDINATOR=f"localhost:{port}", SDJAX_NUM_PROCESSES="2",
-                 SDJAX_PROCESS_ID=str(i)),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+def test_two_hosts_each_with_its_own_home_match_one(tmp_path):
+    """The README's pod command on two processes, each with its own HOME (so its own
+    ~/tensorflow_datasets and, here, its own latent cache), training on an image folder with a
+    corrupt image and a missing caption: the same weights as one process running the same command."""
+    folder = write_image_folder(tmp_path / "images", 24)
+    steps = 3
+
+    def cmd(workdir):
+        return [sys.executable, os.path.join(ROOT, "train", "latent.py"), "--config", "tiny", "--workdir", workdir,
+                "--export", os.path.join(workdir, "export"), "--config.data.name=captioned_images",
+                f"--config.data.manual_dir={folder}", "--config.tokenizer.from_captions=True",
+                "--config.train.batch_size=8", f"--config.train.steps={steps}", f"--config.train.checkpoint_every={steps}",
+                "--config.train.sample_every=0", "--config.train.log_every=1", "--config.train.fast_compile=True",
+                "--config.train.cache_latents=True", "--config.train.latent_cache_dir=~/latent_cache",
+                "--config.mesh.shape=(2,4)"]
+
+    port, cache = _free_port(), str(tmp_path / "xla")
+    homes = [tmp_path / f"home{i}" for i in range(3)]
+    logs = [open(tmp_path / f"host{i}.log", "w") for i in range(2)]
+    procs = [subprocess.Popen(cmd(str(tmp_path / "two")), stdout=logs[i], stderr=subprocess.STDOUT,
+                              env=_env(4, cache, HOME=str(homes[i]), SDJAX_COORDINATOR=f"localhost:{port}",
+                                       SDJAX_NUM_PROCESSES="2", SDJAX_PROCESS_ID=str(i))) for i in range(2)]
     try:
-        logs = [p.communicate(timeout=600)[0] for p in procs]
+        codes = [p.wait(timeout=600) for p in procs]
     finally:
-        for p in procs:
+        for p, log in zip(procs, logs):
             p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
-    saved = dict(np.load(out))
-    got = {k.removeprefix("params/"): v for k, v in saved.items() if k.startswith("params/")}
-    want = _flat(reference)
+            log.close()
+    host_logs = [(tmp_path / f"host{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in host_logs)
+    one = subprocess.run(cmd(str(tmp_path / "one")), env=_env(8, cache, HOME=str(homes[2])), capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+
+    for home in homes:  # each host prepared its own copy of the data and encoded its own cache
+        assert list((home / "tensorflow_datasets" / "captioned_images").glob("folder_*/1.0.0"))
+        assert (home / "latent_cache" / "meta.json").is_file()
+    assert all("each host encodes all of it" in log for log in host_logs)
+    assert "prepared 24 examples; skipped 1 unreadable image (corrupt.png), 1 entry without caption" in host_logs[0]
+    saved = _saved_state(str(tmp_path / "two"), steps)
+    got, want = _flat(saved["params"]), _flat(_saved_state(str(tmp_path / "one"), steps)["params"])
     assert got.keys() == want.keys()
     for k in want:
         # atol: attention key biases have an exactly zero gradient (softmax ignores them), so Adam
@@ -377,11 +410,11 @@ def test_two_processes_match_one(reference, data_dir, tmp_path):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=5e-5, err_msg=k)
 
     # The two processes' export holds exactly the EMA weights they trained, gathered from both.
-    sd = StableDiffusion.from_pretrained(str(tmp_path / "w" / "export"))
+    sd = StableDiffusion.from_pretrained(str(tmp_path / "two" / "export"))
     exported = _flat({"unet": sd.params["unet"], "text_encoder": sd.params["text_encoder"]})
-    assert exported.keys() == want.keys()
-    for k, v in exported.items():
-        np.testing.assert_array_equal(v, saved[f"ema_params/{k}"], err_msg=k)
+    assert exported.keys() == _flat(saved["ema_params"]).keys()
+    for k, v in _flat(saved["ema_params"]).items():
+        np.testing.assert_array_equal(exported[k], v, err_msg=k)
 
 
 def _train_cmd(data_dir: str, workdir: str, steps: int) -> list[str]:
@@ -447,39 +480,7 @@ def test_word_tokenizer_gives_one_token_per_caption_word(tmp_path):
     from sdjax.tokenizer import load_tokenizer
     from sdjax.training.word_tokenizer import write_word_tokenizer
 
-    words = tiny_test_config("unused").tokenizer.words.split()
+    words = latent_config("unused").tokenizer.words.split()
     tok = load_tokenizer(write_word_tokenizer(tmp_path, words))
     assert tok.tokenize("a yellow triangle on a green background") == [
         "a</w>", "yellow</w>", "triangle</w>", "on</w>", "a</w>", "green</w>", "background</w>"]
-
-
-def test_trains_on_an_image_folder_with_bad_entries(tmp_path, capsys):
-    """A corrupt image and an entry without a caption are skipped, counted, and training goes on."""
-    import json
-
-    from PIL import Image
-
-    from sdjax.data import caption, render_shape
-
-    folder = tmp_path / "images"
-    folder.mkdir()
-    lines = []
-    for i in range(16):
-        s, c, bg = i % 3, i % 6, (i + 1) % 6
-        Image.fromarray(render_shape(s, c, bg, 14, 16, 16, 32)).save(folder / f"{i}.png")
-        lines.append({"file_name": f"{i}.png", "text": caption(s, c, bg)})
-    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
-    lines.append({"file_name": "corrupt.png", "text": "a red circle on a blue background"})
-    Image.fromarray(render_shape(0, 0, 1, 14, 16, 16, 32)).save(folder / "nocaption.png")
-    lines.append({"file_name": "nocaption.png"})
-    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-
-    c = tiny_test_config(str(tmp_path / "data"))
-    c.data.name = "captioned_images"
-    c.data.manual_dir = str(folder)
-    c.train.update(steps=2, checkpoint_every=2)
-    state = latent.train(c, str(tmp_path / "work"))
-    out = capsys.readouterr().out
-    assert "prepared 16 examples" in out and "corrupt.png" in out and "nocaption.png" in out, out
-    assert int(state.step) == 2
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdjax import paths
 from sdjax.checkpoints import diffusers_folder, sdjax_format, single_file
 from sdjax.checkpoints.convert import CheckpointError, text_encoder_from_torch, torch_to_flax
 from sdjax.checkpoints.tensors import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, read_safetensors, read_tensors
@@ -38,6 +39,7 @@ class Loaded:
 
 def detect_format(path: str) -> str:
     """"sdjax", "diffusers" or "single_file"; raises with the supported formats otherwise."""
+    paths.check_local(path, "checkpoint")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or directory. Expected {SUPPORTED_FORMATS}.")
     if os.path.isdir(path) and sdjax_format.is_sdjax_dir(path):
@@ -64,7 +66,7 @@ def load(path: str, *, param_dtype: Any = jnp.float32, prediction_type: str | No
          single_file_options: dict[str, Any] | None = None) -> Loaded:
     """Reads a diffusers folder, a single-file SD checkpoint, or an sdjax export (see
     ``StableDiffusion.from_pretrained`` for the options)."""
-    path = os.fspath(path)
+    path = paths.check_local(os.fspath(path), "checkpoint")
     fmt = detect_format(path)
     tokenizer_dir = os.path.join(path, "tokenizer")
     if fmt == "sdjax":
@@ -96,7 +98,7 @@ def load(path: str, *, param_dtype: Any = jnp.float32, prediction_type: str | No
 def load_vae(path: str) -> tuple[AutoencoderConfig, Any]:
     """(config, params) of the autoencoder in ``path``: an autoencoder export (phase 1's) or any
     whole Stable Diffusion checkpoint ``load`` reads."""
-    path = os.fspath(path)
+    path = paths.check_local(os.fspath(path), "autoencoder")
     if os.path.isdir(path) and sdjax_format.is_vae_dir(path):
         return sdjax_format.read_vae(path)
     if not os.path.exists(path):

@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from sdjax import paths
 from sdjax.checkpoints.convert import CheckpointError, describe_mismatch
 from sdjax.models.autoencoder import AutoencoderConfig
 
@@ -55,7 +56,7 @@ def single_process_checkpointer() -> ocp.StandardCheckpointer:
 def _atomic_export(path: str, marker: str, meta: dict[str, Any], params: Any) -> Iterator[str]:
     """Writes ``params/`` and ``marker`` into a temporary folder, lets the caller add files to it,
     then replaces ``path`` (an earlier export of the same kind, or nothing) with it."""
-    path = os.path.abspath(path)
+    path = os.path.abspath(paths.check_local(os.fspath(path), "export"))
     if os.path.exists(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, marker)):
         raise FileExistsError(f"{path} exists and is not an export of this kind ({marker}); choose an empty or "
                               "new directory.")

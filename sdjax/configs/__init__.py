@@ -5,9 +5,12 @@ Each is a Python file whose ``get_config(arg=None)`` returns an ``ml_collections
 that runs it.
 """
 
+import dataclasses
 import importlib.util
 import os
 import re
+import typing
+from typing import Any
 
 import ml_collections
 
@@ -38,6 +41,29 @@ def load(spec: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg) if sep else module.get_config()
+
+
+def section(cls: Any, exclude: tuple[str, ...] = (), **values: Any) -> ml_collections.ConfigDict:
+    """A config section holding every field of the dataclass ``cls`` (but ``exclude``) at its default
+    unless given: generated from the dataclass so the two cannot drift, and typed so the command
+    line can set fields whose value is None (``--config.data.manual_dir=FOLDER``)."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in exclude}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{unknown[0]} is not a field of {cls.__name__}; valid: {', '.join(sorted(fields))}.")
+    out = {}
+    for name, f in fields.items():
+        if name in values:
+            value = values[name]
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        else:
+            value = f.default_factory()
+        if value is None:
+            types = [t for t in typing.get_args(f.type) if t is not type(None)]
+            value = ml_collections.FieldReference(None, field_type=types[0] if types else str)
+        out[name] = value
+    return ml_collections.ConfigDict(out)
 
 
 def check_override(config: ml_collections.ConfigDict, dotted: str) -> None:

@@ -12,8 +12,9 @@ Sections:
   autoencoder.path    frozen VAE: an autoencoder export (train/autoencoder.py --export) or any SD checkpoint;
                       None = a random frozen VAE (seeded by autoencoder.seed), for smoke tests only.
   text_encoder        pretrained=PATH: frozen CLIP from a StableDiffusion checkpoint; None: trained from scratch.
-  tokenizer           dir=a CLIP tokenizer folder, or words=... to write a word-level one into the workdir.
-  data                sdjax.data.DataConfig fields (batch_size is train.batch_size / number of hosts).
+  tokenizer           dir=a CLIP tokenizer folder, or a word-level one written into the workdir from
+                      words=... or, with from_captions=True, from every word of the training captions.
+  data                every sdjax.data.DataConfig field (batch_size is train.batch_size / number of hosts).
   train               optimisation, EMA, precision, logging, checkpointing and export settings;
                       cache_latents=True encodes the dataset once (into latent_cache_dir, default
                       <workdir>/latent_cache) and trains on the cached posteriors: no VAE in the step.
@@ -24,8 +25,9 @@ Sections:
 
 import ml_collections
 
-from sdjax import sharding
-from sdjax.data import COLOR_NAMES, SHAPES
+from sdjax import configs, sharding
+from sdjax.data import COLOR_NAMES, SHAPES, config_section
+from sdjax.training.latent import SampleConfig, TrainConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -49,23 +51,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.text_encoder = ml_collections.ConfigDict(dict(pretrained=ml_collections.FieldReference(None, field_type=str)))
     c.tokenizer = ml_collections.ConfigDict(dict(
         dir=ml_collections.FieldReference(None, field_type=str),
-        words=" ".join(("a", "on", "background") + SHAPES + COLOR_NAMES)))
-    c.data = ml_collections.ConfigDict(dict(
-        name="captioned_shapes", data_dir=ml_collections.FieldReference(None, field_type=str), image_size=32,
-        num_examples=2000, seed=0, num_threads=2))
-    c.train = ml_collections.ConfigDict(dict(
-        steps=300, batch_size=32, learning_rate=1e-3, warmup_steps=20, schedule="cosine", weight_decay=0.0,
-        clip_norm=1.0, ema_decay=0.999, grad_accum=1, dtype="float32", remat=False, caption_dropout=0.1,
-        min_snr_gamma=ml_collections.FieldReference(5.0, field_type=float), seed=0,
-        latent_scale=ml_collections.FieldReference(None, field_type=float), scale_by_std=True,
-        checkpoint_every=100, max_to_keep=2, log_every=10, sample_every=100,
-        export_dir=ml_collections.FieldReference(None, field_type=str), fast_compile=False,
-        init_from=ml_collections.FieldReference(None, field_type=str), cache_latents=False,
-        latent_cache_dir=ml_collections.FieldReference(None, field_type=str)))
-    c.sample = ml_collections.ConfigDict(dict(
-        num_steps=20, guidance_scale=3.0,
+        words=" ".join(("a", "on", "background") + SHAPES + COLOR_NAMES), from_captions=False))
+    c.data = config_section(name="captioned_shapes", image_size=32, num_examples=2000, num_threads=2)
+    c.train = configs.section(
+        TrainConfig, steps=300, batch_size=32, learning_rate=1e-3, warmup_steps=20, schedule="cosine",
+        weight_decay=0.0, ema_decay=0.999, min_snr_gamma=5.0, scale_by_std=True, checkpoint_every=100,
+        max_to_keep=2, log_every=10, sample_every=100)
+    c.sample = configs.section(
+        SampleConfig, num_steps=20, guidance_scale=3.0,
         prompts=("a red circle on a green background", "a blue square on a yellow background",
-                 "a green triangle on a red background", "a yellow circle on a blue background")))
+                 "a green triangle on a red background", "a yellow circle on a blue background"))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "fsdp")))
     c.logical_axis_rules = sharding.LOGICAL_AXIS_RULES
     return c

@@ -20,7 +20,10 @@ Sections:
 
 import ml_collections
 
-from sdjax import sharding
+from sdjax import configs, sharding
+from sdjax.data import config_section
+from sdjax.training.autoencoder import TrainConfig
+from sdjax.training.autoencoder_loss import LossConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -29,16 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
         norm_num_groups=8, sample_size=32, scaling_factor=1.0))
     c.discriminator = ml_collections.ConfigDict(dict(ndf=32, n_layers=2))
-    c.loss = ml_collections.ConfigDict(dict(
-        disc_start=1500, kl_weight=1e-6, disc_weight=0.5, disc_factor=1.0, perceptual_weight=1.0, logvar_init=0.0,
-        lpips_path=ml_collections.FieldReference(None, field_type=str)))
-    c.data = ml_collections.ConfigDict(dict(
-        name="captioned_shapes", data_dir=ml_collections.FieldReference(None, field_type=str), image_size=32,
-        num_examples=2000, seed=0, num_threads=2))
-    c.train = ml_collections.ConfigDict(dict(
-        steps=2000, batch_size=16, learning_rate=1e-3, seed=0, checkpoint_every=500,
-        max_to_keep=2, log_every=50, eval_every=250, eval_images=64, fast_compile=False,
-        export_dir=ml_collections.FieldReference(None, field_type=str)))
+    c.loss = configs.section(LossConfig, disc_start=1500)
+    c.data = config_section(name="captioned_shapes", image_size=32, num_examples=2000, num_threads=2)
+    c.train = configs.section(TrainConfig, steps=2000, batch_size=16, learning_rate=1e-3, checkpoint_every=500,
+                              max_to_keep=2, log_every=50, eval_every=250, eval_images=64)
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "fsdp")))
     c.logical_axis_rules = sharding.LOGICAL_AXIS_RULES
     return c

@@ -3,11 +3,17 @@
 from sdjax.data.image_folder import CaptionedImages
 from sdjax.data.pipeline import (
     DataConfig,
+    GlobalBatchIterator,
     builder,
+    config_section,
+    global_batches,
     iterator_restore_args,
     iterator_save_args,
     make_dataset,
     prepare,
+    prepare_on_all_hosts,
+    preprocess,
+    splits,
 )
 from sdjax.data.shapes import (
     COLOR_NAMES,

@@ -4,11 +4,17 @@ The folder holds the images and a `metadata.jsonl` with one line per example,
 `{"file_name": "cat.png", "text": "a cat on a mat"}`, file names relative to the folder.
 Unreadable or truncated images, entries without a caption and malformed lines are
 skipped and counted, never fatal: a summary is printed once the split is written.
+
+A folder is prepared under a builder config named after its contents (the metadata file and
+every file's name and size), so a changed folder is prepared anew instead of being read stale,
+and hosts holding copies of the same folder prepare the same dataset.
 """
 
 import collections
+import hashlib
 import io
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +27,9 @@ METADATA_FILE = "metadata.jsonl"
 def check_folder(folder: str | Path) -> Path:
     """Returns the folder as a Path, or raises if it cannot be an image folder."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data.manual_dir={folder}: no such folder. Give the folder holding your images and "
+                                f"a {METADATA_FILE}.")
     if not (folder / METADATA_FILE).is_file():
         raise FileNotFoundError(
             f"{folder / METADATA_FILE} not found: captioned_images reads a folder of images plus a "
@@ -38,6 +47,19 @@ def _rgb_image_bytes(path: Path) -> bytes:
         buf = io.BytesIO()
         img.convert("RGB").save(buf, format="PNG")
         return buf.getvalue()
+
+
+def folder_config(folder: str | Path) -> tfds.core.BuilderConfig:
+    """The builder config of ``folder``: named after a digest of its contents."""
+    folder = check_folder(folder)
+    digest = hashlib.sha256((folder / METADATA_FILE).read_bytes())
+    for root, dirs, files in sorted(os.walk(folder)):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            digest.update(f"{os.path.relpath(path, folder)}\0{os.path.getsize(path)}\0".encode())
+    return tfds.core.BuilderConfig(name=f"folder_{digest.hexdigest()[:16]}",
+                                   description=f"Images and captions of {folder}.")
 
 
 class _Skipped:

@@ -1,113 +1,171 @@
 """Cached latents: a dataset encoded once by a frozen autoencoder, then read as batches.
 
-A cache is a folder holding ``moments.npy`` (f32 (N, h, w, 2C): the posterior's mean and
-log-variance, so training still samples a fresh latent each step), ``input_ids.npy`` (i32
-(N, L)) and ``meta.json``, whose fingerprint (autoencoder, data config, tokenizer) says what
-the arrays were made from. A cache whose fingerprint differs is rebuilt, never reused.
-Files are written into a temporary folder and renamed, so a killed run leaves no half cache.
+A cache is a folder of chunks, each ``CHUNK`` consecutive examples of the (unshuffled) dataset:
+``moments-NNNNNN.npy`` (f32 (n, h, w, 2C): the posterior's mean and log-variance, so training
+still samples a fresh latent each step) and ``input_ids-NNNNNN.npy`` (i32 (n, L)), beside a
+``meta.json`` whose fingerprint (autoencoder, data config, tokenizer) says what they were made
+from. A cache whose fingerprint differs is rebuilt, never reused.
+
+Encoding writes one chunk at a time (host memory stays at one chunk whatever the dataset's
+size), each into a temporary file renamed when complete, so a run killed while encoding resumes
+at the first missing chunk. When every host sees the cache folder, host i encodes chunks i, i+n,
+...; otherwise each host encodes the whole dataset into its own folder. Training reads the
+chunks memory-mapped, in global batches like images (``sdjax.data.global_batches``).
 """
 
 import json
 import os
 import shutil
 import time
-from typing import Callable, Iterable
+from typing import Callable
 
 import grain
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
+from sdjax.data.pipeline import DataConfig, global_batches
+
+CHUNK = 256
 _ARRAYS = ("moments", "input_ids")
+_META = "meta.json"
 
 
-class ArraySource:
-    """A grain random-access source over equally long arrays (memory-mapped .npy files)."""
+def _chunk_path(path: str, name: str, chunk: int) -> str:
+    return os.path.join(path, f"{name}-{chunk:06d}.npy")
 
-    def __init__(self, arrays: dict[str, np.ndarray]):
-        lengths = {len(a) for a in arrays.values()}
-        if len(lengths) != 1:
-            raise ValueError(f"Cached arrays differ in length: { {k: len(a) for k, a in arrays.items()} }.")
-        self._arrays = arrays
-        self._len = lengths.pop()
+
+class ChunkSource:
+    """A grain random-access source over a cache's chunks (memory-mapped .npy files)."""
+
+    def __init__(self, path: str, num_examples: int):
+        self._path, self._len = path, num_examples
+        self._open: dict[tuple[str, int], np.ndarray] = {}
 
     def __len__(self) -> int:
         return self._len
 
+    def _array(self, name: str, chunk: int) -> np.ndarray:
+        key = (name, chunk)
+        if key not in self._open:
+            self._open[key] = np.load(_chunk_path(self._path, name, chunk), mmap_mode="r")
+        return self._open[key]
+
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        return {k: np.asarray(a[i]) for k, a in self._arrays.items()}
+        chunk, row = divmod(int(i), CHUNK)
+        return {k: np.asarray(self._array(k, chunk)[row]) for k in _ARRAYS}
+
+    def __getstate__(self):  # grain may pickle sources into worker processes: reopen there
+        return {"_path": self._path, "_len": self._len, "_open": {}}
 
 
-def read(path: str, fingerprint: dict) -> dict[str, np.ndarray] | None:
-    """The cache's arrays (memory-mapped), or None when absent or made from something else."""
+def _meta(path: str) -> dict | None:
     try:
-        with open(os.path.join(path, "meta.json")) as f:
-            meta = json.load(f)
-    except FileNotFoundError:
+        with open(os.path.join(path, _META)) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
         return None
-    if meta.get("fingerprint") != json.loads(json.dumps(fingerprint)):
-        return None
-    return {k: np.load(os.path.join(path, f"{k}.npy"), mmap_mode="r") for k in _ARRAYS}
 
 
-def write(path: str, arrays: dict[str, np.ndarray], fingerprint: dict) -> None:
-    """Writes a cache atomically: the folder appears complete or not at all."""
-    missing = set(_ARRAYS) - set(arrays)
-    if missing:
-        raise ValueError(f"A latent cache needs arrays {sorted(missing)}.")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+def _missing_chunks(path: str, num_chunks: int) -> list[int]:
+    return [c for c in range(num_chunks)
+            if not all(os.path.isfile(_chunk_path(path, k, c)) for k in _ARRAYS)]
+
+
+def read(path: str, fingerprint: dict) -> ChunkSource | None:
+    """The complete cache at ``path`` made from ``fingerprint``, or None (absent, stale or partial)."""
+    meta = _meta(path)
+    if meta is None or meta.get("fingerprint") != json.loads(json.dumps(fingerprint)):
+        return None
+    n = meta["examples"]
+    if _missing_chunks(path, -(-n // CHUNK)):
+        return None
+    return ChunkSource(path, n)
+
+
+def _write_chunk(path: str, chunk: int, arrays: dict[str, np.ndarray]) -> None:
     for k in _ARRAYS:
-        np.save(os.path.join(tmp, f"{k}.npy"), np.asarray(arrays[k]))
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({"fingerprint": fingerprint, "examples": len(arrays["moments"])}, f, indent=1)
+        final = _chunk_path(path, k, chunk)
+        tmp = f"{final[:-4]}.tmp-{os.getpid()}.npy"
+        np.save(tmp, np.asarray(arrays[k]))
+        os.replace(tmp, final)
+
+
+def _all_hosts_see(path: str) -> bool:
+    """Whether the folder host 0 created is visible to every host (a shared file system)."""
+    token = f"{time.time_ns()}"
+    probe = os.path.join(path, ".host0")
+    if jax.process_index() == 0:
+        with open(probe, "w") as f:
+            f.write(token)
+    token = multihost_utils.broadcast_one_to_all(np.frombuffer(token.encode().ljust(32), np.uint8))
+    try:
+        with open(probe) as f:
+            sees = f.read().encode().ljust(32) == bytes(np.asarray(token))
+    except FileNotFoundError:
+        sees = False
+    return bool(np.asarray(multihost_utils.process_allgather(np.asarray([sees]))).all())
+
+
+def _start(path: str, fingerprint: dict, num_examples: int) -> None:
+    """An empty cache folder (replacing a stale one) with the fingerprint of what it will hold."""
     shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    os.makedirs(path)
+    with open(os.path.join(path, _META), "w") as f:
+        json.dump({"fingerprint": fingerprint, "examples": num_examples, "chunk": CHUNK}, f, indent=1)
 
 
-def encode_all(batches: Iterable[dict[str, np.ndarray]], encode: Callable[[np.ndarray], np.ndarray],
-               batch_size: int) -> dict[str, np.ndarray]:
-    """Posterior moments (``encode``: images -> (B, h, w, 2C)) and token ids of every example of
-    ``batches`` ({"image", "input_ids"}); the last, shorter batch is padded to ``batch_size`` so
-    that ``encode`` sees one shape."""
-    moments, ids = [], []
-    done, t0 = 0, time.perf_counter()
-    for batch in batches:
-        n = len(batch["image"])
-        images = np.zeros((batch_size,) + batch["image"].shape[1:], np.float32)
-        images[:n] = batch["image"]
-        moments.append(np.asarray(encode(images))[:n])
-        ids.append(batch["input_ids"])
-        done += n
-        if len(moments) % 50 == 0:
-            print(f"  encoded {done} images ({done / (time.perf_counter() - t0):.0f} images/s)", flush=True)
-    if not moments:
-        raise ValueError("The dataset has no examples to cache.")
-    return {"moments": np.concatenate(moments), "input_ids": np.concatenate(ids)}
+def build(path: str, fingerprint: dict, num_examples: int, examples: Callable[[int, int], dict[str, np.ndarray]],
+          encode: Callable[[np.ndarray], np.ndarray], batch_size: int, what: str) -> ChunkSource:
+    """The cache at ``path``; encodes what is missing first (all of it when absent or stale).
+
+    ``examples(start, stop)`` -> {"image" (n, H, W, 3) in [-1, 1], "input_ids" (n, L)} of the
+    unshuffled dataset; ``encode(images (batch_size, H, W, 3)) -> moments``: the last, shorter
+    batch of a chunk is padded so that ``encode`` sees one shape. Every host calls this.
+    """
+    meta = _meta(path)
+    stale = meta is None or meta.get("fingerprint") != json.loads(json.dumps(fingerprint))
+    if jax.process_index() == 0 and stale:
+        _start(path, fingerprint, num_examples)
+    multihost_utils.sync_global_devices("sdjax latent cache created")
+    shared = _all_hosts_see(path)
+    if not shared and jax.process_index() != 0 and stale:  # this host's own folder
+        _start(path, fingerprint, num_examples)
+    num_chunks = -(-num_examples // CHUNK)
+    mine = [c for c in _missing_chunks(path, num_chunks)
+            if not shared or c % jax.process_count() == jax.process_index()]
+    if mine:
+        split = "this host's share of " if shared and jax.process_count() > 1 else ""
+        print(f"caching latents of {what}: {split}{len(mine)} of {num_chunks} chunks into {path}"
+              + ("" if shared else " (the folder is not shared between hosts: each host encodes all of it)"),
+              flush=True)
+    t0, done = time.perf_counter(), 0
+    for c in mine:
+        start, stop = c * CHUNK, min((c + 1) * CHUNK, num_examples)
+        chunk = examples(start, stop)
+        moments = []
+        for i in range(0, stop - start, batch_size):
+            images = chunk["image"][i:i + batch_size]
+            padded = np.zeros((batch_size,) + images.shape[1:], np.float32)
+            padded[:len(images)] = images
+            moments.append(np.asarray(encode(padded))[:len(images)])
+        _write_chunk(path, c, {"moments": np.concatenate(moments), "input_ids": chunk["input_ids"]})
+        done += stop - start
+        print(f"  encoded {done} images ({done / (time.perf_counter() - t0):.0f} images/s), "
+              f"chunk {c + 1}/{num_chunks}", flush=True)
+    multihost_utils.sync_global_devices("sdjax latent cache written")
+    source = read(path, fingerprint)
+    if source is None:
+        raise ValueError(f"The latent cache {path} is incomplete after encoding (chunks "
+                         f"{_missing_chunks(path, num_chunks)[:5]} missing): is the folder writable on every host?")
+    print(f"training on {len(source)} cached latents from {path}", flush=True)
+    return source
 
 
-def load_or_build(path: str, fingerprint: dict, batches: Callable[[], Iterable[dict[str, np.ndarray]]],
-                  encode: Callable[[np.ndarray], np.ndarray], batch_size: int, what: str) -> dict[str, np.ndarray]:
-    """The cache at ``path``; encodes one pass of ``batches()`` with ``encode`` into it first when it
-    is absent or was made from something else (``fingerprint``)."""
-    arrays = read(path, fingerprint)
-    if arrays is None:
-        print(f"caching latents of {what} in {path}", flush=True)
-        write(path, encode_all(batches(), encode, batch_size), fingerprint)
-        arrays = read(path, fingerprint)
-    print(f"training on {len(arrays['moments'])} cached latents from {path}", flush=True)
-    return arrays
-
-
-def make_dataset(arrays: dict[str, np.ndarray], batch_size: int, seed: int,
-                 shuffle: bool = True) -> grain.DatasetIterator:
-    """Batches {"moments", "input_ids"} of one host's cache, shuffled by ``seed``, repeating
-    forever; checkpointable like ``sdjax.data.make_dataset``'s iterator."""
-    source = ArraySource(arrays)
-    if len(source) < batch_size:
-        raise ValueError(f"The latent cache holds {len(source)} examples, fewer than the per-host batch of "
-                         f"{batch_size}; use a bigger dataset or a smaller train.batch_size.")
-    ds = grain.MapDataset.source(source).seed(seed)
-    if shuffle:
-        ds = ds.shuffle()
-    ds = ds.repeat(None).to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * batch_size))
-    return iter(ds.batch(batch_size, drop_remainder=True))
+def make_dataset(source: ChunkSource, config: DataConfig) -> grain.DatasetIterator:
+    """Batches {"moments", "input_ids"} of the cache, in global batches shuffled by ``config.seed``
+    and repeated, checkpointable like ``sdjax.data.make_dataset``'s iterator."""
+    if len(source) < config.batch_size * config.shard()[1]:
+        raise ValueError(f"The latent cache holds {len(source)} examples, fewer than the global batch of "
+                         f"{config.batch_size * config.shard()[1]}; use a bigger dataset or a smaller train.batch_size.")
+    return global_batches(grain.MapDataset.source(source), config)

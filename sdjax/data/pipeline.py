@@ -1,23 +1,30 @@
-"""Training input pipeline: TFDS array_record data read with grain, sharded per host.
+"""Training input pipeline: TFDS array_record data read with grain, in global batches.
 
-`prepare(config)` writes the dataset into `data_dir` once (later calls reuse it);
-`make_dataset(config)` returns a checkpointable iterator of per-host batches
+`prepare_on_all_hosts(config)` writes the dataset into `data_dir` once per host (or once, when
+the hosts share `data_dir`) and checks that every host reads the same data; `make_dataset(config)`
+returns this host's checkpointable iterator of batches
 `{"image": f32 (B, S, S, 3) in [-1, 1], "text": str (B,), ["input_ids": i32 (B, L)], [labels]}`.
-Neither path needs TensorFlow: examples are serialized by tfds' bundled protos and read
-back with `tfds` data sources.
+Host i of n reads rows [i*B, (i+1)*B) of every global batch of n*B examples, so the global batch
+is the same for any number of hosts and a run resumes on another number of hosts too.
+Neither path needs TensorFlow: examples are serialized by tfds' bundled protos and read back
+with `tfds` data sources.
 """
 
 import dataclasses
 import functools
+import hashlib
 from collections.abc import Callable, Sequence
 
 from absl import flags
 import grain
 import jax
+import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
 from PIL import Image
 
+from sdjax import configs, paths
 from sdjax.data import image_folder, shapes
 
 SHAPES_NAME = "captioned_shapes"
@@ -53,6 +60,10 @@ class DataConfig:
     num_workers: int = 0
     num_examples: int = 5000  # captioned_shapes only: train examples (test gets a tenth).
     manual_dir: str | None = None  # captioned_images only: folder with metadata.jsonl.
+    # Held-out images for evaluation: None = the dataset's "test" split when it has one, otherwise
+    # the last `holdout` fraction of `split` (at least one example), which training then skips.
+    eval_split: str | None = None
+    holdout: float = 0.02
 
     def __post_init__(self):
         for field in ("image_size", "batch_size", "num_threads", "num_examples"):
@@ -64,11 +75,20 @@ class DataConfig:
             raise ValueError(f"DataConfig.num_workers must be >= 0, got {self.num_workers}.")
         if (self.shard_index is None) != (self.shard_count is None):
             raise ValueError("Set both DataConfig.shard_index and shard_count, or neither (one shard per host).")
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"DataConfig.holdout must be in (0, 1), got {self.holdout}.")
+        paths.expand_fields(self, "data", ("data_dir", "manual_dir"))
 
-    def shard_seed(self) -> int:
-        """The seed of this host's shard: `seed` with the shard index folded in, so shuffles and
-        augmentations of different hosts are independent."""
-        return int(np.random.SeedSequence([self.seed, self.shard()[0]]).generate_state(1)[0])
+    @classmethod
+    def from_config(cls, section: ml_collections.ConfigDict, batch_size: int, **overrides) -> "DataConfig":
+        """From a training config's ``data`` section (see ``config_section``); unknown keys are an
+        error naming the valid ones."""
+        values = dict(section.to_dict(), **overrides)
+        valid = {f.name for f in dataclasses.fields(cls)} - {"batch_size"}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise ValueError(f"data.{unknown[0]} is not a data setting; valid keys: {', '.join(sorted(valid))}.")
+        return cls(**values, batch_size=batch_size)
 
     def shard(self) -> tuple[int, int]:
         """(index, count) of this host's shard, defaulting to the JAX process layout."""
@@ -79,6 +99,12 @@ class DataConfig:
         return self.shard_index, self.shard_count
 
 
+def config_section(**values) -> ml_collections.ConfigDict:
+    """A training config's ``data`` section: every ``DataConfig`` field but ``batch_size`` (that is
+    ``train.batch_size`` split over hosts), at its default unless given in ``values``."""
+    return configs.section(DataConfig, exclude=("batch_size",), **values)
+
+
 def builder(config: DataConfig) -> tfds.core.DatasetBuilder:
     """The TFDS builder behind `config`, writing/reading array_record files in `data_dir`."""
     if config.name == SHAPES_NAME:
@@ -87,7 +113,11 @@ def builder(config: DataConfig) -> tfds.core.DatasetBuilder:
         cfg = cfg.name if cfg.name in shapes.CaptionedShapes.builder_configs else cfg
         return shapes.CaptionedShapes(config=cfg, data_dir=config.data_dir, file_format="array_record")
     if config.name == IMAGE_FOLDER_NAME:
-        return image_folder.CaptionedImages(data_dir=config.data_dir, file_format="array_record")
+        if config.manual_dir is None:
+            raise ValueError("data.name=captioned_images needs data.manual_dir: the folder with your images and "
+                             "metadata.jsonl (--config.data.manual_dir=FOLDER).")
+        return image_folder.CaptionedImages(config=image_folder.folder_config(config.manual_dir),
+                                            data_dir=config.data_dir, file_format="array_record")
     return tfds.builder(config.name, data_dir=config.data_dir)
 
 
@@ -95,18 +125,70 @@ def prepare(config: DataConfig) -> tfds.core.DatasetBuilder:
     """Writes the dataset into `data_dir` unless it is already there; returns its builder.
 
     Only the two local datasets can be built here (nothing is downloaded); other TFDS
-    datasets must have been prepared as array_record elsewhere and copied in.
+    datasets must have been prepared as array_record elsewhere and copied in. An image folder
+    is prepared under a config named after its contents, so a changed folder is prepared anew.
     """
     b = builder(config)
     if config.name == IMAGE_FOLDER_NAME and not b.is_prepared():
-        if config.manual_dir is None:
-            raise ValueError("captioned_images needs DataConfig.manual_dir: the folder with metadata.jsonl.")
-        folder = image_folder.check_folder(config.manual_dir)
-        b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(folder)))
+        b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=config.manual_dir))
     elif config.name == SHAPES_NAME:
         b.download_and_prepare()
     _check_prepared(b, config)
     return b
+
+
+def prepare_on_all_hosts(config: DataConfig) -> tfds.core.DatasetBuilder:
+    """``prepare`` on every host, then a check that all of them read the same data.
+
+    Process 0 prepares first; every other host then reuses its copy when it sees it (a shared
+    ``data_dir``) or prepares its own byte-identical one (each its own ``~/tensorflow_datasets``),
+    so no shared file system is needed. A host that fails, or whose data differs from host 0's
+    (a different image folder, say), stops every host with an error naming it.
+    """
+    def attempt() -> tuple[tfds.core.DatasetBuilder | None, Exception | None]:
+        try:
+            return prepare(config), None
+        except Exception as e:  # noqa: BLE001 - re-raised below, once every host knows
+            return None, e
+
+    me = jax.process_index()
+    b, error = attempt() if me == 0 else (None, None)
+    multihost_utils.sync_global_devices("sdjax data prepared on host 0")
+    if me != 0:
+        b, error = attempt()
+    digest = np.frombuffer(hashlib.sha256(_describe(b).encode()).digest()[:16], np.uint32) if b else np.zeros(4, np.uint32)
+    rows = np.asarray(multihost_utils.process_allgather(np.concatenate([[error is None], digest]).astype(np.uint32)))
+    rows = rows.reshape(jax.process_count(), 5)
+    if error is not None:
+        raise error
+    failed = [i for i in range(len(rows)) if not rows[i, 0]]
+    if failed:
+        raise ValueError(f"Host(s) {failed} could not prepare {config.name} (their logs say why); this host did.")
+    differ = [i for i in range(len(rows)) if (rows[i, 1:] != rows[0, 1:]).any()]
+    if differ:
+        raise ValueError(f"Host(s) {differ} read different data from host 0 ({_describe(b)} here): give every host "
+                         "the same image folder (manual_dir) and dataset, or a data_dir they all see.")
+    return b
+
+
+def _describe(b: tfds.core.DatasetBuilder) -> str:
+    splits = ", ".join(f"{k}: {v.num_examples}" for k, v in sorted(b.info.splits.items()))
+    return f"{b.info.full_name} ({splits})"
+
+
+def splits(b: tfds.core.DatasetBuilder, config: DataConfig) -> tuple[str, str]:
+    """(training split, held-out split): ``config.eval_split``, else the dataset's "test" split,
+    else the last ``config.holdout`` fraction of ``config.split`` (at least one example), which
+    the training split then leaves out."""
+    if config.eval_split is not None:
+        return config.split, config.eval_split
+    if "test" in b.info.splits and config.split != "test":
+        return config.split, "test"
+    n = len(b.as_data_source(split=config.split))
+    k = max(1, int(np.ceil(n * config.holdout)))
+    if k >= n:
+        raise ValueError(f"{config.name}[{config.split}] has {n} examples: too few to hold {k} out for evaluation.")
+    return f"{config.split}[:-{k}]", f"{config.split}[-{k}:]"
 
 
 def _check_prepared(b: tfds.core.DatasetBuilder, config: DataConfig):
@@ -114,7 +196,7 @@ def _check_prepared(b: tfds.core.DatasetBuilder, config: DataConfig):
         how = ("run sdjax.data.prepare(config) first" if config.name in (SHAPES_NAME, IMAGE_FOLDER_NAME)
                else f"build it where it can be downloaded (`tfds build {config.name} "
                     "--file_format=array_record`) and copy it there")
-        raise FileNotFoundError(f"{config.name} is not prepared in {b.data_dir}: {how}.")
+        raise FileNotFoundError(f"{config.name} is not prepared in {b.data_dir} on host {jax.process_index()}: {how}.")
     if b.info.file_format != tfds.core.file_adapters.FileFormat.ARRAY_RECORD:
         raise ValueError(f"{config.name} in {b.data_dir} is stored as {b.info.file_format.value}; grain needs "
                          "random access: rebuild it with --file_format=array_record.")
@@ -139,7 +221,7 @@ def _resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(new_wh, Image.Resampling.BICUBIC, reducing_gap=None))
 
 
-def _preprocess(example: dict, rng: np.random.Generator, config: DataConfig,
+def preprocess(example: dict, rng: np.random.Generator, config: DataConfig,
                 tokenize: Callable[[str], Sequence[int]] | None) -> dict:
     """Resizes, crops, flips and scales one image; picks and tokenizes one caption."""
     image = _resize_shorter_side(_lookup(example, config.image_key), config.image_size)
@@ -163,8 +245,8 @@ def _preprocess(example: dict, rng: np.random.Generator, config: DataConfig,
 
 
 def make_dataset(config: DataConfig, tokenize: Callable[[str], Sequence[int]] | None = None,
-                 drop_remainder: bool = True) -> grain.DatasetIterator:
-    """This host's batches: shuffled by `config.seed`, with `get_state()/set_state()`.
+                 drop_remainder: bool = True) -> "GlobalBatchIterator":
+    """This host's batches of `config.split`: shuffled by `config.seed`, with `get_state()/set_state()`.
 
     `tokenize` maps one caption to a fixed-length id sequence (e.g. 77 CLIP ids); the
     batch then carries them as int32 "input_ids" (B, L) next to the raw "text". With
@@ -172,24 +254,95 @@ def make_dataset(config: DataConfig, tokenize: Callable[[str], Sequence[int]] | 
     """
     b = builder(config)
     _check_prepared(b, config)
-    shard_index, shard_count = config.shard()
-    ds = grain.MapDataset.source(b.as_data_source(split=config.split))[shard_index::shard_count]
+    ds = grain.MapDataset.source(b.as_data_source(split=config.split))
     if len(ds) == 0:
-        raise ValueError(f"Shard {shard_index} of {shard_count} of {config.name}[{config.split}] is empty.")
-    ds = ds.seed(config.shard_seed())
+        raise ValueError(f"{config.name}[{config.split}] is empty.")
+    return global_batches(ds, config, functools.partial(preprocess, config=config, tokenize=tokenize), drop_remainder)
+
+
+# ---- global batches -----------------------------------------------------------------------------
+
+
+class _HostRows(grain.MapDataset):
+    """Host ``h`` of ``n``'s rows of each global batch of ``parent`` (from element ``start`` on):
+    rows [h*b, (h+1)*b) of every run of n*b consecutive elements."""
+
+    def __init__(self, parent: grain.MapDataset, start: int, host_batch: int, shard: tuple[int, int],
+                 drop_remainder: bool):
+        super().__init__(parent)
+        self._start, self._b = start, host_batch
+        self._host, count = shard
+        self._global = host_batch * count
+        full, rem = divmod(max(len(parent) - start, 0), self._global)
+        tail = 0 if drop_remainder else min(max(rem - self._host * host_batch, 0), host_batch)
+        self._length = full * host_batch + tail
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, self._b)
+        return self._parent[self._start + batch * self._global + self._host * self._b + row]
+
+    def __str__(self) -> str:
+        return f"_HostRows(start={self._start}, host_batch={self._b}, global_batch={self._global})"
+
+
+class GlobalBatchIterator(grain.DatasetIterator):
+    """This host's part of each global batch of a MapDataset: host i of n yields rows
+    [i*b, (i+1)*b) of every global batch of n*b elements, so the global batch (the hosts' batches
+    concatenated in process order) is the same for any number of hosts. Its state is the position
+    in the global stream, so a run resumes with another number of hosts too."""
+
+    def __init__(self, ds: grain.MapDataset, config: "DataConfig", drop_remainder: bool = True):
+        super().__init__()
+        self._ds, self._config, self._drop_remainder = ds, config, drop_remainder
+        self._next = 0  # the global index of the next global batch's first element
+
+    @functools.cached_property
+    def _iterator(self) -> grain.DatasetIterator:
+        c = self._config
+        rows = _HostRows(self._ds, self._next, c.batch_size, c.shard(), self._drop_remainder)
+        it_ds = rows.to_iter_dataset(grain.ReadOptions(num_threads=c.num_threads, prefetch_buffer_size=2 * c.batch_size))
+        it_ds = it_ds.batch(c.batch_size, drop_remainder=self._drop_remainder)
+        if c.num_workers:
+            # Grain's worker processes read absl flags; scripts not run by absl.app have parsed none.
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
+            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=c.num_workers))
+        return iter(it_ds)
+
+    def __next__(self) -> dict:
+        batch = next(self._iterator)
+        self._next += self._config.batch_size * self._config.shard()[1]
+        return batch
+
+    def get_state(self) -> dict:
+        return {"global_next_index": self._next}
+
+    def set_state(self, state: dict) -> None:
+        self._next = int(state["global_next_index"])
+        self.close()
+
+    def close(self) -> None:
+        if "_iterator" in self.__dict__:
+            self.__dict__.pop("_iterator").close()
+
+
+def global_batches(ds: grain.MapDataset, config: "DataConfig", transform: Callable | None = None,
+                   drop_remainder: bool = True) -> GlobalBatchIterator:
+    """``ds`` shuffled by ``config.seed`` (one permutation per epoch), repeated ``config.num_epochs``
+    times, each element through ``transform(element, rng)`` (the rng keyed by the element's
+    global index), as this host's batches (``GlobalBatchIterator``)."""
+    ds = ds.seed(config.seed)
     if config.shuffle:
         ds = ds.shuffle()
     ds = ds.repeat(config.num_epochs)
-    ds = ds.random_map(functools.partial(_preprocess, config=config, tokenize=tokenize))
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads,
-                                                 prefetch_buffer_size=2 * config.batch_size))
-    it_ds = it_ds.batch(config.batch_size, drop_remainder=drop_remainder)
-    if config.num_workers:
-        # Grain's worker processes read absl flags; scripts not run by absl.app have parsed none.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
-    return iter(it_ds)
+    if transform is not None:
+        ds = ds.random_map(transform)
+    return GlobalBatchIterator(ds, config, drop_remainder)
 
 
 def iterator_save_args(iterator: grain.DatasetIterator) -> grain.checkpoint.CheckpointSave:

@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from sdjax import metrics, sharding
 from sdjax.checkpoints import load as load_lib, sdjax_format
-from sdjax.data import DataConfig, make_dataset, prepare
+from sdjax.data import DataConfig, make_dataset, prepare_on_all_hosts, splits
 from sdjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from sdjax.models.discriminator import NLayerDiscriminator
 from sdjax.models.lpips import LPIPS
@@ -104,7 +104,7 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Setup:
     """
     train = TrainConfig(**config.train.to_dict())
     loss = LossConfig(**config.loss.to_dict())
-    data = DataConfig(**config.data.to_dict(), batch_size=train.batch_size // jax.process_count())
+    data = DataConfig.from_config(config.data, batch_size=train.batch_size // jax.process_count())
     vae_config = AutoencoderConfig.from_diffusers_config(config.model.to_dict())
     mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, devices)
     rules = sharding.filter_rules([tuple(r) for r in config.logical_axis_rules], mesh)
@@ -164,10 +164,11 @@ def init_state(setup: Setup, first_batch: Any = None) -> TrainState:
 
 
 def make_iterator(setup: Setup):
+    """This host's training batches: the training split without the held-out images (``eval_images``)."""
+    train_split, eval_split = splits(prepare_on_all_hosts(setup.data), setup.data)
     if jax.process_index() == 0:
-        prepare(setup.data)
-    multihost_utils.sync_global_devices("sdjax data prepared")
-    return make_dataset(setup.data)
+        print(f"training on {setup.data.name}[{train_split}], evaluating on [{eval_split}]", flush=True)
+    return make_dataset(dataclasses.replace(setup.data, split=train_split))
 
 
 def device_batch(setup: Setup, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -177,17 +178,14 @@ def device_batch(setup: Setup, host_batch: dict[str, np.ndarray]) -> dict[str, j
 # ---- evaluation and export -----------------------------------------------------------------------------
 
 def eval_images(setup: Setup) -> np.ndarray:
-    """The first ``train.eval_images`` images of the test split (same on every host)."""
-    cfg = dataclasses.replace(setup.data, split="test", shuffle=False, num_epochs=1,
-                              batch_size=setup.train.eval_images, shard_index=0, shard_count=1)
-    if jax.process_index() == 0:
-        prepare(cfg)
-    multihost_utils.sync_global_devices("sdjax eval data prepared")
-    try:
-        return next(make_dataset(cfg))["image"]
-    except StopIteration:
-        raise ValueError(f"train.eval_images={setup.train.eval_images} is more than the test split holds; "
-                         "lower it.") from None
+    """The first ``train.eval_images`` held-out images (``sdjax.data.splits``: the dataset's test split, or
+    a slice of the training split that training skips; fewer if it holds fewer), the same on every host."""
+    b = prepare_on_all_hosts(setup.data)
+    _, eval_split = splits(b, setup.data)
+    n = min(setup.train.eval_images, len(b.as_data_source(split=eval_split)))
+    cfg = dataclasses.replace(setup.data, split=eval_split, shuffle=False, num_epochs=1, batch_size=n,
+                              shard_index=0, shard_count=1)
+    return next(make_dataset(cfg))["image"]
 
 
 def psnr(images: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:

@@ -20,13 +20,13 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sdjax import generate, metrics, sharding
+from sdjax import generate, metrics, paths, sharding
 from sdjax.checkpoints import load as load_lib, sdjax_format
-from sdjax.data import DataConfig, latent_cache, make_dataset, prepare
+from sdjax.data import DataConfig, builder, latent_cache, make_dataset, prepare_on_all_hosts, preprocess
 from sdjax.diffusion.schedule import add_noise, alphas_cumprod, get_target
 from sdjax.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from sdjax.models.configs import ModelConfigs
-from sdjax.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
+from sdjax.models.text_encoder import CLIPTextEncoder
 from sdjax.models.unet import UNet
 from sdjax.samplers import get_sampler
 from sdjax.tokenizer import load_tokenizer, tokenize
@@ -45,7 +45,7 @@ class TrainConfig(loop.LoopConfig):
     schedule: str = "constant"
     weight_decay: float = 1e-2
     clip_norm: float = 1.0
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.9999  # 0: keep no EMA (exports and sample grids then use the trained weights)
     grad_accum: int = 1
     dtype: str = "float32"
     remat: bool = False
@@ -66,6 +66,7 @@ class TrainConfig(loop.LoopConfig):
             raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}.")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}.")
+        paths.expand_fields(self, "train", ("latent_cache_dir", "init_from"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +112,7 @@ class Setup:
     batch_sharding: jax.sharding.NamedSharding
     step_fn: Any  # jitted train_step(state, batch, frozen) -> (state, metrics)
     latent_cache_dir: str
+    start_params: dict[str, Any] | None = None  # host params the trained networks start from (pretrained)
 
     @property
     def batch_keys(self) -> tuple[str, ...]:
@@ -206,31 +208,106 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: dict[str,
 
 # ---- building a run ------------------------------------------------------------------------------
 
-def _tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+def _caption_words(data: DataConfig) -> list[str]:
+    """Every word (lower-cased, letters and digits) of the training captions, most frequent first."""
+    import collections
+    import re
+
+    import tensorflow_datasets as tfds
+
+    b = builder(data)
+    source = b.as_data_source(split=data.split, decoders={data.image_key.split("/")[0]: tfds.decode.SkipDecoding()})
+    counts = collections.Counter()
+    for i in range(len(source)):
+        texts = source[i]
+        for part in data.text_key.split("/"):
+            texts = texts[part]
+        for text in [texts] if isinstance(texts, (bytes, str)) else texts:
+            text = text.decode("utf-8") if isinstance(text, bytes) else text
+            counts.update(re.findall(r"[a-z0-9]+", text.lower()))
+    return [w for w, _ in counts.most_common()]
+
+
+def _tokenizer_dir(config: ml_collections.ConfigDict, workdir: str, data: DataConfig, pretrained_dir: str | None
+                   ) -> str:
+    """tokenizer.dir, else the pretrained checkpoint's tokenizer, else a word-level one written into
+    the workdir from tokenizer.words or (tokenizer.from_captions) the training captions' words."""
     tok = config.tokenizer
     if tok.get("dir"):
         return tok.dir
-    if not tok.get("words"):
-        raise ValueError("Set tokenizer.dir (a CLIP tokenizer folder) or tokenizer.words (a word list for a "
-                         "text encoder trained from scratch).")
+    if pretrained_dir:
+        return pretrained_dir
+    if config.get("pretrained"):
+        raise ValueError(f"pretrained={config.pretrained} carries no tokenizer (single files do not): set "
+                         "tokenizer.dir to a folder with vocab.json and merges.txt of the same model family.")
+    if tok.get("from_captions"):
+        prepare_on_all_hosts(data)
+        words = _caption_words(data)
+    elif tok.get("words"):
+        words = tok.words.split()
+    else:
+        raise ValueError("Set tokenizer.dir (a CLIP tokenizer folder), tokenizer.words (a word list for a text "
+                         "encoder trained from scratch) or tokenizer.from_captions=True (the training captions' words).")
     folder = os.path.join(workdir, "tokenizer")
     if jax.process_index() == 0:
-        write_word_tokenizer(folder, tok.words.split())
+        write_word_tokenizer(folder, words)
     multihost_utils.sync_global_devices("sdjax tokenizer written")
     return folder
 
 
-def _frozen_text_encoder(config: ml_collections.ConfigDict) -> tuple[TextEncoderConfig | None, Any]:
-    path = config.text_encoder.get("pretrained")
+@dataclasses.dataclass(frozen=True)
+class _Networks:
+    """Where the networks come from: model config dicts, and the pretrained parameters, if any."""
+    raw: dict[str, Any]
+    vae: Any = None  # frozen autoencoder params (None: a random one, smoke tests only)
+    text_encoder: Any = None  # frozen text encoder params (None: trained from scratch)
+    unet: Any = None  # the UNet's starting params (None: random init, or train.init_from)
+    tokenizer_dir: str | None = None
+
+
+def _networks(config: ml_collections.ConfigDict) -> _Networks:
+    """``pretrained`` (one Stable Diffusion checkpoint, read once: architecture, frozen autoencoder
+    and text encoder, tokenizer, scheduler and, unless ``unet_from_pretrained=False``, the starting
+    UNet; ``model.*`` entries override its configs), or the separate keys of a model trained from
+    scratch: ``model``, ``autoencoder.path``, ``text_encoder.pretrained``."""
+    model = config.get("model")
+    model = model.to_dict() if model is not None else {}
+    path = config.get("pretrained")
     if not path:
-        return None, None
-    loaded = load_lib.load(path)
-    return loaded.configs.text_encoder, loaded.params["text_encoder"]
-
-
-def data_config(config: ml_collections.ConfigDict, train: loop.LoopConfig) -> DataConfig:
-    """This host's DataConfig: the global batch split evenly over processes."""
-    return DataConfig(**config.data.to_dict(), batch_size=train.batch_size // jax.process_count())
+        if not model.get("unet") or not model.get("text_encoder"):
+            raise ValueError("Set pretrained=PATH (a Stable Diffusion checkpoint to fine-tune) or model.unet and "
+                             "model.text_encoder (the networks to train from scratch).")
+        raw, net = dict(model), {}
+        text_path = config.text_encoder.get("pretrained") if "text_encoder" in config else None
+        if text_path:
+            loaded = load_lib.load(text_path)
+            raw["text_encoder"] = loaded.configs.text_encoder.to_transformers_config()
+            net["text_encoder"] = loaded.params["text_encoder"]
+        vae_path = config.autoencoder.get("path") if "autoencoder" in config else None
+        if vae_path:
+            vae_config, net["vae"] = load_lib.load_vae(vae_path)
+            raw["vae"] = vae_config.to_diffusers_config()
+        return _Networks(raw, **net)
+    taken = [k for k, v in (("autoencoder.path", config.get("autoencoder", {}).get("path")),
+                            ("text_encoder.pretrained", config.get("text_encoder", {}).get("pretrained")),
+                            ("train.init_from", config.train.get("init_from"))) if v]
+    if taken:
+        raise ValueError(f"pretrained={path} provides the autoencoder, the text encoder and the UNet: unset "
+                         f"{', '.join(taken)}.")
+    loaded = load_lib.load(paths.check_local(path, "pretrained"))
+    raw = loaded.configs.to_dicts()
+    from_pretrained = config.get("unet_from_pretrained", True)
+    if model.get("unet") and from_pretrained:
+        raise ValueError("model.unet is set, but the UNet comes from pretrained: set unet_from_pretrained=False to "
+                         "train model.unet from scratch, or unset model.unet.")
+    for name, overrides in model.items():
+        if name not in raw:
+            raise ValueError(f"model.{name}: not a network; valid: {', '.join(sorted(raw))}.")
+        raw[name] = dict(raw[name], **overrides) if name != "unet" else dict(overrides)
+    # A UNet trained from scratch attends to the pretrained text encoder's width unless told otherwise.
+    raw["unet"].setdefault("cross_attention_dim", raw["text_encoder"]["hidden_size"])
+    return _Networks(raw, vae=loaded.params["vae"], text_encoder=loaded.params["text_encoder"],
+                     unet=loaded.params["unet"] if from_pretrained else None, tokenizer_dir=loaded.tokenizer_dir)
 
 
 def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
@@ -239,7 +316,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setu
     Every user error (mesh, batch, paths, mismatched widths) raises here, before compiling.
     """
     train = TrainConfig(**config.train.to_dict())
-    data = data_config(config, train)
+    data = DataConfig.from_config(config.data, batch_size=train.batch_size // jax.process_count())
     sample = SampleConfig(**(config.get("sample") or ml_collections.ConfigDict()).to_dict())
     mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, devices)
     rules = sharding.filter_rules([tuple(r) for r in config.logical_axis_rules], mesh)
@@ -248,14 +325,8 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setu
         raise ValueError("train.cache_latents encodes each image once, so random crops and flips would be frozen "
                          "into the cache: set data.random_crop=False and data.random_flip=False, or turn caching off.")
 
-    raw = dict(config.model.to_dict())
-    text_config, text_params = _frozen_text_encoder(config)
-    if text_config is not None:
-        raw["text_encoder"] = text_config.to_transformers_config() | {"output_layer": text_config.output_layer}
-    vae_path = config.autoencoder.get("path")
-    if vae_path:
-        vae_config, vae_params = load_lib.load_vae(vae_path)
-        raw["vae"] = vae_config.to_diffusers_config()
+    nets = _networks(config)
+    raw = nets.raw
     configs = ModelConfigs.from_dicts(raw)
     if configs.unet.cross_attention_dim != configs.text_encoder.hidden_size:
         raise ValueError(f"model.unet.cross_attention_dim={configs.unet.cross_attention_dim} must equal the text "
@@ -269,7 +340,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setu
         raise ValueError(f"data.image_size={data.image_size} must be a multiple of {f * levels} (autoencoder factor "
                          f"{f} x {levels} UNet downsamplings).")
 
-    tokenizer_dir = _tokenizer_dir(config, workdir)
+    tokenizer_dir = _tokenizer_dir(config, workdir, data, nets.tokenizer_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     if len(tokenizer) > configs.text_encoder.vocab_size:
         raise ValueError(f"The tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens but text_encoder.vocab_size "
@@ -280,12 +351,13 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setu
     unet = UNet(configs.unet, dtype=dtype, param_dtype=jnp.float32, remat=train.remat)
     text_encoder = CLIPTextEncoder(configs.text_encoder, dtype=dtype, param_dtype=jnp.float32)
     vae = AutoencoderKL(configs.vae, dtype=jnp.float32, param_dtype=jnp.float32)
-    if not vae_path:  # Smoke tests only: a random frozen autoencoder.
+    vae_params = nets.vae
+    if vae_params is None:  # Smoke tests only: a random frozen autoencoder.
         x = jnp.zeros((1, f, f, configs.vae.in_channels))
         vae_params = jax.jit(lambda k: nn.meta.unbox(vae.init(k, x))["params"],
                              compiler_options=RUN_ONCE_COMPILER_OPTIONS)(
             jax.random.key(config.autoencoder.get("seed", 0)))
-    train_text = text_params is None
+    train_text = nets.text_encoder is None
     tx, lr = make_optimizer(learning_rate=train.learning_rate, warmup_steps=train.warmup_steps,
                             total_steps=train.steps, schedule=train.schedule, weight_decay=train.weight_decay,
                             clip_norm=train.clip_norm)
@@ -297,8 +369,8 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setu
                                     jnp.zeros((1, seq_len, configs.unet.cross_attention_dim)))["params"]}
         if train_text:
             params["text_encoder"] = text_encoder.init(k_text, jnp.zeros((1, seq_len), jnp.int32))["params"]
-        return TrainState.create(params, tx, k_state,
-                                 extra={"latent_scale": jnp.asarray(latent_scale, jnp.float32)})
+        return TrainState.create(params, tx, k_state, extra={"latent_scale": jnp.asarray(latent_scale, jnp.float32)},
+                                 ema=train.ema_decay > 0)
 
     shardings = state_shardings(init, mesh, rules, jax.random.key(train.seed), 1.0)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -308,7 +380,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setu
         "alphas_cumprod": alphas_cumprod(configs.scheduler),
     }
     if not train_text:
-        frozen["text_encoder"] = text_params
+        frozen["text_encoder"] = nets.text_encoder
     frozen = jax.device_put(jax.tree.map(jnp.asarray, frozen), replicated)
     step_config = StepConfig(unet=unet, vae=vae, text_encoder=text_encoder, train_text_encoder=train_text,
                              prediction_type=configs.scheduler.prediction_type,
@@ -328,7 +400,8 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setu
     return Setup(train=train, data=data, sample=sample, configs=configs, mesh=mesh, rules=rules,
                  step_config=step_config, tokenizer=tokenizer, tokenizer_dir=tokenizer_dir, frozen=frozen, init=init,
                  shardings=shardings, batch_sharding=batch_sharding, step_fn=step_fn,
-                 latent_cache_dir=train.latent_cache_dir or os.path.join(workdir, "latent_cache"))
+                 latent_cache_dir=train.latent_cache_dir or os.path.join(workdir, "latent_cache"),
+                 start_params={"unet": nets.unet} if nets.unet is not None else None)
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -339,14 +412,10 @@ def _tokenize_fn(setup: Setup):
 
 def make_iterator(setup: Setup):
     """This host's training batches: images read through the data pipeline, or cached latents."""
-    cfg = setup.data
-    if jax.process_index() == 0:
-        prepare(cfg)
-    multihost_utils.sync_global_devices("sdjax data prepared")
+    prepare_on_all_hosts(setup.data)
     if setup.train.cache_latents:
-        arrays = cached_latents(setup)
-        return latent_cache.make_dataset(arrays, cfg.batch_size, cfg.shard_seed(), shuffle=cfg.shuffle)
-    return make_dataset(cfg, tokenize=_tokenize_fn(setup))
+        return latent_cache.make_dataset(cached_latents(setup), setup.data)
+    return make_dataset(setup.data, tokenize=_tokenize_fn(setup))
 
 
 def _cache_fingerprint(setup: Setup) -> dict:
@@ -355,35 +424,37 @@ def _cache_fingerprint(setup: Setup) -> dict:
     for leaf in jax.tree.leaves(setup.frozen["vae"]):
         vae_hash.update(np.asarray(leaf.addressable_data(0)).tobytes())
     vocab = json.dumps(sorted(setup.tokenizer.get_vocab().items())).encode()
-    data = {k: v for k, v in dataclasses.asdict(setup.data).items()
-            if k not in ("batch_size", "num_threads", "num_workers")}
+    skip = ("batch_size", "num_threads", "num_workers", "shuffle", "num_epochs", "shard_index", "shard_count")
+    data = {k: v for k, v in dataclasses.asdict(setup.data).items() if k not in skip}
     return {"data": data, "vae_sha256": vae_hash.hexdigest(), "vocab_sha256": hashlib.sha256(vocab).hexdigest(),
             "seq_len": setup.seq_len}
 
 
-def cached_latents(setup: Setup) -> dict[str, np.ndarray]:
-    """This host's cache ({"moments", "input_ids"}), encoding its shard once if it is absent or stale.
-
-    Each host encodes only its own shard, on its first local device, so no collective is needed.
-    """
+def cached_latents(setup: Setup) -> latent_cache.ChunkSource:
+    """The latent cache of the training split, encoding what is missing first (see
+    ``sdjax.data.latent_cache``: chunks written as they are encoded, resumable, shared or per host)."""
     cfg = setup.data
-    shard, shards = cfg.shard()
-    path = os.path.join(setup.latent_cache_dir, f"shard{shard:05d}-of-{shards:05d}")
+    b = builder(cfg)
+    source = b.as_data_source(split=cfg.split)
     vae = setup.step_config.vae
     device = jax.local_devices()[0]
     vae_params = jax.device_put(jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), setup.frozen["vae"]), device)
+    prepare_example = functools.partial(preprocess, config=cfg, tokenize=_tokenize_fn(setup))
 
     @jax.jit
     def encode(params, x):
         posterior = vae.apply({"params": params}, x, method=AutoencoderKL.encode)
         return jnp.concatenate([posterior.mean, posterior.logvar], axis=-1)
 
-    one_pass = dataclasses.replace(cfg, shuffle=False, num_epochs=1)
-    return latent_cache.load_or_build(
-        path, _cache_fingerprint(setup),
-        batches=lambda: make_dataset(one_pass, tokenize=_tokenize_fn(setup), drop_remainder=False),
+    def examples(start: int, stop: int) -> dict[str, np.ndarray]:
+        # A fixed generator per example: a dataset with several captions per image caches one of them.
+        rows = [prepare_example(source[i], np.random.default_rng([cfg.seed, i])) for i in range(start, stop)]
+        return {"image": np.stack([r["image"] for r in rows]), "input_ids": np.stack([r["input_ids"] for r in rows])}
+
+    return latent_cache.build(
+        setup.latent_cache_dir, _cache_fingerprint(setup), len(source), examples,
         encode=lambda images: np.asarray(encode(vae_params, jax.device_put(images, device))),
-        batch_size=cfg.batch_size, what=f"{cfg.name}[{cfg.split}] (shard {shard + 1}/{shards})")
+        batch_size=cfg.batch_size, what=f"{cfg.name}[{cfg.split}]")
 
 
 def device_batch(setup: Setup, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -414,14 +485,16 @@ def init_state(setup: Setup, first_batch: dict[str, jax.Array] | None = None) ->
         scale = measure_latent_scale(setup, first_batch, jax.random.fold_in(key, 1))
     state = sharded_init(setup.init, setup.shardings)(key, jnp.float32(scale))
     if setup.train.init_from:
-        state = _load_init_params(setup, state, setup.train.init_from)
+        loaded = load_lib.load(setup.train.init_from)
+        state = _start_from(setup, state, {name: loaded.params[name] for name in state.params},
+                            f"train.init_from={setup.train.init_from}")
+    elif setup.start_params is not None:
+        state = _start_from(setup, state, setup.start_params, "pretrained")
     return state
 
 
-def _load_init_params(setup: Setup, state: TrainState, path: str) -> TrainState:
-    """Starts the trained networks (and their EMA) from a pretrained Stable Diffusion checkpoint."""
-    loaded = load_lib.load(path)
-    params = {name: loaded.params[name] for name in state.params}
+def _start_from(setup: Setup, state: TrainState, params: dict[str, Any], what: str) -> TrainState:
+    """Starts the trained networks (and their EMA) from pretrained parameters."""
     # device_put accepts any shapes that divide the mesh (another width, say), so compare them first.
     shapes = lambda tree: {jax.tree_util.keystr(k): v.shape  # noqa: E731
                            for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -429,20 +502,21 @@ def _load_init_params(setup: Setup, state: TrainState, path: str) -> TrainState:
     if got != want:
         diff = [f"{k}: checkpoint {got.get(k, 'missing')}, config {want.get(k, 'missing')}"
                 for k in sorted(got.keys() | want.keys()) if got.get(k) != want.get(k)]
-        raise ValueError(f"train.init_from={path}: its networks do not match config.model ({len(diff)} "
+        raise ValueError(f"{what}: its networks do not match config.model ({len(diff)} "
                          f"parameters differ, e.g. {'; '.join(diff[:3])}). Set config.model to the checkpoint's.")
     params = jax.device_put(params, setup.shardings.params)
-    return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params),
+    return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params) if state.ema_params is not None else None,
                          opt_state=state.tx.init(params))
 
 
 # ---- sample grids and export -----------------------------------------------------------------------
 
 def inference_params(setup: Setup, state: TrainState, gather: bool = True) -> dict[str, Any]:
-    """The networks for inference: EMA UNet (and text encoder), frozen VAE; host copies gathered
-    from every process unless ``gather=False``."""
-    text = state.ema_params["text_encoder"] if setup.step_config.train_text_encoder else setup.frozen["text_encoder"]
-    params = {"unet": state.ema_params["unet"], "vae": setup.frozen["vae"], "text_encoder": text}
+    """The networks for inference: the EMA (or, without one, the trained) UNet and text encoder, the
+    frozen VAE; host copies gathered from every process unless ``gather=False``."""
+    trained = state.ema_params if state.ema_params is not None else state.params
+    text = trained["text_encoder"] if setup.step_config.train_text_encoder else setup.frozen["text_encoder"]
+    params = {"unet": trained["unet"], "vae": setup.frozen["vae"], "text_encoder": text}
     if not gather:
         return params
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
@@ -474,6 +548,8 @@ def export(setup: Setup, state: TrainState, path: str) -> None:
     weights and the latent scale used in training as the VAE's ``scaling_factor``."""
     params = inference_params(setup, state)
     scale = float(multihost_utils.process_allgather(state.extra["latent_scale"], tiled=True).reshape(-1)[0])
+    if not setup.train.scale_by_std:  # the configured value itself, not its f32 copy in the state
+        scale = setup.train.latent_scale if setup.train.latent_scale is not None else setup.configs.vae.scaling_factor
     configs = dataclasses.replace(setup.configs, vae=dataclasses.replace(setup.configs.vae, scaling_factor=scale))
     if jax.process_index() == 0:
         sdjax_format.save(path, configs.to_dicts(), params, setup.tokenizer_dir)

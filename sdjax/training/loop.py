@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 
-from sdjax import metrics
+from sdjax import metrics, paths
 from sdjax.checkpoints import train as train_ckpt
 from sdjax.train_state import TrainState
 
@@ -35,6 +35,7 @@ class LoopConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "max_to_keep", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
+        paths.expand_fields(self, "train", ("export_dir",))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,5 +99,6 @@ def run(task: Task, workdir: str) -> TrainState:
 
 def train(build_task: Callable[[Any, str], Task], config: Any, workdir: str) -> TrainState:
     """Creates ``workdir``, builds the phase's task from ``config`` and runs it."""
+    workdir = paths.check_local(workdir, "--workdir")
     os.makedirs(workdir, exist_ok=True)
     return run(build_task(config, workdir), workdir)

@@ -1,0 +1,119 @@
+"""The real training configs (sd15_finetune, sd2_base, kl_f8): each one's tiny variant trains through
+the command line on a tiny checkpoint or the shapes set, and bad input stops it before compiling."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from sdjax import configs
+from sdjax.stable_diffusion import StableDiffusion
+from sdjax.training import latent
+from tests import tiny_models
+from tests.own_data import write_image_folder
+
+BIN = os.path.dirname(sys.executable)
+
+
+def _train(args: list[str], cwd) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    r = subprocess.run([os.path.join(BIN, "sdjax-train")] + [str(a) for a in args], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout + r.stderr
+
+
+def _flat(tree) -> dict:
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("own") / "images", 12)
+
+
+@pytest.mark.slow
+def test_sd15_finetune_tiny_starts_from_the_checkpoint_and_keeps_its_frozen_parts(images, tmp_path):
+    folder = tiny_models.save_pipeline(tmp_path / "sd1", "sd1", seed=0)
+    out = _train(["latent", "--config", "sd15_finetune:tiny", "--workdir", tmp_path / "w", "--export", tmp_path / "e",
+                  f"--config.pretrained={folder}", f"--config.data.manual_dir={images}",
+                  f"--config.data.data_dir={tmp_path / 'tfds'}"], tmp_path)
+    assert "step 4/4" in out
+    base, tuned = StableDiffusion.from_pretrained(folder), StableDiffusion.from_pretrained(tmp_path / "e")
+    assert tuned.configs == base.configs  # architecture and scheduler from the checkpoint
+    assert tuned.tokenizer.get_vocab() == base.tokenizer.get_vocab()
+    for name in ("vae", "text_encoder"):  # frozen: bit for bit
+        for k, v in _flat(base.params[name]).items():
+            np.testing.assert_array_equal(_flat(tuned.params[name])[k], v, err_msg=name + k)
+    # The UNet started from the checkpoint's: 4 Adam steps at 1e-5 move a weight by at most ~4e-5
+    # (a random start would differ by O(0.1)), and training did move it.
+    diff = max(np.abs(_flat(tuned.params["unet"])[k] - v).max() for k, v in _flat(base.params["unet"]).items())
+    assert 0 < diff < 5e-5
+    assert len(list((tmp_path / "w" / "samples").glob("samples_*.png"))) == 2
+
+
+@pytest.mark.slow
+def test_sd2_base_tiny_trains_a_new_unet_on_the_frozen_sd2_parts(images, tmp_path):
+    folder = tiny_models.save_pipeline(tmp_path / "sd2", "sd2", seed=1)
+    out = _train(["latent", "--config", "sd2_base:tiny", "--workdir", tmp_path / "w", "--export", tmp_path / "e",
+                  f"--config.pretrained={folder}", f"--config.data.manual_dir={images}",
+                  f"--config.data.data_dir={tmp_path / 'tfds'}"], tmp_path)
+    assert "step 4/4" in out and "training on 12 cached latents" in out  # from precomputed latents
+    base, trained = StableDiffusion.from_pretrained(folder), StableDiffusion.from_pretrained(tmp_path / "e")
+    assert trained.configs.scheduler.prediction_type == "v_prediction"
+    assert trained.configs.vae.scaling_factor == 0.18215
+    assert trained.configs.unet.cross_attention_dim == base.configs.text_encoder.hidden_size == 48
+    for name in ("vae", "text_encoder"):
+        for k, v in _flat(base.params[name]).items():
+            np.testing.assert_array_equal(_flat(trained.params[name])[k], v, err_msg=name + k)
+    # No EMA (as MLPerf's reference): the export holds the trained weights of the last checkpoint, and
+    # the UNet is a new one (a random start, far from the checkpoint's).
+    import orbax.checkpoint as ocp
+    path = str(tmp_path / "w" / "checkpoints" / "4" / "state")
+    saved = ocp.PyTreeCheckpointer().restore(path, restore_args=jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree))
+    assert saved["ema_params"] is None
+    for k, v in _flat(saved["params"]["unet"]).items():
+        np.testing.assert_array_equal(_flat(trained.params["unet"])[k], v, err_msg=k)
+    assert max(np.abs(_flat(trained.params["unet"])[k] - v).max() for k, v in _flat(base.params["unet"]).items()) > 0.1
+
+
+@pytest.mark.slow
+def test_kl_f8_tiny_trains_with_the_gan_and_exports(tmp_path):
+    out = _train(["autoencoder", "--config", "kl_f8:tiny", "--workdir", tmp_path / "w", "--export", tmp_path / "e",
+                  f"--config.data.data_dir={tmp_path / 'tfds'}"], tmp_path)
+    assert "step 4/4" in out and "held-out PSNR" in out
+    from sdjax.checkpoints.load import load_vae
+    config, params = load_vae(str(tmp_path / "e"))
+    assert config.block_out_channels == (8, 16, 16, 16) and config.downsample_factor == 8
+    assert config.scaling_factor != 1.0  # measured
+    import json
+    metrics = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    disc = {m["step"]: m["disc_factor"] for m in metrics if "disc_factor" in m}
+    assert disc[1] == disc[2] == 0.0 and disc[4] == 1.0  # the GAN switched on at disc_start=3
+
+
+def test_bad_input_stops_before_compiling(tmp_path):
+    c = configs.load("sd15_finetune:tiny")
+    with pytest.raises(ValueError, match="Set pretrained=PATH"):
+        latent.build(c, str(tmp_path), devices=jax.devices()[:1])
+    (tmp_path / "notsd").mkdir()
+    (tmp_path / "notsd" / "weights.bin").write_bytes(b"x")
+    c.pretrained = str(tmp_path / "notsd")
+    with pytest.raises(ValueError, match="not a checkpoint sdjax can read"):
+        latent.build(c, str(tmp_path), devices=jax.devices()[:1])
+    c.pretrained = "gs://bucket/sd15"
+    with pytest.raises(ValueError, match="local paths only"):
+        latent.build(c, str(tmp_path), devices=jax.devices()[:1])
+    folder = tiny_models.save_pipeline(tmp_path / "sd1", "sd1", seed=0)
+    c = configs.load("sd15_finetune:tiny")
+    c.pretrained, c.data.image_size = str(folder), 30
+    with pytest.raises(ValueError, match="image_size=30 must be a multiple of 4"):
+        latent.build(c, str(tmp_path), devices=jax.devices()[:1])
+    c = configs.load("sd15_finetune:tiny")
+    c.pretrained, c.train.init_from = str(folder), str(folder)
+    with pytest.raises(ValueError, match="unset train.init_from"):
+        latent.build(c, str(tmp_path), devices=jax.devices()[:1])
