@@ -6,8 +6,6 @@ and memory with and without rematerialisation.
 """
 
 import argparse
-import importlib.util
-import os
 import tempfile
 import time
 from typing import Any
@@ -17,15 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import timing, weights
-from benchmarks.envs import repo_root
 
 
 def train_config(size: str, batch: int, image_size: int | None, remat: bool, dtype: str):
-    """configs/tiny.py, with SD 1.5 networks for ``size="sd15"`` (text encoder trained too)."""
-    spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(repo_root(), "configs", "tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    """The tiny config, with SD 1.5 networks for ``size="sd15"`` (text encoder trained too)."""
+    from sdjax import configs
+
+    c = configs.load("tiny")
     if size == "sd15":
         nets = weights.configs("sd15")
         c.model = dict(unet=nets["unet"], vae=nets["vae"], text_encoder=nets["text_encoder"],

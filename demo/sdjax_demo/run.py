@@ -110,6 +110,10 @@ def run(argv: list[str] | None = None) -> dict:
     p.add_argument("--n-samples", type=int, default=4, help="samples per prompt")
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--scale", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of both trainings (initialisation, data order, noise) and of the samples")
+    p.add_argument("--latent-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra override of the latent phase's config, e.g. train.learning_rate=5e-4 (repeatable)")
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -118,7 +122,8 @@ def run(argv: list[str] | None = None) -> dict:
     log = os.path.join(w, "demo.log")
     data_dir, vae_dir, model_dir = (os.path.join(w, d) for d in ("data", "vae", "model"))
     py = sys.executable
-    common = [f"--config.data.data_dir={data_dir}"]
+    common = [f"--config.data.data_dir={data_dir}", f"--config.data.seed={args.seed}",
+              f"--config.train.seed={args.seed}"]
     timings = {}
 
     print(f"== 1/5 preparing the captioned-shapes set in {data_dir}", flush=True)
@@ -145,7 +150,8 @@ def run(argv: list[str] | None = None) -> dict:
               f"--config.train.steps={args.latent_steps}", f"--config.train.batch_size={args.latent_batch}",
               f"--config.train.sample_every={max(args.latent_steps // 4, 1)}",
               f"--config.train.checkpoint_every={max(args.latent_steps // 12, 1)}",
-              "--config.train.cache_latents=True", *common], log, **cpu_devices(args.cpu_devices))
+              "--config.train.cache_latents=True", *common, *(f"--config.{kv}" for kv in args.latent_config)], log,
+             **cpu_devices(args.cpu_devices))
     timings["latent_s"] = time.perf_counter() - t
 
     print("== 4/5 sampling every shape/colour pair, held-out pairs included", flush=True)
@@ -158,7 +164,7 @@ def run(argv: list[str] | None = None) -> dict:
     shutil.rmtree(sample_dir, ignore_errors=True)
     _run([py, "-m", "sdjax.cli.txt2img", "--checkpoint", model_dir, "--from-file", prompt_file,
           "--n-samples", str(args.n_samples), "--steps", str(args.sample_steps), "--scale", str(args.scale),
-          "--sampler", "ddim", "--seed", "0", "--out", sample_dir], log)
+          "--sampler", "ddim", "--seed", str(args.seed), "--out", sample_dir], log)
     timings["sample_s"] = time.perf_counter() - t
 
     print("== 5/5 scoring the samples' pixels", flush=True)
