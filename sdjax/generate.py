@@ -15,6 +15,7 @@ import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -142,6 +143,13 @@ def generate(nets: Networks, sampler_name: str, start_index: int, params: dict[s
     return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
 
 
+def generate_on(mesh: Mesh, nets: Networks, sampler_name: str, start_index: int, *args) -> jax.Array:
+    """``generate`` under ``mesh`` (a 1-D ``data`` mesh): activation constraints and fused
+    attention kernels (which run per device) split the batch over ``data``."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules((("batch", "data"),)):
+        return generate(nets, sampler_name, start_index, *args)
+
+
 class Generator:
     """Compiled generation for one model; one compilation per (batch, size, steps, sampler, start)."""
 
@@ -156,7 +164,7 @@ class Generator:
         if key not in self._compiled:
             rep = NamedSharding(self.mesh, P())
             self._compiled[key] = jax.jit(
-                functools.partial(generate, self.nets, sampler, start_index),
+                functools.partial(generate_on, self.mesh, self.nets, sampler, start_index),
                 in_shardings=(rep, inputs.shardings(self.mesh), rep, rep, rep, rep),
                 out_shardings=NamedSharding(self.mesh, P("data")))
         return self._compiled[key]

@@ -11,6 +11,7 @@ from sdjax import generate
 from sdjax.checkpoints import load as load_lib, sdjax_format
 from sdjax.models.autoencoder import AutoencoderKL
 from sdjax.models.configs import ModelConfigs, build_modules
+from sdjax.models.layers import resolve_attention
 from sdjax.tokenizer import load_tokenizer, tokenize
 
 
@@ -23,9 +24,11 @@ class StableDiffusion:
     tokenizer_dir: str | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"  # the UNet's attention; auto: the fused kernel of the default devices' platform
 
     def __post_init__(self):
         self.unet, self.vae, self.text_encoder = build_modules(self.configs, self.dtype, self.param_dtype)
+        self.unet = self.unet.clone(attention=resolve_attention(self.attention, jax.devices()[0].platform, self.dtype))
         # The decoder stays in f32 when the rest runs in half precision (a known NaN source).
         self.vae_f32 = AutoencoderKL(self.configs.vae, dtype=jnp.float32, param_dtype=self.param_dtype)
         self._text = jax.jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids))

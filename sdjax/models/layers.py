@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from jax.sharding import PartitionSpec as P
 
 Dtype = Any
 
@@ -119,14 +120,67 @@ def layer_norm(epsilon: float, *, name: str, dtype: Dtype, param_dtype: Dtype) -
     )
 
 
-def attention(q_BLNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array, *, is_causal: bool = False) -> jax.Array:
-    """softmax(QK^T / sqrt(d)) V, logits and softmax in f32, heads folded into the batch (X = B*N).
+ATTENTION = ("auto", "xla", "flash", "cudnn")
+FLASH_MIN_TOKENS = 512  # shorter self-attention (and all cross-attention) stays on XLA's path
 
-    With one batch dimension per product XLA's CPU backend fuses QK^T, softmax and PV into one
-    kernel; ``jax.nn.dot_product_attention``'s XLA path (batch and heads as two batch dimensions)
-    writes out, transposes and copies the probabilities before PV, and runs no fused kernel on GPU
-    either unless asked for cuDNN.
+
+def resolve_attention(implementation: str, platform: str, dtype) -> str:
+    """``auto`` -> the fused attention of the platform the program is compiled for: Pallas flash
+    attention on TPU, cuDNN on GPU (half precision only), XLA's einsums elsewhere."""
+    if implementation not in ATTENTION:
+        raise ValueError(f"attention={implementation!r}; use one of {', '.join(ATTENTION)}.")
+    if implementation != "auto":
+        return implementation
+    if platform == "tpu":
+        return "flash"
+    if platform in ("gpu", "cuda", "rocm") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "xla"
+
+
+def attention(q_BLNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array, *, is_causal: bool = False,
+              implementation: str = "xla") -> jax.Array:
+    """softmax(QK^T / sqrt(d)) V with logits and softmax in f32.
+
+    ``implementation``: "xla" (einsums with the heads folded into the batch, below), "flash" (jax's
+    Pallas TPU flash-attention kernel: the logits never reach HBM; used for self-attention of at
+    least ``FLASH_MIN_TOKENS`` tokens, XLA's path otherwise) or "cudnn" (``jax.nn.dot_product_attention``
+    on GPU). Resolve "auto" with ``resolve_attention`` where the target devices are known.
     """
+    L, S = q_BLNH.shape[1], k_BSNH.shape[1]
+    if implementation == "flash" and L == S and L >= FLASH_MIN_TOKENS and L % 128 == 0:
+        return _flash_attention(q_BLNH, k_BSNH, v_BSNH, is_causal)
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(q_BLNH, k_BSNH, v_BSNH, is_causal=is_causal, implementation="cudnn")
+    return _xla_attention(q_BLNH, k_BSNH, v_BSNH, is_causal)
+
+
+def _flash_attention(q_BLNH: jax.Array, k_BLNH: jax.Array, v_BLNH: jax.Array, is_causal: bool) -> jax.Array:
+    """jax's TPU flash attention, one kernel per device: a Pallas kernel is not partitioned by
+    XLA, so under a mesh it runs in ``shard_map`` over the batch's mesh axes (from the logical
+    rules in context)."""
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+    H = q_BLNH.shape[-1]
+
+    def kernel(q, k, v):
+        q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # (B, N, L, H)
+        out = fa.flash_attention(q, k, v, causal=is_causal, sm_scale=H ** -0.5)
+        return jnp.swapaxes(out, 1, 2)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(q_BLNH, k_BLNH, v_BLNH)
+    spec = P(*nn.logical_to_mesh_axes(("batch", None, None, None)))
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
+        q_BLNH, k_BLNH, v_BLNH)
+
+
+def _xla_attention(q_BLNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array, is_causal: bool) -> jax.Array:
+    """Heads folded into the batch (X = B*N): with one batch dimension per product XLA's CPU
+    backend fuses QK^T, softmax and PV into one kernel; ``jax.nn.dot_product_attention``'s XLA
+    path (batch and heads as two batch dimensions) writes out, transposes and copies the
+    probabilities before PV."""
     B, L, N, H = q_BLNH.shape
     S = k_BSNH.shape[1]
 
@@ -153,6 +207,7 @@ class Attention(nn.Module):
     qkv_bias: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    implementation: str = "xla"  # see ``attention``
 
     @nn.compact
     def __call__(self, x_BLD: jax.Array, ctx_BSD: jax.Array | None = None) -> jax.Array:
@@ -166,7 +221,7 @@ class Attention(nn.Module):
         q_BLNH = q.reshape(B, L, self.heads, self.head_dim)
         k_BSNH = k.reshape(B, S, self.heads, self.head_dim)
         v_BSNH = v.reshape(B, S, self.heads, self.head_dim)
-        out_BLNH = attention(q_BLNH, k_BSNH, v_BSNH)
+        out_BLNH = attention(q_BLNH, k_BSNH, v_BSNH, implementation=self.implementation)
         out_BLD = out_BLNH.reshape(B, L, inner)
         return dense(self.out_features, name="to_out_0", dtype=self.dtype, param_dtype=self.param_dtype)(out_BLD)
 

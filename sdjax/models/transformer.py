@@ -50,19 +50,21 @@ class BasicTransformerBlock(nn.Module):
     only_cross_attention: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "xla"  # layers.attention's implementation
 
     @nn.compact
     def __call__(self, x_BLD: jax.Array, ctx_BSD: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn_kw = dict(kw, implementation=self.attention)
 
         def norm(name: str, x: jax.Array) -> jax.Array:
             return layer_norm(1e-5, name=name, **kw)(x).astype(self.dtype)
 
         h = norm("norm1", x_BLD)
-        h = Attention(self.heads, self.head_dim, self.dim, name="attn1", **kw)(
+        h = Attention(self.heads, self.head_dim, self.dim, name="attn1", **attn_kw)(
             h, ctx_BSD if self.only_cross_attention else None)
         x_BLD = constrain_seq(x_BLD + h)
-        h = Attention(self.heads, self.head_dim, self.dim, name="attn2", **kw)(norm("norm2", x_BLD), ctx_BSD)
+        h = Attention(self.heads, self.head_dim, self.dim, name="attn2", **attn_kw)(norm("norm2", x_BLD), ctx_BSD)
         x_BLD = constrain_seq(x_BLD + h)
         h = FeedForward(self.dim, name="ff", **kw)(norm("norm3", x_BLD))
         return constrain_seq(x_BLD + h)
@@ -80,6 +82,7 @@ class SpatialTransformer(nn.Module):
     only_cross_attention: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "xla"  # layers.attention's implementation
 
     @nn.compact
     def __call__(self, x_BHWC: jax.Array, ctx_BSD: jax.Array) -> jax.Array:
@@ -94,7 +97,7 @@ class SpatialTransformer(nn.Module):
         h_BLD = constrain_seq(h_BLD)
         for k in range(self.num_layers):
             h_BLD = BasicTransformerBlock(inner, self.heads, self.head_dim, self.only_cross_attention,
-                                          name=f"transformer_blocks_{k}", **kw)(h_BLD, ctx_BSD)
+                                          attention=self.attention, name=f"transformer_blocks_{k}", **kw)(h_BLD, ctx_BSD)
         if self.use_linear_projection:
             h = dense(C, name="proj_out", **kw)(h_BLD).reshape(B, H, W, C)
         else:

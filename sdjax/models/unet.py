@@ -205,6 +205,7 @@ class _BlockBase(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = "xla"
 
     def resnet(self, name: str) -> nn.Module:
         cls = nn.remat(ResnetBlock) if self.remat else ResnetBlock
@@ -218,7 +219,7 @@ class _BlockBase(nn.Module):
         return cls(heads, c.block_out_channels[i] // heads,
                    num_layers=c.per_level("transformer_layers_per_block")[i],
                    groups=c.norm_num_groups, use_linear_projection=c.use_linear_projection,
-                   only_cross_attention=only_cross_attention,
+                   only_cross_attention=only_cross_attention, attention=self.attention,
                    dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
 
@@ -283,12 +284,14 @@ class UNet(nn.Module):
     """Predicts noise (or v) from noisy latents, timesteps and text context.
 
     ``remat`` recomputes each ResnetBlock / SpatialTransformer in the backward pass to save
-    training memory; parameter names are the same either way.
+    training memory; parameter names are the same either way. ``attention`` picks the attention
+    implementation (``layers.attention``; resolve "auto" with ``layers.resolve_attention``).
     """
     config: UNetConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x_BHWC: jax.Array, timesteps_B: jax.Array | float, ctx_BLD: jax.Array) -> jax.Array:
@@ -303,7 +306,7 @@ class UNet(nn.Module):
             raise ValueError(f"UNet: text context has width {ctx_BLD.shape[-1]}, the config's "
                              f"cross_attention_dim is {c.cross_attention_dim}; use the matching text encoder.")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        blk = dict(config=c, remat=self.remat, **kw)
+        blk = dict(config=c, remat=self.remat, attention=self.attention, **kw)
 
         t_B = jnp.broadcast_to(jnp.asarray(timesteps_B, jnp.float32), (B,))
         t_emb = timestep_embedding(t_B, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)

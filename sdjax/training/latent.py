@@ -26,6 +26,7 @@ from sdjax.data import DataConfig, builder, latent_cache, make_dataset, prepare_
 from sdjax.diffusion.schedule import add_noise, alphas_cumprod, get_target
 from sdjax.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from sdjax.models.configs import ModelConfigs
+from sdjax.models.layers import resolve_attention
 from sdjax.models.text_encoder import CLIPTextEncoder
 from sdjax.models.unet import UNet
 from sdjax.samplers import get_sampler
@@ -49,6 +50,7 @@ class TrainConfig(loop.LoopConfig):
     grad_accum: int = 1
     dtype: str = "float32"
     remat: bool = False
+    attention: str = "auto"  # the UNet's attention (models.layers.attention); auto: the devices' fused kernel
     caption_dropout: float = 0.1
     min_snr_gamma: float | None = None
     latent_scale: float | None = None  # None: the autoencoder config's scaling_factor
@@ -256,16 +258,21 @@ def _tokenizer_dir(config: ml_collections.ConfigDict, workdir: str, data: DataCo
 
 
 @dataclasses.dataclass(frozen=True)
-class _Networks:
-    """Where the networks come from: model config dicts, and the pretrained parameters, if any."""
+class Sources:
+    """Where the networks come from: model config dicts, and the pretrained parameters, if any.
+
+    With ``abstract=True`` the parameters are ``jax.ShapeDtypeStruct`` trees and ``build`` makes
+    a Setup whose step can be lowered and compiled for any devices (``sdjax.aot``) but not run.
+    """
     raw: dict[str, Any]
     vae: Any = None  # frozen autoencoder params (None: a random one, smoke tests only)
     text_encoder: Any = None  # frozen text encoder params (None: trained from scratch)
     unet: Any = None  # the UNet's starting params (None: random init, or train.init_from)
     tokenizer_dir: str | None = None
+    abstract: bool = False
 
 
-def _networks(config: ml_collections.ConfigDict) -> _Networks:
+def _networks(config: ml_collections.ConfigDict) -> Sources:
     """``pretrained`` (one Stable Diffusion checkpoint, read once: architecture, frozen autoencoder
     and text encoder, tokenizer, scheduler and, unless ``unet_from_pretrained=False``, the starting
     UNet; ``model.*`` entries override its configs), or the separate keys of a model trained from
@@ -287,7 +294,7 @@ def _networks(config: ml_collections.ConfigDict) -> _Networks:
         if vae_path:
             vae_config, net["vae"] = load_lib.load_vae(vae_path)
             raw["vae"] = vae_config.to_diffusers_config()
-        return _Networks(raw, **net)
+        return Sources(raw, **net)
     taken = [k for k, v in (("autoencoder.path", config.get("autoencoder", {}).get("path")),
                             ("text_encoder.pretrained", config.get("text_encoder", {}).get("pretrained")),
                             ("train.init_from", config.train.get("init_from"))) if v]
@@ -306,14 +313,15 @@ def _networks(config: ml_collections.ConfigDict) -> _Networks:
         raw[name] = dict(raw[name], **overrides) if name != "unet" else dict(overrides)
     # A UNet trained from scratch attends to the pretrained text encoder's width unless told otherwise.
     raw["unet"].setdefault("cross_attention_dim", raw["text_encoder"]["hidden_size"])
-    return _Networks(raw, vae=loaded.params["vae"], text_encoder=loaded.params["text_encoder"],
+    return Sources(raw, vae=loaded.params["vae"], text_encoder=loaded.params["text_encoder"],
                      unet=loaded.params["unet"] if from_pretrained else None, tokenizer_dir=loaded.tokenizer_dir)
 
 
-def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
+def build(config: ml_collections.ConfigDict, workdir: str, devices=None, sources: Sources | None = None) -> Setup:
     """Validates the config, builds mesh, modules, frozen params, shardings and the jitted step.
 
     Every user error (mesh, batch, paths, mismatched widths) raises here, before compiling.
+    ``sources``: the networks' configs and parameters, instead of reading them as the config says.
     """
     train = TrainConfig(**config.train.to_dict())
     data = DataConfig.from_config(config.data, batch_size=train.batch_size // jax.process_count())
@@ -325,7 +333,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setu
         raise ValueError("train.cache_latents encodes each image once, so random crops and flips would be frozen "
                          "into the cache: set data.random_crop=False and data.random_flip=False, or turn caching off.")
 
-    nets = _networks(config)
+    nets = sources or _networks(config)
     raw = nets.raw
     configs = ModelConfigs.from_dicts(raw)
     if configs.unet.cross_attention_dim != configs.text_encoder.hidden_size:
@@ -340,15 +348,18 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setu
         raise ValueError(f"data.image_size={data.image_size} must be a multiple of {f * levels} (autoencoder factor "
                          f"{f} x {levels} UNet downsamplings).")
 
-    tokenizer_dir = _tokenizer_dir(config, workdir, data, nets.tokenizer_dir)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    if len(tokenizer) > configs.text_encoder.vocab_size:
-        raise ValueError(f"The tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens but text_encoder.vocab_size "
-                         f"is {configs.text_encoder.vocab_size}; raise vocab_size.")
     seq_len = configs.text_encoder.max_position_embeddings
+    tokenizer_dir, tokenizer = None, None
+    if not nets.abstract:
+        tokenizer_dir = _tokenizer_dir(config, workdir, data, nets.tokenizer_dir)
+        tokenizer = load_tokenizer(tokenizer_dir)
+        if len(tokenizer) > configs.text_encoder.vocab_size:
+            raise ValueError(f"The tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens but "
+                             f"text_encoder.vocab_size is {configs.text_encoder.vocab_size}; raise vocab_size.")
 
     dtype = DTYPES[train.dtype]
-    unet = UNet(configs.unet, dtype=dtype, param_dtype=jnp.float32, remat=train.remat)
+    unet = UNet(configs.unet, dtype=dtype, param_dtype=jnp.float32, remat=train.remat,
+                attention=resolve_attention(train.attention, mesh.devices.flat[0].platform, dtype))
     text_encoder = CLIPTextEncoder(configs.text_encoder, dtype=dtype, param_dtype=jnp.float32)
     vae = AutoencoderKL(configs.vae, dtype=jnp.float32, param_dtype=jnp.float32)
     vae_params = nets.vae
@@ -376,12 +387,16 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setu
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     frozen = {
         "vae": vae_params,
-        "empty_ids": tokenize(tokenizer, [""], seq_len)[0],
+        "empty_ids": (jax.ShapeDtypeStruct((seq_len,), jnp.int32) if nets.abstract
+                      else tokenize(tokenizer, [""], seq_len)[0]),
         "alphas_cumprod": alphas_cumprod(configs.scheduler),
     }
     if not train_text:
         frozen["text_encoder"] = nets.text_encoder
-    frozen = jax.device_put(jax.tree.map(jnp.asarray, frozen), replicated)
+    if nets.abstract:
+        frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), frozen)
+    else:
+        frozen = jax.device_put(jax.tree.map(jnp.asarray, frozen), replicated)
     step_config = StepConfig(unet=unet, vae=vae, text_encoder=text_encoder, train_text_encoder=train_text,
                              prediction_type=configs.scheduler.prediction_type,
                              num_train_timesteps=configs.scheduler.num_train_timesteps,

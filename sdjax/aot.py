@@ -1,0 +1,307 @@
+"""Ahead-of-time report: the real train step (or txt2img program) of a config, compiled for a TPU
+slice (or this host's own devices) on any host, with the compiler's per-chip numbers.
+
+    python -m sdjax.aot --config sd15_finetune --preset sd15 --topology v5p-8 --per-chip-batch 8
+    python -m sdjax.aot --config sd2_base --preset sd21 --topology v6e-8 --what both --out report.json
+    python -m sdjax.aot --config tiny --topology host          # this host's devices (CPU, GPU)
+
+TPU topologies need libtpu (``pip install ".[tpu]"``), which compiles for a slice without one:
+``jax.experimental.topologies`` describes the slice's devices, the step is lowered with abstract
+arguments carrying their shardings, and XLA's TPU compiler reports memory (``memory_analysis``)
+and cost (``cost_analysis``: FLOPs, bytes accessed, and its roofline ``optimal_seconds``).
+Every figure is compiler-estimated, not measured. ``--preset`` gives the architecture for configs
+that read it from ``pretrained`` (no checkpoint is read: parameters are shapes only).
+"""
+
+import argparse
+import ast
+import dataclasses
+import json
+import math
+import re
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdjax import configs as configs_lib, generate, presets, sharding
+from sdjax.models.autoencoder import AutoencoderKL
+from sdjax.models.configs import ModelConfigs, abstract_params
+from sdjax.models.layers import ATTENTION, resolve_attention
+from sdjax.models.text_encoder import CLIPTextEncoder
+from sdjax.models.unet import UNet
+from sdjax.samplers import get_sampler
+from sdjax.train_state import abstract_sharded
+from sdjax.training import latent
+
+GIB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """A TPU generation's per-chip figures (public specifications)."""
+    hbm_gib: float
+    bf16_tflops: float
+    hbm_gbps: float
+
+
+CHIPS = {"v4": Chip(32, 275, 1200), "v5e": Chip(16, 197, 819), "v5p": Chip(95, 459, 2765),
+         "v6e": Chip(32, 918, 1640)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A slice as ``jax.experimental.topologies.get_topology_desc`` takes it."""
+    name: str
+    chip: str
+    topology_name: str
+    chip_config_name: str
+    chips_per_host_bounds: tuple[int, int, int]
+    wrap: tuple[bool, bool, bool]
+
+
+def _topologies() -> dict[str, Topology]:
+    """v5e/v6e-N (N chips, one device each, 2-D) and v4/v5p-N (N TensorCores = N/2 megacore chips, 3-D)."""
+    out = {}
+    for gen in ("v5e", "v6e"):
+        for n, shape in ((1, "1x1"), (4, "2x2"), (8, "2x4"), (16, "4x4"), (32, "4x8"), (64, "8x8"), (128, "8x16"),
+                         (256, "16x16")):
+            wrap = (n == 256, n >= 128, False)
+            out[f"{gen}-{n}"] = Topology(f"{gen}-{n}", gen, f"{gen}:{shape}", "default",
+                                         (1, 1, 1) if n == 1 else (2, 2, 1), wrap)
+    for gen, prefix in (("v4", "v4"), ("v5p", "v5")):
+        for cores, shape in ((8, "2x2x1"), (16, "2x2x2"), (32, "2x2x4"), (64, "2x4x4"), (128, "4x4x4"),
+                             (256, "4x4x8"), (512, "4x8x8"), (1024, "8x8x8")):
+            out[f"{gen}-{cores}"] = Topology(f"{gen}-{cores}", gen, f"{prefix}:{shape}", "megacore", (2, 2, 1),
+                                             (cores >= 128,) * 3)
+    return out
+
+
+TOPOLOGIES = _topologies()
+
+
+def topology_devices(name: str, num_slices: int = 1) -> tuple[list, Chip | None]:
+    """The devices of a slice (``host``: this host's own) and its chip's figures."""
+    if name == "host":
+        return list(jax.devices()), None
+    if name not in TOPOLOGIES:
+        raise ValueError(f"--topology {name}: unknown; use host or one of {', '.join(TOPOLOGIES)}.")
+    t = TOPOLOGIES[name]
+    from jax.experimental import topologies
+
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=t.topology_name,
+                                            chip_config_name=t.chip_config_name,
+                                            chips_per_host_bounds=t.chips_per_host_bounds, num_slices=num_slices,
+                                            wrap=t.wrap)
+    except Exception as e:  # noqa: BLE001 - jax raises several types when libtpu is missing
+        raise ValueError(f"--topology {name}: cannot describe the TPU slice ({type(e).__name__}: {e}). "
+                         "Install libtpu for the installed jax: pip install '.[tpu]'.") from e
+    return list(desc.devices), CHIPS[t.chip]
+
+
+def _model(config, preset: str | None) -> dict:
+    if preset:
+        model = {"sd15": presets.sd15, "sd21": presets.sd21}[preset]()
+        overrides = config.get("model")
+        for name, values in (overrides.to_dict() if overrides is not None else {}).items():
+            model[name] = dict(values) if name == "unet" else dict(model[name], **values)
+        return model
+    model = config.get("model")
+    model = model.to_dict() if model is not None else {}
+    if not {"unet", "vae", "text_encoder"} <= set(model):
+        raise ValueError("This config reads its architecture from `pretrained`: pass --preset sd15 or sd21.")
+    return model
+
+
+def abstract_sources(config, preset: str | None) -> latent.Sources:
+    """The config's networks as shapes: frozen autoencoder and (when pretrained) text encoder."""
+    model = _model(config, preset)
+    model["unet"].setdefault("cross_attention_dim", model["text_encoder"]["hidden_size"])
+    params = abstract_params(ModelConfigs.from_dicts(model))
+    frozen_text = bool(config.get("pretrained") or preset or config.get("text_encoder", {}).get("pretrained"))
+    return latent.Sources(model, vae=params["vae"], text_encoder=params["text_encoder"] if frozen_text else None,
+                          abstract=True)
+
+
+def _sds(tree: Any, sharding_tree: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sharding_tree)
+
+
+def compile_train(config, devices: list, per_chip_batch: int, preset: str | None):
+    """The config's train step compiled for ``devices``: (compiled, global batch, setup)."""
+    config = config.copy_and_resolve_references()
+    config.train.batch_size = per_chip_batch * len(devices)
+    with tempfile.TemporaryDirectory() as workdir:
+        setup = latent.build(config, workdir, devices=devices, sources=abstract_sources(config, preset))
+    state = setup.restore_target()
+    f = setup.configs.vae.downsample_factor
+    size = setup.data.image_size
+    B, L = setup.train.batch_size, setup.seq_len
+    if setup.train.cache_latents:
+        x = jax.ShapeDtypeStruct((B, size // f, size // f, 2 * setup.configs.vae.latent_channels), jnp.float32,
+                                 sharding=setup.batch_sharding)
+    else:
+        x = jax.ShapeDtypeStruct((B, size, size, 3), jnp.float32, sharding=setup.batch_sharding)
+    batch = {setup.batch_keys[0]: x, "input_ids": jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=setup.batch_sharding)}
+    return setup.step_fn.lower(state, batch, setup.frozen).compile(), B, setup
+
+
+def compile_txt2img(config, devices: list, per_chip_batch: int, preset: str | None, steps: int, dtype: str,
+                    attention: str = "auto"):
+    """The txt2img program (text encoding, guided DDIM loop, decoding) compiled for ``devices``."""
+    model = _model(config, preset)
+    model["unet"].setdefault("cross_attention_dim", model["text_encoder"]["hidden_size"])
+    configs = ModelConfigs.from_dicts(model)
+    mesh = sharding.data_mesh(devices)
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    compute = getattr(jnp, dtype)
+    attention = resolve_attention(attention, devices[0].platform, compute)
+    nets = generate.Networks(UNet(configs.unet, dtype=compute, attention=attention), AutoencoderKL(configs.vae),
+                             CLIPTextEncoder(configs.text_encoder, dtype=compute))
+    params = _sds(abstract_params(configs), jax.tree.map(lambda _: rep, abstract_params(configs)))
+    B = per_chip_batch * len(devices)
+    size = configs.unet.sample_size * configs.vae.downsample_factor
+    L = configs.text_encoder.max_position_embeddings
+    ids = jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=batch_sharding)
+    noise = jax.ShapeDtypeStruct((B, configs.unet.sample_size, configs.unet.sample_size, configs.unet.in_channels),
+                                 jnp.float32, sharding=batch_sharding)
+    inputs = generate.Inputs(ids, ids, noise)
+    plan = get_sampler("ddim").make_plan(configs.scheduler, steps)
+    plan = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=rep), plan)
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+    fn = jax.jit(lambda *a: generate.generate_on(mesh, nets, "ddim", 0, *a), out_shardings=batch_sharding)
+    return fn.lower(params, inputs, key, plan, scalar, scalar).compile(), B, size
+
+
+def _first(cost: Any) -> dict:
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
+_SHAPE = re.compile(r"\b(f32|bf16|f16|s32|u32|s8|u8|pred|f64|s64)\[([0-9,]*)\]")
+_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f64": 8, "s64": 8}
+
+
+def largest_buffers(hlo_text: str, top: int = 5) -> list[str]:
+    """The largest array shapes the compiled program produces (a hint at what fills memory)."""
+    sizes = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.-]+) = ([^ ]+)", line)
+        if not m:
+            continue
+        for dt, dims in _SHAPE.findall(m.group(2)):
+            n = math.prod(int(d) for d in dims.split(",") if d) * _BYTES[dt]
+            sizes[f"{dt}[{dims}]"] = max(sizes.get(f"{dt}[{dims}]", 0), n)
+    return [f"{shape} {n / GIB:.2f} GiB" for shape, n in sorted(sizes.items(), key=lambda kv: -kv[1])[:top]]
+
+
+def custom_kernels(hlo_text: str) -> list[str]:
+    """Custom calls in the program (Pallas/Mosaic kernels appear as tpu_custom_call)."""
+    return sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo_text)))
+
+
+def report(compiled, per_chip_batch: int, chip: Chip | None, what: str, compile_s: float) -> dict:
+    """The compiler's per-chip figures of one compiled program."""
+    mem = compiled.memory_analysis()
+    cost = _first(compiled.cost_analysis())
+    hlo = compiled.as_text()
+    args, temps = int(mem.argument_size_in_bytes), int(mem.temp_size_in_bytes)
+    outs, alias = int(mem.output_size_in_bytes), int(mem.alias_size_in_bytes)
+    code = int(getattr(mem, "generated_code_size_in_bytes", 0))
+    total = args + temps + outs - alias + code
+    out = {"what": what, "compile_s": round(compile_s, 1), "per_chip_batch": per_chip_batch,
+           "hbm_gib": {"arguments": args / GIB, "temporaries": temps / GIB, "outputs_not_aliased": (outs - alias) / GIB,
+                       "code": code / GIB, "total": total / GIB},
+           "flops": cost.get("flops"), "transcendentals": cost.get("transcendentals"),
+           "bytes_accessed": cost.get("bytes accessed"), "optimal_seconds": cost.get("optimal_seconds"),
+           "custom_kernels": custom_kernels(hlo), "largest_buffers": largest_buffers(hlo)}
+    if chip is not None:
+        out["chip"] = dataclasses.asdict(chip)
+        out["fits"] = total <= chip.hbm_gib * GIB
+    seconds = cost.get("optimal_seconds")
+    if seconds and seconds > 0:
+        out["images_per_s_per_chip"] = per_chip_batch / seconds
+        if chip is not None and cost.get("flops"):
+            out["roofline_mfu"] = cost["flops"] / (seconds * chip.bf16_tflops * 1e12)
+    return out
+
+
+def format_report(r: dict) -> str:
+    h = r["hbm_gib"]
+    lines = [f"{r['what']} (compiler-estimated, per chip; compiled in {r['compile_s']} s):",
+             f"  HBM: arguments {h['arguments']:.2f} GiB + temporaries {h['temporaries']:.2f} GiB + outputs "
+             f"{h['outputs_not_aliased']:.2f} GiB = {h['total']:.2f} GiB"
+             + (f" of {r['chip']['hbm_gib']} GiB" if "chip" in r else "")]
+    if r.get("fits") is False:
+        lines.append("  DOES NOT FIT: largest buffers " + "; ".join(r["largest_buffers"]))
+    if r["flops"] is not None:
+        lines.append(f"  FLOPs {r['flops'] / 1e12:.3f} T, bytes accessed {(r['bytes_accessed'] or 0) / 1e9:.2f} GB")
+    if r.get("optimal_seconds"):
+        lines.append(f"  optimal step {r['optimal_seconds'] * 1e3:.2f} ms -> {r['images_per_s_per_chip']:.1f} images/s/chip"
+                     + (f", roofline MFU {r['roofline_mfu']:.1%}" if "roofline_mfu" in r else ""))
+    lines.append(f"  custom kernels: {', '.join(r['custom_kernels']) or 'none'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="a latent-diffusion config's name or path, optionally :VARIANT")
+    p.add_argument("--preset", choices=("sd15", "sd21"), help="the architecture, for configs that read it from "
+                                                               "`pretrained`")
+    p.add_argument("--topology", default="host", help=f"host, or a TPU slice: {', '.join(TOPOLOGIES)}")
+    p.add_argument("--num-slices", type=int, default=1, help="multi-slice: this many slices (over DCN)")
+    p.add_argument("--per-chip-batch", type=int, default=8)
+    p.add_argument("--what", choices=("train", "txt2img", "both"), default="train")
+    p.add_argument("--steps", type=int, default=50, help="txt2img: DDIM steps")
+    p.add_argument("--dtype", default="bfloat16", help="txt2img compute dtype")
+    p.add_argument("--attention", choices=ATTENTION, default="auto",
+                   help="txt2img attention (train: --set train.attention=...); auto: the platform's fused kernel")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. train.remat=True (repeatable)")
+    p.add_argument("--out", help="write the report as JSON here")
+    args = p.parse_args(argv)
+    config = configs_lib.load(args.config)
+    for kv in args.set:
+        key, value = kv.split("=", 1)
+        configs_lib.check_override(config, key)
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        try:
+            node[leaf] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            node[leaf] = value
+    devices, chip = topology_devices(args.topology, args.num_slices)
+    print(f"{args.topology}: {len(devices)} devices ({devices[0].device_kind})", flush=True)
+    reports = []
+    if args.what in ("train", "both"):
+        t0 = time.perf_counter()
+        compiled, batch, _ = compile_train(config, devices, args.per_chip_batch, args.preset)
+        reports.append(report(compiled, args.per_chip_batch, chip, f"train step, global batch {batch}",
+                              time.perf_counter() - t0))
+        print(format_report(reports[-1]), flush=True)
+    if args.what in ("txt2img", "both"):
+        t0 = time.perf_counter()
+        compiled, batch, size = compile_txt2img(config, devices, args.per_chip_batch, args.preset, args.steps,
+                                                args.dtype, args.attention)
+        reports.append(report(compiled, args.per_chip_batch, chip,
+                              f"txt2img {size}x{size}, {args.steps} DDIM steps, global batch {batch}",
+                              time.perf_counter() - t0))
+        print(format_report(reports[-1]), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"topology": args.topology, "config": args.config, "preset": args.preset, "reports": reports},
+                      f, indent=2)
+    return reports
+
+
+if __name__ == "__main__":
+    main()
