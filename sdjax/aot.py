@@ -244,7 +244,8 @@ def format_report(r: dict) -> str:
     if r["flops"] is not None:
         lines.append(f"  FLOPs {r['flops'] / 1e12:.3f} T, bytes accessed {(r['bytes_accessed'] or 0) / 1e9:.2f} GB")
     if r.get("optimal_seconds"):
-        lines.append(f"  optimal step {r['optimal_seconds'] * 1e3:.2f} ms -> {r['images_per_s_per_chip']:.1f} images/s/chip"
+        lines.append(f"  optimal time per call {r['optimal_seconds'] * 1e3:.2f} ms -> "
+                     f"{r['images_per_s_per_chip']:.1f} images/s/chip"
                      + (f", roofline MFU {r['roofline_mfu']:.1%}" if "roofline_mfu" in r else ""))
     lines.append(f"  custom kernels: {', '.join(r['custom_kernels']) or 'none'}")
     return "\n".join(lines)

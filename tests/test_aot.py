@@ -1,0 +1,62 @@
+"""The ahead-of-time report compiles the real train step and txt2img program for a TPU slice on this
+CPU host (libtpu describes the slice; nothing runs on it), and the TPU flash-attention kernel
+lowers for Stable Diffusion's head widths."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sdjax import aot
+from sdjax.models import layers
+
+
+def test_topology_table():
+    assert set(aot.TOPOLOGIES) >= {"v5e-8", "v5p-8", "v6e-8", "v5p-128", "v4-8"}
+    assert aot.TOPOLOGIES["v5p-8"].topology_name == "v5:2x2x1"  # 8 TensorCores = 4 megacore chips
+    with pytest.raises(ValueError, match="--topology v9-8: unknown"):
+        aot.topology_devices("v9-8")
+
+
+@pytest.mark.slow
+def test_train_and_txt2img_report_for_a_v5e_slice(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    reports = aot.main(["--config", "tiny", "--topology", "v5e-8", "--per-chip-batch", "2", "--what", "both",
+                        "--steps", "2", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "v5e-8: 8 devices" in text and "compiler-estimated" in text
+    assert json.loads(out.read_text())["reports"] == json.loads(json.dumps(reports))
+    train, sample = reports
+    assert train["what"] == "train step, global batch 16" and sample["what"].startswith("txt2img 32x32, 2 DDIM")
+    for r in reports:
+        h = r["hbm_gib"]
+        assert r["fits"] and 0 < h["total"] < 16
+        assert h["total"] == pytest.approx(h["arguments"] + h["temporaries"] + h["outputs_not_aliased"] + h["code"])
+        assert r["flops"] > 0 and r["optimal_seconds"] > 0
+        assert r["images_per_s_per_chip"] == pytest.approx(2 / r["optimal_seconds"])
+        assert r["roofline_mfu"] == pytest.approx(r["flops"] / (r["optimal_seconds"] * 197e12))
+    assert train["hbm_gib"]["outputs_not_aliased"] < 1e-3  # the state is donated: updated in place
+
+
+@pytest.mark.parametrize("head_dim", [40, 64])
+def test_flash_attention_lowers_for_tpu_and_keeps_logits_out_of_memory(head_dim):
+    """Self-attention over 4096 tokens on a v5e-8 slice: with flash the compiled program holds the
+    Mosaic kernel and needs a fraction of the temporaries of the einsum path (the f32 logits)."""
+    devices, _ = aot.topology_devices("v5e-8")
+    mesh = jax.sharding.Mesh(np.asarray(devices).reshape(8), ("data",))
+    x = jax.ShapeDtypeStruct((8, 4096, 2, head_dim), jnp.bfloat16, sharding=NamedSharding(mesh, P("data")))
+
+    def compiled(implementation):
+        def f(q, k, v):
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules((("batch", "data"),)):
+                return layers.attention(q, k, v, implementation=implementation)
+        return jax.jit(f, out_shardings=NamedSharding(mesh, P("data"))).lower(x, x, x).compile()
+
+    flash, xla = compiled("flash"), compiled("xla")
+    assert "tpu_custom_call" in aot.custom_kernels(flash.as_text())
+    assert "tpu_custom_call" not in aot.custom_kernels(xla.as_text())
+    assert flash.memory_analysis().temp_size_in_bytes < 0.25 * xla.memory_analysis().temp_size_in_bytes
