@@ -17,15 +17,17 @@ SPECS = {
     "diffusers-torch": ["diffusers", "transformers", "safetensors", "accelerate"],
 }
 GPU_EXTRAS = {"diffusers-flax": ["jax[cuda12]==0.10.2"]}
+TPU_EXTRAS = {"diffusers-flax": ["jax[tpu]==0.10.2"]}  # libtpu: compiling for TPU slices ahead of time
 
 
-def python(envs_dir: str | Path, name: str, gpu: bool = False) -> str:
+def python(envs_dir: str | Path, name: str, gpu: bool = False, tpu: bool = False) -> str:
     """The interpreter of environment ``name``, creating and filling it first if needed."""
     if name not in SPECS:
         raise ValueError(f"unknown peer environment {name!r}; known: {sorted(SPECS)}.")
     env = Path(envs_dir) / name
     exe = env / "bin" / "python"
-    requirements = [TORCH] + SPECS[name] + (GPU_EXTRAS.get(name, []) if gpu else [])
+    requirements = ([TORCH] + SPECS[name] + (GPU_EXTRAS.get(name, []) if gpu else [])
+                    + (TPU_EXTRAS.get(name, []) if tpu else []))
     stamp = env / ".bench-requirements"
     if exe.exists() and stamp.is_file() and stamp.read_text() == "\n".join(requirements):
         return str(exe)

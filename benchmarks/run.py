@@ -20,7 +20,7 @@ from typing import Any
 
 from benchmarks import envs, timing
 
-BENCHMARKS = ("text2img", "compile", "overhead", "train", "scaling")
+BENCHMARKS = ("text2img", "compile", "overhead", "train", "scaling", "aot")
 
 
 def defaults(gpu: bool) -> dict[str, Any]:
@@ -103,9 +103,29 @@ def table(results: dict[str, Any]) -> str:
     for r in results.get("scaling", {}).get("rows", []):
         row("scaling", f"{r['devices']} devices: s/batch (max abs diff vs 1 device = {r['max_abs_diff_vs_1']:.2g})", r["batch_s"],
             unit=" s")
+    for key, a in results.get("aot", {}).items():
+        s, x, f = a.get("sdjax", {}), a.get("sdjax_xla", {}), a.get("flax", {})
+        row("aot", f"{key}: compiler-optimal step (sdjax flash attention)", _ms(s), _ms(f), unit=" ms")
+        row("aot", f"{key}: images/s/chip (sdjax flash attention)", _ips(s), _ips(f))
+        row("aot", f"{key}: images/s/chip (sdjax XLA attention)", _ips(x), _ips(f))
+        row("aot", f"{key}: HBM bytes accessed/step, GB", _gb(s, "bytes_accessed"), _gb(f, "bytes_accessed"))
+        row("aot", f"{key}: temporaries per chip, GiB", _gb(s, "temp_bytes", 2**30), _gb(f, "temp_bytes", 2**30))
+        row("aot", f"{key}: roofline MFU", s.get("mfu"), f.get("mfu"))
     for name, value in results.get("errors", {}).items():
         lines.append(f"| {name} | error | {value.splitlines()[-1] if value else ''} | | | | |")
     return "\n".join(lines)
+
+
+def _ms(r: dict) -> float | None:
+    return r["optimal_seconds"] * 1e3 if r.get("optimal_seconds") else None
+
+
+def _ips(r: dict) -> float | None:
+    return r["per_chip_batch"] / r["optimal_seconds"] if r.get("optimal_seconds") else None
+
+
+def _gb(r: dict, key: str, unit: float = 1e9) -> float | None:
+    return r[key] / unit if r.get(key) is not None else None
 
 
 def main(argv=None) -> None:
@@ -121,6 +141,8 @@ def main(argv=None) -> None:
     p.add_argument("--train-batch", type=int, default=None, help="default: 8 (tiny), 1 (sd15)")
     p.add_argument("--train-image-size", type=int, default=None, help="default: 32 (tiny), 256 (sd15)")
     p.add_argument("--peers", default="flax,torch", help="comma-separated peers to run ('' for none)")
+    p.add_argument("--topology", default="v5p-8", help="aot: the TPU slice to compile for (see sdjax.aot)")
+    p.add_argument("--per-chip-batch", type=int, default=8, help="aot: images per chip")
     p.add_argument("--out", default="bench-results.json")
     p.add_argument("--cache-dir", default=os.path.join(envs.repo_root(), ".bench-cache"), help="random weights")
     p.add_argument("--envs-dir", default=os.path.join(envs.repo_root(), ".bench-envs"), help="peer venvs")
@@ -219,6 +241,28 @@ def main(argv=None) -> None:
         if "error" in r:
             results["errors"]["scaling"] = r["error"]
         results["scaling"] = r
+
+    if "aot" in only:
+        from sdjax import aot
+
+        t = aot.TOPOLOGIES[a.topology]
+        chip = aot.CHIPS[t.chip]
+        args = ["--topology", t.topology_name, "--chip-config", t.chip_config_name,
+                "--bounds", ",".join(map(str, t.chips_per_host_bounds)), "--wrap", ",".join(str(int(w)) for w in t.wrap),
+                "--per-chip-batch", str(a.per_chip_batch)]
+        env = dict(JAX_PLATFORMS="cpu")
+        r = {"sdjax": run_runner(here, "benchmarks.aot_unet", args + ["--impl", "sdjax"], env, log=log),
+             "sdjax_xla": run_runner(here, "benchmarks.aot_unet", args + ["--impl", "sdjax", "--attention", "xla"], env,
+                                     log=log)}
+        if "flax" in peers:
+            r["flax"] = run_runner(envs.python(a.envs_dir, "diffusers-flax", tpu=True), "benchmarks.aot_unet",
+                                   args + ["--impl", "flax"], env, log=log)
+        for name, v in r.items():
+            if "error" in v:
+                results["errors"][f"aot {name}"] = v["error"]
+            elif v.get("optimal_seconds") and v.get("flops"):
+                v["mfu"] = v["flops"] / (v["optimal_seconds"] * chip.bf16_tflops * 1e12)
+        results["aot"] = {f"SD 1.5 UNet fwd+bwd 512px, {a.per_chip_batch}/chip, {a.topology} (compiler-estimated)": r}
 
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     results["load_avg_end"] = list(os.getloadavg())

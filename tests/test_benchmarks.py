@@ -61,8 +61,12 @@ def test_table_shows_ratios_and_errors():
         compile=dict(sdjax_first_call_s=10.0, flax_first_call_s=20.0, sdjax_cached_first_call_s=2.0),
         train=dict(rows=[dict(size="sd15", image_size=256, batch=1, dtype="float32", remat=False, step_s=None,
                               flops_per_step=8.5e11, memory=dict(peak_estimate=3 * 2**30, temp_size=2**30))]),
+        aot={"v5p-8": dict(sdjax=dict(optimal_seconds=0.1, per_chip_batch=8, bytes_accessed=2e11, temp_bytes=2**30),
+                           sdjax_xla={}, flax=dict(optimal_seconds=0.125, per_chip_batch=8))},
         errors={"text2img torch": "peer_torch exited with 1:\nOSError: no weights"})
     text = run.table(results)
+    assert "| aot | v5p-8: images/s/chip (sdjax flash attention) | 80 | 64 | 1.25 |" in text
+    assert "| aot | v5p-8: compiler-optimal step (sdjax flash attention) | 100 ms | 125 ms | 0.8 |" in text
     assert "| train | sd15 256px B=1 float32 remat=False: compiled memory (args+out-alias+temp) | 3072 MiB | - | - |" in text
     assert "| train | sd15 256px B=1 float32 remat=False: GFLOP/step (XLA) | 850 | - | - |" in text
     assert "| text2img | sd15 B=1: images/s | 3 | 2 | 1.5 | - | - |" in text
