@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import generate
-from sdjax.checkpoints import load as load_lib, sdjax_format
+from sdjax.checkpoints import export, load as load_lib
 from sdjax.models.autoencoder import AutoencoderKL
 from sdjax.models.configs import ModelConfigs, build_modules
 from sdjax.models.layers import resolve_attention
@@ -66,9 +66,13 @@ class StableDiffusion:
         tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
         return cls(loaded.configs, loaded.params, tok, tokenizer_dir, dtype, param_dtype)
 
-    def save_pretrained(self, path: str) -> None:
-        """Write an sdjax export (Orbax params + JSON configs + tokenizer) that loads back bit-exact."""
-        sdjax_format.save(path, self.configs.to_dicts(), self.params, self.tokenizer_dir)
+    def save_pretrained(self, path: str, format: str = "sdjax", dtype: Any = None) -> None:
+        """Write the model: ``format="sdjax"`` (Orbax params + JSON configs + tokenizer, loads back
+        bit-exact), ``"diffusers"`` (a folder ``StableDiffusionPipeline.from_pretrained`` loads) or
+        ``"single_file"`` (one ``.safetensors`` in the original CompVis/Stability layout for A1111,
+        ComfyUI and diffusers' ``from_single_file``). ``dtype`` (``jnp.float16``, ``jnp.bfloat16``)
+        writes a half-precision copy."""
+        export.save(path, self.configs, self.params, self.tokenizer_dir, format=format, dtype=dtype)
 
     # ---- the networks ----------------------------------------------------------------------
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:

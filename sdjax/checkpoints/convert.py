@@ -8,8 +8,10 @@ underscore, so one rule serves every network:
 ``weight`` becomes ``kernel`` (transposed to Flax layout), ``scale`` (norms) or
 ``embedding``, whichever the target module owns; ``bias`` stays. A 1x1 conv and a
 linear layer are interchangeable (SD 1 stores some projections as convs).
+``flax_to_torch`` is the inverse, used by the exports.
 """
 
+import re
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -33,6 +35,32 @@ def flax_path(torch_key: str) -> tuple[str, ...]:
         else:
             parts.append(p)
     return tuple(parts)
+
+
+# Torch module names that end in _<digit> themselves (time_embedding.linear_1), not list indices.
+_TORCH_NAMES_WITH_DIGITS = frozenset({"linear_1", "linear_2"})
+
+
+def torch_key(path: tuple[str, ...]) -> str:
+    """The PyTorch state-dict key of a Flax parameter path (the inverse of ``flax_path``)."""
+    parts: list[str] = []
+    for name in path[:-1]:
+        m = re.fullmatch(r"(.+)_(\d+)", name)
+        parts.extend(m.groups() if m and name not in _TORCH_NAMES_WITH_DIGITS else (name,))
+    leaf = path[-1]
+    parts.append("weight" if leaf in ("kernel", "scale", "embedding") else leaf)
+    return ".".join(parts)
+
+
+def flax_to_torch(params: Mapping[str, Any], dtype: Any = None) -> dict[str, np.ndarray]:
+    """A PyTorch-layout state dict (numpy, contiguous) of a Flax params tree; ``dtype`` casts every tensor."""
+    out = {}
+    for path, value in traverse_util.flatten_dict(dict(params)).items():
+        arr = np.asarray(value)
+        if path[-1] == "kernel":
+            arr = arr.transpose(3, 2, 0, 1) if arr.ndim == 4 else arr.T  # (kh, kw, I, O) -> (O, I, kh, kw)
+        out[torch_key(path)] = np.ascontiguousarray(arr if dtype is None else arr.astype(dtype))
+    return out
 
 
 def _to_flax_layout(arr: np.ndarray, leaf: str, target_shape: tuple[int, ...]) -> np.ndarray:
@@ -116,3 +144,8 @@ def text_encoder_from_torch(state_dict: Mapping[str, Any], config: TextEncoderCo
     ids = jnp.zeros((1, config.max_position_embeddings), jnp.int32)
     target = jax.eval_shape(lambda: unbox(CLIPTextEncoder(config).init(jax.random.key(0), ids))["params"])
     return torch_to_flax(sd, target, what="text_encoder", ignore=("position_ids",))
+
+
+def text_encoder_to_torch(params: Mapping[str, Any], dtype: Any = None) -> dict[str, np.ndarray]:
+    """A ``CLIPTextModel`` state dict (``text_model.*``, the layout every transformers version reads)."""
+    return {f"text_model.{k}": v for k, v in flax_to_torch(params, dtype).items()}

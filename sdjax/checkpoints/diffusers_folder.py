@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from sdjax.checkpoints import atomic
 from sdjax.checkpoints.convert import CheckpointError
 from sdjax.checkpoints.tensors import read_tensors
 
@@ -65,3 +66,62 @@ def read_component(path: str, name: str, *, variant: str | None = None,
 def read_scheduler_config(path: str) -> dict[str, Any] | None:
     f = os.path.join(path, "scheduler", "scheduler_config.json")
     return read_json(f) if os.path.isfile(f) else None
+
+
+# ---- writing (the diffusers export) ---------------------------------------------------------------------
+
+# The pipeline class diffusers builds for a UNet with this many input channels.
+PIPELINE_CLASSES = {4: "StableDiffusionPipeline", 9: "StableDiffusionInpaintPipeline"}
+SCHEDULER_CLASS = "DDIMScheduler"  # sdjax keeps the schedule, not the sampler; every sampler reads it
+
+
+def _write_json(path: str, d: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(d, f, indent=2, sort_keys=True)
+
+
+def _write_component(folder: str, config: dict[str, Any], state: dict[str, np.ndarray], stem: str) -> None:
+    from safetensors.numpy import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    _write_json(os.path.join(folder, "config.json"), config)
+    save_file(state, os.path.join(folder, f"{stem}.safetensors"), metadata={"format": "pt"})
+
+
+def is_vae_folder(path: str) -> bool:
+    """A diffusers ``AutoencoderKL`` folder (what ``AutoencoderKL.from_pretrained`` reads)."""
+    f = os.path.join(path, "config.json")
+    if not os.path.isfile(f):
+        return False
+    return read_json(f).get("_class_name") == "AutoencoderKL"
+
+
+def write_vae(path: str, config: dict[str, Any], state: dict[str, np.ndarray]) -> None:
+    """Writes a diffusers ``AutoencoderKL`` folder (config.json + diffusion_pytorch_model.safetensors)."""
+    with atomic.folder(path, is_vae_folder, "a diffusers AutoencoderKL folder") as tmp:
+        _write_component(tmp, config, state, "diffusion_pytorch_model")
+
+
+def write_pipeline(path: str, configs: dict[str, dict[str, Any]], states: dict[str, dict[str, np.ndarray]],
+                   tokenizer: Any) -> None:
+    """Writes a diffusers pipeline folder that ``StableDiffusionPipeline.from_pretrained`` (or the inpainting
+    pipeline, for a 9-channel UNet) loads. ``configs``: diffusers/transformers config dicts of
+    ``unet``, ``vae``, ``text_encoder``, ``scheduler``; ``states``: PyTorch-layout state dicts."""
+    pipeline = PIPELINE_CLASSES.get(configs["unet"]["in_channels"], PIPELINE_CLASSES[4])
+    with atomic.folder(path, is_diffusers_dir, "a diffusers folder (model_index.json)") as tmp:
+        _write_component(os.path.join(tmp, "unet"), configs["unet"], states["unet"], "diffusion_pytorch_model")
+        _write_component(os.path.join(tmp, "vae"), configs["vae"], states["vae"], "diffusion_pytorch_model")
+        _write_component(os.path.join(tmp, "text_encoder"),
+                         {**configs["text_encoder"], "architectures": ["CLIPTextModel"]},
+                         states["text_encoder"], "model")
+        tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+        os.makedirs(os.path.join(tmp, "scheduler"))
+        _write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"),
+                    {"_class_name": SCHEDULER_CLASS, **configs["scheduler"]})
+        _write_json(os.path.join(tmp, MODEL_INDEX), {
+            "_class_name": pipeline,
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", SCHEDULER_CLASS],
+            "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
+        })

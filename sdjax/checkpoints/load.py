@@ -2,7 +2,7 @@
 
 ``load(path)`` -> ``Loaded(configs, params, tokenizer_dir)`` for a diffusers folder, an
 original single file or an sdjax export; ``load_vae(path)`` takes the autoencoder out of an
-autoencoder export or any of those; ``load_lpips(path)`` reads the LPIPS weights file.
+autoencoder export, a diffusers ``AutoencoderKL`` folder or any of those; ``load_lpips(path)`` reads the LPIPS weights file.
 """
 
 import dataclasses
@@ -17,7 +17,7 @@ from sdjax import paths
 from sdjax.checkpoints import diffusers_folder, sdjax_format, single_file
 from sdjax.checkpoints.convert import CheckpointError, text_encoder_from_torch, torch_to_flax
 from sdjax.checkpoints.tensors import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, read_safetensors, read_tensors
-from sdjax.models.autoencoder import AutoencoderConfig
+from sdjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from sdjax.models.configs import ModelConfigs, abstract_params
 from sdjax.models.layers import unbox
 from sdjax.models.lpips import LPIPS
@@ -101,11 +101,23 @@ def load_vae(path: str) -> tuple[AutoencoderConfig, Any]:
     path = paths.check_local(os.fspath(path), "autoencoder")
     if os.path.isdir(path) and sdjax_format.is_vae_dir(path):
         return sdjax_format.read_vae(path)
+    if os.path.isdir(path) and diffusers_folder.is_vae_folder(path):
+        return _read_diffusers_vae(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or directory. Give an autoencoder export "
-                                f"({sdjax_format.VAE_MARKER} + params/) or a Stable Diffusion checkpoint.")
+                                f"({sdjax_format.VAE_MARKER} + params/), a diffusers AutoencoderKL folder or a "
+                                "Stable Diffusion checkpoint.")
     loaded = load(path)
     return loaded.configs.vae, loaded.params["vae"]
+
+
+def _read_diffusers_vae(path: str) -> tuple[AutoencoderConfig, Any]:
+    raw, state = diffusers_folder.read_component(os.path.dirname(path), os.path.basename(path))
+    config = AutoencoderConfig.from_diffusers_config(raw)
+    x = jnp.zeros((1, config.downsample_factor, config.downsample_factor, config.in_channels))
+    target = unbox(jax.eval_shape(AutoencoderKL(config).init, jax.random.key(0), x))["params"]
+    params = torch_to_flax(state, target, what=f"{path} (diffusers AutoencoderKL)")
+    return config, jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, np.float32)), params)
 
 
 def load_lpips(path: str, param_dtype: Any = jnp.float32) -> dict:

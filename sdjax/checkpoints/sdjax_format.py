@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from sdjax import paths
+from sdjax.checkpoints import atomic
 from sdjax.checkpoints.convert import CheckpointError, describe_mismatch
 from sdjax.models.autoencoder import AutoencoderConfig
 
@@ -56,22 +56,14 @@ def single_process_checkpointer() -> ocp.StandardCheckpointer:
 def _atomic_export(path: str, marker: str, meta: dict[str, Any], params: Any) -> Iterator[str]:
     """Writes ``params/`` and ``marker`` into a temporary folder, lets the caller add files to it,
     then replaces ``path`` (an earlier export of the same kind, or nothing) with it."""
-    path = os.path.abspath(paths.check_local(os.fspath(path), "export"))
-    if os.path.exists(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, marker)):
-        raise FileExistsError(f"{path} exists and is not an export of this kind ({marker}); choose an empty or "
-                              "new directory.")
-    tmp = path + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    ckptr = single_process_checkpointer()
-    ckptr.save(os.path.join(tmp, "params"), jax.tree_util.tree_map(np.asarray, params))
-    ckptr.wait_until_finished()
-    yield tmp
-    with open(os.path.join(tmp, marker), "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    is_same_kind = lambda p: os.path.isfile(os.path.join(p, marker))  # noqa: E731
+    with atomic.folder(path, is_same_kind, f"an sdjax export ({marker})") as tmp:
+        ckptr = single_process_checkpointer()
+        ckptr.save(os.path.join(tmp, "params"), jax.tree_util.tree_map(np.asarray, params))
+        ckptr.wait_until_finished()
+        yield tmp
+        with open(os.path.join(tmp, marker), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
 
 
 def _read_marker(path: str, marker: str, fmt: str, version: int) -> dict[str, Any]:

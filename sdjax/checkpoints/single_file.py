@@ -9,7 +9,8 @@ An original checkpoint holds the whole latent diffusion model in one state dict:
 ``split_original`` renames each part to the layout of the corresponding diffusers /
 transformers weights file (``unet/``, ``vae/``, ``text_encoder/`` of a diffusers folder),
 and ``infer_configs`` rebuilds their config.json dicts from tensor shapes, so the
-single-file and the diffusers-folder loaders share everything downstream. Numpy only.
+single-file and the diffusers-folder loaders share everything downstream. ``join_original``
+is the inverse (the single-file export). Numpy only.
 
 What the shapes cannot tell and callers must supply: the prediction type (SD 2 768-v is
 ``v_prediction``), the image size, GroupNorm group counts (32 in every released SD
@@ -383,3 +384,144 @@ def infer_configs(state_dict: Mapping[str, Any], *, image_size: int = 512, norm_
         "vae": vae,
         "text_encoder": infer_text_config(parts["text_encoder"], version, heads=text_heads),
     }
+
+
+# ---- the inverse: diffusers names -> one original checkpoint (the single-file export) ----------------
+
+def _inverse(table: Mapping[str, str]) -> dict[str, str]:
+    return {new: old for old, new in table.items()}
+
+
+def unet_to_original(unet: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``UNet2DConditionModel`` names -> LDM ``UNetModel`` names (without ``model.diffusion_model.``)."""
+    resnet = _inverse(_RESNET_RENAMES)
+    per_level = 1 + len(_indices(list(unet), r"down_blocks\.0\.resnets\.(\d+)\."))
+    up_attention = set(_indices(list(unet), r"up_blocks\.(\d+)\.attentions\."))
+    top = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+           "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    out, unknown = {}, []
+    for key, value in unet.items():
+        name, leaf = key.rsplit(".", 1)
+        if name in top:
+            new = f"{top[name]}.{leaf}"
+        elif m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)$", key):
+            block = 1 + int(m.group(1)) * per_level + int(m.group(3))
+            new = (f"input_blocks.{block}.0.{_rename(m.group(4), resnet)}" if m.group(2) == "resnets"
+                   else f"input_blocks.{block}.1.{m.group(4)}")
+        elif m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)$", key):
+            new = f"input_blocks.{(int(m.group(1)) + 1) * per_level}.0.op.{m.group(2)}"
+        elif m := re.match(r"mid_block\.resnets\.([01])\.(.+)$", key):
+            new = f"middle_block.{2 * int(m.group(1))}.{_rename(m.group(2), resnet)}"
+        elif m := re.match(r"mid_block\.attentions\.0\.(.+)$", key):
+            new = f"middle_block.1.{m.group(1)}"
+        elif m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)$", key):
+            block = int(m.group(1)) * per_level + int(m.group(3))
+            new = (f"output_blocks.{block}.0.{_rename(m.group(4), resnet)}" if m.group(2) == "resnets"
+                   else f"output_blocks.{block}.1.{m.group(4)}")
+        elif m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)$", key):
+            level = int(m.group(1))  # the upsampler follows the last resnet (.1) or its attention (.2)
+            new = f"output_blocks.{level * per_level + per_level - 1}.{2 if level in up_attention else 1}.conv.{m.group(2)}"
+        else:
+            unknown.append(key)
+            continue
+        out[new] = value
+    if unknown:
+        raise _unknown("UNet (diffusers names)", unknown)
+    return out
+
+
+def vae_to_original(vae: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``AutoencoderKL`` names -> LDM autoencoder names (without ``first_stage_model.``); the mid-block
+    attention projections become 1x1 convs as in the originals."""
+    resnet, attention = _inverse(_VAE_RESNET_RENAMES), _inverse(_VAE_ATTN_RENAMES)
+    num_up = len(_indices(list(vae), r"decoder\.up_blocks\.(\d+)\."))
+    out, unknown = {}, []
+    for key, value in vae.items():
+        if key.startswith(("quant_conv.", "post_quant_conv.")) or re.match(r"(en|de)coder\.conv_(in|out)\.", key):
+            new = key
+        elif m := re.match(r"(encoder|decoder)\.conv_norm_out\.(.+)$", key):
+            new = f"{m.group(1)}.norm_out.{m.group(2)}"
+        elif m := re.match(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$", key):
+            new = f"encoder.down.{m.group(1)}.block.{m.group(2)}.{_rename(m.group(3), resnet)}"
+        elif m := re.match(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)$", key):
+            new = f"encoder.down.{m.group(1)}.downsample.conv.{m.group(2)}"
+        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$", key):
+            new = f"decoder.up.{num_up - 1 - int(m.group(1))}.block.{m.group(2)}.{_rename(m.group(3), resnet)}"
+        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)$", key):
+            new = f"decoder.up.{num_up - 1 - int(m.group(1))}.upsample.conv.{m.group(2)}"
+        elif m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.([01])\.(.+)$", key):
+            new = f"{m.group(1)}.mid.block_{int(m.group(2)) + 1}.{m.group(3)}"
+        elif m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)"
+                           r"\.(weight|bias)$", key):
+            new = f"{m.group(1)}.mid.attn_1.{attention[m.group(2)]}.{m.group(3)}"
+            if value.ndim == 2:
+                value = value[:, :, None, None]
+        else:
+            unknown.append(key)
+            continue
+        out[new] = value
+    if unknown:
+        raise _unknown("VAE (diffusers names)", unknown)
+    return out
+
+
+def clip_to_original(text: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``CLIPTextModel`` (``text_model.*``) -> SD 1 ``cond_stage_model.transformer`` names (without the
+    prefix), with the ``position_ids`` buffer the originals carry."""
+    out = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in text.items()}
+    positions = out["text_model.embeddings.position_embedding.weight"].shape[0]
+    out["text_model.embeddings.position_ids"] = np.arange(positions, dtype=np.int64)[None]
+    return out
+
+
+def open_clip_to_original(text: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``CLIPTextModel`` (``text_model.*``) -> SD 2 OpenCLIP names (without ``cond_stage_model.model.``).
+
+    q/k/v are fused into ``in_proj``. An original SD 2 file also holds what SD 2 never uses (it
+    reads the penultimate layer): a final resblock, the text projection and the logit scale.
+    sdjax does not keep them, so they are written as an identity block (zero projections, so the
+    residual stream passes through), an identity projection and CLIP's ln(100), and loaders that
+    expect them find them.
+    """
+    top, block = _inverse(_OPEN_CLIP_TOP), _inverse(_OPEN_CLIP_BLOCK_RENAMES)
+    out, fused, unknown = {}, {}, []
+    for key, value in text.items():
+        name = key.removeprefix("text_model.")
+        if name in top:
+            out[top[name]] = value
+        elif m := re.match(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", name):
+            fused.setdefault((int(m.group(1)), m.group(3)), {})[m.group(2)] = value
+        elif (m := re.match(r"encoder\.layers\.(\d+)\.(.+)$", name)) and _rename(m.group(2), block) != m.group(2):
+            out[f"transformer.resblocks.{m.group(1)}.{_rename(m.group(2), block)}"] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise _unknown("text encoder (CLIPTextModel names)", unknown)
+    for (n, leaf), qkv in fused.items():
+        out[f"transformer.resblocks.{n}.attn.in_proj_{leaf}"] = np.concatenate([qkv["q"], qkv["k"], qkv["v"]])
+    last = 1 + max(n for n, _ in fused)
+    for key, value in list(out.items()):
+        if key.startswith("transformer.resblocks.0."):
+            is_norm_scale = key.endswith(("ln_1.weight", "ln_2.weight"))
+            out[key.replace("resblocks.0.", f"resblocks.{last}.", 1)] = (
+                np.ones_like(value) if is_norm_scale else np.zeros_like(value))
+    hidden = out["token_embedding.weight"].shape[1]
+    dtype = out["token_embedding.weight"].dtype
+    out["text_projection"] = np.eye(hidden, dtype=dtype)
+    out["logit_scale"] = np.asarray(np.log(100.0), dtype=dtype)
+    return out
+
+
+def version_of(hidden_act: str) -> Version:
+    """The original layout a text encoder belongs to: CLIP-L (quick_gelu, SD 1) or OpenCLIP (gelu, SD 2)."""
+    return "v1" if hidden_act == "quick_gelu" else "v2"
+
+
+def join_original(states: Mapping[str, Mapping[str, np.ndarray]], version: Version) -> dict[str, np.ndarray]:
+    """One original SD 1.x (``version="v1"``) or 2.x (``"v2"``) state dict from diffusers-named
+    ``{"unet", "vae", "text_encoder"}`` state dicts; ``split_original`` reads it back."""
+    text = (({CLIP_PREFIX + k: v for k, v in clip_to_original(states["text_encoder"]).items()}) if version == "v1"
+            else {OPEN_CLIP_PREFIX + k: v for k, v in open_clip_to_original(states["text_encoder"]).items()})
+    return {**{UNET_PREFIX + k: v for k, v in unet_to_original(states["unet"]).items()},
+            **{VAE_PREFIX + k: v for k, v in vae_to_original(states["vae"]).items()},
+            **text}

@@ -1,0 +1,74 @@
+"""Writing a whole model in the formats the rest of the world reads.
+
+``save(path, configs, params, tokenizer_dir, format=...)``:
+
+    sdjax         Orbax params + JSON configs (``sdjax_format``): loads back bit-exact, the default
+    diffusers     a diffusers pipeline folder (``StableDiffusionPipeline``, or
+                  ``StableDiffusionInpaintPipeline`` for a 9-channel UNet), safetensors weights
+    single_file   one ``.safetensors`` file in the original CompVis / Stability layout that A1111,
+                  ComfyUI and diffusers' single-file loader read (SD 1 layout for a CLIP-L style
+                  text encoder, SD 2's OpenCLIP layout otherwise)
+
+``dtype`` (e.g. ``jnp.float16``) writes a half-precision copy. Every format is written to a
+temporary path and moved into place whole.
+"""
+
+from typing import Any
+
+import jax
+import numpy as np
+from safetensors.numpy import save_file
+
+from sdjax.checkpoints import atomic, diffusers_folder, sdjax_format, single_file
+from sdjax.checkpoints.convert import flax_to_torch, text_encoder_to_torch
+from sdjax.models.autoencoder import AutoencoderConfig
+from sdjax.models.configs import ModelConfigs
+from sdjax.tokenizer import load_tokenizer
+
+FORMATS = ("sdjax", "diffusers", "single_file")
+VAE_FORMATS = ("sdjax", "diffusers")
+
+
+def check_format(fmt: str, formats: tuple[str, ...] = FORMATS) -> str:
+    if fmt not in formats:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(formats)}.")
+    return fmt
+
+
+def torch_state_dicts(params: dict[str, Any], dtype: Any = None) -> dict[str, dict[str, np.ndarray]]:
+    """PyTorch-layout (diffusers / transformers names) state dicts of ``{"unet", "vae", "text_encoder"}``."""
+    return {"unet": flax_to_torch(params["unet"], dtype), "vae": flax_to_torch(params["vae"], dtype),
+            "text_encoder": text_encoder_to_torch(params["text_encoder"], dtype)}
+
+
+def save(path: str, configs: ModelConfigs, params: dict[str, Any], tokenizer_dir: str | None = None, *,
+         format: str = "sdjax", dtype: Any = None) -> None:
+    """Writes the model to ``path`` in ``format`` (see the module docstring)."""
+    check_format(format)
+    if format == "sdjax":
+        cast = params if dtype is None else jax.tree_util.tree_map(lambda a: np.asarray(a).astype(dtype), params)
+        sdjax_format.save(path, configs.to_dicts(), cast, tokenizer_dir)
+        return
+    params = jax.device_get(params)
+    if format == "diffusers":
+        if tokenizer_dir is None:
+            raise ValueError("a diffusers folder needs the model's tokenizer and this model has none: load it with "
+                             "tokenizer=DIR (a folder with vocab.json and merges.txt).")
+        dicts = configs.to_dicts()
+        diffusers_folder.write_pipeline(path, dicts, torch_state_dicts(params, dtype), load_tokenizer(tokenizer_dir))
+        return
+    if not str(path).endswith(".safetensors"):
+        raise ValueError(f"{path}: a single-file export is one .safetensors file; name it e.g. model.safetensors.")
+    state = single_file.join_original(torch_state_dicts(params, dtype),
+                                      single_file.version_of(configs.text_encoder.hidden_act))
+    with atomic.file(path) as tmp:
+        save_file(state, tmp, metadata={"format": "pt"})
+
+
+def save_vae(path: str, config: AutoencoderConfig, params: Any, *, format: str = "sdjax") -> None:
+    """Writes an autoencoder alone: an sdjax autoencoder export, or a diffusers ``AutoencoderKL`` folder."""
+    check_format(format, VAE_FORMATS)
+    if format == "sdjax":
+        sdjax_format.save_vae(path, config, params)
+    else:
+        diffusers_folder.write_vae(path, config.to_diffusers_config(), flax_to_torch(jax.device_get(params)))
