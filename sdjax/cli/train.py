@@ -22,7 +22,7 @@ from sdjax import configs as configs_lib
 from sdjax.cli.errors import user_errors
 
 PHASES = ("autoencoder", "latent")
-USAGE = f"usage: sdjax-train {{{','.join(PHASES)}}} --config NAME_OR_PATH[:ARG] --workdir DIR [--export DIR] " \
+USAGE = f"usage: sdjax-train {{{','.join(PHASES)}}} --config NAME_OR_PATH[:ARG] --workdir DIR [--export DIR [--export-format FMT]] " \
         "[--config.SECTION.KEY=VALUE ...]"
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -31,6 +31,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics
 _EXPORT = flags.DEFINE_string("export", None, "Write the trained model here when training ends: the autoencoder "
                                               "phase writes what the latent phase's autoencoder.path reads; the "
                                               "latent phase a model StableDiffusion.from_pretrained loads.")
+_EXPORT_FORMAT = flags.DEFINE_enum(
+    "export-format", None, ["sdjax", "diffusers", "single_file"],
+    "Format of --export (default sdjax): diffusers writes a diffusers folder (the autoencoder phase: an AutoencoderKL "
+    "folder), single_file one original-layout .safetensors file (latent phase only).")
 
 
 def _prepare_argv(argv: list[str]) -> list[str]:
@@ -64,6 +68,8 @@ def _run(phase: str, argv: Sequence[str]) -> None:
     config = _CONFIG.value
     if _EXPORT.value:
         config.train.export_dir = _EXPORT.value
+    if _EXPORT_FORMAT.value:
+        config.train.export_format = _EXPORT_FORMAT.value
     with user_errors():
         if phase == "autoencoder":
             from sdjax.training import autoencoder as trainer

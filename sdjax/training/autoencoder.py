@@ -24,7 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from sdjax import metrics, sharding
-from sdjax.checkpoints import load as load_lib, sdjax_format
+from sdjax.checkpoints import export as export_lib, load as load_lib
 from sdjax.data import DataConfig, make_dataset, prepare_on_all_hosts, splits
 from sdjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from sdjax.models.discriminator import NLayerDiscriminator
@@ -47,6 +47,7 @@ class TrainConfig(loop.LoopConfig):
         for name in ("eval_every", "eval_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
+        export_lib.check_format(self.export_format, export_lib.VAE_FORMATS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,13 +217,14 @@ def latent_scale(setup: Setup, vae_params: Any, images: np.ndarray, key: jax.Arr
 
 
 def export(setup: Setup, state: TrainState, path: str, images: np.ndarray) -> AutoencoderConfig:
-    """Writes the trained autoencoder as an autoencoder export (``sdjax_format.save_vae``, what the
-    latent trainer's ``autoencoder.path`` loads), with ``scaling_factor`` measured on ``images``."""
+    """Writes the trained autoencoder as an sdjax autoencoder export or a diffusers ``AutoencoderKL``
+    folder (``train.export_format``; the latent trainer's ``autoencoder.path`` reads either), with
+    ``scaling_factor`` measured on ``images``."""
     params = jax.tree.map(np.asarray, multihost_utils.process_allgather(state.params["autoencoder"], tiled=True))
     scale = latent_scale(setup, state.params["autoencoder"], images, jax.random.key(setup.train.seed))
     config = dataclasses.replace(setup.vae_config, scaling_factor=scale)
     if jax.process_index() == 0:
-        sdjax_format.save_vae(path, config, params)
+        export_lib.save_vae(path, config, params, format=setup.train.export_format)
     multihost_utils.sync_global_devices("sdjax vae export written")
     return config
 

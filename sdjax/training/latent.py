@@ -21,7 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from sdjax import generate, metrics, paths, sharding
-from sdjax.checkpoints import load as load_lib, sdjax_format
+from sdjax.checkpoints import export as export_lib, load as load_lib
 from sdjax.data import DataConfig, builder, latent_cache, make_dataset, prepare_on_all_hosts, preprocess
 from sdjax.diffusion.schedule import add_noise, alphas_cumprod, get_target
 from sdjax.models.autoencoder import AutoencoderKL, DiagonalGaussian
@@ -559,15 +559,16 @@ def make_sample_grid(setup: Setup, seed: int = 0):
 
 
 def export(setup: Setup, state: TrainState, path: str) -> None:
-    """Writes an sdjax export that ``StableDiffusion.from_pretrained(path)`` loads, with the EMA
-    weights and the latent scale used in training as the VAE's ``scaling_factor``."""
+    """Writes the model in ``train.export_format`` (an sdjax export, a diffusers folder or a single
+    file; each one ``StableDiffusion.from_pretrained(path)`` loads), with the EMA weights and the
+    latent scale used in training as the VAE's ``scaling_factor``."""
     params = inference_params(setup, state)
     scale = float(multihost_utils.process_allgather(state.extra["latent_scale"], tiled=True).reshape(-1)[0])
     if not setup.train.scale_by_std:  # the configured value itself, not its f32 copy in the state
         scale = setup.train.latent_scale if setup.train.latent_scale is not None else setup.configs.vae.scaling_factor
     configs = dataclasses.replace(setup.configs, vae=dataclasses.replace(setup.configs.vae, scaling_factor=scale))
     if jax.process_index() == 0:
-        sdjax_format.save(path, configs.to_dicts(), params, setup.tokenizer_dir)
+        export_lib.save(path, configs, params, setup.tokenizer_dir, format=setup.train.export_format)
     multihost_utils.sync_global_devices("sdjax export written")
 
 

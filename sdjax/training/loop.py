@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 import jax
 
 from sdjax import metrics, paths
-from sdjax.checkpoints import train as train_ckpt
+from sdjax.checkpoints import export, train as train_ckpt
 from sdjax.train_state import TrainState
 
 
@@ -29,6 +29,7 @@ class LoopConfig:
     max_to_keep: int = 3
     log_every: int = 50
     export_dir: str | None = None
+    export_format: str = "sdjax"  # sdjax | diffusers | single_file (the autoencoder phase: sdjax | diffusers)
     fast_compile: bool = False  # skip XLA backend optimisation of the step: quick compiles, slower steps (CPU tests)
 
     def __post_init__(self):
@@ -36,6 +37,10 @@ class LoopConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
         paths.expand_fields(self, "train", ("export_dir",))
+        export.check_format(self.export_format)
+        if self.export_format == "single_file" and self.export_dir and not self.export_dir.endswith(".safetensors"):
+            raise ValueError(f"train.export_format=single_file writes one file: give an export path ending in "
+                             f".safetensors, not {self.export_dir!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
