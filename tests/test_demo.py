@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 
 @pytest.mark.slow
@@ -24,3 +26,23 @@ def test_demo_runs_every_phase(tmp_path):
     assert report["judge_on_real_images"]["shape"] >= 0.99  # the judge itself is sound
     assert (tmp_path / "demo" / "samples" / "grid-0000.png").is_file()
     assert (tmp_path / "demo" / "model" / "sdjax.json").is_file() and (tmp_path / "demo" / "vae" / "vae.json").is_file()
+
+    # The trained model leaves sdjax: diffusers samples the same images from its exported folder.
+    from diffusers import StableDiffusionPipeline
+
+    from sdjax import generate
+    from sdjax.stable_diffusion import StableDiffusion
+
+    model, exported = tmp_path / "demo" / "model", tmp_path / "demo" / "diffusers"
+    r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "sdjax-convert"), str(model), str(exported),
+                        "--to", "diffusers"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sd = StableDiffusion.from_pretrained(model)
+    prompts = ["a red circle on a blue background", "a green triangle on a yellow background"]
+    f, size = sd.downsample_factor, sd.native_size
+    noise = generate.starting_noise(0, len(prompts), (size // f, size // f, sd.configs.unet.in_channels))
+    ours = sd.txt2img(prompts, steps=10, guidance_scale=5.0, init_latents=noise, output="float")
+    pipe = StableDiffusionPipeline.from_pretrained(exported)
+    ref = pipe(prompts, num_inference_steps=10, guidance_scale=5.0, height=size, width=size,
+               latents=torch.from_numpy(np.ascontiguousarray(noise.transpose(0, 3, 1, 2))), output_type="np").images
+    assert np.abs(ours - ref).mean() <= 3e-4

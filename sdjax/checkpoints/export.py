@@ -54,8 +54,14 @@ def save(path: str, configs: ModelConfigs, params: dict[str, Any], tokenizer_dir
         if tokenizer_dir is None:
             raise ValueError("a diffusers folder needs the model's tokenizer and this model has none: load it with "
                              "tokenizer=DIR (a folder with vocab.json and merges.txt).")
-        dicts = configs.to_dicts()
-        diffusers_folder.write_pipeline(path, dicts, torch_state_dicts(params, dtype), load_tokenizer(tokenizer_dir))
+        dicts, tokenizer = configs.to_dicts(), load_tokenizer(tokenizer_dir)
+        text = dicts["text_encoder"]
+        tokenizer.model_max_length = text["max_position_embeddings"]  # diffusers pads prompts to this length
+        if max(text["bos_token_id"], text["eos_token_id"], text["pad_token_id"]) >= text["vocab_size"]:
+            # a text encoder trained on its own small vocabulary: its special tokens are the tokenizer's
+            text.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+        diffusers_folder.write_pipeline(path, dicts, torch_state_dicts(params, dtype), tokenizer)
         return
     if not str(path).endswith(".safetensors"):
         raise ValueError(f"{path}: a single-file export is one .safetensors file; name it e.g. model.safetensors.")
