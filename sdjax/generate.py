@@ -1,10 +1,12 @@
-"""Text2Img and Img2Img: text encoding, guided sampling and decoding in one compiled function.
+"""Text2Img, Img2Img and inpainting: text encoding, guided sampling and decoding in one compiled function.
 
 ``generate`` is that function, pure and jittable: the Stable Diffusion API and the trainers'
 sample grids both call it. ``Generator`` compiles it once per (batch, size, steps, sampler,
 start step) with the batch sharded over every device of a 1-D ``data`` mesh
 (``sharding.data_mesh``); a batch that does not divide the device count is padded, then
-trimmed. ``guidance_scale``, ``eta`` and the latent scale are traced, so changing them never
+trimmed. Inpainting follows diffusers' ``StableDiffusionInpaintPipeline``: a 9-channel UNet reads
+the mask and the masked image's latents beside the noisy latents; a plain 4-channel UNet has the
+known region's latents, noised to the current step, blended back in after every step. ``guidance_scale``, ``eta`` and the latent scale are traced, so changing them never
 recompiles.
 
 Images go in and come out in one convention: uint8 (B, H, W, 3), or float in [0, 1]; PIL
@@ -68,8 +70,10 @@ class Inputs:
     cond_ids: jax.Array  # (B, L) prompt token ids
     uncond_ids: jax.Array  # (B, L) negative-prompt token ids
     noise: jax.Array  # (B, h, w, C) starting latents
-    init_images: jax.Array | None = None  # (B, H, W, 3) in [-1, 1]: Img2Img
+    init_images: jax.Array | None = None  # (B, H, W, 3) in [-1, 1]: Img2Img and inpainting
     posterior_noise: jax.Array | None = None  # (B, h, w, C): the init images' latent sample
+    masks: jax.Array | None = None  # (B, H, W, 1) in {0, 1}, 1 = repaint: inpainting
+    masked_posterior_noise: jax.Array | None = None  # (B, h, w, C): the masked images' latent sample (9-channel UNet)
 
     def padded(self, multiple: int) -> "Inputs":
         """Every array padded along the batch (repeating the last row) to a multiple of ``multiple``."""
@@ -88,7 +92,7 @@ def pad_batch(x: np.ndarray, multiple: int) -> np.ndarray:
 
 
 # Independent random streams derived from one seed.
-SAMPLER_STREAM, POSTERIOR_STREAM = 1 << 20, 1 << 21
+SAMPLER_STREAM, POSTERIOR_STREAM, MASKED_POSTERIOR_STREAM = 1 << 20, 1 << 21, 1 << 22
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -108,14 +112,17 @@ def to_uint8(images_BHWC: np.ndarray) -> np.ndarray:
     return (np.clip(images_BHWC, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
-def guided_model_fn(unet: UNet, unet_params: Any, ctx_2BLD: jax.Array, guidance_scale: jax.Array) -> Callable:
+def guided_model_fn(unet: UNet, unet_params: Any, ctx_2BLD: jax.Array, guidance_scale: jax.Array,
+                    extra_BhwE: jax.Array | None = None) -> Callable:
     """Classifier-free guidance: ``model_fn(x, t)`` runs the UNet once on [x; x] against the
-    context [uncond; cond] and returns uncond + guidance_scale * (cond - uncond), in f32."""
+    context [uncond; cond] and returns uncond + guidance_scale * (cond - uncond), in f32.
+    ``extra_BhwE``: channels appended to x's (an inpainting UNet's mask and masked-image latents)."""
     dtype = unet.dtype
     ctx = ctx_2BLD.astype(dtype)
 
     def model_fn(x_BhwC: jax.Array, t_B: jax.Array) -> jax.Array:
-        x2 = jnp.concatenate([x_BhwC, x_BhwC]).astype(dtype)
+        x_in = x_BhwC if extra_BhwE is None else jnp.concatenate([x_BhwC, extra_BhwE.astype(x_BhwC.dtype)], axis=-1)
+        x2 = jnp.concatenate([x_in, x_in]).astype(dtype)
         out = unet.apply({"params": unet_params}, x2, jnp.concatenate([t_B, t_B]), ctx).astype(jnp.float32)
         out_uncond, out_cond = jnp.split(out, 2)
         return out_uncond + guidance_scale * (out_cond - out_uncond)
@@ -128,19 +135,43 @@ def generate(nets: Networks, sampler_name: str, start_index: int, params: dict[s
     """The whole generation: ids -> context -> guided sampling -> f32 decode -> [0, 1] images.
 
     ``params`` = {"unet", "vae", "text_encoder"}; ``plan`` comes from the sampler's ``make_plan``;
-    ``start_index`` > 0 (Img2Img) starts from ``inputs.init_images`` noised to that step.
+    ``start_index`` > 0 (Img2Img) starts from ``inputs.init_images`` noised to that step; with
+    ``inputs.masks`` it inpaints (see the module docstring).
     """
     sampler = get_sampler(sampler_name)
     ctx = nets.text_encoder.apply({"params": params["text_encoder"]},
                                   jnp.concatenate([inputs.uncond_ids, inputs.cond_ids]))
-    model_fn = guided_model_fn(nets.unet, params["unet"], ctx, guidance_scale)
-    x0 = None
-    if inputs.init_images is not None:
-        post = nets.vae.apply({"params": params["vae"]}, inputs.init_images, method=AutoencoderKL.encode)
-        x0 = (post.mean + post.std * inputs.posterior_noise) * scaling_factor
-    latents = sampler.sample(model_fn, inputs.noise, key, plan, start_index=start_index, x0=x0)
+
+    def encode(images_BHWC: jax.Array, noise_BhwC: jax.Array) -> jax.Array:
+        post = nets.vae.apply({"params": params["vae"]}, images_BHWC, method=AutoencoderKL.encode)
+        return (post.mean + post.std * noise_BhwC) * scaling_factor
+
+    extra, after_step, x0 = None, None, None
+    inpainting_unet = nets.unet.config.in_channels != inputs.noise.shape[-1]
+    if inputs.init_images is not None and (inputs.masks is None or start_index > 0 or not inpainting_unet):
+        x0 = encode(inputs.init_images, inputs.posterior_noise)
+    if inputs.masks is not None:
+        f = inputs.masks.shape[1] // inputs.noise.shape[1]
+        mask_Bhw1 = inputs.masks[:, ::f, ::f, :]  # nearest neighbour, as torch's interpolate
+        if inpainting_unet:
+            masked = encode(inputs.init_images * (inputs.masks < 0.5), inputs.masked_posterior_noise)
+            extra = jnp.concatenate([mask_Bhw1, masked], axis=-1)
+        else:
+            after_step = functools.partial(_keep_known_region, sampler, plan, x0, inputs.noise, mask_Bhw1)
+        x0 = x0 if start_index > 0 else None  # strength 1 starts from pure noise
+    model_fn = guided_model_fn(nets.unet, params["unet"], ctx, guidance_scale, extra)
+    latents = sampler.sample(model_fn, inputs.noise, key, plan, start_index=start_index, x0=x0, after_step=after_step)
     images = nets.vae.apply({"params": params["vae"]}, latents / scaling_factor, method=AutoencoderKL.decode)
     return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+
+
+def _keep_known_region(sampler: Any, plan: Any, x0: jax.Array, noise: jax.Array, mask_Bhw1: jax.Array,
+                       x: jax.Array, i: jax.Array) -> jax.Array:
+    """After step i, the known region (mask 0) becomes the image's latents noised to step i + 1, or the
+    clean latents after the last step: diffusers' inpainting with a non-inpainting UNet."""
+    last = plan.timesteps.shape[0] - 1
+    known = jnp.where(i < last, sampler.noise_to(x0, noise, plan, jnp.minimum(i + 1, last)), x0)
+    return (1.0 - mask_Bhw1) * known + mask_Bhw1 * x
 
 
 def generate_on(mesh: Mesh, nets: Networks, sampler_name: str, start_index: int, *args) -> jax.Array:
@@ -160,7 +191,7 @@ class Generator:
         self._compiled: dict[tuple, Callable] = {}
 
     def _fn(self, sampler: str, start_index: int, inputs: Inputs) -> Callable:
-        key = (sampler, start_index, inputs.init_images is not None)
+        key = (sampler, start_index, inputs.init_images is not None, inputs.masks is not None)
         if key not in self._compiled:
             rep = NamedSharding(self.mesh, P())
             self._compiled[key] = jax.jit(
@@ -173,7 +204,7 @@ class Generator:
                  strength: float = 1.0) -> np.ndarray:
         """[0, 1] float images (B, H, W, 3). Img2Img when ``inputs.init_images`` is set: its latent
         posterior is sampled as mean + std * ``inputs.posterior_noise``, then noised to the start
-        step that ``strength`` selects."""
+        step that ``strength`` selects. Inpainting when ``inputs.masks`` is set too."""
         sampler = get_sampler(opts.sampler)
         plan = sampler.make_plan(self.scheduler_config, opts.steps, eta=opts.eta)
         start = img2img_start(opts.steps, strength) if inputs.init_images is not None else 0
@@ -238,3 +269,33 @@ def check_init_images(images: Any, n: int, height: int, width: int) -> np.ndarra
     if arr.shape[0] != n:
         raise ValueError(f"{arr.shape[0]} init images for {n} prompts; give one, or one per prompt.")
     return arr * 2.0 - 1.0
+
+
+def check_masks(masks: Any, n: int, height: int, width: int) -> np.ndarray:
+    """Inpainting masks (PIL images; or arrays (B, H, W), (B, H, W, 1), (H, W) of uint8 or floats in
+    [0, 1]; white / 1 = repaint) -> (n, H, W, 1) float32, binarised at 0.5 as diffusers does."""
+    if _is_pil(masks):
+        masks = [masks]
+    if isinstance(masks, (list, tuple)) and masks and _is_pil(masks[0]):
+        masks = np.stack([np.asarray(m.convert("L")) for m in masks])
+    arr = np.asarray(masks)
+    if arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise ValueError(f"masks must be (B, H, W), (B, H, W, 1) or (H, W), or PIL images; got shape {arr.shape}.")
+    if arr.dtype == np.uint8:
+        arr = arr.astype(np.float32) / 255.0
+    arr = arr.astype(np.float32)
+    if arr.min() < 0.0 or arr.max() > 1.0:
+        raise ValueError(f"float masks must be in [0, 1] (1 = repaint; got values in [{arr.min():.3g}, "
+                         f"{arr.max():.3g}]); or pass uint8 masks in [0, 255].")
+    if arr.shape[1:] != (height, width):
+        raise ValueError(f"masks are {arr.shape[2]}x{arr.shape[1]} but the images are {width}x{height}; "
+                         "give masks the images' size.")
+    if arr.shape[0] == 1 and n > 1:
+        arr = np.repeat(arr, n, axis=0)
+    if arr.shape[0] != n:
+        raise ValueError(f"{arr.shape[0]} masks for {n} prompts; give one, or one per prompt.")
+    return (arr >= 0.5).astype(np.float32)[..., None]

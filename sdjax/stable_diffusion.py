@@ -143,16 +143,54 @@ class StableDiffusion:
         opts = generate.SamplingOptions(steps, guidance_scale, eta, sampler, height, width, seed)
         return self._run(prompts, negative_prompts, opts, init_latents, images, strength, output)
 
-    def _run(self, prompts, negative_prompts, opts, init_latents, init_images, strength, output) -> np.ndarray:
+    def inpaint(self, images: Any, masks: Any, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None,
+                strength: float = 1.0, steps: int = 50, guidance_scale: float = 7.5, eta: float = 0.0,
+                sampler: str = "ddim", height: int | None = None, width: int | None = None, seed: int = 0,
+                init_latents: Any = None, output: str = "uint8") -> np.ndarray:
+        """Repaint the masked part of ``images`` (uint8, float in [0, 1], or PIL images) as ``prompts`` ask.
+
+        ``masks``: (B, H, W), (B, H, W, 1) or PIL images, white / 1 = repaint, binarised at 0.5; the
+        masked image keeps the pixels where the mask is below 0.5. An inpainting checkpoint (9-channel
+        UNet) reads the mask and the masked image's latents; a plain model keeps the known region by
+        blending its latents, noised to the current step, back in after every step. ``strength`` < 1
+        starts from the noised image as img2img does. The size is the images' own.
+        """
+        if self.configs.unet.in_channels not in (self._latent_channels, self._latent_channels * 2 + 1):
+            raise ValueError(f"this UNet reads {self.configs.unet.in_channels} channels: neither a plain "
+                             f"({self._latent_channels}) nor an inpainting ({2 * self._latent_channels + 1}) model.")
+        images = generate.as_image_array(images)
+        height = images.shape[1] if height is None else height
+        width = images.shape[2] if width is None else width
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}.")
+        opts = generate.SamplingOptions(steps, guidance_scale, eta, sampler, height, width, seed)
+        return self._run(prompts, negative_prompts, opts, init_latents, images, strength, output, masks=masks)
+
+    @property
+    def _latent_channels(self) -> int:
+        return self.configs.vae.latent_channels
+
+    @property
+    def is_inpainting_model(self) -> bool:
+        """A UNet that reads the mask and the masked image's latents beside the noisy latents (9 channels)."""
+        return self.configs.unet.in_channels == 2 * self._latent_channels + 1
+
+    def _run(self, prompts, negative_prompts, opts, init_latents, init_images, strength, output,
+             masks=None) -> np.ndarray:
         if output not in ("uint8", "float"):
             raise ValueError(f"output must be 'uint8' or 'float', got {output!r}.")
+        if masks is None and self.is_inpainting_model:
+            raise ValueError("this is an inpainting model (its UNet reads a mask and a masked image): call "
+                             "inpaint(images, masks, prompts) (command line: sdjax-inpaint).")
         opts.validate(self.downsample_factor)
         prompts, negative = generate.check_prompts(prompts, negative_prompts)
         n = len(prompts)
-        f, c = self.downsample_factor, self.configs.unet.in_channels
+        f, c = self.downsample_factor, self._latent_channels
         latent_shape = (opts.height // f, opts.width // f, c)
         if init_images is not None:
             init_images = generate.check_init_images(init_images, n, opts.height, opts.width)
+        if masks is not None:
+            masks = generate.check_masks(masks, n, opts.height, opts.width)
         if init_latents is None:
             noise = generate.starting_noise(opts.seed, n, latent_shape)
         else:
@@ -160,9 +198,12 @@ class StableDiffusion:
             if noise.shape != (n,) + latent_shape:
                 raise ValueError(f"init_latents must have shape {(n,) + latent_shape} (B, H/{f}, W/{f}, C) for "
                                  f"{n} prompts at {opts.height}x{opts.width}; got {noise.shape}.")
-        posterior_noise = None
+        posterior_noise = masked_noise = None
         if init_images is not None:
             posterior_noise = generate.starting_noise(opts.seed, n, latent_shape, generate.POSTERIOR_STREAM)
-        inputs = generate.Inputs(self.tokenize(prompts), self.tokenize(negative), noise, init_images, posterior_noise)
+        if masks is not None and self.is_inpainting_model:
+            masked_noise = generate.starting_noise(opts.seed, n, latent_shape, generate.MASKED_POSTERIOR_STREAM)
+        inputs = generate.Inputs(self.tokenize(prompts), self.tokenize(negative), noise, init_images, posterior_noise,
+                                 masks, masked_noise)
         images = self.generator(self.params, inputs, opts, self.scaling_factor, strength)
         return generate.to_uint8(images) if output == "uint8" else images

@@ -87,7 +87,7 @@ def test_seed_reproducible_and_sharding_invariant(folder, sd):
 def test_guidance_scale_and_eta_do_not_recompile(sd):
     kw = dict(steps=2, height=SIZE, width=SIZE, sampler="ddim", output="float")
     a = sd.txt2img(["a cat"], guidance_scale=1.0, **kw)
-    compiled = sd.generator._compiled[("ddim", 0, False)]
+    compiled = sd.generator._compiled[("ddim", 0, False, False)]
     before = compiled._cache_size()
     b = sd.txt2img(["a cat"], guidance_scale=9.0, eta=0.5, **kw)
     assert np.abs(a - b).mean() > 1e-4

@@ -53,14 +53,15 @@ def randomize_norms(module: torch.nn.Module, seed: int) -> None:
                 m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
 
 
-def build_torch_models(style: str, seed: int = 0):
-    """(unet, vae, text_encoder): tiny random torch models in eval mode, float32."""
+def build_torch_models(style: str, seed: int = 0, inpainting: bool = False):
+    """(unet, vae, text_encoder): tiny random torch models in eval mode, float32; ``inpainting``: a
+    9-channel UNet (noisy latents, mask, masked-image latents) as in SD inpainting checkpoints."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = STYLES[style]
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**cfg["unet"])
+    unet = UNet2DConditionModel(**dict(cfg["unet"], in_channels=9 if inpainting else 4))
     vae = AutoencoderKL(**cfg["vae"])
     text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
     for i, m in enumerate((unet, vae, text_encoder)):
@@ -69,20 +70,21 @@ def build_torch_models(style: str, seed: int = 0):
     return unet, vae, text_encoder
 
 
-def save_pipeline(folder: Path, style: str, seed: int = 0) -> Path:
-    """A tiny StableDiffusionPipeline saved as a diffusers folder (safetensors weights)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def save_pipeline(folder: Path, style: str, seed: int = 0, inpainting: bool = False) -> Path:
+    """A tiny StableDiffusionPipeline (``inpainting``: StableDiffusionInpaintPipeline) saved as a
+    diffusers folder (safetensors weights)."""
+    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    unet, vae, text_encoder = build_torch_models(style, seed)
+    unet, vae, text_encoder = build_torch_models(style, seed, inpainting)
     tok_dir = write_tokenizer(Path(folder).parent / f"{Path(folder).name}-tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
     tokenizer.model_max_length = 77
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                               prediction_type=STYLES[style]["prediction_type"])
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipeline = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    pipe = pipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return Path(folder)

@@ -73,6 +73,9 @@ def read_scheduler_config(path: str) -> dict[str, Any] | None:
 # The pipeline class diffusers builds for a UNet with this many input channels.
 PIPELINE_CLASSES = {4: "StableDiffusionPipeline", 9: "StableDiffusionInpaintPipeline"}
 SCHEDULER_CLASS = "DDIMScheduler"  # sdjax keeps the schedule, not the sampler; every sampler reads it
+# Written into every config: diffusers gates its fixes for old (pre-0.9) folders on it and some pipelines
+# require it. The files are laid out as this diffusers version writes them.
+DIFFUSERS_VERSION = "0.39.0"
 
 
 def _write_json(path: str, d: dict[str, Any]) -> None:
@@ -84,7 +87,7 @@ def _write_component(folder: str, config: dict[str, Any], state: dict[str, np.nd
     from safetensors.numpy import save_file
 
     os.makedirs(folder, exist_ok=True)
-    _write_json(os.path.join(folder, "config.json"), config)
+    _write_json(os.path.join(folder, "config.json"), {**config, "_diffusers_version": DIFFUSERS_VERSION})
     save_file(state, os.path.join(folder, f"{stem}.safetensors"), metadata={"format": "pt"})
 
 
@@ -117,9 +120,9 @@ def write_pipeline(path: str, configs: dict[str, dict[str, Any]], states: dict[s
         tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
         os.makedirs(os.path.join(tmp, "scheduler"))
         _write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"),
-                    {"_class_name": SCHEDULER_CLASS, **configs["scheduler"]})
+                    {"_class_name": SCHEDULER_CLASS, "_diffusers_version": DIFFUSERS_VERSION, **configs["scheduler"]})
         _write_json(os.path.join(tmp, MODEL_INDEX), {
-            "_class_name": pipeline,
+            "_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION,
             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
             "scheduler": ["diffusers", SCHEDULER_CLASS],

@@ -12,6 +12,9 @@ from sdjax.diffusion.schedule import SchedulerConfig, alphas_cumprod_f64
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 """model_fn(x_in [B, ...], t_B [B] float32) -> model output [B, ...] (classifier-free guidance folded in)."""
 
+AfterStep = Callable[[jax.Array, jax.Array], jax.Array]
+"""after_step(x, i) -> x: applied to the sampler's x after plan step i (inpainting's blend of the known region)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
@@ -19,8 +22,9 @@ class Sampler:
 
     make_plan(config, num_steps, *, eta=0.0) -> plan: static per-step tables (a pytree: pass it to `jax.jit` as an
         argument so its arrays, eta included, are traced and changing them does not recompile).
-    sample(model_fn, noise, key, plan, *, start_index=0, x0=None) -> x0 estimate: `noise` is standard normal; the
-        sampler scales it itself, or, when `x0` is given (img2img), starts from noise_to(x0, noise, plan, start_index).
+    sample(model_fn, noise, key, plan, *, start_index=0, x0=None, after_step=None) -> x0 estimate: `noise` is standard
+        normal; the sampler scales it itself, or, when `x0` is given (img2img), starts from
+        noise_to(x0, noise, plan, start_index). `after_step(x, i)`, if given, rewrites x after each step i.
     noise_to(x0, noise, plan, start_index) -> x at the noise level of plan step `start_index`.
     """
 
@@ -91,6 +95,10 @@ def interp_sigmas(config: SchedulerConfig, timesteps: np.ndarray) -> np.ndarray:
 def batch_t(t: jax.Array, x: jax.Array) -> jax.Array:
     """A scalar timestep repeated for each example of x: [B] float32."""
     return jnp.full((x.shape[0],), t, jnp.float32)
+
+
+def apply_after_step(after_step: AfterStep | None, x: jax.Array, i: jax.Array) -> jax.Array:
+    return x if after_step is None else after_step(x, i)
 
 
 def start_noise(noise: jax.Array, x0: jax.Array | None, plan: Any, start_index: int, noise_to, init_sigma) -> jax.Array:

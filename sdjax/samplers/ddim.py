@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.diffusion.schedule import SchedulerConfig, alphas_cumprod_f64, to_x0_eps
-from sdjax.samplers.base import vp_noise_to, ModelFn, batch_t, check_start, check_steps, spaced_timesteps, start_noise
+from sdjax.samplers.base import (AfterStep, ModelFn, apply_after_step, batch_t, check_start, check_steps,
+                                 spaced_timesteps, start_noise, vp_noise_to)
 
 
 @flax.struct.dataclass
@@ -69,6 +70,7 @@ def sample(
     *,
     start_index: int = 0,
     x0: jax.Array | None = None,
+    after_step: AfterStep | None = None,
 ) -> jax.Array:
     """Runs plan steps start_index .. N-1 in one scan; step i's eta noise is normal(fold_in(key, i))."""
     num_steps = plan.timesteps.shape[0]
@@ -78,7 +80,7 @@ def sample(
     def body(x, i):
         out = model_fn(x, batch_t(plan.timesteps[i], x))
         z = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
-        return step(plan, out, x, i, z)[0], None
+        return apply_after_step(after_step, step(plan, out, x, i, z)[0], i), None
 
     x, _ = jax.lax.scan(body, x, jnp.arange(start_index, num_steps))
     return x

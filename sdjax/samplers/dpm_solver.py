@@ -14,6 +14,8 @@ import numpy as np
 
 from sdjax.diffusion.schedule import SchedulerConfig, to_x0_eps
 from sdjax.samplers.base import (
+    AfterStep,
+    apply_after_step,
     vp_noise_to,
     ModelFn,
     batch_t,
@@ -95,6 +97,7 @@ def sample(
     *,
     start_index: int = 0,
     x0: jax.Array | None = None,
+    after_step: AfterStep | None = None,
 ) -> jax.Array:
     """Runs plan steps start_index .. N-1 in one scan (deterministic: `key` is unused)."""
     del key
@@ -107,7 +110,8 @@ def sample(
         x, prev_x0 = carry
         i, second_order = xs
         out = model_fn(x, batch_t(plan.timesteps[i], x))
-        return step(plan, out, x, i, prev_x0, second_order), None
+        x, x0_pred = step(plan, out, x, i, prev_x0, second_order)
+        return (apply_after_step(after_step, x, i), x0_pred), None
 
     (x, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), (jnp.asarray(steps), jnp.asarray(steps > start_index)))
     return x

@@ -11,6 +11,8 @@ import numpy as np
 
 from sdjax.diffusion.schedule import SchedulerConfig, to_x0_eps
 from sdjax.samplers.base import (
+    AfterStep,
+    apply_after_step,
     ModelFn,
     batch_t,
     check_no_eta,
@@ -88,6 +90,7 @@ def sample(
     *,
     start_index: int = 0,
     x0: jax.Array | None = None,
+    after_step: AfterStep | None = None,
 ) -> jax.Array:
     """Runs plan steps start_index .. N-1 in one scan; ancestral noise of step i is normal(fold_in(key, i))."""
     num_steps = plan.timesteps.shape[0]
@@ -97,7 +100,7 @@ def sample(
     def body(x, i):
         out = model_fn(model_input(plan, x, i), batch_t(plan.timesteps[i], x))
         z = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32) if plan.ancestral else None
-        return step(plan, out, x, i, z)[0], None
+        return apply_after_step(after_step, step(plan, out, x, i, z)[0], i), None
 
     x, _ = jax.lax.scan(body, x, jnp.arange(start_index, num_steps))
     return x
