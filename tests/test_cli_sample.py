@@ -36,7 +36,7 @@ def test_txt2img_then_img2img_write_images_sidecars_and_grids(folder, tmp_path):
     np.testing.assert_array_equal(again[meta["index_in_batch"]], np.asarray(Image.open(out / pngs[2])))
 
     second = sample_cli.main(common + ["--init-img", str(out / pngs[0]), "--prompt", "a blue square",
-                                       "--strength", "0.5"], img2img=True)
+                                       "--strength", "0.5"], mode="img2img")
     assert sorted(p.name for p in out.glob("0*.png"))[:4] == pngs  # nothing overwritten
     assert len(list(out.glob("0*.png"))) == 6 and (out / "grid-0001.png").exists()
     assert json.loads(open(second[0].replace(".png", ".json")).read())["strength"] == 0.5
@@ -56,12 +56,12 @@ def test_txt2img_bad_input(folder, extra, message, capsys):
 def test_img2img_bad_input(folder, tmp_path):
     with pytest.raises(SystemExit, match="no such file"):
         sample_cli.main(["--checkpoint", str(folder), "--prompt", "x", "--init-img", str(tmp_path / "no.png")],
-                        img2img=True)
+                        mode="img2img")
     img = tmp_path / "in.png"
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(img)
     with pytest.raises(SystemExit, match="strength"):
         sample_cli.main(["--checkpoint", str(folder), "--prompt", "x", "--init-img", str(img), "--strength", "0"],
-                        img2img=True)
+                        mode="img2img")
     with pytest.raises(SystemExit):
         sample_cli.main(["--checkpoint", str(folder), "--prompt", "x", "--sampler", "plms"])
 

@@ -1,4 +1,5 @@
-"""Text2Img and Img2Img from the command line (``sdjax-txt2img``, ``sdjax-img2img``).
+"""Text2Img, Img2Img and inpainting from the command line (``sdjax-txt2img``, ``sdjax-img2img``,
+``sdjax-inpaint``).
 
 Writes one PNG per image with a JSON sidecar (enough to reproduce it) as each batch finishes,
 so memory stays flat however many prompts there are, and one grid per run of at most
@@ -27,10 +28,13 @@ GRID_MAX_IMAGES = 64
 GRID_MAX_SIDE = 4096
 
 
-def build_parser(img2img: bool) -> argparse.ArgumentParser:
+MODES = {"txt2img": "Text2Img", "img2img": "Img2Img", "inpaint": "Inpainting"}
+
+
+def build_parser(mode: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="sdjax-img2img" if img2img else "sdjax-txt2img",
-        description=("Img2Img" if img2img else "Text2Img") + " with a Stable Diffusion checkpoint "
+        prog=f"sdjax-{mode}",
+        description=f"{MODES[mode]} with a Stable Diffusion checkpoint "
                     "(diffusers folder, single .safetensors file, or sdjax export).")
     p.add_argument("--checkpoint", "--ckpt", required=True, help="checkpoint path")
     src = p.add_mutually_exclusive_group(required=True)
@@ -59,14 +63,19 @@ def build_parser(img2img: bool) -> argparse.ArgumentParser:
                    help="override (single files cannot tell; SD 2.x 768-v models are v_prediction)")
     p.add_argument("--allow-pickle", action="store_true", help="allow PyTorch pickles (.ckpt/.bin)")
     p.add_argument("--compile-cache", default=None, help="folder for JAX's persistent compilation cache")
-    if img2img:
+    if mode != "txt2img":
         p.add_argument("--init-img", "--init_img", required=True,
                        help="the starting image (scaled and centre-cropped to H x W, never squashed)")
-        p.add_argument("--strength", type=float, default=0.75, help="in (0, 1]: how much to change the image")
+        p.add_argument("--strength", type=float, default=0.75 if mode == "img2img" else 1.0,
+                       help="in (0, 1]: how much to change the image" + (" (1: repaint from pure noise)"
+                                                                         if mode == "inpaint" else ""))
+    if mode == "inpaint":
+        p.add_argument("--mask", required=True, help="the mask: an image of the init image's size, white = repaint, "
+                                                     "black = keep (binarised at half grey)")
     return p
 
 
-def check_args(args: argparse.Namespace, img2img: bool) -> list[str]:
+def check_args(args: argparse.Namespace, mode: str) -> list[str]:
     """Validate everything that needs no model; return the prompts."""
     if args.from_file is not None:
         if not os.path.isfile(args.from_file):
@@ -93,24 +102,41 @@ def check_args(args: argparse.Namespace, img2img: bool) -> list[str]:
                              f"but --dtype {args.dtype} was given; pass one of them.")
         args.dtype = PRECISIONS[args.precision]
     args.dtype = args.dtype or "float32"
-    if img2img:
-        if not os.path.isfile(args.init_img):
-            raise SystemExit(f"error: --init-img {args.init_img}: no such file.")
+    if mode != "txt2img":
+        for flag, path in (("--init-img", args.init_img), ("--mask", getattr(args, "mask", None))):
+            if path is not None and not os.path.isfile(path):
+                raise SystemExit(f"error: {flag} {path}: no such file.")
         if not 0.0 < args.strength <= 1.0:
             raise SystemExit(f"error: --strength must be in (0, 1], got {args.strength}.")
     return prompts
+
+
+def _open(path: str, flag: str) -> Image.Image:
+    try:
+        img = Image.open(path)
+        img.load()
+    except OSError as e:
+        raise SystemExit(f"error: {flag} {path}: not an image PIL can read ({e}).") from None
+    return img
 
 
 def init_image(path: str, height: int | None, width: int | None, multiple: int = 8) -> np.ndarray:
     """The init image as uint8 (H, W, 3). Without --H/--W its own size rounded down to a multiple
     of ``multiple``; with one of them, the other follows its aspect ratio. It is scaled to cover
     H x W and centre-cropped, so it is never squashed."""
-    try:
-        img = Image.open(path)
-        img.load()
-    except OSError as e:
-        raise SystemExit(f"error: --init-img {path}: not an image PIL can read ({e}).") from None
-    img = img.convert("RGB")
+    return _fit(_open(path, "--init-img").convert("RGB"), height, width, multiple)
+
+
+def init_mask(path: str, init_path: str, height: int | None, width: int | None, multiple: int = 8) -> np.ndarray:
+    """The mask as uint8 (H, W), scaled and cropped exactly as the init image at ``init_path`` is."""
+    mask, init = _open(path, "--mask"), _open(init_path, "--init-img")
+    if mask.size != init.size:
+        raise SystemExit(f"error: --mask {path} is {mask.size[0]}x{mask.size[1]} but --init-img {init_path} is "
+                         f"{init.size[0]}x{init.size[1]}; give a mask of the image's size.")
+    return _fit(mask.convert("L"), height, width, multiple)
+
+
+def _fit(img: Image.Image, height: int | None, width: int | None, multiple: int) -> np.ndarray:
     w, h = img.size
     if width is None and height is None:
         width, height = w, h
@@ -206,15 +232,16 @@ def _progress(done: int, total: int, start: float) -> None:
     print(f"\r[{bar:<30}] {done}/{total} batches  {elapsed:6.1f}s elapsed  {eta:6.1f}s left", end="", flush=True)
 
 
-def main(argv: Sequence[str] | None = None, img2img: bool = False) -> list[str]:
-    """Runs the command; returns the paths written (images, then the grid if any)."""
-    args = build_parser(img2img).parse_args(argv)
-    prompts = check_args(args, img2img)
+def main(argv: Sequence[str] | None = None, mode: str = "txt2img") -> list[str]:
+    """Runs the command (``mode``: txt2img, img2img or inpaint); returns the paths written (images, then
+    the grid if any)."""
+    args = build_parser(mode).parse_args(argv)
+    prompts = check_args(args, mode)
     with user_errors():
-        return _sample(args, prompts, img2img)
+        return _sample(args, prompts, mode)
 
 
-def _sample(args: argparse.Namespace, prompts: list[str], img2img: bool) -> list[str]:
+def _sample(args: argparse.Namespace, prompts: list[str], mode: str) -> list[str]:
     import jax
     import jax.numpy as jnp
     if args.compile_cache:
@@ -225,10 +252,12 @@ def _sample(args: argparse.Namespace, prompts: list[str], img2img: bool) -> list
 
     sd = StableDiffusion.from_pretrained(args.checkpoint, dtype=getattr(jnp, args.dtype), tokenizer=args.tokenizer,
                                          prediction_type=args.prediction_type, allow_pickle=args.allow_pickle)
-    init = None
-    if img2img:
+    init = mask = None
+    if mode != "txt2img":
         init = init_image(args.init_img, args.H, args.W, max(8, sd.downsample_factor))
         H, W = init.shape[:2]
+    if mode == "inpaint":
+        mask = init_mask(args.mask, args.init_img, args.H, args.W, max(8, sd.downsample_factor))
     else:
         H, W = args.H or sd.native_size, args.W or sd.native_size
     writer = OutputWriter(args.out)
@@ -242,7 +271,9 @@ def _sample(args: argparse.Namespace, prompts: list[str], img2img: bool) -> list
         kw = dict(negative_prompts=[args.negative_prompt] * args.n_samples, steps=args.steps,
                   guidance_scale=args.scale, eta=args.eta, sampler=args.sampler, height=H, width=W, seed=seed)
         t0 = time.perf_counter()
-        if img2img:
+        if mode == "inpaint":
+            images = sd.inpaint(init, mask, [prompt] * args.n_samples, strength=args.strength, **kw)
+        elif mode == "img2img":
             images = sd.img2img(init, [prompt] * args.n_samples, strength=args.strength, **kw)
         else:
             images = sd.txt2img([prompt] * args.n_samples, **kw)
@@ -252,8 +283,10 @@ def _sample(args: argparse.Namespace, prompts: list[str], img2img: bool) -> list
             meta = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, index_in_batch=j,
                         batch_size=args.n_samples, steps=args.steps, sampler=args.sampler, scale=args.scale,
                         eta=args.eta, height=H, width=W, dtype=args.dtype, checkpoint=os.path.abspath(args.checkpoint))
-            if img2img:
+            if mode != "txt2img":
                 meta.update(init_img=os.path.abspath(args.init_img), strength=args.strength)
+            if mode == "inpaint":
+                meta.update(mask=os.path.abspath(args.mask))
             written.append(writer.write(im, meta))
             if grid is not None:
                 grid.add(im)
@@ -274,4 +307,9 @@ def txt2img(argv: Sequence[str] | None = None) -> None:
 
 def img2img(argv: Sequence[str] | None = None) -> None:
     """``sdjax-img2img``."""
-    main(argv, img2img=True)
+    main(argv, mode="img2img")
+
+
+def inpaint(argv: Sequence[str] | None = None) -> None:
+    """``sdjax-inpaint``."""
+    main(argv, mode="inpaint")
