@@ -8,8 +8,6 @@ and its own single-file converters map the single file back to the original tens
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -180,20 +178,3 @@ def test_bad_exports_are_refused_and_write_nothing(source, tmp_path):
         bare.save_pretrained(tmp_path / "bare", format="diffusers")
     assert not (tmp_path / "bare").exists()
 
-
-@pytest.mark.parametrize("source", ["sd1"], indirect=True)
-def test_convert_command(source, tmp_path):
-    style, folder, sd = source
-    cli = [sys.executable, "-m", "sdjax.cli.convert"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    for args in ([str(folder), str(tmp_path / "m.safetensors"), "--to", "single_file", "--dtype", "float16"],
-                 [str(folder), str(tmp_path / "m-sdjax"), "--to", "sdjax"],
-                 [str(tmp_path / "m-sdjax"), str(tmp_path / "m-diffusers"), "--to", "diffusers"]):
-        done = subprocess.run(cli + args, capture_output=True, text=True, env=env)
-        assert done.returncode == 0, done.stderr
-        assert "wrote" in done.stdout
-    assert load_file(str(tmp_path / "m.safetensors"))["model.diffusion_model.out.2.weight"].dtype == np.float16
-    _assert_same(_states(tmp_path / "m-diffusers")["unet"], _states(folder)["unet"], "unet")
-    bad = subprocess.run(cli + [str(tmp_path / "missing"), str(tmp_path / "o"), "--to", "diffusers"],
-                         capture_output=True, text=True, env=env)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "no such file" in bad.stderr

@@ -162,37 +162,3 @@ def test_inpainting_single_files_load_and_export(style, tmp_path):
                                            single_file_options=dict(sf["options"], image_size=from_folder.native_size))
     assert back.is_inpainting_model
 
-
-def test_inpaint_command(folder9, tmp_path):
-    """The README's ``sdjax-inpaint`` through the installed console script."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from PIL import Image
-
-    rng = np.random.default_rng(1)
-    init = rng.integers(0, 256, (24, 16, 3), dtype=np.uint8)  # 16 wide, 24 high
-    mask = np.zeros((24, 16), np.uint8)
-    mask[4:12, 2:10] = 255
-    Image.fromarray(init).save(tmp_path / "photo.png")
-    Image.fromarray(mask).save(tmp_path / "mask.png")
-    cli = os.path.join(os.path.dirname(sys.executable), "sdjax-inpaint")
-    args = [cli, "--checkpoint", str(folder9), "--init-img", str(tmp_path / "photo.png"), "--mask",
-            str(tmp_path / "mask.png"), "--prompt", "a red sofa", "--steps", "3", "--n-samples", "2", "--seed", "3",
-            "--out", str(tmp_path / "out")]
-    done = subprocess.run(args, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    pngs = sorted((tmp_path / "out").glob("0*.png"))
-    assert len(pngs) == 2 and (tmp_path / "out" / "grid-0000.png").is_file()
-    meta = json.loads(pngs[1].with_suffix(".json").read_text())
-    assert meta["mask"] == str(tmp_path / "mask.png") and meta["strength"] == 1.0
-    sd = StableDiffusion.from_pretrained(folder9)
-    want = sd.inpaint(init, mask, ["a red sofa"] * 2, steps=3, seed=3)
-    got = np.asarray(Image.open(pngs[1]))
-    assert got.shape == (24, 16, 3) and np.abs(got.astype(int) - want[1]).max() <= 1
-
-    Image.fromarray(mask[:16]).save(tmp_path / "small.png")
-    bad = subprocess.run(args[:6] + [str(tmp_path / "small.png")] + args[7:], capture_output=True, text=True)
-    assert bad.returncode != 0 and "give a mask of the image's size" in bad.stderr

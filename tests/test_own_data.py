@@ -1,6 +1,6 @@
 """The README's "your own captioned images" commands, run as written through the real command lines
 (shortened by a few flags), on a folder with a corrupt image, a missing caption and a malformed
-line: both phases train, checkpoint, resume and export, and the exported model samples."""
+line: both phases train, checkpoint, resume and export (as diffusers folders), and the exported model samples."""
 
 import json
 import os
@@ -61,7 +61,8 @@ def test_readme_own_image_commands_train_resume_export_and_sample(tmp_path):
     assert "step 4: held-out PSNR" in out
     out = _run(argv(ae, 6), tmp_path)  # the same command again, further: resumes at step 4
     assert "step 5/6" in out and "step 1/6" not in out
-    assert (tmp_path / "runs" / "my-vae-export" / "vae.json").is_file()
+    vae_config = json.loads((tmp_path / "runs" / "my-vae-export" / "config.json").read_text())
+    assert vae_config["_class_name"] == "AutoencoderKL"  # --export-format diffusers
 
     out = _run(argv(ldm, 4), tmp_path)
     assert "step 4/4" in out and (tmp_path / "runs" / "my-ldm" / "checkpoints" / "4").is_dir()
@@ -69,7 +70,11 @@ def test_readme_own_image_commands_train_resume_export_and_sample(tmp_path):
     assert "step 5/6" in out and "step 1/6" not in out
     assert sorted(p.name for p in (tmp_path / "runs" / "my-ldm" / "samples").glob("*.png")) == [
         f"samples_{s:07d}.png" for s in (2, 4, 6)]
-    sd = StableDiffusion.from_pretrained(tmp_path / "runs" / "my-ldm-export")
+    from diffusers import StableDiffusionPipeline
+
+    export = tmp_path / "runs" / "my-ldm-export"
+    assert StableDiffusionPipeline.from_pretrained(export).unet.config.in_channels == 4  # a diffusers folder
+    sd = StableDiffusion.from_pretrained(export)
     vocab = json.loads((tmp_path / "runs" / "my-ldm-export" / "tokenizer" / "vocab.json").read_text())
     assert {"circle</w>", "square</w>", "triangle</w>", "background</w>"} <= set(vocab)  # words of the captions
     assert sd.tokenizer.tokenize("a red circle on a blue background") == [

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import shutil
 from typing import Any
 
 import numpy as np
@@ -106,10 +107,12 @@ def write_vae(path: str, config: dict[str, Any], state: dict[str, np.ndarray]) -
 
 
 def write_pipeline(path: str, configs: dict[str, dict[str, Any]], states: dict[str, dict[str, np.ndarray]],
-                   tokenizer: Any) -> None:
+                   tokenizer: Any, tokenizer_dir: str) -> None:
     """Writes a diffusers pipeline folder that ``StableDiffusionPipeline.from_pretrained`` (or the inpainting
     pipeline, for a 9-channel UNet) loads. ``configs``: diffusers/transformers config dicts of
-    ``unet``, ``vae``, ``text_encoder``, ``scheduler``; ``states``: PyTorch-layout state dicts."""
+    ``unet``, ``vae``, ``text_encoder``, ``scheduler``; ``states``: PyTorch-layout state dicts; the
+    tokenizer is saved by transformers, plus its source files (vocab.json, merges.txt) from
+    ``tokenizer_dir``, which older transformers' slow ``CLIPTokenizer`` needs."""
     pipeline = PIPELINE_CLASSES.get(configs["unet"]["in_channels"], PIPELINE_CLASSES[4])
     with atomic.folder(path, is_diffusers_dir, "a diffusers folder (model_index.json)") as tmp:
         _write_component(os.path.join(tmp, "unet"), configs["unet"], states["unet"], "diffusion_pytorch_model")
@@ -118,6 +121,10 @@ def write_pipeline(path: str, configs: dict[str, dict[str, Any]], states: dict[s
                          {**configs["text_encoder"], "architectures": ["CLIPTextModel"]},
                          states["text_encoder"], "model")
         tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+        for name in ("vocab.json", "merges.txt"):
+            source, dest = os.path.join(tokenizer_dir, name), os.path.join(tmp, "tokenizer", name)
+            if os.path.isfile(source) and not os.path.exists(dest):
+                shutil.copyfile(source, dest)
         os.makedirs(os.path.join(tmp, "scheduler"))
         _write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"),
                     {"_class_name": SCHEDULER_CLASS, "_diffusers_version": DIFFUSERS_VERSION, **configs["scheduler"]})

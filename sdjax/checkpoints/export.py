@@ -61,7 +61,7 @@ def save(path: str, configs: ModelConfigs, params: dict[str, Any], tokenizer_dir
             # a text encoder trained on its own small vocabulary: its special tokens are the tokenizer's
             text.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id)
-        diffusers_folder.write_pipeline(path, dicts, torch_state_dicts(params, dtype), tokenizer)
+        diffusers_folder.write_pipeline(path, dicts, torch_state_dicts(params, dtype), tokenizer, tokenizer_dir)
         return
     if not str(path).endswith(".safetensors"):
         raise ValueError(f"{path}: a single-file export is one .safetensors file; name it e.g. model.safetensors.")
