@@ -162,3 +162,22 @@ def test_inpainting_single_files_load_and_export(style, tmp_path):
                                            single_file_options=dict(sf["options"], image_size=from_folder.native_size))
     assert back.is_inpainting_model
 
+
+
+@pytest.mark.parametrize("folder_name, sampler", [("folder9", "euler_a"), ("folder4", "dpm++2m")])
+def test_inpainting_is_sharding_invariant(folder_name, sampler, request):
+    """Three images over 8 devices (padded) equal the same on one device, for the two samplers not
+    compared with diffusers above."""
+    from jax.sharding import Mesh
+    import jax
+
+    sd = StableDiffusion.from_pretrained(request.getfixturevalue(folder_name))
+    images, masks, _ = _inputs(sd)
+    prompts = PROMPTS + ["a bird"]
+    images, masks = np.concatenate([images, images[:1]]), np.concatenate([masks, masks[:1]])
+    kw = dict(steps=4, sampler=sampler, seed=2, output="float")
+    eight = sd.inpaint(images, masks, prompts, **kw)
+    sd.generator = generate.Generator(sd.generator.nets, sd.configs.scheduler,
+                                      mesh=Mesh(np.asarray(jax.devices()[:1]), ("data",)))
+    one = sd.inpaint(images, masks, prompts, **kw)
+    np.testing.assert_allclose(eight, one, atol=1e-5)
