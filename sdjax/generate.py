@@ -264,11 +264,16 @@ def check_init_images(images: Any, n: int, height: int, width: int) -> np.ndarra
     if arr.shape[1:3] != (height, width):
         raise ValueError(f"init images are {arr.shape[2]}x{arr.shape[1]} but height x width is {width}x{height}; "
                          "resize them or pass matching height/width.")
+    return _one_per_prompt(arr, n, "init images") * 2.0 - 1.0
+
+
+def _one_per_prompt(arr: np.ndarray, n: int, what: str) -> np.ndarray:
+    """One entry for each of ``n`` prompts: a single one is repeated."""
     if arr.shape[0] == 1 and n > 1:
         arr = np.repeat(arr, n, axis=0)
     if arr.shape[0] != n:
-        raise ValueError(f"{arr.shape[0]} init images for {n} prompts; give one, or one per prompt.")
-    return arr * 2.0 - 1.0
+        raise ValueError(f"{arr.shape[0]} {what} for {n} prompts; give one, or one per prompt.")
+    return arr
 
 
 def check_masks(masks: Any, n: int, height: int, width: int) -> np.ndarray:
@@ -294,8 +299,4 @@ def check_masks(masks: Any, n: int, height: int, width: int) -> np.ndarray:
     if arr.shape[1:] != (height, width):
         raise ValueError(f"masks are {arr.shape[2]}x{arr.shape[1]} but the images are {width}x{height}; "
                          "give masks the images' size.")
-    if arr.shape[0] == 1 and n > 1:
-        arr = np.repeat(arr, n, axis=0)
-    if arr.shape[0] != n:
-        raise ValueError(f"{arr.shape[0]} masks for {n} prompts; give one, or one per prompt.")
-    return (arr >= 0.5).astype(np.float32)[..., None]
+    return (_one_per_prompt(arr, n, "masks") >= 0.5).astype(np.float32)[..., None]

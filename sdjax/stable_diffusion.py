@@ -1,5 +1,6 @@
 """``StableDiffusion``: the three networks, their parameters, the tokenizer and the noise schedule."""
 
+import copy
 import dataclasses
 from typing import Any, Sequence
 
@@ -7,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import generate
+from sdjax import generate, lora
 from sdjax.checkpoints import export, load as load_lib
 from sdjax.models.autoencoder import AutoencoderKL
 from sdjax.models.configs import ModelConfigs, build_modules
@@ -74,6 +75,15 @@ class StableDiffusion:
         writes a half-precision copy."""
         export.save(path, self.configs, self.params, self.tokenizer_dir, format=format, dtype=dtype)
 
+    def with_lora(self, path: str, scale: float = 1.0) -> "StableDiffusion":
+        """A copy with the LoRA adapter at ``path`` merged into its weights at ``scale`` (this model is
+        untouched; chain calls for several LoRAs). Layouts: diffusers/PEFT and kohya/A1111, UNet and
+        text encoder, attention, projections, feed-forward and convs (see ``sdjax.lora``). The copy
+        shares this model's compiled functions: a LoRA, or another scale, never recompiles."""
+        merged = copy.copy(self)
+        merged.params = lora.merge(self.params, lora.read(path), scale, what=f"LoRA {path}")
+        return merged
+
     # ---- the networks ----------------------------------------------------------------------
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
         if self.tokenizer is None:
@@ -135,13 +145,8 @@ class StableDiffusion:
                 seed: int = 0, init_latents: Any = None, output: str = "uint8") -> np.ndarray:
         """Img2Img: encode ``init_images`` (uint8, float in [0, 1], or PIL images), noise them to the
         step that ``strength`` selects, and run the remaining steps. The size is the images' own."""
-        images = generate.as_image_array(init_images)
-        height = images.shape[1] if height is None else height
-        width = images.shape[2] if width is None else width
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}.")
-        opts = generate.SamplingOptions(steps, guidance_scale, eta, sampler, height, width, seed)
-        return self._run(prompts, negative_prompts, opts, init_latents, images, strength, output)
+        return self._edit(init_images, None, prompts, negative_prompts, strength, steps, guidance_scale, eta, sampler,
+                          height, width, seed, init_latents, output)
 
     def inpaint(self, images: Any, masks: Any, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None,
                 strength: float = 1.0, steps: int = 50, guidance_scale: float = 7.5, eta: float = 0.0,
@@ -158,6 +163,12 @@ class StableDiffusion:
         if self.configs.unet.in_channels not in (self._latent_channels, self._latent_channels * 2 + 1):
             raise ValueError(f"this UNet reads {self.configs.unet.in_channels} channels: neither a plain "
                              f"({self._latent_channels}) nor an inpainting ({2 * self._latent_channels + 1}) model.")
+        return self._edit(images, masks, prompts, negative_prompts, strength, steps, guidance_scale, eta, sampler,
+                          height, width, seed, init_latents, output)
+
+    def _edit(self, images, masks, prompts, negative_prompts, strength, steps, guidance_scale, eta, sampler, height,
+              width, seed, init_latents, output) -> np.ndarray:
+        """Img2Img (``masks`` None) or inpainting, at the images' own size unless height/width say otherwise."""
         images = generate.as_image_array(images)
         height = images.shape[1] if height is None else height
         width = images.shape[2] if width is None else width

@@ -63,6 +63,8 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
                    help="override (single files cannot tell; SD 2.x 768-v models are v_prediction)")
     p.add_argument("--allow-pickle", action="store_true", help="allow PyTorch pickles (.ckpt/.bin)")
     p.add_argument("--compile-cache", default=None, help="folder for JAX's persistent compilation cache")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="merge a LoRA (.safetensors: diffusers/PEFT or kohya layout) at SCALE (default 1); repeatable")
     if mode != "txt2img":
         p.add_argument("--init-img", "--init_img", required=True,
                        help="the starting image (scaled and centre-cropped to H x W, never squashed)")
@@ -94,6 +96,7 @@ def check_args(args: argparse.Namespace, mode: str) -> list[str]:
             raise SystemExit(f"error: --{name} must be a positive multiple of 8, got {v}.")
     if args.steps < 1:
         raise SystemExit(f"error: --steps must be >= 1, got {args.steps}.")
+    args.lora = [lora_arg(a) for a in args.lora]
     if args.n_samples < 1 or args.n_iter < 1:
         raise SystemExit("error: --n-samples and --n-iter must be >= 1.")
     if args.precision is not None:
@@ -118,6 +121,20 @@ def _open(path: str, flag: str) -> Image.Image:
     except OSError as e:
         raise SystemExit(f"error: {flag} {path}: not an image PIL can read ({e}).") from None
     return img
+
+
+def lora_arg(value: str) -> tuple[str, float]:
+    """``PATH[:SCALE]`` -> (path, scale); a path that itself holds a colon needs the scale spelled out."""
+    path, scale = value, 1.0
+    if ":" in value:
+        head, tail = value.rsplit(":", 1)
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            path = value
+    if not os.path.exists(path):
+        raise SystemExit(f"error: --lora {path}: no such file.")
+    return path, scale
 
 
 def init_image(path: str, height: int | None, width: int | None, multiple: int = 8) -> np.ndarray:
@@ -252,6 +269,8 @@ def _sample(args: argparse.Namespace, prompts: list[str], mode: str) -> list[str
 
     sd = StableDiffusion.from_pretrained(args.checkpoint, dtype=getattr(jnp, args.dtype), tokenizer=args.tokenizer,
                                          prediction_type=args.prediction_type, allow_pickle=args.allow_pickle)
+    for path, scale in args.lora:
+        sd = sd.with_lora(path, scale)
     init = mask = None
     if mode != "txt2img":
         init = init_image(args.init_img, args.H, args.W, max(8, sd.downsample_factor))
@@ -282,7 +301,8 @@ def _sample(args: argparse.Namespace, prompts: list[str], mode: str) -> list[str
         for j, im in enumerate(images):
             meta = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, index_in_batch=j,
                         batch_size=args.n_samples, steps=args.steps, sampler=args.sampler, scale=args.scale,
-                        eta=args.eta, height=H, width=W, dtype=args.dtype, checkpoint=os.path.abspath(args.checkpoint))
+                        eta=args.eta, height=H, width=W, dtype=args.dtype, checkpoint=os.path.abspath(args.checkpoint),
+                        loras=[[os.path.abspath(p), s] for p, s in args.lora])
             if mode != "txt2img":
                 meta.update(init_img=os.path.abspath(args.init_img), strength=args.strength)
             if mode == "inpaint":

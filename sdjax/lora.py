@@ -1,0 +1,213 @@
+"""LoRA adapters: read the layouts in circulation and merge them into a model's weights.
+
+Layouts read (one ``.safetensors`` file; a folder holding ``pytorch_lora_weights.safetensors``):
+
+    diffusers / PEFT   unet.<module>.lora_A.weight / lora_B.weight, text_encoder.<module>...; alpha and
+                       rank from the file's ``lora_adapter_metadata`` (diffusers' save_lora_weights),
+                       otherwise alpha = rank
+    older diffusers    unet.<module>.lora.down.weight / lora.up.weight, attn processors'
+                       ``processor.to_q_lora.down.weight``; optional ``<module>.alpha``
+    kohya / A1111      lora_unet_<module with _>.lora_down.weight / lora_up.weight / alpha, lora_te_...
+
+Targets: every linear or conv layer of the UNet and the text encoder (attention q/k/v/out,
+transformer proj_in/proj_out, feed-forward, resnet convs: LoCon). The update
+``W += scale * alpha / rank * up @ down`` is merged into the weights: sampling costs nothing
+extra, and since the parameters are arguments of the compiled functions, a model with a LoRA
+merged at any scale reuses them without recompiling.
+"""
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any
+
+import jax
+import numpy as np
+from flax import traverse_util
+from safetensors import safe_open
+
+from sdjax import paths
+from sdjax.checkpoints.convert import CheckpointError, torch_key
+
+NETWORKS = ("unet", "text_encoder")
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+METADATA_KEY = "lora_adapter_metadata"
+_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
+# Pairs (down, up) of each layout's key suffixes.
+_PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight"),
+          (".lora_down.weight", ".lora_up.weight"))
+_OTHER_ARCHITECTURES = (("text_encoder_2.", "SDXL"), ("lora_te2_", "SDXL"), ("lora_te1_", "SDXL"),
+                        ("add_embedding", "SDXL"), ("transformer_blocks.0.ff_context", "SD 3 / Flux"),
+                        ("single_transformer_blocks", "Flux"), ("lora_unet_input_blocks", "an LDM-named UNet"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """One low-rank update of one layer, in PyTorch layout."""
+    network: str  # "unet" | "text_encoder"
+    module: str  # the layer's PyTorch module name, e.g. "down_blocks.0.attentions.0.proj_in"
+    down: np.ndarray  # (r, in) or (r, in, kh, kw)
+    up: np.ndarray  # (out, r) or (out, r, 1, 1)
+    alpha: float  # the update is scaled by alpha / r
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+def _lora_file(path: str) -> str:
+    path = paths.check_local(os.path.expanduser(os.fspath(path)), "LoRA")
+    if os.path.isdir(path):
+        path = os.path.join(path, WEIGHT_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such LoRA file. Give a .safetensors file (or a folder holding "
+                                f"{WEIGHT_NAME}).")
+    if not path.endswith(".safetensors"):
+        raise CheckpointError(f"{path}: LoRAs are read from .safetensors files only (pickles can run code).")
+    return path
+
+
+def _read(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e}).") from e
+
+
+def _peft_alphas(metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Per network: {"r", "lora_alpha", "rank_pattern", "alpha_pattern"} from diffusers' metadata."""
+    if METADATA_KEY not in metadata:
+        return {}
+    packed = json.loads(metadata[METADATA_KEY])
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in packed.items():
+        network, _, name = key.partition(".")
+        out.setdefault(network, {})[name] = value
+    return out
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    for pattern, value in (patterns or {}).items():  # PEFT matches a pattern against the module name's end
+        if re.fullmatch(rf"(.*\.)?({pattern})", module):
+            return value
+    return default
+
+
+def _split_network(key: str) -> tuple[str | None, str]:
+    for prefix, network in _KOHYA_PREFIXES.items():
+        if key.startswith(prefix):
+            return network, key  # resolved against the model's module names later
+    for network in NETWORKS:
+        if key.startswith(network + "."):
+            module = key[len(network) + 1:]
+            return network, module.removeprefix("text_model.")
+    return None, key
+
+
+def read(path: str) -> list[Adapter]:
+    """The adapters in a LoRA file; raises CheckpointError for layouts of other architectures and for
+    keys that fit no layout."""
+    path = _lora_file(path)
+    tensors, metadata = _read(path)
+    for marker, arch in _OTHER_ARCHITECTURES:
+        if any(marker in k for k in tensors):
+            raise CheckpointError(f"{path} is a LoRA for {arch} (keys like *{marker}*), not for Stable Diffusion "
+                                  "1.x/2.x; it cannot be applied to this model.")
+    peft = _peft_alphas(metadata)
+    tensors = {re.sub(r"processor\.(to_[qkv]|to_out)_lora\.", lambda m: m.group(1).replace("to_out", "to_out.0")
+                      + ".lora.", k): v for k, v in tensors.items()}
+    adapters, used, unknown = [], set(), []
+    for key in sorted(tensors):
+        pair = next(((d, u) for d, u in _PAIRS if key.endswith(d)), None)
+        if pair is None:
+            continue
+        stem = key[:-len(pair[0])]
+        up_key = stem + pair[1]
+        network, module = _split_network(stem)
+        if network is None or up_key not in tensors:
+            unknown.append(key)
+            continue
+        down, up = tensors[key].astype(np.float32), tensors[up_key].astype(np.float32)
+        alpha_key = stem + ".alpha"
+        if alpha_key in tensors:
+            alpha = float(np.asarray(tensors[alpha_key]))
+            used.add(alpha_key)
+        elif network in peft:
+            config = peft[network]
+            rank = _pattern_value(config.get("rank_pattern"), module, config.get("r", down.shape[0]))
+            alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", rank)))
+        else:
+            alpha = float(down.shape[0])
+        adapters.append(Adapter(network, module, down, up, alpha))
+        used.update((key, up_key))
+    unknown += [k for k in tensors if k not in used]
+    if unknown:
+        shown = "\n    ".join(sorted(unknown)[:20])
+        raise CheckpointError(f"{path}: {len(unknown)} key(s) fit no LoRA layout sdjax reads (diffusers/PEFT lora_A/"
+                              f"lora_B, lora.down/lora.up, kohya lora_down/lora_up/alpha):\n    {shown}")
+    if not adapters:
+        raise CheckpointError(f"{path} holds no LoRA weights.")
+    return adapters
+
+
+def _layer_index(params: dict[str, Any]) -> dict[tuple[str, str], tuple[str, ...]]:
+    """(network, module name) -> Flax path of the layer's kernel, under PyTorch and kohya spellings."""
+    index = {}
+    for network in NETWORKS:
+        for path in traverse_util.flatten_dict(params[network]):
+            if path[-1] != "kernel":
+                continue
+            module = torch_key(path)[:-len(".weight")]
+            index[(network, module)] = path
+            kohya = ("lora_unet_" if network == "unet" else "lora_te_text_model_") + module.replace(".", "_")
+            index[(network, kohya)] = path
+    return index
+
+
+def _delta(adapter: Adapter, kernel_shape: tuple[int, ...]) -> np.ndarray:
+    """scale-free ``alpha / r * up @ down`` in Flax kernel layout."""
+    rank = adapter.rank
+    up = adapter.up.reshape(adapter.up.shape[0], rank)
+    down = adapter.down.reshape(rank, -1)
+    delta = (up @ down) * (adapter.alpha / rank)  # (out, in * kh * kw)
+    if len(kernel_shape) == 4:
+        kh, kw, cin, cout = kernel_shape
+        return delta.reshape(cout, cin, kh, kw).transpose(2, 3, 1, 0)
+    return delta.T
+
+
+def merge(params: dict[str, Any], adapters: list[Adapter], scale: float = 1.0, what: str = "LoRA") -> dict[str, Any]:
+    """A copy of ``params`` ({"unet", "text_encoder", ...}) with every adapter merged at ``scale``."""
+    index = _layer_index(params)
+    missing, mismatched, updates = [], [], {}
+    for a in adapters:
+        path = index.get((a.network, a.module))
+        if path is None:
+            missing.append(f"{a.network}: {a.module}")
+            continue
+        kernel = traverse_util.flatten_dict(params[a.network])[path]
+        n_in = int(np.prod(kernel.shape[:-1]))
+        if a.up.shape[0] != kernel.shape[-1] or int(np.prod(a.down.shape[1:])) != n_in:
+            mismatched.append(f"{a.network}: {a.module}: LoRA {tuple(a.up.shape[:1]) + tuple(a.down.shape[1:])}, "
+                              f"model kernel {tuple(kernel.shape)}")
+            continue
+        key = (a.network, path)
+        updates[key] = updates.get(key, 0.0) + scale * _delta(a, tuple(kernel.shape))
+    if missing or mismatched:
+        lines = [f"{what} does not fit this model."]
+        if missing:
+            lines.append(f"  layers the model does not have ({len(missing)}):\n    " + "\n    ".join(missing[:20]))
+        if mismatched:
+            lines.append(f"  shape mismatches ({len(mismatched)}), e.g. a LoRA for SD 1.x on SD 2.x or the other way "
+                         "round:\n    " + "\n    ".join(mismatched[:20]))
+        raise CheckpointError("\n".join(lines))
+    out = dict(params)
+    for network in NETWORKS:
+        flat = traverse_util.flatten_dict(params[network])
+        changed = {path: jax.numpy.asarray(np.asarray(flat[path], np.float32) + delta, flat[path].dtype)
+                   for (net, path), delta in updates.items() if net == network}
+        if changed:
+            out[network] = traverse_util.unflatten_dict({**flat, **changed})
+    return out

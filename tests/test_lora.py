@@ -1,0 +1,179 @@
+"""LoRA: the adapters people share, applied as diffusers applies them.
+
+Reference: a tiny diffusers pipeline with a random PEFT LoRA on the UNet (attention, projections,
+feed-forward, resnet convs) and the text encoder, saved by diffusers' ``save_lora_weights`` with
+its rank/alpha metadata; diffusers' ``load_lora_weights`` + ``set_adapters`` samples the reference
+images. The same tensors rewritten in kohya's layout must give the same images.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+from sdjax import generate
+from sdjax.checkpoints.convert import CheckpointError
+from sdjax.stable_diffusion import StableDiffusion
+from tests import tiny_models
+
+PROMPTS = ["a photo of a cat", "a dog"]
+SIZE, STEPS, SCALE = 16, 10, 7.5
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tiny_models.save_pipeline(tmp_path_factory.mktemp("lora") / "pipe", "sd1", seed=8)
+
+
+@pytest.fixture(scope="module")
+def peft_lora(base, tmp_path_factory):
+    """A random LoRA (rank 4, alpha 8 on the UNet; rank 2, alpha 3 on the text encoder) saved by diffusers."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(base)
+    torch.manual_seed(0)
+    unet_config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=UNET_TARGETS)
+    text_config = LoraConfig(r=2, lora_alpha=3, init_lora_weights=False, target_modules=TEXT_TARGETS)
+    inject_adapter_in_model(unet_config, pipe.unet)
+    inject_adapter_in_model(text_config, pipe.text_encoder)
+    folder = tmp_path_factory.mktemp("lora") / "my-lora"
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder), safe_serialization=True,
+        unet_lora_adapter_metadata=unet_config.to_dict(), text_encoder_lora_adapter_metadata=text_config.to_dict())
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def to_kohya(peft_file, out_file):
+    """The same adapters in kohya's layout: lora_unet_/lora_te_ names, lora_down/lora_up, an alpha per layer."""
+    from safetensors import safe_open
+
+    with safe_open(str(peft_file), "np") as f:
+        meta = {k.replace(".", "/", 1): v for k, v in json.loads(f.metadata()["lora_adapter_metadata"]).items()}
+    tensors, out = load_file(str(peft_file)), {}
+    for key, value in tensors.items():
+        network, rest = key.split(".", 1)
+        module, part = rest.rsplit(".lora_", 1)
+        if network == "unet":
+            name = "lora_unet_" + module.replace(".", "_")
+        else:
+            name = "lora_te_text_model_" + module.removeprefix("text_model.").replace(".", "_")
+        out[f"{name}.lora_{'down' if part.startswith('A') else 'up'}.weight"] = value
+        out[f"{name}.alpha"] = np.asarray(meta[f"{network}/lora_alpha"], np.float32)
+    save_file(out, str(out_file))
+    return out_file
+
+
+def _noise(sd):
+    return generate.starting_noise(9, len(PROMPTS), (SIZE // sd.downsample_factor, SIZE // sd.downsample_factor, 4))
+
+
+def _diffusers_images(base, lora_file, scale, noise):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(os.path.dirname(lora_file), weight_name=os.path.basename(lora_file), adapter_name="x")
+    pipe.set_adapters(["x"], adapter_weights=[scale])
+    return pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=SCALE, height=SIZE, width=SIZE,
+                latents=torch.from_numpy(np.ascontiguousarray(noise.transpose(0, 3, 1, 2))), output_type="np").images
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_peft_lora_matches_diffusers(base, peft_lora, scale):
+    sd = StableDiffusion.from_pretrained(base)
+    noise = _noise(sd)
+    kw = dict(steps=STEPS, guidance_scale=SCALE, height=SIZE, width=SIZE, init_latents=noise, output="float")
+    ours = sd.with_lora(peft_lora, scale=scale).txt2img(PROMPTS, **kw)
+    ref = _diffusers_images(base, peft_lora, scale, noise)
+    assert np.abs(ours - ref).mean() <= 3e-4
+    assert np.abs(ref - sd.txt2img(PROMPTS, **kw)).mean() > 0.01  # the LoRA changes the images
+
+
+def test_kohya_layout_gives_the_same_images(base, peft_lora, tmp_path):
+    kohya = to_kohya(peft_lora, tmp_path / "kohya.safetensors")
+    sd = StableDiffusion.from_pretrained(base)
+    noise = _noise(sd)
+    kw = dict(steps=STEPS, guidance_scale=SCALE, height=SIZE, width=SIZE, init_latents=noise, output="float")
+    from_peft = sd.with_lora(peft_lora).txt2img(PROMPTS, **kw)
+    from_kohya = sd.with_lora(kohya).txt2img(PROMPTS, **kw)
+    np.testing.assert_allclose(from_kohya, from_peft, atol=1e-5)
+    assert np.abs(from_kohya - _diffusers_images(base, kohya, 1.0, noise)).mean() <= 3e-4
+
+
+def test_with_lora_leaves_the_model_alone_and_does_not_recompile(base, peft_lora):
+    sd = StableDiffusion.from_pretrained(base)
+    before = jax.tree.map(np.asarray, sd.params)
+    kw = dict(steps=2, height=SIZE, width=SIZE, output="float")
+    plain = sd.txt2img(PROMPTS, **kw)
+    compiled = sd.generator._compiled[("ddim", 0, False, False)]
+    size = compiled._cache_size()
+    twice = sd.with_lora(peft_lora, scale=0.5).with_lora(peft_lora, scale=0.5)  # chained
+    once = sd.with_lora(peft_lora, scale=1.0)
+    np.testing.assert_allclose(twice.txt2img(PROMPTS, **kw), once.txt2img(PROMPTS, **kw), atol=1e-5)
+    assert compiled._cache_size() == size and twice.generator is sd.generator
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(sd.params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    np.testing.assert_array_equal(sd.txt2img(PROMPTS, **kw), plain)
+
+
+def test_loras_that_do_not_fit_are_refused_by_name(base, peft_lora, tmp_path):
+    sd = StableDiffusion.from_pretrained(base)
+    tensors = load_file(str(peft_lora))
+    sdxl = dict(tensors, **{"text_encoder_2.encoder.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((2, 8), np.float32)})
+    save_file(sdxl, str(tmp_path / "sdxl.safetensors"))
+    with pytest.raises(CheckpointError, match="LoRA for SDXL"):
+        sd.with_lora(tmp_path / "sdxl.safetensors")
+    odd = dict(tensors, **{"unet.some.thing.weight": np.zeros(3, np.float32)})
+    save_file(odd, str(tmp_path / "odd.safetensors"))
+    with pytest.raises(CheckpointError, match=r"(?s)1 key\(s\) fit no LoRA layout.*unet.some.thing.weight"):
+        sd.with_lora(tmp_path / "odd.safetensors")
+    elsewhere = {k.replace("down_blocks.0", "down_blocks.7"): v for k, v in tensors.items()}
+    save_file(elsewhere, str(tmp_path / "elsewhere.safetensors"))
+    with pytest.raises(CheckpointError, match="(?s)layers the model does not have.*down_blocks.7"):
+        sd.with_lora(tmp_path / "elsewhere.safetensors")
+    wide = {k: (np.concatenate([v, v], axis=1) if k.endswith("lora_A.weight") and "to_k" in k else v)
+            for k, v in tensors.items()}
+    save_file(wide, str(tmp_path / "wide.safetensors"))
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        sd.with_lora(tmp_path / "wide.safetensors")
+    with pytest.raises(FileNotFoundError, match="no such LoRA file"):
+        sd.with_lora(tmp_path / "missing.safetensors")
+
+
+def test_readme_lora_command(base, peft_lora, tmp_path):
+    """The README's ``--lora PATH:SCALE`` command through the installed console script."""
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    import re
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", text[text.index("## LoRA"):], re.S).group(1)
+    [command] = [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    (tmp_path / "my-lora.safetensors").write_bytes(Path(peft_lora).read_bytes())
+    args = [str(base) if a == "CKPT" else a for a in shlex.split(command)]
+    args[0] = os.path.join(os.path.dirname(sys.executable), os.path.basename(args[0]))
+    args += ["--steps", "3", "--H", str(SIZE), "--W", str(SIZE), "--n-samples", "2"]
+    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    png = sorted((tmp_path / "outputs").glob("0*.png"))[0]
+    meta = json.loads(png.with_suffix(".json").read_text())
+    [[path, scale]] = meta["loras"]
+    assert path == str(tmp_path / "my-lora.safetensors") and scale == 0.8
+    want = StableDiffusion.from_pretrained(base).with_lora(path, scale).txt2img(
+        [meta["prompt"]] * 2, steps=3, height=SIZE, width=SIZE, seed=meta["seed"])
+    assert np.abs(np.asarray(Image.open(png)).astype(int) - want[0]).max() <= 1
+    bad = subprocess.run(args[:1] + ["--checkpoint", str(base), "--prompt", "x", "--lora", "nope.safetensors:0.5"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode != 0 and "--lora nope.safetensors: no such file" in bad.stderr
