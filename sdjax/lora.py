@@ -14,6 +14,11 @@ transformer proj_in/proj_out, feed-forward, resnet convs: LoCon). The update
 ``W += scale * alpha / rank * up @ down`` is merged into the weights: sampling costs nothing
 extra, and since the parameters are arguments of the compiled functions, a model with a LoRA
 merged at any scale reuses them without recompiling.
+
+Training (``LoraConfig``, used by the latent trainer's ``lora`` section): the adapters of the
+UNet's ``targets`` are the only trained parameters; each step merges them into the frozen base
+kernels (``apply_adapters``), and ``save`` writes them in the diffusers/PEFT layout that
+diffusers' ``load_lora_weights`` reads, or in kohya's.
 """
 
 import dataclasses
@@ -23,11 +28,14 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from sdjax import paths
+from sdjax.checkpoints import atomic
 from sdjax.checkpoints.convert import CheckpointError, torch_key
 
 NETWORKS = ("unet", "text_encoder")
@@ -132,7 +140,7 @@ def read(path: str) -> list[Adapter]:
         down, up = tensors[key].astype(np.float32), tensors[up_key].astype(np.float32)
         alpha_key = stem + ".alpha"
         if alpha_key in tensors:
-            alpha = float(np.asarray(tensors[alpha_key]))
+            alpha = float(np.asarray(tensors[alpha_key]).reshape(-1)[0])
             used.add(alpha_key)
         elif network in peft:
             config = peft[network]
@@ -211,3 +219,125 @@ def merge(params: dict[str, Any], adapters: list[Adapter], scale: float = 1.0, w
         if changed:
             out[network] = traverse_util.unflatten_dict({**flat, **changed})
     return out
+
+
+# ---- training ---------------------------------------------------------------------------------------------
+
+# The layers diffusers' LoRA training scripts adapt by default, plus the transformers' projections and
+# feed-forward (PEFT ``target_modules``: suffixes of the PyTorch module names).
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+LAYOUTS = ("peft", "kohya")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """``config.lora`` of the latent trainer: ``rank`` > 0 trains UNet adapters instead of the UNet."""
+    rank: int = 0  # 0: no LoRA, the whole UNet trains
+    alpha: float | None = None  # the update is scaled by alpha / rank; None: alpha = rank
+    targets: tuple[str, ...] = DEFAULT_TARGETS  # module-name suffixes of the adapted layers
+    layout: str = "peft"  # the export: peft (diffusers' load_lora_weights) or kohya (A1111, ComfyUI)
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ValueError(f"lora.rank must be >= 0 (0: no LoRA), got {self.rank}.")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"lora.layout={self.layout!r}; choose one of {', '.join(LAYOUTS)}.")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}.")
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One adapted layer (static, hashable)."""
+    name: str  # the adapter's key in the trained params: the Flax path joined by "__"
+    path: tuple[str, ...]  # the kernel's Flax path in the UNet params
+    module: str  # the PyTorch module name (what LoRA files call the layer)
+    kernel_shape: tuple[int, ...]
+
+
+def find_targets(unet_params: Any, suffixes: tuple[str, ...]) -> tuple[Target, ...]:
+    """The kernels of ``unet_params`` (arrays or ShapeDtypeStructs) whose module names end in one of
+    ``suffixes``; a suffix that matches nothing is an error naming it."""
+    found, unused = [], set(suffixes)
+    for path, leaf in traverse_util.flatten_dict(unet_params).items():
+        if path[-1] != "kernel":
+            continue
+        module = torch_key(path)[:-len(".weight")]
+        hits = [t for t in suffixes if module == t or module.endswith("." + t)]
+        if hits:
+            unused -= set(hits)
+            found.append(Target("__".join(path[:-1]), path, module, tuple(leaf.shape)))
+    if unused:
+        raise ValueError(f"lora.targets {sorted(unused)} match no layer of this UNet; targets are module-name "
+                         f"suffixes such as {', '.join(DEFAULT_TARGETS)}.")
+    return tuple(found)
+
+
+def init_adapters(key: jax.Array, targets: tuple[Target, ...], rank: int) -> dict[str, dict[str, jax.Array]]:
+    """Fresh adapters as PEFT makes them: ``down`` (r, in) uniform in +-1/sqrt(in) (kaiming-uniform with
+    a = sqrt(5)), ``up`` (out, r) zero, so training starts from the base model."""
+    out = {}
+    for i, t in enumerate(targets):
+        fan_in = int(np.prod(t.kernel_shape[:-1]))
+        bound = 1.0 / np.sqrt(fan_in)
+        out[t.name] = {"down": jax.random.uniform(jax.random.fold_in(key, i), (rank, fan_in), jnp.float32, -bound, bound),
+                       "up": jnp.zeros((t.kernel_shape[-1], rank), jnp.float32)}
+    return out
+
+
+def apply_adapters(unet_params: Any, adapters: dict[str, dict[str, jax.Array]], targets: tuple[Target, ...],
+                   scale: float) -> Any:
+    """``unet_params`` with each target kernel + scale * (up @ down) (differentiable in the adapters)."""
+    flat = traverse_util.flatten_dict(unet_params)
+    for t in targets:
+        a = adapters[t.name]
+        delta = (a["up"] @ a["down"]).T.reshape(t.kernel_shape) * scale  # (out, in) -> Flax (in, out) / (1, 1, in, out)
+        flat[t.path] = (flat[t.path].astype(jnp.float32) + delta).astype(flat[t.path].dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+def trained_adapters(adapters: dict[str, dict[str, Any]], targets: tuple[Target, ...], alpha: float) -> list[Adapter]:
+    """Trained adapters (host arrays) as ``Adapter``s of the UNet, in PyTorch layout (conv layers' 4-D)."""
+    out = []
+    for t in targets:
+        down, up = np.asarray(adapters[t.name]["down"], np.float32), np.asarray(adapters[t.name]["up"], np.float32)
+        if len(t.kernel_shape) == 4:  # a 1x1 conv: PEFT adapts it with conv adapters
+            kh, kw, cin, _ = t.kernel_shape
+            down = down.reshape(-1, kh, kw, cin).transpose(0, 3, 1, 2)
+            up = up[:, :, None, None]
+        out.append(Adapter("unet", t.module, down, up, alpha))
+    return out
+
+
+def save(folder: str, adapters: list[Adapter], layout: str = "peft") -> str:
+    """Writes ``folder/pytorch_lora_weights.safetensors`` (what ``load_lora_weights(folder)`` reads):
+    the diffusers/PEFT layout with diffusers' rank/alpha metadata, or kohya's (``lora_unet_*`` with
+    an ``alpha`` per layer). Returns the file's path."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown LoRA layout {layout!r}; choose one of {', '.join(LAYOUTS)}.")
+    tensors, metadata = {}, {"format": "pt"}
+    for a in adapters:
+        if layout == "peft":
+            tensors[f"{a.network}.{a.module}.lora_A.weight"] = a.down
+            tensors[f"{a.network}.{a.module}.lora_B.weight"] = a.up
+        else:
+            prefix = "lora_unet_" if a.network == "unet" else "lora_te_text_model_"
+            name = prefix + a.module.replace(".", "_")
+            tensors[f"{name}.lora_down.weight"] = a.down
+            tensors[f"{name}.lora_up.weight"] = a.up
+            tensors[f"{name}.alpha"] = np.asarray(a.alpha, np.float32)
+    if layout == "peft":
+        packed = {}
+        for network in sorted({a.network for a in adapters}):
+            mine = [a for a in adapters if a.network == network]
+            packed.update({f"{network}.r": mine[0].rank, f"{network}.lora_alpha": mine[0].alpha,
+                           f"{network}.target_modules": sorted({a.module for a in mine})})
+        metadata[METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True)
+    path = os.path.join(paths.check_local(os.fspath(folder), "LoRA export"), WEIGHT_NAME)
+    with atomic.file(path) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
+    return path

@@ -177,3 +177,55 @@ def test_readme_lora_command(base, peft_lora, tmp_path):
     bad = subprocess.run(args[:1] + ["--checkpoint", str(base), "--prompt", "x", "--lora", "nope.safetensors:0.5"],
                          cwd=tmp_path, capture_output=True, text=True)
     assert bad.returncode != 0 and "--lora nope.safetensors: no such file" in bad.stderr
+
+
+@pytest.mark.slow
+def test_lora_training_through_the_cli_exports_what_diffusers_loads(base, tmp_path):
+    """``sd15_finetune:tiny`` with ``lora.rank``: only the adapters train and are checkpointed; the export
+    loads in diffusers and gives the images sdjax gives with it."""
+    import subprocess
+    import sys
+
+    import orbax.checkpoint as ocp
+    from tests.own_data import write_image_folder
+
+    images = write_image_folder(tmp_path / "images", 12)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = [os.path.join(os.path.dirname(sys.executable), "sdjax-train"), "latent", "--config", "sd15_finetune:tiny",
+           "--workdir", str(tmp_path / "w"), "--export", str(tmp_path / "my-lora"), f"--config.pretrained={base}",
+           "--config.lora.rank=4", "--config.lora.alpha=8", "--config.train.learning_rate=1e-2",
+           "--config.train.ema_decay=0", f"--config.data.manual_dir={images}", f"--config.data.data_dir={tmp_path / 'tfds'}"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "step 4/4" in done.stdout + done.stderr
+
+    path = str(tmp_path / "w" / "checkpoints" / "4" / "state")
+    ckpt = ocp.PyTreeCheckpointer()
+    saved = ckpt.restore(path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                                          ckpt.metadata(path).item_metadata.tree))
+    assert list(saved["params"]) == ["unet_lora"]  # the checkpoint holds the adapters alone
+    sd = StableDiffusion.from_pretrained(base)
+    adapter_bytes = sum(x.nbytes for x in jax.tree.leaves(saved["params"]))
+    unet_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(sd.params["unet"]))
+    assert adapter_bytes < unet_bytes / 4
+
+    lora_file = tmp_path / "my-lora" / "pytorch_lora_weights.safetensors"
+    ups = [v for k, v in load_file(str(lora_file)).items() if k.endswith("lora_B.weight")]
+    assert ups and all(np.abs(u).max() > 0 for u in ups)  # trained away from PEFT's zero start
+    noise = _noise(sd)
+    ours = sd.with_lora(lora_file).txt2img(PROMPTS, steps=STEPS, guidance_scale=SCALE, height=SIZE, width=SIZE,
+                                           init_latents=noise, output="float")
+    assert np.abs(ours - _diffusers_images(base, lora_file, 1.0, noise)).mean() <= 3e-4
+
+
+def test_lora_files_round_trip_in_both_layouts(base, peft_lora, tmp_path):
+    from sdjax import lora
+
+    params = StableDiffusion.from_pretrained(base).params
+    adapters = lora.read(peft_lora)
+    want = lora.merge(params, adapters)
+    for layout in lora.LAYOUTS:
+        back = lora.read(lora.save(tmp_path / layout, adapters, layout))
+        assert len(back) == len(adapters)
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(lora.merge(params, back))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -16,13 +16,22 @@ steps, weight decay 1e-2, gradient clipping at 1, bf16 compute with f32 master w
 takes the autoencoder out of the step, ``train.remat=True`` recomputes activations,
 ``mesh.shape=(-1, 8)`` shards parameters, EMA and Adam state over 8 devices (``fsdp``).
 
+LoRA instead of the whole UNet (``--config.lora.rank=16``, ``lora.alpha``, ``lora.targets``): only
+the adapters train, with their own optimizer state and EMA; checkpoints hold the adapters; the
+export is ``pytorch_lora_weights.safetensors`` for diffusers' ``load_lora_weights``
+(``lora.layout=kohya`` for A1111/ComfyUI):
+
+    sdjax-train latent --config sd15_finetune --workdir runs/lora --export runs/my-lora \
+        --config.pretrained=stable-diffusion-v1-5 --config.lora.rank=16 --config.train.learning_rate=1e-4 \
+        --config.data.name=captioned_images --config.data.manual_dir=my_images
+
 The ``tiny`` variant is the same code path at CPU sizes (32 px, batch 4, f32), for a tiny test
 checkpoint.
 """
 
 import ml_collections
 
-from sdjax import configs, sharding
+from sdjax import configs, lora, sharding
 from sdjax.data import config_section
 from sdjax.training.latent import SampleConfig, TrainConfig
 
@@ -42,6 +51,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         checkpoint_every=1000, max_to_keep=3, log_every=50, sample_every=1000)
     c.sample = configs.section(SampleConfig, num_steps=30, guidance_scale=7.5,
                                prompts=("a photo of a cat", "a painting of a lighthouse at sunset"))
+    c.lora = configs.section(lora.LoraConfig)  # lora.rank=N: train rank-N UNet adapters instead of the UNet
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "fsdp")))
     c.logical_axis_rules = sharding.LOGICAL_AXIS_RULES
     if variant == "tiny":

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sdjax import generate, metrics, paths, sharding
+from sdjax import generate, lora, metrics, paths, sharding
 from sdjax.checkpoints import export as export_lib, load as load_lib
 from sdjax.data import DataConfig, builder, latent_cache, make_dataset, prepare_on_all_hosts, preprocess
 from sdjax.diffusion.schedule import add_noise, alphas_cumprod, get_target
@@ -94,6 +94,8 @@ class StepConfig:
     ema_decay: float
     mesh: jax.sharding.Mesh
     rules: tuple
+    lora_targets: tuple[lora.Target, ...] = ()  # non-empty: the UNet is frozen and these layers' adapters train
+    lora_scale: float = 1.0  # alpha / rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +117,7 @@ class Setup:
     step_fn: Any  # jitted train_step(state, batch, frozen) -> (state, metrics)
     latent_cache_dir: str
     start_params: dict[str, Any] | None = None  # host params the trained networks start from (pretrained)
+    lora_config: lora.LoraConfig = lora.LoraConfig()
 
     @property
     def batch_keys(self) -> tuple[str, ...]:
@@ -145,6 +148,13 @@ def _posterior(vae: AutoencoderKL, vae_params: Any, batch: dict[str, jax.Array])
     return vae.apply({"params": vae_params}, batch["image"], method=AutoencoderKL.encode)
 
 
+def unet_params(trained: dict[str, Any], frozen: dict[str, Any], cfg: StepConfig) -> Any:
+    """The UNet's weights: trained, or (LoRA) the frozen base with the trained adapters merged in."""
+    if not cfg.lora_targets:
+        return trained["unet"]
+    return lora.apply_adapters(frozen["unet"], trained["unet_lora"], cfg.lora_targets, cfg.lora_scale)
+
+
 def _micro_loss(params: Any, frozen: dict, micro: dict, key: jax.Array, latent_scale: jax.Array,
                 cfg: StepConfig) -> jax.Array:
     k_drop, k_vae, k_t, k_noise = jax.random.split(key, 4)
@@ -160,7 +170,7 @@ def _micro_loss(params: Any, frozen: dict, micro: dict, key: jax.Array, latent_s
     noise = jax.random.normal(k_noise, z.shape, jnp.float32)
     ac = frozen["alphas_cumprod"]
     x_t = add_noise(ac, z, noise, t_B)
-    out = cfg.unet.apply({"params": params["unet"]}, x_t.astype(cfg.unet.dtype), t_B, ctx)
+    out = cfg.unet.apply({"params": unet_params(params, frozen, cfg)}, x_t.astype(cfg.unet.dtype), t_B, ctx)
     target = get_target(ac, z, noise, t_B, cfg.prediction_type)
     err_B = jnp.mean(jnp.square(out.astype(jnp.float32) - target), axis=(1, 2, 3))
     if cfg.min_snr_gamma:
@@ -369,15 +379,29 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None, sources
                              compiler_options=RUN_ONCE_COMPILER_OPTIONS)(
             jax.random.key(config.autoencoder.get("seed", 0)))
     train_text = nets.text_encoder is None
+    lora_config = lora.LoraConfig(**config.lora.to_dict()) if "lora" in config else lora.LoraConfig()
+    lora_targets = ()
+    unet_shapes = jax.eval_shape(unet.init, jax.random.key(0), jnp.zeros((1, levels, levels, configs.unet.in_channels)),
+                                 jnp.zeros((1,), jnp.int32), jnp.zeros((1, seq_len, configs.unet.cross_attention_dim)))
+    if lora_config.rank:
+        if nets.unet is None:
+            raise ValueError("lora.rank > 0 trains adapters of a pretrained UNet: set pretrained=PATH (and keep "
+                             "unet_from_pretrained=True), or lora.rank=0 to train the whole UNet.")
+        if train_text:
+            raise ValueError("lora.rank > 0 needs a frozen pretrained text encoder (pretrained=PATH).")
+        lora_targets = lora.find_targets(nn.meta.unbox(unet_shapes)["params"], tuple(lora_config.targets))
     tx, lr = make_optimizer(learning_rate=train.learning_rate, warmup_steps=train.warmup_steps,
                             total_steps=train.steps, schedule=train.schedule, weight_decay=train.weight_decay,
                             clip_norm=train.clip_norm)
 
     def init(key: jax.Array, latent_scale: jax.Array) -> TrainState:
         k_unet, k_text, k_state = jax.random.split(key, 3)
-        params = {"unet": unet.init(k_unet, jnp.zeros((1, levels, levels, configs.unet.in_channels)),
-                                    jnp.zeros((1,), jnp.int32),
-                                    jnp.zeros((1, seq_len, configs.unet.cross_attention_dim)))["params"]}
+        if lora_targets:  # only the adapters train (and have optimizer state and EMA)
+            params = {"unet_lora": lora.init_adapters(k_unet, lora_targets, lora_config.rank)}
+        else:
+            params = {"unet": unet.init(k_unet, jnp.zeros((1, levels, levels, configs.unet.in_channels)),
+                                        jnp.zeros((1,), jnp.int32),
+                                        jnp.zeros((1, seq_len, configs.unet.cross_attention_dim)))["params"]}
         if train_text:
             params["text_encoder"] = text_encoder.init(k_text, jnp.zeros((1, seq_len), jnp.int32))["params"]
         return TrainState.create(params, tx, k_state, extra={"latent_scale": jnp.asarray(latent_scale, jnp.float32)},
@@ -393,15 +417,20 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None, sources
     }
     if not train_text:
         frozen["text_encoder"] = nets.text_encoder
+    frozen_shardings = jax.tree.map(lambda _: replicated, frozen)
+    if lora_targets:  # the frozen base UNet, sharded like a trained one
+        frozen["unet"] = nets.unet
+        frozen_shardings["unet"] = sharding.tree_shardings(unet_shapes, mesh, rules)["params"]
     if nets.abstract:
-        frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), frozen)
+        frozen = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), frozen, frozen_shardings)
     else:
-        frozen = jax.device_put(jax.tree.map(jnp.asarray, frozen), replicated)
+        frozen = jax.device_put(jax.tree.map(jnp.asarray, frozen), frozen_shardings)
     step_config = StepConfig(unet=unet, vae=vae, text_encoder=text_encoder, train_text_encoder=train_text,
                              prediction_type=configs.scheduler.prediction_type,
                              num_train_timesteps=configs.scheduler.num_train_timesteps,
                              caption_dropout=train.caption_dropout, min_snr_gamma=train.min_snr_gamma,
-                             grad_accum=train.grad_accum, ema_decay=train.ema_decay, mesh=mesh, rules=rules)
+                             grad_accum=train.grad_accum, ema_decay=train.ema_decay, mesh=mesh, rules=rules,
+                             lora_targets=lora_targets, lora_scale=lora_config.scale if lora_targets else 1.0)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     batch_keys = ("moments" if train.cache_latents else "image", "input_ids")
 
@@ -409,14 +438,15 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None, sources
         new_state, m = train_step(state, batch, frozen, cfg=step_config)
         return new_state, dict(m, learning_rate=lr(state.step))
 
-    step_fn = jax.jit(step_with_lr, in_shardings=(shardings, {k: batch_sharding for k in batch_keys}, replicated),
+    step_fn = jax.jit(step_with_lr, in_shardings=(shardings, {k: batch_sharding for k in batch_keys}, frozen_shardings),
                       out_shardings=(shardings, replicated), donate_argnums=(0,),
                       compiler_options=RUN_ONCE_COMPILER_OPTIONS if train.fast_compile else None)
     return Setup(train=train, data=data, sample=sample, configs=configs, mesh=mesh, rules=rules,
                  step_config=step_config, tokenizer=tokenizer, tokenizer_dir=tokenizer_dir, frozen=frozen, init=init,
                  shardings=shardings, batch_sharding=batch_sharding, step_fn=step_fn,
                  latent_cache_dir=train.latent_cache_dir or os.path.join(workdir, "latent_cache"),
-                 start_params={"unet": nets.unet} if nets.unet is not None else None)
+                 start_params={"unet": nets.unet} if nets.unet is not None and not lora_targets else None,
+                 lora_config=lora_config)
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -531,7 +561,8 @@ def inference_params(setup: Setup, state: TrainState, gather: bool = True) -> di
     frozen VAE; host copies gathered from every process unless ``gather=False``."""
     trained = state.ema_params if state.ema_params is not None else state.params
     text = trained["text_encoder"] if setup.step_config.train_text_encoder else setup.frozen["text_encoder"]
-    params = {"unet": trained["unet"], "vae": setup.frozen["vae"], "text_encoder": text}
+    params = {"unet": unet_params(trained, setup.frozen, setup.step_config), "vae": setup.frozen["vae"],
+              "text_encoder": text}
     if not gather:
         return params
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
@@ -561,7 +592,17 @@ def make_sample_grid(setup: Setup, seed: int = 0):
 def export(setup: Setup, state: TrainState, path: str) -> None:
     """Writes the model in ``train.export_format`` (an sdjax export, a diffusers folder or a single
     file; each one ``StableDiffusion.from_pretrained(path)`` loads), with the EMA weights and the
-    latent scale used in training as the VAE's ``scaling_factor``."""
+    latent scale used in training as the VAE's ``scaling_factor``. A LoRA run writes its (EMA)
+    adapters instead: ``path/pytorch_lora_weights.safetensors`` in ``lora.layout``."""
+    if setup.step_config.lora_targets:
+        trained = state.ema_params if state.ema_params is not None else state.params
+        adapters = jax.tree.map(np.asarray, multihost_utils.process_allgather(trained["unet_lora"], tiled=True))
+        if jax.process_index() == 0:
+            os.makedirs(path, exist_ok=True)
+            alpha = setup.lora_config.alpha if setup.lora_config.alpha is not None else float(setup.lora_config.rank)
+            lora.save(path, lora.trained_adapters(adapters, setup.step_config.lora_targets, alpha), setup.lora_config.layout)
+        multihost_utils.sync_global_devices("sdjax LoRA export written")
+        return
     params = inference_params(setup, state)
     scale = float(multihost_utils.process_allgather(state.extra["latent_scale"], tiled=True).reshape(-1)[0])
     if not setup.train.scale_by_std:  # the configured value itself, not its f32 copy in the state
