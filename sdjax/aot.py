@@ -118,13 +118,16 @@ def _model(config, preset: str | None) -> dict:
 
 
 def abstract_sources(config, preset: str | None) -> latent.Sources:
-    """The config's networks as shapes: frozen autoencoder and (when pretrained) text encoder."""
+    """The config's networks as shapes: frozen autoencoder and (when pretrained) text encoder and
+    starting UNet (what a LoRA run adapts)."""
     model = _model(config, preset)
     model["unet"].setdefault("cross_attention_dim", model["text_encoder"]["hidden_size"])
     params = abstract_params(ModelConfigs.from_dicts(model))
-    frozen_text = bool(config.get("pretrained") or preset or config.get("text_encoder", {}).get("pretrained"))
+    pretrained = bool(config.get("pretrained") or preset)
+    frozen_text = pretrained or bool(config.get("text_encoder", {}).get("pretrained"))
+    unet = params["unet"] if pretrained and config.get("unet_from_pretrained", True) else None
     return latent.Sources(model, vae=params["vae"], text_encoder=params["text_encoder"] if frozen_text else None,
-                          abstract=True)
+                          unet=unet, abstract=True)
 
 
 def _sds(tree: Any, sharding_tree: Any) -> Any:
@@ -233,6 +236,15 @@ def report(compiled, per_chip_batch: int, chip: Chip | None, what: str, compile_
     return out
 
 
+def state_sizes(setup: latent.Setup) -> dict:
+    """The whole train state's size (params, EMA, optimizer state; all chips together) and the number
+    of trained parameters: what a LoRA run saves against a full fine-tune."""
+    state = setup.restore_target()
+    nbytes = lambda tree: sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+    return {"train_state_gib": nbytes(state) / GIB,
+            "trained_parameters": int(sum(x.size for x in jax.tree.leaves(state.params)))}
+
+
 def format_report(r: dict) -> str:
     h = r["hbm_gib"]
     lines = [f"{r['what']} (compiler-estimated, per chip; compiled in {r['compile_s']} s):",
@@ -248,6 +260,9 @@ def format_report(r: dict) -> str:
                      f"{r['images_per_s_per_chip']:.1f} images/s/chip"
                      + (f", roofline MFU {r['roofline_mfu']:.1%}" if "roofline_mfu" in r else ""))
     lines.append(f"  custom kernels: {', '.join(r['custom_kernels']) or 'none'}")
+    if "train_state_gib" in r:
+        lines.append(f"  train state (params, EMA, optimizer; all chips): {r['train_state_gib']:.3f} GiB for "
+                     f"{r['trained_parameters']:,} trained parameters")
     return "\n".join(lines)
 
 
@@ -285,9 +300,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     reports = []
     if args.what in ("train", "both"):
         t0 = time.perf_counter()
-        compiled, batch, _ = compile_train(config, devices, args.per_chip_batch, args.preset)
+        compiled, batch, setup = compile_train(config, devices, args.per_chip_batch, args.preset)
         reports.append(report(compiled, args.per_chip_batch, chip, f"train step, global batch {batch}",
                               time.perf_counter() - t0))
+        reports[-1].update(state_sizes(setup))
         print(format_report(reports[-1]), flush=True)
     if args.what in ("txt2img", "both"):
         t0 = time.perf_counter()

@@ -229,3 +229,24 @@ def test_lora_files_round_trip_in_both_layouts(base, peft_lora, tmp_path):
         assert len(back) == len(adapters)
         for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(lora.merge(params, back))):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_lora_state_at_sd15_shapes_is_the_adapters_alone(tmp_path):
+    """The AOT report's state sizes for SD 1.5 (shapes only, nothing allocated): rank-16 adapters on
+    every transformer's q/k/v/out, proj_in/out and feed-forward against the full fine-tune."""
+    from sdjax import aot, configs as configs_lib
+    from sdjax.training import latent
+
+    sizes = {}
+    for rank in (0, 16):
+        config = configs_lib.load(configs_lib.resolve("sd15_finetune"))
+        config.lora.rank = rank
+        setup = latent.build(config, str(tmp_path), sources=aot.abstract_sources(config, "sd15"))
+        sizes[rank] = aot.state_sizes(setup)
+    # Closed form: a transformer of width C adapts attn1 q/k/v/out (8C), attn2 q/out (4C) and k/v from the
+    # 768-wide text (2 x (768 + C)), GEGLU in (C + 8C) and out (4C + C), proj_in/out (4C): 32C + 1536
+    # inputs + outputs per rank. SD 1.5 has 5 transformers at 320, 5 at 640 and 6 at 1280 channels.
+    widths = [320] * 5 + [640] * 5 + [1280] * 6
+    assert sizes[16]["trained_parameters"] == 16 * sum(32 * c + 1536 for c in widths)
+    assert sizes[0]["trained_parameters"] == 859_520_964  # the SD 1.5 UNet
+    assert sizes[16]["train_state_gib"] < sizes[0]["train_state_gib"] / 100
