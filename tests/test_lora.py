@@ -32,6 +32,11 @@ def base(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sd(base):
+    return StableDiffusion.from_pretrained(base)  # shared: its copies with LoRAs reuse the compiled sampler
+
+
+@pytest.fixture(scope="module")
 def peft_lora(base, tmp_path_factory):
     """A random LoRA (rank 4, alpha 8 on the UNet; rank 2, alpha 3 on the text encoder) saved by diffusers."""
     from diffusers import StableDiffusionPipeline
@@ -87,8 +92,7 @@ def _diffusers_images(base, lora_file, scale, noise):
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])
-def test_peft_lora_matches_diffusers(base, peft_lora, scale):
-    sd = StableDiffusion.from_pretrained(base)
+def test_peft_lora_matches_diffusers(base, sd, peft_lora, scale):
     noise = _noise(sd)
     kw = dict(steps=STEPS, guidance_scale=SCALE, height=SIZE, width=SIZE, init_latents=noise, output="float")
     ours = sd.with_lora(peft_lora, scale=scale).txt2img(PROMPTS, **kw)
@@ -97,9 +101,8 @@ def test_peft_lora_matches_diffusers(base, peft_lora, scale):
     assert np.abs(ref - sd.txt2img(PROMPTS, **kw)).mean() > 0.01  # the LoRA changes the images
 
 
-def test_kohya_layout_gives_the_same_images(base, peft_lora, tmp_path):
+def test_kohya_layout_gives_the_same_images(base, sd, peft_lora, tmp_path):
     kohya = to_kohya(peft_lora, tmp_path / "kohya.safetensors")
-    sd = StableDiffusion.from_pretrained(base)
     noise = _noise(sd)
     kw = dict(steps=STEPS, guidance_scale=SCALE, height=SIZE, width=SIZE, init_latents=noise, output="float")
     from_peft = sd.with_lora(peft_lora).txt2img(PROMPTS, **kw)
@@ -124,8 +127,7 @@ def test_with_lora_leaves_the_model_alone_and_does_not_recompile(base, peft_lora
     np.testing.assert_array_equal(sd.txt2img(PROMPTS, **kw), plain)
 
 
-def test_loras_that_do_not_fit_are_refused_by_name(base, peft_lora, tmp_path):
-    sd = StableDiffusion.from_pretrained(base)
+def test_loras_that_do_not_fit_are_refused_by_name(sd, peft_lora, tmp_path):
     tensors = load_file(str(peft_lora))
     sdxl = dict(tensors, **{"text_encoder_2.encoder.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((2, 8), np.float32)})
     save_file(sdxl, str(tmp_path / "sdxl.safetensors"))
@@ -149,7 +151,7 @@ def test_loras_that_do_not_fit_are_refused_by_name(base, peft_lora, tmp_path):
 
 
 @pytest.mark.slow
-def test_readme_lora_commands_train_export_and_sample(base, tmp_path):
+def test_readme_lora_commands_train_export_and_sample(base, sd, tmp_path):
     """The README's LoRA commands through the installed console scripts (the tiny variant of the config,
     a tiny base, a small image folder): only the adapters train and are checkpointed; the export loads
     in diffusers, which gives the images sdjax gives with it; the sampling command applies it."""
@@ -187,7 +189,6 @@ def test_readme_lora_commands_train_export_and_sample(base, tmp_path):
     saved = ckpt.restore(path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                                                           ckpt.metadata(path).item_metadata.tree))
     assert list(saved["params"]) == ["unet_lora"]  # the checkpoint holds the adapters alone
-    sd = StableDiffusion.from_pretrained(base)
     adapter_bytes = sum(x.nbytes for x in jax.tree.leaves(saved["params"]))
     unet_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(sd.params["unet"]))
     assert adapter_bytes < unet_bytes
@@ -214,10 +215,10 @@ def test_readme_lora_commands_train_export_and_sample(base, tmp_path):
     assert bad.returncode != 0 and "--lora nope.safetensors: no such file" in bad.stderr
 
 
-def test_lora_files_round_trip_in_both_layouts(base, peft_lora, tmp_path):
+def test_lora_files_round_trip_in_both_layouts(sd, peft_lora, tmp_path):
     from sdjax import lora
 
-    params = StableDiffusion.from_pretrained(base).params
+    params = sd.params
     adapters = lora.read(peft_lora)
     want = lora.merge(params, adapters)
     for layout in lora.LAYOUTS:
