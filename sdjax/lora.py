@@ -47,7 +47,9 @@ _PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.
           (".lora_down.weight", ".lora_up.weight"))
 _OTHER_ARCHITECTURES = (("text_encoder_2.", "SDXL"), ("lora_te2_", "SDXL"), ("lora_te1_", "SDXL"),
                         ("add_embedding", "SDXL"), ("transformer_blocks.0.ff_context", "SD 3 / Flux"),
-                        ("single_transformer_blocks", "Flux"), ("lora_unet_input_blocks", "an LDM-named UNet"))
+                        ("single_transformer_blocks", "Flux"))
+# SD 1.x/2.x LoRAs named after the original LDM modules rather than diffusers': not mapped yet.
+_LDM_NAMED = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +125,10 @@ def read(path: str) -> list[Adapter]:
         if any(marker in k for k in tensors):
             raise CheckpointError(f"{path} is a LoRA for {arch} (keys like *{marker}*), not for Stable Diffusion "
                                   "1.x/2.x; it cannot be applied to this model.")
+    if any(k.startswith(_LDM_NAMED) for k in tensors):
+        raise CheckpointError(f"{path} names its UNet layers after the original LDM modules (lora_unet_input_blocks_*, "
+                              "...); sdjax reads LoRAs named after diffusers' modules (lora_unet_down_blocks_*, or "
+                              "the diffusers/PEFT layout). Convert it with kohya's tools or diffusers first.")
     peft = _peft_alphas(metadata)
     tensors = {re.sub(r"processor\.(to_[qkv]|to_out)_lora\.", lambda m: m.group(1).replace("to_out", "to_out.0")
                       + ".lora.", k): v for k, v in tensors.items()}
@@ -189,13 +195,14 @@ def _delta(adapter: Adapter, kernel_shape: tuple[int, ...]) -> np.ndarray:
 def merge(params: dict[str, Any], adapters: list[Adapter], scale: float = 1.0, what: str = "LoRA") -> dict[str, Any]:
     """A copy of ``params`` ({"unet", "text_encoder", ...}) with every adapter merged at ``scale``."""
     index = _layer_index(params)
+    flat = {network: traverse_util.flatten_dict(params[network]) for network in NETWORKS}
     missing, mismatched, updates = [], [], {}
     for a in adapters:
         path = index.get((a.network, a.module))
         if path is None:
             missing.append(f"{a.network}: {a.module}")
             continue
-        kernel = traverse_util.flatten_dict(params[a.network])[path]
+        kernel = flat[a.network][path]
         n_in = int(np.prod(kernel.shape[:-1]))
         if a.up.shape[0] != kernel.shape[-1] or int(np.prod(a.down.shape[1:])) != n_in:
             mismatched.append(f"{a.network}: {a.module}: LoRA {tuple(a.up.shape[:1]) + tuple(a.down.shape[1:])}, "
@@ -213,11 +220,10 @@ def merge(params: dict[str, Any], adapters: list[Adapter], scale: float = 1.0, w
         raise CheckpointError("\n".join(lines))
     out = dict(params)
     for network in NETWORKS:
-        flat = traverse_util.flatten_dict(params[network])
-        changed = {path: jax.numpy.asarray(np.asarray(flat[path], np.float32) + delta, flat[path].dtype)
+        changed = {path: jnp.asarray(np.asarray(flat[network][path], np.float32) + delta, flat[network][path].dtype)
                    for (net, path), delta in updates.items() if net == network}
         if changed:
-            out[network] = traverse_util.unflatten_dict({**flat, **changed})
+            out[network] = traverse_util.unflatten_dict({**flat[network], **changed})
     return out
 
 

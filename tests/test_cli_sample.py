@@ -129,3 +129,31 @@ def test_user_errors_are_one_line_and_others_keep_their_traceback(folder, tmp_pa
     with pytest.raises(ValueError, match="at least one array"):  # raised inside jax, not by sdjax: a bug,
         with user_errors():                                        # which keeps its traceback
             jnp.concatenate([])
+
+
+def test_readme_sampling_commands(folder, tmp_path):
+    """The README's Sampling commands, as written, through the installed console scripts (shortened by
+    flags appended after them: argparse keeps the last value), with HOME in tmp for --compile-cache
+    (passed on unexpanded, as when quoted: the command expands it)."""
+    import os
+    import re
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", text[text.index("## Sampling"):], re.S).group(1)
+    commands = [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    assert [c.split()[0] for c in commands] == [".venv/bin/sdjax-txt2img"] * 2 + [".venv/bin/sdjax-img2img"]
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "sketch.png")
+    env = dict(os.environ, HOME=str(tmp_path / "home"))
+    for command in commands:
+        args = [str(folder) if a == "CKPT" else a for a in shlex.split(command)]
+        args[0] = os.path.join(os.path.dirname(sys.executable), os.path.basename(args[0]))
+        args += ["--steps", "2", "--H", "16", "--W", "16", "--n-samples", "1", "--n-iter", "1"]
+        done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list((tmp_path / "outputs").glob("0*.png"))) == 1 + 2 + 1  # one prompt, two from the file, one edit
+    assert any((tmp_path / "home" / ".cache" / "sdjax-xla").iterdir())  # the persistent compilation cache filled

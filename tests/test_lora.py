@@ -146,6 +146,11 @@ def test_loras_that_do_not_fit_are_refused_by_name(sd, peft_lora, tmp_path):
     save_file(wide, str(tmp_path / "wide.safetensors"))
     with pytest.raises(CheckpointError, match="shape mismatches"):
         sd.with_lora(tmp_path / "wide.safetensors")
+    ldm = {"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": np.zeros((2, 32), np.float32),
+           "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": np.zeros((32, 2), np.float32)}
+    save_file(ldm, str(tmp_path / "ldm.safetensors"))
+    with pytest.raises(CheckpointError, match="original LDM modules"):
+        sd.with_lora(tmp_path / "ldm.safetensors")
     with pytest.raises(FileNotFoundError, match="no such LoRA file"):
         sd.with_lora(tmp_path / "missing.safetensors")
 

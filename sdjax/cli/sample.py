@@ -262,7 +262,7 @@ def _sample(args: argparse.Namespace, prompts: list[str], mode: str) -> list[str
     import jax
     import jax.numpy as jnp
     if args.compile_cache:
-        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(args.compile_cache))  # also when quoted
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     from sdjax.stable_diffusion import StableDiffusion

@@ -380,15 +380,15 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None, sources
             jax.random.key(config.autoencoder.get("seed", 0)))
     train_text = nets.text_encoder is None
     lora_config = lora.LoraConfig(**config.lora.to_dict()) if "lora" in config else lora.LoraConfig()
-    lora_targets = ()
-    unet_shapes = jax.eval_shape(unet.init, jax.random.key(0), jnp.zeros((1, levels, levels, configs.unet.in_channels)),
-                                 jnp.zeros((1,), jnp.int32), jnp.zeros((1, seq_len, configs.unet.cross_attention_dim)))
+    lora_targets, unet_shapes = (), None
     if lora_config.rank:
         if nets.unet is None:
             raise ValueError("lora.rank > 0 trains adapters of a pretrained UNet: set pretrained=PATH (and keep "
                              "unet_from_pretrained=True), or lora.rank=0 to train the whole UNet.")
         if train_text:
             raise ValueError("lora.rank > 0 needs a frozen pretrained text encoder (pretrained=PATH).")
+        unet_shapes = jax.eval_shape(unet.init, jax.random.key(0), jnp.zeros((1, levels, levels, configs.unet.in_channels)),
+                                     jnp.zeros((1,), jnp.int32), jnp.zeros((1, seq_len, configs.unet.cross_attention_dim)))
         lora_targets = lora.find_targets(nn.meta.unbox(unet_shapes)["params"], tuple(lora_config.targets))
     tx, lr = make_optimizer(learning_rate=train.learning_rate, warmup_steps=train.warmup_steps,
                             total_steps=train.steps, schedule=train.schedule, weight_decay=train.weight_decay,
