@@ -17,7 +17,8 @@ merged at any scale reuses them without recompiling.
 
 Training (``LoraConfig``, used by the latent trainer's ``lora`` section): the adapters of the
 UNet's ``targets`` are the only trained parameters; each step merges them into the frozen base
-kernels (``apply_adapters``), and ``save`` writes them in the diffusers/PEFT layout that
+kernels (``apply_adapters``), or with ``dropout`` > 0 adds them beside the frozen layers
+(``dropout_interceptor``, PEFT's lora_dropout), and ``save`` writes them in the diffusers/PEFT layout that
 diffusers' ``load_lora_weights`` reads, or in kohya's.
 """
 
@@ -29,6 +30,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
 from flax import traverse_util
 from safetensors import safe_open
@@ -241,6 +243,7 @@ class LoraConfig:
     rank: int = 0  # 0: no LoRA, the whole UNet trains
     alpha: float | None = None  # the update is scaled by alpha / rank; None: alpha = rank
     targets: tuple[str, ...] = DEFAULT_TARGETS  # module-name suffixes of the adapted layers
+    dropout: float = 0.0  # PEFT's lora_dropout: dropout on each adapter's input (training only)
     layout: str = "peft"  # the export: peft (diffusers' load_lora_weights) or kohya (A1111, ComfyUI)
 
     def __post_init__(self):
@@ -250,6 +253,8 @@ class LoraConfig:
             raise ValueError(f"lora.layout={self.layout!r}; choose one of {', '.join(LAYOUTS)}.")
         if self.alpha is not None and self.alpha <= 0:
             raise ValueError(f"lora.alpha must be > 0, got {self.alpha}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}.")
 
     @property
     def scale(self) -> float:
@@ -304,6 +309,39 @@ def apply_adapters(unet_params: Any, adapters: dict[str, dict[str, jax.Array]], 
         delta = (a["up"] @ a["down"]).T.reshape(t.kernel_shape) * scale  # (out, in) -> Flax (in, out) / (1, 1, in, out)
         flat[t.path] = (flat[t.path].astype(jnp.float32) + delta).astype(flat[t.path].dtype)
     return traverse_util.unflatten_dict(flat)
+
+
+def dropout_interceptor(adapters: dict[str, dict[str, jax.Array]], targets: tuple[Target, ...], scale: float,
+                        rate: float, key: jax.Array):
+    """A Flax method interceptor (``nn.intercept_methods``) that runs the UNet on its frozen base
+    weights and adds each target layer's adapter as PEFT's LoRA layers do in training:
+    ``y = base(x) + scale * up(down(dropout(x)))``. Dropout on the adapter's input cannot be merged
+    into the kernel, so training with ``lora.dropout`` > 0 takes this unmerged path; with dropout 0
+    it equals ``apply_adapters``. Linear and 1x1-conv targets only (``check_dropout_targets``)."""
+    by_path = {t.path[:-1]: (i, t) for i, t in enumerate(targets)}
+
+    def intercept(next_fun, args, kwargs, context):
+        hit = by_path.get(context.module.path) if context.method_name == "__call__" else None
+        if hit is None or not isinstance(context.module, (nn.Dense, nn.Conv)):
+            return next_fun(*args, **kwargs)
+        i, t = hit
+        x_drop = x = args[0]
+        if rate:
+            keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - rate, x.shape)
+            x_drop = jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+        a = adapters[t.name]
+        h = x_drop @ a["down"].T.astype(x.dtype)  # (..., r): a 1x1 conv is a matmul over the channels
+        return next_fun(*args, **kwargs) + (h @ a["up"].T.astype(x.dtype)) * jnp.asarray(scale, x.dtype)
+
+    return intercept
+
+
+def check_dropout_targets(targets: tuple[Target, ...]) -> None:
+    """``lora.dropout`` > 0 adapts layers unmerged: linear and 1x1-conv layers only."""
+    wide = [t.module for t in targets if len(t.kernel_shape) == 4 and t.kernel_shape[:2] != (1, 1)]
+    if wide:
+        raise ValueError(f"lora.dropout > 0 supports linear and 1x1-conv targets; {len(wide)} target(s) are wider "
+                         f"convolutions (e.g. {wide[0]}): drop them from lora.targets or set lora.dropout=0.")
 
 
 def trained_adapters(adapters: dict[str, dict[str, Any]], targets: tuple[Target, ...], alpha: float) -> list[Adapter]:

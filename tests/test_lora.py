@@ -57,6 +57,14 @@ def peft_lora(base, tmp_path_factory):
     return folder / "pytorch_lora_weights.safetensors"
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
 def to_kohya(peft_file, out_file):
     """The same adapters in kohya's layout: lora_unet_/lora_te_ names, lora_down/lora_up, an alpha per layer."""
     from safetensors import safe_open
@@ -158,8 +166,9 @@ def test_loras_that_do_not_fit_are_refused_by_name(sd, peft_lora, tmp_path):
 @pytest.mark.slow
 def test_readme_lora_commands_train_export_and_sample(base, sd, tmp_path):
     """The README's LoRA commands through the installed console scripts (the tiny variant of the config,
-    a tiny base, a small image folder): only the adapters train and are checkpointed; the export loads
-    in diffusers, which gives the images sdjax gives with it; the sampling command applies it."""
+    a tiny base, a small image folder): only the adapters train and are checkpointed; two hosts that
+    stop and resume train what one does; the export loads in diffusers, which gives the images sdjax
+    gives with it; the sampling command applies it."""
     import re
     import shlex
     import subprocess
@@ -197,6 +206,34 @@ def test_readme_lora_commands_train_export_and_sample(base, sd, tmp_path):
     adapter_bytes = sum(x.nbytes for x in jax.tree.leaves(saved["params"]))
     unet_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(sd.params["unet"]))
     assert adapter_bytes < unet_bytes
+
+    # The same command on two hosts (processes, each with its own HOME and data copy), stopped at
+    # step 2 and resumed to 4: the adapters, their Adam moments and EMA of the one uninterrupted host.
+    def two_hosts(*extra):
+        port = _free_port()
+        procs = [subprocess.Popen(
+            argv(train_cmd) + list(extra), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dict(env, HOME=str(tmp_path / f"home{i}"), XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                     SDJAX_COORDINATOR=f"localhost:{port}", SDJAX_NUM_PROCESSES="2", SDJAX_PROCESS_ID=str(i)))
+            for i in range(2)]
+        try:
+            outs = [p.communicate(timeout=600)[0] for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+        assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+        return outs
+
+    two_hosts("--config.train.steps=2", "--workdir", "runs/lora2")
+    assert "resumed from step 2" in "".join(two_hosts("--workdir", "runs/lora2", "--export", "runs/my-lora2"))
+    resumed = ckpt.restore(str(tmp_path / "runs" / "lora2" / "checkpoints" / "4" / "state"),
+                           restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                                     ckpt.metadata(path).item_metadata.tree))
+    for name in ("params", "ema_params", "opt_state"):
+        got, want = (jax.tree_util.tree_flatten_with_path(t[name])[0] for t in (resumed, saved))
+        assert [k for k, _ in got] == [k for k, _ in want] and got
+        for (k, a), (_, b) in zip(got, want):  # atol: Adam's first moves of near-zero gradients (lr / 10)
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5, err_msg=name + jax.tree_util.keystr(k))
 
     lora_file = tmp_path / "runs" / "my-lora" / "pytorch_lora_weights.safetensors"
     ups = [v for k, v in load_file(str(lora_file)).items() if k.endswith("lora_B.weight")]
@@ -252,3 +289,64 @@ def test_lora_state_at_sd15_shapes_is_the_adapters_alone(tmp_path):
     assert sizes[16]["trained_parameters"] == 16 * sum(32 * c + 1536 for c in widths)
     assert sizes[0]["trained_parameters"] == 859_520_964  # the SD 1.5 UNet
     assert sizes[16]["train_state_gib"] < sizes[0]["train_state_gib"] / 100
+
+
+def test_dropout_path_equals_the_merged_update_and_is_unbiased(sd):
+    """``lora.dropout`` trains adapters beside the frozen layers (PEFT's lora_dropout): at rate 0 that
+    path gives the merged path's loss and adapter gradients (under remat); at rate 0.5
+    one layer's adapter output averages (over dropout draws) to the undropped one: E[dropout(x)] = x."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from sdjax import lora
+    from sdjax.train_state import RUN_ONCE_COMPILER_OPTIONS
+
+    base = sd.params["unet"]
+    targets = lora.find_targets(base, lora.DEFAULT_TARGETS)
+    adapters = jax.tree.map(lambda a: a + 0.05, lora.init_adapters(jax.random.key(1), targets, 4))  # up != 0
+    c = sd.configs.unet
+    x = jax.random.normal(jax.random.key(2), (2, 4, 4, c.in_channels))
+    t = jnp.array([10, 500])
+    ctx = jax.random.normal(jax.random.key(3), (2, 8, c.cross_attention_dim))
+
+    unet = sd.unet.clone(remat=True)  # the closure over the adapters also holds under jax.checkpoint
+
+    def merged(a):
+        return jnp.sum(unet.apply({"params": lora.apply_adapters(base, a, targets, 2.0)}, x, t, ctx) ** 2)
+
+    def beside(a):
+        with nn.intercept_methods(lora.dropout_interceptor(a, targets, 2.0, 0.0, jax.random.key(4))):
+            return jnp.sum(unet.apply({"params": base}, x, t, ctx) ** 2)
+
+    (got, g_got), (want, g_want) = (jax.jit(jax.value_and_grad(f), compiler_options=RUN_ONCE_COMPILER_OPTIONS)(adapters)
+                                        for f in (beside, merged))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for u, v in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5 * np.abs(v).max())
+
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, h):
+            return nn.Dense(6, name="to_q")(h)
+
+    h = jax.random.normal(jax.random.key(5), (3, 5))
+    params = Layer().init(jax.random.key(6), h)["params"]
+    target = lora.find_targets(params, ("to_q",))
+    a = {target[0].name: {"down": jax.random.normal(jax.random.key(7), (2, 5)),
+                          "up": jax.random.normal(jax.random.key(8), (6, 2))}}
+
+    plain = Layer().apply({"params": params}, h)
+
+    def adapter_out(key):
+        with nn.intercept_methods(lora.dropout_interceptor(a, target, 1.0, 0.5, key)):
+            return Layer().apply({"params": params}, h) - plain
+
+    draws = jax.jit(jax.vmap(adapter_out))(jax.random.split(jax.random.key(9), 20000))
+    exact = h @ a[target[0].name]["down"].T @ a[target[0].name]["up"].T
+    assert np.abs(np.asarray(draws[0]) - np.asarray(exact)).max() > 0.1  # one draw drops inputs
+    sem = np.asarray(draws.std(0)) / np.sqrt(draws.shape[0])
+    assert np.all(np.abs(np.asarray(draws.mean(0)) - np.asarray(exact)) <= 5 * sem + 1e-6)
+    with pytest.raises(ValueError, match="lora.dropout must be in"):
+        lora.LoraConfig(rank=4, dropout=1.0)
+    with pytest.raises(ValueError, match="wider convolutions"):
+        lora.check_dropout_targets(lora.find_targets(base, ("conv1",)))

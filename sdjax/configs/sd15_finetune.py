@@ -16,9 +16,9 @@ steps, weight decay 1e-2, gradient clipping at 1, bf16 compute with f32 master w
 takes the autoencoder out of the step, ``train.remat=True`` recomputes activations,
 ``mesh.shape=(-1, 8)`` shards parameters, EMA and Adam state over 8 devices (``fsdp``).
 
-LoRA instead of the whole UNet (``--config.lora.rank=16``, ``lora.alpha``, ``lora.targets``): only
-the adapters train, with their own optimizer state and EMA; checkpoints hold the adapters; the
-export is ``pytorch_lora_weights.safetensors`` for diffusers' ``load_lora_weights``
+LoRA instead of the whole UNet (``--config.lora.rank=16``, ``lora.alpha``, ``lora.targets``,
+``lora.dropout``): only the adapters train, with their own optimizer state and EMA; checkpoints
+hold the adapters; the export is ``pytorch_lora_weights.safetensors`` for diffusers' ``load_lora_weights``
 (``lora.layout=kohya`` for A1111/ComfyUI):
 
     sdjax-train latent --config sd15_finetune --workdir runs/lora --export runs/my-lora \

@@ -96,6 +96,7 @@ class StepConfig:
     rules: tuple
     lora_targets: tuple[lora.Target, ...] = ()  # non-empty: the UNet is frozen and these layers' adapters train
     lora_scale: float = 1.0  # alpha / rank
+    lora_dropout: float = 0.0  # > 0: adapters beside the frozen layers, dropout on their inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +171,13 @@ def _micro_loss(params: Any, frozen: dict, micro: dict, key: jax.Array, latent_s
     noise = jax.random.normal(k_noise, z.shape, jnp.float32)
     ac = frozen["alphas_cumprod"]
     x_t = add_noise(ac, z, noise, t_B)
-    out = cfg.unet.apply({"params": unet_params(params, frozen, cfg)}, x_t.astype(cfg.unet.dtype), t_B, ctx)
+    if cfg.lora_dropout:
+        interceptor = lora.dropout_interceptor(params["unet_lora"], cfg.lora_targets, cfg.lora_scale,
+                                               cfg.lora_dropout, jax.random.split(key, 5)[4])
+        with nn.intercept_methods(interceptor):
+            out = cfg.unet.apply({"params": frozen["unet"]}, x_t.astype(cfg.unet.dtype), t_B, ctx)
+    else:
+        out = cfg.unet.apply({"params": unet_params(params, frozen, cfg)}, x_t.astype(cfg.unet.dtype), t_B, ctx)
     target = get_target(ac, z, noise, t_B, cfg.prediction_type)
     err_B = jnp.mean(jnp.square(out.astype(jnp.float32) - target), axis=(1, 2, 3))
     if cfg.min_snr_gamma:
@@ -390,6 +397,8 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None, sources
         unet_shapes = jax.eval_shape(unet.init, jax.random.key(0), jnp.zeros((1, levels, levels, configs.unet.in_channels)),
                                      jnp.zeros((1,), jnp.int32), jnp.zeros((1, seq_len, configs.unet.cross_attention_dim)))
         lora_targets = lora.find_targets(nn.meta.unbox(unet_shapes)["params"], tuple(lora_config.targets))
+        if lora_config.dropout:
+            lora.check_dropout_targets(lora_targets)
     tx, lr = make_optimizer(learning_rate=train.learning_rate, warmup_steps=train.warmup_steps,
                             total_steps=train.steps, schedule=train.schedule, weight_decay=train.weight_decay,
                             clip_norm=train.clip_norm)
@@ -430,7 +439,8 @@ def build(config: ml_collections.ConfigDict, workdir: str, devices=None, sources
                              num_train_timesteps=configs.scheduler.num_train_timesteps,
                              caption_dropout=train.caption_dropout, min_snr_gamma=train.min_snr_gamma,
                              grad_accum=train.grad_accum, ema_decay=train.ema_decay, mesh=mesh, rules=rules,
-                             lora_targets=lora_targets, lora_scale=lora_config.scale if lora_targets else 1.0)
+                             lora_targets=lora_targets, lora_scale=lora_config.scale if lora_targets else 1.0,
+                             lora_dropout=lora_config.dropout if lora_targets else 0.0)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     batch_keys = ("moments" if train.cache_latents else "image", "input_ids")
 

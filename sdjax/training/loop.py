@@ -75,6 +75,8 @@ def run(task: Task, workdir: str) -> TrainState:
         state = task.init_state(pending)
     writer = metrics.MetricsWriter(workdir, tc.steps, enabled=jax.process_index() == 0)
     step = int(state.step)
+    if pending is None and jax.process_index() == 0:
+        print(f"resumed from step {step} ({manager.directory})", flush=True)
     t_last, step_last = time.perf_counter(), step
     while step < tc.steps:
         batch = pending if pending is not None else task.device_batch(next(task.iterator))
