@@ -64,6 +64,7 @@ def main(argv=None) -> None:
     p.add_argument("--bounds", required=True, help="chips per host, e.g. 2,2,1")
     p.add_argument("--wrap", default="0,0,0")
     p.add_argument("--per-chip-batch", type=int, default=8)
+    p.add_argument("--hlo", help="also write the compiled program's HLO text here (for benchmarks.hlo_ops)")
     a = p.parse_args(argv)
     from jax.experimental import topologies
 
@@ -99,6 +100,9 @@ def main(argv=None) -> None:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     hlo = compiled.as_text()
+    if a.hlo:
+        with open(a.hlo, "w") as f:
+            f.write(hlo)
     timing.emit(dict(
         impl=a.impl, attention=attention if a.impl == "sdjax" else "diffusers default", devices=len(devices),
         device_kind=devices[0].device_kind, per_chip_batch=a.per_chip_batch, compile_s=compile_s,
