@@ -39,6 +39,7 @@ from safetensors.numpy import save_file
 from sdjax import paths
 from sdjax.checkpoints import atomic
 from sdjax.checkpoints.convert import CheckpointError, torch_key
+from sdjax.models.layers import HeadsDense, HeadsMergeDense, features_to_heads, heads_to_features
 
 NETWORKS = ("unet", "text_encoder")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -330,8 +331,15 @@ def dropout_interceptor(adapters: dict[str, dict[str, jax.Array]], targets: tupl
             keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - rate, x.shape)
             x_drop = jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
         a = adapters[t.name]
+        module = context.module
+        if isinstance(module, HeadsMergeDense):  # the flash path's heads-major input: back to features
+            x_drop = heads_to_features(x_drop)
         h = x_drop @ a["down"].T.astype(x.dtype)  # (..., r): a 1x1 conv is a matmul over the channels
-        return next_fun(*args, **kwargs) + (h @ a["up"].T.astype(x.dtype)) * jnp.asarray(scale, x.dtype)
+        delta = (h @ a["up"].T.astype(x.dtype)) * jnp.asarray(scale, x.dtype)
+        y = next_fun(*args, **kwargs)
+        if isinstance(module, HeadsDense):  # the flash path's heads-major output
+            delta = features_to_heads(delta, module.heads)
+        return y + delta
 
     return intercept
 

@@ -140,6 +140,40 @@ def reference_attention_grads(q_BLNH, k_BSNH, v_BSNH, cot_BLNH):
     return [np.swapaxes(x, 1, 2) for x in (dq, dk, dv)]
 
 
+def test_flash_attention_module_projects_heads_major_with_the_same_parameters():
+    """``Attention`` with the flash kernel projects q/k/v straight to (B, N, L, H) and its output
+    projection reads (B, N, L, H) (no transposes around the kernel): the same parameter tree as
+    the XLA path, and the same outputs and parameter gradients (TPU interpreter); cross-attention
+    takes the XLA path."""
+    import jax.experimental.pallas.tpu as pltpu
+
+    rng = np.random.default_rng(5)
+    L, D = layers.FLASH_MIN_TOKENS, 80
+    x = rng.normal(size=(1, L, D)).astype(np.float32)
+    ctx = rng.normal(size=(1, 7, 24)).astype(np.float32)
+    for context in (None, ctx):
+        flash = layers.Attention(2, 40, D, implementation="flash")
+        xla = flash.clone(implementation="xla")
+        params = layers.unbox(xla.init(jax.random.key(0), x, context))["params"]
+        params = jax.tree.map(lambda p: p + 0.01 * np.arange(p.size, dtype=np.float32).reshape(p.shape) / p.size,
+                              params)
+        flash_shapes = layers.unbox(jax.eval_shape(flash.init, jax.random.key(0), x, context))["params"]
+        assert jax.tree.map(lambda p: p.shape, flash_shapes) == jax.tree.map(lambda p: p.shape, params)
+
+        def loss(p, module):
+            out = module.apply({"params": p}, x, context)
+            return jnp.sum(out * jnp.cos(out)), out
+
+        with pltpu.force_tpu_interpret_mode():
+            (_, got), g_got = jax.jit(jax.value_and_grad(functools.partial(loss, module=flash), has_aux=True))(params)
+        jaxpr = str(jax.make_jaxpr(functools.partial(loss, module=flash))(params))
+        assert ("pallas_call" in jaxpr) == (context is None)  # the kernel for self-attention only
+        (_, want), g_want = jax.value_and_grad(functools.partial(loss, module=xla), has_aux=True)(params)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+
+
 def test_flash_attention_runs_per_device_under_a_mesh():
     """Under a mesh the kernel runs in shard_map over the batch's mesh axes (a Pallas kernel is not
     partitioned by XLA): two CPU devices, each its half of the batch, in the TPU interpreter."""

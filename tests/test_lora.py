@@ -350,3 +350,32 @@ def test_dropout_path_equals_the_merged_update_and_is_unbiased(sd):
         lora.LoraConfig(rank=4, dropout=1.0)
     with pytest.raises(ValueError, match="wider convolutions"):
         lora.check_dropout_targets(lora.find_targets(base, ("conv1",)))
+
+
+def test_dropout_path_on_the_flash_attention_layout():
+    """The TPU flash path's projections are heads-major (``HeadsDense``, ``HeadsMergeDense``): the
+    adapters beside them give the merged path's output (TPU interpreter, rate 0)."""
+    import functools
+
+    import flax.linen as nn
+    import jax.experimental.pallas.tpu as pltpu
+
+    from sdjax import lora
+    from sdjax.models import layers
+
+    x = np.random.default_rng(6).normal(size=(1, layers.FLASH_MIN_TOKENS, 80)).astype(np.float32)
+    attn = layers.Attention(2, 40, 80, implementation="flash")
+    params = layers.unbox(attn.clone(implementation="xla").init(jax.random.key(0), x))["params"]  # the same tree
+    targets = lora.find_targets(params, ("to_q", "to_k", "to_v", "to_out.0"))
+    adapters = jax.tree.map(lambda a: a + 0.05, lora.init_adapters(jax.random.key(1), targets, 4))
+
+    def beside():
+        with nn.intercept_methods(lora.dropout_interceptor(adapters, targets, 2.0, 0.0, jax.random.key(2))):
+            return attn.apply({"params": params}, x)
+
+    with pltpu.force_tpu_interpret_mode():
+        got = jax.jit(beside)()
+        want = jax.jit(functools.partial(attn.apply, {"params": lora.apply_adapters(params, adapters, targets, 2.0)}))(x)
+        plain = jax.jit(attn.apply)({"params": params}, x)
+    assert np.abs(np.asarray(want) - np.asarray(plain)).max() > 0.01  # the adapters change the output
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -157,28 +157,32 @@ def attention(q_BLNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array, *, is_cau
 
 
 def _flash_attention(q_BLNH: jax.Array, k_BLNH: jax.Array, v_BLNH: jax.Array, is_causal: bool) -> jax.Array:
-    """jax's TPU flash attention, one kernel per device: a Pallas kernel is not partitioned by
-    XLA, so under a mesh it runs in ``shard_map`` over the batch's mesh axes (from the logical
-    rules in context)."""
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q_BLNH, k_BLNH, v_BLNH))
+    return jnp.swapaxes(flash_attention_heads_major(q, k, v, is_causal), 1, 2)
+
+
+def flash_attention_heads_major(q_BNLH: jax.Array, k_BNLH: jax.Array, v_BNLH: jax.Array,
+                                is_causal: bool = False) -> jax.Array:
+    """jax's TPU flash attention on heads-major (B, N, L, H) arrays, the layout the kernel reads,
+    one kernel per device: a Pallas kernel is not partitioned by XLA, so under a mesh it runs in
+    ``shard_map`` over the batch's mesh axes (from the logical rules in context)."""
     from jax.experimental.pallas.ops.tpu import flash_attention as fa
 
-    H = q_BLNH.shape[-1]
+    H = q_BNLH.shape[-1]
 
     def kernel(q, k, v):
-        q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # (B, N, L, H)
         # Mosaic rejects half-precision products at a "highest" default matmul precision (set for
         # f32 parity checks); in half precision the setting has nothing to add anyway.
         half = q.dtype in (jnp.bfloat16, jnp.float16)
         with jax.default_matmul_precision("default") if half else contextlib.nullcontext():
-            out = fa.flash_attention(q, k, v, causal=is_causal, sm_scale=H ** -0.5)
-        return jnp.swapaxes(out, 1, 2)
+            return fa.flash_attention(q, k, v, causal=is_causal, sm_scale=H ** -0.5)
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return kernel(q_BLNH, k_BLNH, v_BLNH)
+        return kernel(q_BNLH, k_BNLH, v_BNLH)
     spec = P(*nn.logical_to_mesh_axes(("batch", None, None, None)))
     return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
-        q_BLNH, k_BLNH, v_BLNH)
+        q_BNLH, k_BNLH, v_BNLH)
 
 
 def _xla_attention(q_BLNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array, is_causal: bool) -> jax.Array:
@@ -216,6 +220,9 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BLD: jax.Array, ctx_BSD: jax.Array | None = None) -> jax.Array:
+        L = x_BLD.shape[1]
+        if ctx_BSD is None and self.implementation == "flash" and L >= FLASH_MIN_TOKENS and L % 128 == 0:
+            return self._flash_self_attention(x_BLD)
         ctx_BSD = x_BLD if ctx_BSD is None else ctx_BSD
         inner = self.heads * self.head_dim
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.qkv_bias)
@@ -229,6 +236,66 @@ class Attention(nn.Module):
         out_BLNH = attention(q_BLNH, k_BSNH, v_BSNH, implementation=self.implementation)
         out_BLD = out_BLNH.reshape(B, L, inner)
         return dense(self.out_features, name="to_out_0", dtype=self.dtype, param_dtype=self.param_dtype)(out_BLD)
+
+    def _flash_self_attention(self, x_BLD: jax.Array) -> jax.Array:
+        """The TPU kernel's path: q, k, v come out of their projections heads-major (B, N, L, H),
+        the layout the kernel reads, and the output projection reads the kernel's heads-major
+        result, so no transpose surrounds it (at SD 1.5's 40-wide heads those transposes were a
+        fifth of a 64x64 transformer's compiler-estimated cycles). Same parameters as the other
+        path. (Cross-attention stays on that path: heads-major einsums there cost the TPU
+        compiler's estimate more than the transposes they save; docs/benchmarks.md.)"""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        q, k, v = (HeadsDense(self.heads * self.head_dim, heads=self.heads, use_bias=self.qkv_bias, name=name,
+                              **kw)(x_BLD) for name in ("to_q", "to_k", "to_v"))
+        out_BNLH = flash_attention_heads_major(q, k, v)
+        return HeadsMergeDense(self.out_features, name="to_out_0", **kw)(out_BNLH)
+
+
+def _dense_params(module: nn.Dense, in_features: int):
+    """``module``'s kernel and bias as ``dense`` creates them (logical axes, initialisers)."""
+    kernel_init = nn.with_logical_partitioning(module.kernel_init, DENSE_KERNEL_AXES)
+    bias_init = nn.with_logical_partitioning(module.bias_init, ("dense_out",))
+    kernel = module.param("kernel", kernel_init, (in_features, module.features), module.param_dtype)
+    bias = module.param("bias", bias_init, (module.features,), module.param_dtype) if module.use_bias else None
+    return kernel, bias
+
+
+class HeadsDense(nn.Dense):
+    """``nn.Dense`` (same parameters) whose output comes out heads-major, (B, N, L, H): the matmul
+    writes the layout attention kernels read instead of a transpose after it."""
+    heads: int = 1
+
+    @nn.compact
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        kernel, bias = _dense_params(self, x_BLD.shape[-1])
+        x_BLD, kernel, bias = nn.dtypes.promote_dtype(x_BLD, kernel, bias, dtype=self.dtype)
+        y_BNLH = jnp.einsum("bld,dnh->bnlh", x_BLD, kernel.reshape(kernel.shape[0], self.heads, -1),
+                            precision=self.precision)
+        return y_BNLH if bias is None else y_BNLH + bias.reshape(self.heads, 1, -1)
+
+
+def heads_to_features(x_BNLH: jax.Array) -> jax.Array:
+    """(B, N, L, H) -> ``nn.Dense``'s layout (B, L, N * H)."""
+    B, N, L, H = x_BNLH.shape
+    return jnp.swapaxes(x_BNLH, 1, 2).reshape(B, L, N * H)
+
+
+def features_to_heads(x_BLD: jax.Array, heads: int) -> jax.Array:
+    """(B, L, N * H) -> heads-major (B, N, L, H)."""
+    B, L, D = x_BLD.shape
+    return jnp.swapaxes(x_BLD.reshape(B, L, heads, D // heads), 1, 2)
+
+
+class HeadsMergeDense(nn.Dense):
+    """``nn.Dense`` (same parameters) over the heads of a heads-major (B, N, L, H) input."""
+
+    @nn.compact
+    def __call__(self, x_BNLH: jax.Array) -> jax.Array:
+        B, N, L, H = x_BNLH.shape
+        kernel, bias = _dense_params(self, N * H)
+        x_BNLH, kernel, bias = nn.dtypes.promote_dtype(x_BNLH, kernel, bias, dtype=self.dtype)
+        y_BLD = jnp.einsum("bnlh,nhd->bld", x_BNLH, kernel.reshape(N, H, -1), precision=self.precision)
+        return y_BLD if bias is None else y_BLD + bias
 
 
 class ResnetBlock(nn.Module):
