@@ -1,12 +1,13 @@
 """Per-op breakdown of a program compiled for TPU, from the compiler's own estimates.
 
-XLA's TPU compiler writes an ``estimated_cycles`` figure into the backend config of every
-instruction it schedules; over a program's entry computation they add up to its
-``cost_analysis()["optimal_seconds"]`` (up to the clock). This reads them from the compiled HLO
-text (``compiled.as_text()``) and sums them by kind of op and by the model path in each op's
-metadata, so a change to the model can be judged op by op. Compiler-estimated, never measured.
+XLA's TPU compiler writes an ``estimated_cycles`` figure into the backend config of every XLA
+instruction it schedules (its scheduling cost model, not the roofline behind
+``cost_analysis()["optimal_seconds"]``; Pallas kernels carry none). This reads them from the
+compiled HLO text (``compiled.as_text()``) and sums them by kind of op, by pass, by model path
+and by layer, so a change to the model can be judged op by op. Compiler-estimated, never measured.
 
-    python -m benchmarks.hlo_ops program.hlo --optimal-seconds 0.0811
+    python -m benchmarks.aot_unet --impl sdjax --topology v5:2x2x1 --chip-config megacore --bounds 2,2,1 --hlo unet.hlo
+    python -m benchmarks.hlo_ops unet.hlo
 """
 
 import argparse
@@ -16,8 +17,6 @@ import re
 from collections import defaultdict
 
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_TRANSFORMS = re.compile(r"^(jit|jvp|transpose|vmap|remat\d*|checkpoint|pjit|shard_map|custom_vjp_call|"
-                         r"rematted_computation)\(|^(jit|jvp|transpose)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +41,9 @@ def _computations(hlo: str) -> dict[str, list[str]]:
 
 
 def _where(op_name: str) -> str:
-    parts = [p for p in op_name.split("/") if p and not _TRANSFORMS.match(p)]
-    return "/".join(p for p in parts if re.fullmatch(r"[A-Za-z_]+(_\d+)?", p) or p.endswith(")"))
+    """``jit(loss)/transpose(jvp(UNet))/down_blocks_0/.../to_q/dot_general`` -> the module path and
+    primitive, without the transforms (``jit(...)``, ``jvp(...)``, ``transpose(...)``)."""
+    return "/".join(p for p in op_name.split("/") if p and "(" not in p and ")" not in p)
 
 
 def _kind(opcode: str, line: str, comps: dict) -> str:
@@ -92,10 +92,10 @@ def ops(hlo: str) -> list[Op]:
     return out
 
 
-def table(hlo: str, optimal_seconds: float | None = None, group: str = "kind", depth: int = 3) -> list[dict]:
-    """Rows {group, ops, cycles, share, ms} summed by ``kind``, by model path (``where``, first
-    ``depth`` module names) or by ``pass`` (forward / backward). ``ms`` scales each row's share of
-    the cycles to the compiler's ``optimal_seconds`` for the program (when given)."""
+def table(hlo: str, group: str = "kind", depth: int = 3) -> list[dict]:
+    """Rows {group, ops, cycles, share} summed by ``kind``, by model path (``where``, first
+    ``depth`` module names), by ``pass`` (forward / backward) or by ``op`` (the same layer in every
+    block, one primitive, one pass); ``share`` of all the program's estimated cycles."""
     all_ops = ops(hlo)
     total = sum(o.cycles for o in all_ops) or 1
     rows: dict[str, dict] = defaultdict(lambda: dict(ops=0, cycles=0))
@@ -104,39 +104,36 @@ def table(hlo: str, optimal_seconds: float | None = None, group: str = "kind", d
             key = o.kind
         elif group == "pass":
             key = "backward" if o.backward else "forward"
+        elif group == "op":  # repeated layers together: blocks dropped, indices as _N, the primitive kept
+            parts = o.where.split("/")
+            layer = re.sub(r"_\d+", "_N", "/".join(parts[2:-1]))
+            key = f"{'bwd' if o.backward else 'fwd'} {o.kind}: {layer}:{parts[-1] if parts else ''}"
         else:
-            key = "/".join(p for p in o.where.split("/") if not p.endswith(")"))
-            key = "/".join(key.split("/")[:depth]) or "(outside the model)"
+            key = "/".join(o.where.split("/")[:depth]) or "(outside the model)"
         rows[key]["ops"] += 1
         rows[key]["cycles"] += o.cycles
-    out = []
-    for key, r in rows.items():
-        share = r["cycles"] / total
-        out.append(dict(group=key, ops=r["ops"], cycles=r["cycles"], share=share,
-                        ms=share * optimal_seconds * 1e3 if optimal_seconds else None))
+    out = [dict(group=key, ops=r["ops"], cycles=r["cycles"], share=r["cycles"] / total) for key, r in rows.items()]
     return sorted(out, key=lambda r: -r["cycles"])
 
 
 def format_table(rows: list[dict], title: str) -> str:
-    lines = [f"| {title} | ops | share | ms (compiler-estimated) |", "|---|---|---|---|"]
-    for r in rows:
-        ms = f"{r['ms']:.2f}" if r["ms"] is not None else "-"
-        lines.append(f"| {r['group']} | {r['ops']} | {100 * r['share']:.1f}% | {ms} |")
+    lines = [f"| {title} | ops | estimated cycles | share |", "|---|---|---|---|"]
+    lines += [f"| {r['group']} | {r['ops']} | {r['cycles'] / 1e6:.1f} M | {100 * r['share']:.1f}% |" for r in rows]
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("hlo", help="a compiled program's HLO text (e.g. benchmarks.aot_unet --hlo FILE)")
-    p.add_argument("--optimal-seconds", type=float, help="the program's cost_analysis optimal_seconds")
     p.add_argument("--depth", type=int, default=3, help="module names kept in the by-path table")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--json", help="also write the tables here")
     a = p.parse_args(argv)
     text = open(a.hlo).read()
-    tables = {g: table(text, a.optimal_seconds, g, a.depth) for g in ("kind", "pass", "where")}
+    titles = {"kind": "kind of op", "pass": "pass", "where": "model path", "op": "op (every block's)"}
+    tables = {g: table(text, g, a.depth) for g in titles}
     for g, rows in tables.items():
-        print(format_table(rows[:a.top], {"kind": "kind of op", "pass": "pass", "where": "model path"}[g]) + "\n")
+        print(format_table(rows[:a.top], titles[g]) + "\n")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(tables, f, indent=1)

@@ -72,3 +72,55 @@ def test_table_shows_ratios_and_errors():
     assert "| text2img | sd15 B=1: images/s | 3 | 2 | 1.5 | - | - |" in text
     assert "| compile | first call (cold) | 10 s | 20 s | 0.5 |" in text
     assert "OSError: no weights" in text
+
+
+# Lines in the form libtpu's compiled HLO text takes (shortened): a fused matmul, a layout copy in the
+# backward pass, a loop whose body holds a fusion, a Pallas kernel (no cycle estimate) and free ops.
+TPU_HLO = """HloModule jit_loss, entry_computation_layout={(bf16[8,64]{1,0})->bf16[8,64]{1,0}}
+
+%fused_computation.1 (param_0.1: bf16[8,64], param_1.1: bf16[64,64]) -> bf16[8,64] {
+  %param_0.1 = bf16[8,64]{1,0} parameter(0)
+  %param_1.1 = bf16[64,64]{1,0} parameter(1)
+  ROOT %convolution.1 = bf16[8,64]{1,0} convolution(%param_0.1, %param_1.1), dim_labels=bf_io->bf
+}
+
+%fused_computation.2 (param_0.2: f32[8,64]) -> f32[8,64] {
+  %param_0.2 = f32[8,64]{1,0} parameter(0)
+  ROOT %exponential.2 = f32[8,64]{1,0} exponential(%param_0.2)
+}
+
+%body.3 (p.3: (s32[], f32[8,64])) -> (s32[], f32[8,64]) {
+  %p.3 = (s32[], f32[8,64]{1,0}) parameter(0)
+  %gte.3 = f32[8,64]{1,0} get-tuple-element(%p.3), index=1
+  %fusion.3 = f32[8,64]{1,0} fusion(%gte.3), kind=kLoop, calls=%fused_computation.2, metadata={op_name="jit(loss)/jvp(UNet)/down_blocks_0/resnets_1/norm1/exp"}, backend_config={"flag_configs":[],"estimated_cycles":"300"}
+  ROOT %t.3 = (s32[], f32[8,64]{1,0}) tuple(%gte.3, %fusion.3)
+}
+
+ENTRY %main.9 (x.1: bf16[8,64], w.1: bf16[64,64]) -> bf16[8,64] {
+  %x.1 = bf16[8,64]{1,0:T(8,128)(2,1)} parameter(0), metadata={op_name="x"}
+  %w.1 = bf16[64,64]{1,0:T(8,128)(2,1)} parameter(1), metadata={op_name="w"}
+  %fusion.1 = bf16[8,64]{1,0} fusion(%x.1, %w.1), kind=kOutput, calls=%fused_computation.1, metadata={op_name="jit(loss)/jvp(UNet)/down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q/dot_general"}, backend_config={"flag_configs":[],"estimated_cycles":"1000"}
+  %copy.5 = bf16[8,64]{0,1} copy(%fusion.1), metadata={op_name="jit(loss)/transpose(jvp(UNet))/down_blocks_0/attentions_0/transformer_blocks_0/attn1/transpose"}, backend_config={"flag_configs":[],"estimated_cycles":"200"}
+  %while.7 = (s32[], f32[8,64]{1,0}) while(%t.0), condition=%cond.3, body=%body.3
+  %kernel.8 = bf16[8,64]{1,0} custom-call(%copy.5), custom_call_target="tpu_custom_call", metadata={op_name="jit(loss)/jvp(UNet)/down_blocks_0/attentions_0/transformer_blocks_0/attn1/jit(flash_attention)/pallas_call"}
+  ROOT %bitcast.9 = bf16[8,64]{1,0} bitcast(%kernel.8)
+}
+"""
+
+
+def test_hlo_ops_sums_the_compilers_cycle_estimates():
+    from benchmarks import hlo_ops
+
+    got = {(o.name, o.kind, o.backward, o.cycles, o.where) for o in hlo_ops.ops(TPU_HLO)}
+    assert got == {
+        ("fusion.1", "matmul/conv", False, 1000, "down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q/dot_general"),
+        ("copy.5", "copy/transpose", True, 200, "down_blocks_0/attentions_0/transformer_blocks_0/attn1/transpose"),
+        ("fusion.3", "elementwise/reduce", False, 300, "down_blocks_0/resnets_1/norm1/exp"),
+    }  # the Pallas kernel has no estimate; parameters, bitcasts and tuples cost nothing
+    kinds = {r["group"]: (r["cycles"], r["share"]) for r in hlo_ops.table(TPU_HLO, "kind")}
+    assert kinds == {"matmul/conv": (1000, 1000 / 1500), "elementwise/reduce": (300, 300 / 1500),
+                     "copy/transpose": (200, 200 / 1500)}
+    by_block = {r["group"]: r["cycles"] for r in hlo_ops.table(TPU_HLO, "where", depth=2)}
+    assert by_block == {"down_blocks_0/attentions_0": 1200, "down_blocks_0/resnets_1": 300}
+    layers = {r["group"]: r["cycles"] for r in hlo_ops.table(TPU_HLO, "op")}
+    assert layers["bwd copy/transpose: transformer_blocks_N/attn1:transpose"] == 200
