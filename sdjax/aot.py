@@ -255,10 +255,12 @@ def format_report(r: dict) -> str:
         lines.append("  DOES NOT FIT: largest buffers " + "; ".join(r["largest_buffers"]))
     if r["flops"] is not None:
         lines.append(f"  FLOPs {r['flops'] / 1e12:.3f} T, bytes accessed {(r['bytes_accessed'] or 0) / 1e9:.2f} GB")
-    if r.get("optimal_seconds"):
+    if "images_per_s_per_chip" in r:
         lines.append(f"  optimal time per call {r['optimal_seconds'] * 1e3:.2f} ms -> "
                      f"{r['images_per_s_per_chip']:.1f} images/s/chip"
                      + (f", roofline MFU {r['roofline_mfu']:.1%}" if "roofline_mfu" in r else ""))
+    else:
+        lines.append(f"  optimal time per call: none from the compiler (optimal_seconds={r.get('optimal_seconds')})")
     lines.append(f"  custom kernels: {', '.join(r['custom_kernels']) or 'none'}")
     if "train_state_gib" in r:
         lines.append(f"  train state (params, EMA, optimizer; all chips): {r['train_state_gib']:.3f} GiB for "

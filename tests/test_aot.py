@@ -60,3 +60,14 @@ def test_flash_attention_lowers_for_tpu_and_keeps_logits_out_of_memory(head_dim)
     assert "tpu_custom_call" in aot.custom_kernels(flash.as_text())
     assert "tpu_custom_call" not in aot.custom_kernels(xla.as_text())
     assert flash.memory_analysis().temp_size_in_bytes < 0.25 * xla.memory_analysis().temp_size_in_bytes
+
+
+def test_report_without_a_compiler_time_still_prints():
+    """The TPU cost model can give no time (``optimal_seconds`` <= 0) for a program it still compiles
+    and sizes: the report says so instead of failing, and keeps the memory figures."""
+    r = {"what": "train step, global batch 32", "compile_s": 1.0, "per_chip_batch": 4, "flops": 1e12,
+         "bytes_accessed": 1e9, "optimal_seconds": -1.0, "custom_kernels": [], "largest_buffers": [],
+         "hbm_gib": {"arguments": 1.0, "temporaries": 2.0, "outputs_not_aliased": 0.0, "code": 0.1, "total": 3.1},
+         "chip": {"hbm_gib": 16}, "fits": True}
+    text = aot.format_report(r)
+    assert "= 3.10 GiB of 16 GiB" in text and "none from the compiler (optimal_seconds=-1.0)" in text
