@@ -18,8 +18,8 @@ takes the autoencoder out of the step, ``train.remat=True`` recomputes activatio
 
 LoRA instead of the whole UNet (``--config.lora.rank=16``, ``lora.alpha``, ``lora.targets``,
 ``lora.dropout``): only the adapters train, with their own optimizer state and EMA; checkpoints
-hold the adapters; the export is ``pytorch_lora_weights.safetensors`` for diffusers' ``load_lora_weights``
-(``lora.layout=kohya`` for A1111/ComfyUI):
+hold the adapters; the export is ``pytorch_lora_weights.safetensors`` for diffusers'
+``load_lora_weights`` (``lora.layout=kohya`` for A1111/ComfyUI):
 
     sdjax-train latent --config sd15_finetune --workdir runs/lora --export runs/my-lora \
         --config.pretrained=stable-diffusion-v1-5 --config.lora.rank=16 --config.train.learning_rate=1e-4 \

@@ -148,12 +148,17 @@ def attention(q_BLNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array, *, is_cau
     least ``FLASH_MIN_TOKENS`` tokens, XLA's path otherwise) or "cudnn" (``jax.nn.dot_product_attention``
     on GPU). Resolve "auto" with ``resolve_attention`` where the target devices are known.
     """
-    L, S = q_BLNH.shape[1], k_BSNH.shape[1]
-    if implementation == "flash" and L == S and L >= FLASH_MIN_TOKENS and L % 128 == 0:
+    if implementation == "flash" and _flash_fits(q_BLNH.shape[1], k_BSNH.shape[1]):
         return _flash_attention(q_BLNH, k_BSNH, v_BSNH, is_causal)
     if implementation == "cudnn":
         return jax.nn.dot_product_attention(q_BLNH, k_BSNH, v_BSNH, is_causal=is_causal, implementation="cudnn")
     return _xla_attention(q_BLNH, k_BSNH, v_BSNH, is_causal)
+
+
+def _flash_fits(L: int, S: int) -> bool:
+    """Whether the flash kernel takes an attention of L queries over S keys: self-attention of at
+    least ``FLASH_MIN_TOKENS`` tokens, in whole 128-token blocks."""
+    return L == S and L >= FLASH_MIN_TOKENS and L % 128 == 0
 
 
 def _flash_attention(q_BLNH: jax.Array, k_BLNH: jax.Array, v_BLNH: jax.Array, is_causal: bool) -> jax.Array:
@@ -220,8 +225,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BLD: jax.Array, ctx_BSD: jax.Array | None = None) -> jax.Array:
-        L = x_BLD.shape[1]
-        if ctx_BSD is None and self.implementation == "flash" and L >= FLASH_MIN_TOKENS and L % 128 == 0:
+        if ctx_BSD is None and self.implementation == "flash" and _flash_fits(x_BLD.shape[1], x_BLD.shape[1]):
             return self._flash_self_attention(x_BLD)
         ctx_BSD = x_BLD if ctx_BSD is None else ctx_BSD
         inner = self.heads * self.head_dim
