@@ -258,7 +258,9 @@ def format_report(r: dict) -> str:
     if "images_per_s_per_chip" in r:
         lines.append(f"  optimal time per call {r['optimal_seconds'] * 1e3:.2f} ms -> "
                      f"{r['images_per_s_per_chip']:.1f} images/s/chip"
-                     + (f", roofline MFU {r['roofline_mfu']:.1%}" if "roofline_mfu" in r else ""))
+                     + (f", roofline MFU {r['roofline_mfu']:.1%}" if "roofline_mfu" in r else "")
+                     + (" (its FLOPs count what the custom kernels recompute: flash attention's backward "
+                        "recomputes the attention logits)" if "roofline_mfu" in r and r["custom_kernels"] else ""))
     else:
         lines.append(f"  optimal time per call: none from the compiler (optimal_seconds={r.get('optimal_seconds')})")
     lines.append(f"  custom kernels: {', '.join(r['custom_kernels']) or 'none'}")

@@ -6,7 +6,6 @@ state dicts onto these modules. Parameters carry logical axis names; activations
 get logical constraints; neither mentions mesh axes.
 """
 
-import contextlib
 from typing import Any, Sequence
 
 import jax
@@ -168,19 +167,14 @@ def _flash_attention(q_BLNH: jax.Array, k_BLNH: jax.Array, v_BLNH: jax.Array, is
 
 def flash_attention_heads_major(q_BNLH: jax.Array, k_BNLH: jax.Array, v_BNLH: jax.Array,
                                 is_causal: bool = False) -> jax.Array:
-    """jax's TPU flash attention on heads-major (B, N, L, H) arrays, the layout the kernel reads,
-    one kernel per device: a Pallas kernel is not partitioned by XLA, so under a mesh it runs in
-    ``shard_map`` over the batch's mesh axes (from the logical rules in context)."""
-    from jax.experimental.pallas.ops.tpu import flash_attention as fa
-
-    H = q_BNLH.shape[-1]
+    """TPU flash attention (``flash.flash_attention``: jax's Pallas kernels) on heads-major
+    (B, N, L, H) arrays, the layout the kernels read, one kernel per device: a Pallas kernel is
+    not partitioned by XLA, so under a mesh it runs in ``shard_map`` over the batch's mesh axes
+    (from the logical rules in context)."""
+    from sdjax.models import flash
 
     def kernel(q, k, v):
-        # Mosaic rejects half-precision products at a "highest" default matmul precision (set for
-        # f32 parity checks); in half precision the setting has nothing to add anyway.
-        half = q.dtype in (jnp.bfloat16, jnp.float16)
-        with jax.default_matmul_precision("default") if half else contextlib.nullcontext():
-            return fa.flash_attention(q, k, v, causal=is_causal, sm_scale=H ** -0.5)
+        return flash.flash_attention(q, k, v, is_causal)
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
