@@ -2,6 +2,7 @@
 
     python -m benchmarks.run --only text2img,compile,overhead,train,scaling --size sd15 --out results.json
     ./run bench --size tiny --only text2img,overhead
+    ./run bench --only aot-txt2img --peers flax --topology v5e-8     # TPU compiler's estimates, no TPU needed
 
 Each runner is a subprocess in its own environment (peers in venvs under .bench-envs/, created
 on first use) that prints one JSON line; this script prints the table and writes all of it.
@@ -20,7 +21,7 @@ from typing import Any
 
 from benchmarks import envs, timing
 
-BENCHMARKS = ("text2img", "compile", "overhead", "train", "scaling", "aot")
+BENCHMARKS = ("text2img", "compile", "overhead", "train", "scaling", "aot", "aot-txt2img")
 
 
 def defaults(gpu: bool) -> dict[str, Any]:
@@ -114,6 +115,16 @@ def table(results: dict[str, Any]) -> str:
         row("aot", f"{key}: HBM bytes accessed/step, GB", _gb(s, "bytes_accessed"), _gb(f, "bytes_accessed"))
         row("aot", f"{key}: temporaries per chip, GiB", _gb(s, "temp_bytes", 2**30), _gb(f, "temp_bytes", 2**30))
         row("aot", f"{key}: roofline MFU", s.get("mfu"), f.get("mfu"))
+    for key, a in results.get("aot-txt2img", {}).items():
+        s, f = a.get("sdjax", {}), a.get("flax", {})
+        row("aot", f"{key}: compiler-optimal time per batch", _ms(s), _ms(f), unit=" ms")
+        row("aot", f"{key}: images/s/chip", s.get("images_per_s_per_chip"), f.get("images_per_s_per_chip"))
+        row("aot", f"{key}: HBM bytes accessed per batch, GB", _gb(s, "bytes_accessed"), _gb(f, "bytes_accessed"))
+        loop_s, loop_f = s.get("runs", {}).get("loop", {}), f.get("runs", {}).get("loop", {})
+        row("aot", f"{key}: temporaries per chip (the loop), GiB", _gb(loop_s, "temp_bytes", 2**30),
+            _gb(loop_f, "temp_bytes", 2**30))
+        row("aot", f"{key}: compile time on this host (the loop)", loop_s.get("compile_s"), loop_f.get("compile_s"),
+            unit=" s")
     for name, value in results.get("errors", {}).items():
         lines.append(f"| {name} | error | {value.splitlines()[-1] if value else ''} | | | | |")
     return "\n".join(lines)
@@ -146,6 +157,7 @@ def main(argv=None) -> None:
     p.add_argument("--peers", default="flax,torch", help="comma-separated peers to run ('' for none)")
     p.add_argument("--topology", default="v5p-8", help="aot: the TPU slice to compile for (see sdjax.aot)")
     p.add_argument("--per-chip-batch", type=int, default=8, help="aot: images per chip")
+    p.add_argument("--aot-steps", type=int, default=50, help="aot-txt2img: DDIM steps")
     p.add_argument("--out", default="bench-results.json")
     p.add_argument("--cache-dir", default=os.path.join(envs.repo_root(), ".bench-cache"), help="random weights")
     p.add_argument("--envs-dir", default=os.path.join(envs.repo_root(), ".bench-envs"), help="peer venvs")
@@ -271,12 +283,51 @@ def main(argv=None) -> None:
                 v["mfu"] = v.get("model_flops", v["flops"]) / (v["optimal_seconds"] * chip.bf16_tflops * 1e12)
         results["aot"] = {f"SD 1.5 UNet fwd+bwd 512px, {a.per_chip_batch}/chip, {a.topology} (compiler-estimated)": r}
 
+    if "aot-txt2img" in only:
+        results["aot-txt2img"] = aot_txt2img(a, peers, log, results["errors"])
+
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     results["load_avg_end"] = list(os.getloadavg())
     Path(a.out).write_text(json.dumps(results, indent=1))
     print(table(results))
     print(f"\nload average at start {mach['load_avg']}, at end {results['load_avg_end']}; "
           f"JSON: {a.out}, runner logs: {log}")
+
+
+def aot_txt2img(a, peers: list[str], log: Path, errors: dict) -> dict:
+    """SD 1.5 txt2img at 512 px, ``--aot-steps`` DDIM steps, compiled for ``--topology`` by sdjax and
+    the diffusers-Flax peer: each program as users run it (the loop: memory, compile time) and with
+    1 and 2 steps written out, whose costs give the loop's (XLA's cost analysis counts a loop's
+    body once)."""
+    from sdjax import aot, presets
+
+    t = aot.TOPOLOGIES[a.topology]
+    chip = aot.CHIPS[t.chip]
+    model = Path(tempfile.mkdtemp()) / "sd15.json"
+    model.write_text(json.dumps(presets.sd15()))
+    args = ["--model", str(model), "--topology", t.topology_name, "--chip-config", t.chip_config_name,
+            "--bounds", ",".join(map(str, t.chips_per_host_bounds)), "--wrap", ",".join(str(int(w)) for w in t.wrap),
+            "--per-chip-batch", str(a.per_chip_batch)]
+    pythons = {"sdjax": sys.executable}
+    if "flax" in peers:
+        pythons["flax"] = envs.python(a.envs_dir, "diffusers-flax", tpu=True)
+    out = {}
+    for impl, python in pythons.items():
+        runs = {}
+        for name, extra in (("loop", ["--steps", str(a.aot_steps)]), ("one", ["--steps", "1", "--unroll"]),
+                            ("two", ["--steps", "2", "--unroll"])):
+            runs[name] = run_runner(python, "benchmarks.aot_txt2img", args + ["--impl", impl] + extra,
+                                    dict(JAX_PLATFORMS="cpu"), log=log)
+        if any("error" in r for r in runs.values()):
+            errors[f"aot-txt2img {impl}"] = next(r["error"] for r in runs.values() if "error" in r)
+            continue
+        cost = aot.loop_cost(*({"flops": r["flops"], "bytes accessed": r["bytes_accessed"],
+                                "optimal_seconds": r["optimal_seconds"]} for r in (runs["one"], runs["two"])),
+                             a.aot_steps)
+        out[impl] = dict(runs=runs, steps=a.aot_steps, per_chip_batch=a.per_chip_batch,
+                         **aot.cost_figures(cost, a.per_chip_batch, chip))
+    return {f"SD 1.5 txt2img 512px, {a.aot_steps} DDIM steps, {a.per_chip_batch}/chip, {a.topology} "
+            "(compiler-estimated)": out}
 
 
 if __name__ == "__main__":

@@ -154,8 +154,9 @@ def compile_train(config, devices: list, per_chip_batch: int, preset: str | None
 
 
 def compile_txt2img(config, devices: list, per_chip_batch: int, preset: str | None, steps: int, dtype: str,
-                    attention: str = "auto"):
-    """The txt2img program (text encoding, guided DDIM loop, decoding) compiled for ``devices``."""
+                    attention: str = "auto", unroll: bool = False):
+    """The txt2img program (text encoding, guided DDIM loop, decoding) compiled for ``devices``;
+    ``unroll``: the DDIM steps written out instead of one loop."""
     model = _model(config, preset)
     model["unet"].setdefault("cross_attention_dim", model["text_encoder"]["hidden_size"])
     configs = ModelConfigs.from_dicts(model)
@@ -178,7 +179,8 @@ def compile_txt2img(config, devices: list, per_chip_batch: int, preset: str | No
     plan = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=rep), plan)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
-    fn = jax.jit(lambda *a: generate.generate_on(mesh, nets, "ddim", 0, *a), out_shardings=batch_sharding)
+    fn = jax.jit(lambda *a: generate.generate_on(mesh, nets, "ddim", 0, *a, unroll=unroll),
+                 out_shardings=batch_sharding)
     return fn.lower(params, inputs, key, plan, scalar, scalar).compile(), B, size
 
 
@@ -222,18 +224,46 @@ def report(compiled, per_chip_batch: int, chip: Chip | None, what: str, compile_
     out = {"what": what, "compile_s": round(compile_s, 1), "per_chip_batch": per_chip_batch,
            "hbm_gib": {"arguments": args / GIB, "temporaries": temps / GIB, "outputs_not_aliased": (outs - alias) / GIB,
                        "code": code / GIB, "total": total / GIB},
-           "flops": cost.get("flops"), "transcendentals": cost.get("transcendentals"),
-           "bytes_accessed": cost.get("bytes accessed"), "optimal_seconds": cost.get("optimal_seconds"),
            "custom_kernels": custom_kernels(hlo), "largest_buffers": largest_buffers(hlo)}
     if chip is not None:
         out["chip"] = dataclasses.asdict(chip)
         out["fits"] = total <= chip.hbm_gib * GIB
+    return out | cost_figures(cost, per_chip_batch, chip)
+
+
+def cost_figures(cost: dict, per_chip_batch: int, chip: Chip | None) -> dict:
+    """FLOPs, bytes and roofline time of a cost analysis, and the images/s and MFU they imply."""
+    out = {"flops": cost.get("flops"), "transcendentals": cost.get("transcendentals"),
+           "bytes_accessed": cost.get("bytes accessed"), "optimal_seconds": cost.get("optimal_seconds")}
     seconds = cost.get("optimal_seconds")
     if seconds and seconds > 0:
         out["images_per_s_per_chip"] = per_chip_batch / seconds
         if chip is not None and cost.get("flops"):
             out["roofline_mfu"] = cost["flops"] / (seconds * chip.bf16_tflops * 1e12)
     return out
+
+
+def loop_cost(one: dict, two: dict, steps: int) -> dict:
+    """The cost of a ``steps``-step loop from the costs of the same program with 1 and 2 steps
+    written out: one + (steps - 1) * (two - one). XLA's cost analysis counts a loop's body once,
+    whatever its trip count, so the looped program's own figures describe one step."""
+    keys = ("flops", "transcendentals", "bytes accessed", "optimal_seconds")
+    return {k: one[k] + (steps - 1) * (two[k] - one[k]) for k in keys if k in one and k in two}
+
+
+def txt2img_report(config, devices: list, chip: Chip | None, args) -> dict:
+    """The real txt2img program's memory and compile time, and its cost for ``args.steps`` steps
+    from the 1- and 2-step programs with the steps written out (``loop_cost``)."""
+    t0 = time.perf_counter()
+    compiled, batch, size = compile_txt2img(config, devices, args.per_chip_batch, args.preset, args.steps,
+                                            args.dtype, args.attention)
+    r = report(compiled, args.per_chip_batch, chip, f"txt2img {size}x{size}, {args.steps} DDIM steps, global batch "
+               f"{batch}", time.perf_counter() - t0)
+    one, two = (_first(compile_txt2img(config, devices, args.per_chip_batch, args.preset, n, args.dtype,
+                                       args.attention, unroll=True)[0].cost_analysis()) for n in (1, 2))
+    r.update(cost_figures(loop_cost(one, two, args.steps), args.per_chip_batch, chip))
+    r["cost_from"] = "the 1- and 2-step programs, steps written out, extrapolated linearly"
+    return r
 
 
 def state_sizes(setup: latent.Setup) -> dict:
@@ -263,6 +293,8 @@ def format_report(r: dict) -> str:
                         "recomputes the attention logits)" if "roofline_mfu" in r and r["custom_kernels"] else ""))
     else:
         lines.append(f"  optimal time per call: none from the compiler (optimal_seconds={r.get('optimal_seconds')})")
+    if "cost_from" in r:
+        lines.append(f"  cost from {r['cost_from']}")
     lines.append(f"  custom kernels: {', '.join(r['custom_kernels']) or 'none'}")
     if "train_state_gib" in r:
         lines.append(f"  train state (params, EMA, optimizer; all chips): {r['train_state_gib']:.3f} GiB for "
@@ -310,12 +342,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         reports[-1].update(state_sizes(setup))
         print(format_report(reports[-1]), flush=True)
     if args.what in ("txt2img", "both"):
-        t0 = time.perf_counter()
-        compiled, batch, size = compile_txt2img(config, devices, args.per_chip_batch, args.preset, args.steps,
-                                                args.dtype, args.attention)
-        reports.append(report(compiled, args.per_chip_batch, chip,
-                              f"txt2img {size}x{size}, {args.steps} DDIM steps, global batch {batch}",
-                              time.perf_counter() - t0))
+        reports.append(txt2img_report(config, devices, chip, args))
         print(format_report(reports[-1]), flush=True)
     if args.out:
         with open(args.out, "w") as f:

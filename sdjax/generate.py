@@ -131,12 +131,14 @@ def guided_model_fn(unet: UNet, unet_params: Any, ctx_2BLD: jax.Array, guidance_
 
 
 def generate(nets: Networks, sampler_name: str, start_index: int, params: dict[str, Any], inputs: Inputs,
-             key: jax.Array, plan: Any, guidance_scale: jax.Array, scaling_factor: jax.Array) -> jax.Array:
+             key: jax.Array, plan: Any, guidance_scale: jax.Array, scaling_factor: jax.Array,
+             unroll: bool = False) -> jax.Array:
     """The whole generation: ids -> context -> guided sampling -> f32 decode -> [0, 1] images.
 
     ``params`` = {"unet", "vae", "text_encoder"}; ``plan`` comes from the sampler's ``make_plan``;
     ``start_index`` > 0 (Img2Img) starts from ``inputs.init_images`` noised to that step; with
-    ``inputs.masks`` it inpaints (see the module docstring).
+    ``inputs.masks`` it inpaints (see the module docstring). ``unroll``: the sampler's steps written
+    out instead of one loop (for cost analysis, which counts a loop's body once).
     """
     sampler = get_sampler(sampler_name)
     ctx = nets.text_encoder.apply({"params": params["text_encoder"]},
@@ -160,7 +162,8 @@ def generate(nets: Networks, sampler_name: str, start_index: int, params: dict[s
             after_step = functools.partial(_keep_known_region, sampler, plan, x0, inputs.noise, mask_Bhw1)
         x0 = x0 if start_index > 0 else None  # strength 1 starts from pure noise
     model_fn = guided_model_fn(nets.unet, params["unet"], ctx, guidance_scale, extra)
-    latents = sampler.sample(model_fn, inputs.noise, key, plan, start_index=start_index, x0=x0, after_step=after_step)
+    latents = sampler.sample(model_fn, inputs.noise, key, plan, start_index=start_index, x0=x0, after_step=after_step,
+                             unroll=unroll)
     images = nets.vae.apply({"params": params["vae"]}, latents / scaling_factor, method=AutoencoderKL.decode)
     return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
 
@@ -174,11 +177,12 @@ def _keep_known_region(sampler: Any, plan: Any, x0: jax.Array, noise: jax.Array,
     return (1.0 - mask_Bhw1) * known + mask_Bhw1 * x
 
 
-def generate_on(mesh: Mesh, nets: Networks, sampler_name: str, start_index: int, *args) -> jax.Array:
+def generate_on(mesh: Mesh, nets: Networks, sampler_name: str, start_index: int, *args,
+                unroll: bool = False) -> jax.Array:
     """``generate`` under ``mesh`` (a 1-D ``data`` mesh): activation constraints and fused
     attention kernels (which run per device) split the batch over ``data``."""
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules((("batch", "data"),)):
-        return generate(nets, sampler_name, start_index, *args)
+        return generate(nets, sampler_name, start_index, *args, unroll=unroll)
 
 
 class Generator:

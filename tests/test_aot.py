@@ -40,6 +40,25 @@ def test_train_and_txt2img_report_for_a_v5e_slice(tmp_path, capsys):
         assert r["images_per_s_per_chip"] == pytest.approx(2 / r["optimal_seconds"])
         assert r["roofline_mfu"] == pytest.approx(r["flops"] / (r["optimal_seconds"] * 197e12))
     assert train["hbm_gib"]["outputs_not_aliased"] < 1e-3  # the state is donated: updated in place
+    assert sample["cost_from"].startswith("the 1- and 2-step programs") and "cost from the 1- and 2-step" in text
+
+
+def test_loop_cost_counts_every_step():
+    """XLA's cost analysis counts a scan's body once whatever its length (checked here on the host's
+    compiler); ``loop_cost`` from the 1- and 2-step programs written out gives the written-out
+    n-step program's figures."""
+    w = jnp.zeros((64, 64), jnp.float32)
+
+    def flops(n, unroll):
+        def f(x):
+            return jax.lax.scan(lambda x, _: (jnp.tanh(x @ w), None), x, None, length=n, unroll=unroll)[0]
+        return aot._first(jax.jit(f).lower(jnp.zeros((8, 64))).compile().cost_analysis())["flops"]
+
+    per_step = 2 * 8 * 64 * 64  # one (8, 64) x (64, 64) product; tanh is not a FLOP to the cost analysis
+    assert flops(10, False) == pytest.approx(per_step, rel=0.05)  # ten steps, counted as one
+    assert flops(10, True) == pytest.approx(10 * per_step, rel=0.05)
+    one, two = ({"flops": flops(n, True), "optimal_seconds": 0.5 + n} for n in (1, 2))
+    assert aot.loop_cost(one, two, 10) == {"flops": pytest.approx(flops(10, True)), "optimal_seconds": 10.5}
 
 
 @pytest.mark.parametrize("head_dim", [40, 64])

@@ -71,6 +71,7 @@ def sample(
     start_index: int = 0,
     x0: jax.Array | None = None,
     after_step: AfterStep | None = None,
+    unroll: bool = False,
 ) -> jax.Array:
     """Runs plan steps start_index .. N-1 in one scan; step i's eta noise is normal(fold_in(key, i))."""
     num_steps = plan.timesteps.shape[0]
@@ -82,5 +83,5 @@ def sample(
         z = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
         return apply_after_step(after_step, step(plan, out, x, i, z)[0], i), None
 
-    x, _ = jax.lax.scan(body, x, jnp.arange(start_index, num_steps))
+    x, _ = jax.lax.scan(body, x, jnp.arange(start_index, num_steps), unroll=unroll)
     return x

@@ -98,6 +98,7 @@ def sample(
     start_index: int = 0,
     x0: jax.Array | None = None,
     after_step: AfterStep | None = None,
+    unroll: bool = False,
 ) -> jax.Array:
     """Runs plan steps start_index .. N-1 in one scan (deterministic: `key` is unused)."""
     del key
@@ -113,5 +114,6 @@ def sample(
         x, x0_pred = step(plan, out, x, i, prev_x0, second_order)
         return (apply_after_step(after_step, x, i), x0_pred), None
 
-    (x, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), (jnp.asarray(steps), jnp.asarray(steps > start_index)))
+    (x, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), (jnp.asarray(steps), jnp.asarray(steps > start_index)),
+                             unroll=unroll)
     return x

@@ -1,0 +1,123 @@
+"""SD 1.5 txt2img (text encoding, classifier-free-guided DDIM loop, VAE decoding), compiled ahead of
+time for a TPU slice, in sdjax's environment or the diffusers-Flax peer's (run as a subprocess).
+
+    python -m benchmarks.aot_txt2img --impl sdjax --topology v5e:2x4 --chip-config default --bounds 2,2,1 --steps 2
+
+The same program for both: prompt and negative-prompt token ids in, 512x512 images out; bf16 UNet
+and text encoder, f32 VAE (sdjax's txt2img default), f32 DDIM arithmetic, guidance 7.5, batch split
+over the slice's devices, parameters replicated. ``--unroll`` writes the DDIM loop out step by step
+(XLA's cost analysis counts a loop's body once, whatever its trip count). Prints the compiler's
+per-chip memory and cost as one JSON line. ``--impl flax`` imports no sdjax.
+"""
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from benchmarks import timing
+
+
+def sdjax_program(model: dict, mesh, steps: int, unroll: bool, B: int):
+    """(jitted fn, abstract args) of sdjax's txt2img."""
+    from sdjax import generate
+    from sdjax.models.autoencoder import AutoencoderKL
+    from sdjax.models.configs import ModelConfigs, abstract_params
+    from sdjax.models.layers import resolve_attention
+    from sdjax.models.text_encoder import CLIPTextEncoder
+    from sdjax.models.unet import UNet
+    from sdjax.samplers import get_sampler
+
+    configs = ModelConfigs.from_dicts(model)
+    rep, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    attention = resolve_attention("auto", mesh.devices.flat[0].platform, jnp.bfloat16)
+    nets = generate.Networks(UNet(configs.unet, dtype=jnp.bfloat16, attention=attention), AutoencoderKL(configs.vae),
+                             CLIPTextEncoder(configs.text_encoder, dtype=jnp.bfloat16))
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract_params(configs))
+    ids = jax.ShapeDtypeStruct((B, 77), jnp.int32, sharding=batch)
+    noise = jax.ShapeDtypeStruct((B, 64, 64, 4), jnp.float32, sharding=batch)
+    plan = get_sampler("ddim").make_plan(configs.scheduler, steps)
+    plan = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=rep), plan)
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+    fn = jax.jit(lambda *a: generate.generate_on(mesh, nets, "ddim", 0, *a, unroll=unroll), out_shardings=batch)
+    return fn, (params, generate.Inputs(ids, ids, noise), key, plan, scalar, scalar)
+
+
+def flax_program(model: dict, mesh, steps: int, unroll: bool, B: int):
+    """(jitted fn, abstract args) of diffusers-Flax 0.39's FlaxStableDiffusionPipeline._generate."""
+    from diffusers import FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxStableDiffusionPipeline, FlaxUNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion import pipeline_flax_stable_diffusion
+    from transformers import CLIPTextConfig, FlaxCLIPTextModel
+
+    pipeline_flax_stable_diffusion.DEBUG = unroll  # its Python loop instead of fori_loop
+    rep, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    unet = FlaxUNet2DConditionModel.from_config(model["unet"], dtype=jnp.bfloat16)
+    vae = FlaxAutoencoderKL.from_config(model["vae"], dtype=jnp.float32)
+    text = FlaxCLIPTextModel(CLIPTextConfig(**model["text_encoder"]), dtype=jnp.bfloat16, _do_init=False)
+    scheduler = FlaxDDIMScheduler.from_config(model["scheduler"])
+    pipe = FlaxStableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, dtype=jnp.bfloat16)
+    key = jax.random.key(0)
+    params = {
+        "unet": jax.eval_shape(unet.init, key, jnp.zeros((1, 4, 64, 64)), jnp.zeros((1,), jnp.int32),
+                               jnp.zeros((1, 77, 768)))["params"],
+        "vae": jax.eval_shape(vae.init, key, jnp.zeros((1, 3, 512, 512)))["params"],
+        "text_encoder": jax.eval_shape(lambda k: text.init_weights(k, (1, 77)), key),
+    }
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), params)
+    state = scheduler.create_state()
+    ids = jax.ShapeDtypeStruct((B, 77), jnp.int32, sharding=batch)
+    prng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
+
+    def fn(params, ids, neg_ids, prng):
+        return pipe._generate(ids, dict(params, scheduler=state), prng, steps, 512, 512, 7.5, None, neg_ids)
+
+    return jax.jit(fn, out_shardings=batch), (params, ids, ids, prng)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--impl", choices=("sdjax", "flax"), required=True)
+    p.add_argument("--model", required=True,
+                   help="JSON file: the diffusers configs of unet, vae, text_encoder, scheduler")
+    p.add_argument("--topology", required=True, help="jax topology name, e.g. v5e:2x4")
+    p.add_argument("--chip-config", required=True)
+    p.add_argument("--bounds", required=True, help="chips per host, e.g. 2,2,1")
+    p.add_argument("--wrap", default="0,0,0")
+    p.add_argument("--per-chip-batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--unroll", action="store_true", help="write the DDIM loop out step by step")
+    a = p.parse_args(argv)
+    from jax.experimental import topologies
+
+    devices = topologies.get_topology_desc(
+        platform="tpu", topology_name=a.topology, chip_config_name=a.chip_config,
+        chips_per_host_bounds=tuple(int(b) for b in a.bounds.split(",")),
+        num_slices=1, wrap=tuple(bool(int(w)) for w in a.wrap.split(","))).devices
+    mesh = Mesh(np.asarray(devices), ("data",))
+    with open(a.model) as f:
+        model = json.load(f)
+    B = a.per_chip_batch * len(devices)
+    build = sdjax_program if a.impl == "sdjax" else flax_program
+    fn, args = build(model, mesh, a.steps, a.unroll, B)
+    t0 = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    timing.emit(dict(
+        impl=a.impl, devices=len(devices), device_kind=devices[0].device_kind, per_chip_batch=a.per_chip_batch,
+        steps=a.steps, unroll=a.unroll, compile_s=compile_s, flops=cost.get("flops"),
+        bytes_accessed=cost.get("bytes accessed"), optimal_seconds=cost.get("optimal_seconds"),
+        argument_bytes=mem.argument_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
+        versions=timing.versions("jax", "jaxlib", "flax", "libtpu", "diffusers")))
+
+
+if __name__ == "__main__":
+    main()
