@@ -119,6 +119,7 @@ def table(results: dict[str, Any]) -> str:
         s, f = a.get("sdjax", {}), a.get("flax", {})
         row("aot", f"{key}: compiler-optimal time per batch", _ms(s), _ms(f), unit=" ms")
         row("aot", f"{key}: images/s/chip", s.get("images_per_s_per_chip"), f.get("images_per_s_per_chip"))
+        row("aot", f"{key}: FLOPs per batch, T", _gb(s, "flops", 1e12), _gb(f, "flops", 1e12))
         row("aot", f"{key}: HBM bytes accessed per batch, GB", _gb(s, "bytes_accessed"), _gb(f, "bytes_accessed"))
         loop_s, loop_f = s.get("runs", {}).get("loop", {}), f.get("runs", {}).get("loop", {})
         row("aot", f"{key}: temporaries per chip (the loop), GiB", _gb(loop_s, "temp_bytes", 2**30),
@@ -131,7 +132,8 @@ def table(results: dict[str, Any]) -> str:
 
 
 def _ms(r: dict) -> float | None:
-    return r["optimal_seconds"] * 1e3 if r.get("optimal_seconds") else None
+    """The compiler's time in ms; None where it gave none (the TPU cost model can return <= 0)."""
+    return r["optimal_seconds"] * 1e3 if (r.get("optimal_seconds") or 0) > 0 else None
 
 
 def _ips(r: dict) -> float | None:
