@@ -12,14 +12,13 @@ per-chip memory and cost as one JSON line. ``--impl flax`` imports no sdjax.
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from benchmarks import timing
+from benchmarks import timing, tpu_slice
 
 
 def sdjax_program(model: dict, mesh, steps: int, unroll: bool, B: int):
@@ -85,37 +84,21 @@ def main(argv=None) -> None:
     p.add_argument("--impl", choices=("sdjax", "flax"), required=True)
     p.add_argument("--model", required=True,
                    help="JSON file: the diffusers configs of unet, vae, text_encoder, scheduler")
-    p.add_argument("--topology", required=True, help="jax topology name, e.g. v5e:2x4")
-    p.add_argument("--chip-config", required=True)
-    p.add_argument("--bounds", required=True, help="chips per host, e.g. 2,2,1")
-    p.add_argument("--wrap", default="0,0,0")
-    p.add_argument("--per-chip-batch", type=int, default=8)
+    tpu_slice.add_args(p, "v5e:2x4")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--unroll", action="store_true", help="write the DDIM loop out step by step")
     a = p.parse_args(argv)
-    from jax.experimental import topologies
-
-    devices = topologies.get_topology_desc(
-        platform="tpu", topology_name=a.topology, chip_config_name=a.chip_config,
-        chips_per_host_bounds=tuple(int(b) for b in a.bounds.split(",")),
-        num_slices=1, wrap=tuple(bool(int(w)) for w in a.wrap.split(","))).devices
+    devices = tpu_slice.devices(a)
     mesh = Mesh(np.asarray(devices), ("data",))
     with open(a.model) as f:
         model = json.load(f)
     B = a.per_chip_batch * len(devices)
     build = sdjax_program if a.impl == "sdjax" else flax_program
     fn, args = build(model, mesh, a.steps, a.unroll, B)
-    t0 = time.perf_counter()
-    compiled = fn.lower(*args).compile()
-    compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    figures, _ = tpu_slice.compile_figures(fn.lower(*args))
     timing.emit(dict(
         impl=a.impl, devices=len(devices), device_kind=devices[0].device_kind, per_chip_batch=a.per_chip_batch,
-        steps=a.steps, unroll=a.unroll, compile_s=compile_s, flops=cost.get("flops"),
-        bytes_accessed=cost.get("bytes accessed"), optimal_seconds=cost.get("optimal_seconds"),
-        argument_bytes=mem.argument_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
+        steps=a.steps, unroll=a.unroll, **figures,
         versions=timing.versions("jax", "jaxlib", "flax", "libtpu", "diffusers")))
 
 

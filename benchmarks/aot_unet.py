@@ -10,15 +10,13 @@ Standard library + the environment's packages only for the peer: ``--impl flax``
 """
 
 import argparse
-import re
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from benchmarks import timing
+from benchmarks import timing, tpu_slice
 
 # SD 1.5's UNet, as its diffusers config.json (the same dict sdjax.presets.sd15()["unet"] holds).
 SD15_UNET = dict(
@@ -59,19 +57,10 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--impl", choices=("sdjax", "flax"), required=True)
     p.add_argument("--attention", default="auto", help="sdjax only: auto, xla or flash")
-    p.add_argument("--topology", required=True, help="jax topology name, e.g. v5:2x2x1")
-    p.add_argument("--chip-config", required=True)
-    p.add_argument("--bounds", required=True, help="chips per host, e.g. 2,2,1")
-    p.add_argument("--wrap", default="0,0,0")
-    p.add_argument("--per-chip-batch", type=int, default=8)
+    tpu_slice.add_args(p, "v5:2x2x1")
     p.add_argument("--hlo", help="also write the compiled program's HLO text here (for benchmarks.hlo_ops)")
     a = p.parse_args(argv)
-    from jax.experimental import topologies
-
-    devices = topologies.get_topology_desc(
-        platform="tpu", topology_name=a.topology, chip_config_name=a.chip_config,
-        chips_per_host_bounds=tuple(int(b) for b in a.bounds.split(",")),
-        num_slices=1, wrap=tuple(bool(int(w)) for w in a.wrap.split(","))).devices
+    devices = tpu_slice.devices(a)
     mesh = Mesh(np.asarray(devices), ("data",))
     rep, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     attention = "flash" if a.attention == "auto" else a.attention
@@ -93,25 +82,14 @@ def main(argv=None) -> None:
     args = (jax.tree.map(lambda x: sds(x.shape, x.dtype, rep), params), sds((B, 64, 64, 4), jnp.bfloat16, batch),
             sds((B,), jnp.int32, batch), sds((B, 77, 768), jnp.bfloat16, batch), sds((B, 64, 64, 4), jnp.float32, batch))
     step = jax.jit(jax.value_and_grad(loss), out_shardings=(rep, rep))
-    t0 = time.perf_counter()
-    compiled = step.lower(*args).compile()
-    compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    hlo = compiled.as_text()
+    figures, hlo = tpu_slice.compile_figures(step.lower(*args))
     if a.hlo:
         with open(a.hlo, "w") as f:
             f.write(hlo)
     timing.emit(dict(
         impl=a.impl, attention=attention if a.impl == "sdjax" else "diffusers default", devices=len(devices),
-        device_kind=devices[0].device_kind, per_chip_batch=a.per_chip_batch, compile_s=compile_s,
-        flops=cost.get("flops"), bytes_accessed=cost.get("bytes accessed"), optimal_seconds=cost.get("optimal_seconds"),
-        argument_bytes=mem.argument_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
-        output_bytes=mem.output_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
-        custom_calls=sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo))),
+        device_kind=devices[0].device_kind, per_chip_batch=a.per_chip_batch, **figures,
         versions=timing.versions("jax", "jaxlib", "flax", "libtpu", "diffusers")))
-
 
 if __name__ == "__main__":
     main()
