@@ -1,6 +1,8 @@
 """The ahead-of-time report compiles the real train step and txt2img program for a TPU slice on this
 CPU host (libtpu describes the slice; nothing runs on it), and the TPU flash-attention kernel
-lowers for Stable Diffusion's head widths."""
+lowers for Stable Diffusion's head widths. Every test that loads libtpu lives in this file: a
+process that has loaded it holds its lock file, so under pytest-xdist (one file per worker) a
+second file loading it would fail."""
 
 import json
 
@@ -90,3 +92,26 @@ def test_report_without_a_compiler_time_still_prints():
          "chip": {"hbm_gib": 16}, "fits": True}
     text = aot.format_report(r)
     assert "= 3.10 GiB of 16 GiB" in text and "none from the compiler (optimal_seconds=-1.0)" in text
+
+
+@pytest.mark.slow
+def test_aot_txt2img_runner_costs_written_out_steps_on_a_tiny_model(tmp_path, capsys):
+    """The txt2img AOT runner compiles sdjax's program for a v5e-8 slice (libtpu, no TPU): the 2-step
+    program written out costs one guided step more than the 1-step one (a tenth or more of it)."""
+    import json
+
+    from benchmarks import aot_txt2img, timing, weights
+
+    model = weights.configs("tiny")
+    model["unet"]["sample_size"] = 64  # the runner's latents are SD's 64x64
+    model["scheduler"] = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", steps_offset=1)
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(model))
+    base = ["--impl", "sdjax", "--model", str(path), "--topology", "v5e:2x4", "--chip-config", "default",
+            "--bounds", "2,2,1", "--per-chip-batch", "1"]
+    flops = {}
+    for name, extra in (("one", ["--steps", "1", "--unroll"]), ("two", ["--steps", "2", "--unroll"])):
+        aot_txt2img.main(base + extra)
+        flops[name] = timing.parse(capsys.readouterr().out)["flops"]
+    assert flops["two"] - flops["one"] > 0.1 * flops["one"]
