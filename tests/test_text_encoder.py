@@ -8,7 +8,7 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdjax.models import layers
-from sdjax.checkpoints.convert import text_encoder_from_torch
+from sdjax.checkpoints.convert import text_encoder_from_torch, text_encoder_to_torch
 from sdjax.models.text_encoder import CLIPTextEncoder, TextEncoderConfig, pooled_output
 
 TINY = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_attention_heads=4,
@@ -70,6 +70,30 @@ def test_sd2_penultimate_layer_matches_transformers():
     assert diffusers_form.num_hidden_layers == 3 and diffusers_form.output_layer == "last"
     sd23 = {k: v for k, v in torch_model.state_dict().items() if not k.startswith("encoder.layers.3.")}
     assert jax.tree.all(jax.tree.map(np.array_equal, params, text_encoder_from_torch(sd23, diffusers_form)))
+
+
+def test_no_layers_matches_transformers_and_ignores_the_other_words():
+    """num_hidden_layers=0 (configs/tiny.py): embeddings through the final LayerNorm, as transformers computes it."""
+    torch_model = random_torch_model(num_hidden_layers=0, hidden_act="gelu")
+    config = TextEncoderConfig.from_transformers_config(torch_model.config.to_dict())
+    sd = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+    params = text_encoder_from_torch(sd, config)
+    ids = token_ids()
+    with torch.no_grad():
+        want = torch_model(torch.from_numpy(ids)).last_hidden_state.numpy()
+    hidden = CLIPTextEncoder(config).apply({"params": params}, jnp.asarray(ids, jnp.int32))
+    np.testing.assert_allclose(hidden, want, atol=1e-5, rtol=0)
+    back = {k.removeprefix("text_model."): v for k, v in text_encoder_to_torch(params).items()}
+    assert set(back) == set(sd) - {"embeddings.position_ids"}
+    for k in back:
+        np.testing.assert_array_equal(back[k], sd[k])
+    # A token's output depends on its word and position only: change every other word, it stays.
+    other = ids.copy()
+    other[:, 1:5] = (ids[:, 1:5] + 7) % 998
+    changed = CLIPTextEncoder(config).apply({"params": params}, jnp.asarray(other, jnp.int32))
+    np.testing.assert_array_equal(np.asarray(changed)[:, 5:], np.asarray(hidden)[:, 5:])
+    with pytest.raises(ValueError, match="penultimate.*at least 1 layer"):
+        TextEncoderConfig(**TINY, num_hidden_layers=0, output_layer="penultimate")
 
 
 def test_config_round_trips_through_transformers():

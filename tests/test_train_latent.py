@@ -108,11 +108,14 @@ def _flat(tree):
 ADAM_ATOL = 1e-4
 
 
-def _assert_trees_close(got, want, rtol, atol):
+def _assert_trees_close(got, want, rtol, atol, atol_of_max=0.0):
+    """Leaf by leaf to rtol and atol + atol_of_max * max|want leaf|."""
     got, want = (jax.tree_util.tree_flatten_with_path(t)[0] for t in (got, want))
     assert [path for path, _ in got] == [path for path, _ in want]
     for (path, a), (_, b) in zip(got, want):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol,
+        b = np.asarray(b)
+        np.testing.assert_allclose(np.asarray(a), b, rtol=rtol,
+                                   atol=atol + atol_of_max * float(np.abs(b).max(initial=0.0)),
                                    err_msg=jax.tree_util.keystr(path))
 
 
@@ -120,7 +123,10 @@ def _assert_steps_match(got, want, grad_rtol: float):
     """Two states one step after the same start: weights and EMA to ADAM_ATOL, gradients to grad_rtol."""
     _assert_trees_close((got.params, got.ema_params), (want.params, want.ema_params), rtol=1e-6, atol=ADAM_ATOL)
     mu = lambda s: optax.tree_utils.tree_get(s.opt_state, "mu")  # noqa: E731
-    _assert_trees_close(mu(got), mu(want), rtol=grad_rtol, atol=1e-8)
+    # An entry that is a sum with cancellation (a token embedding row gathers the gradient of every
+    # position it appears at) can differ relatively more: such entries are held to grad_rtol of
+    # the leaf's largest entry.
+    _assert_trees_close(mu(got), mu(want), rtol=grad_rtol, atol=1e-8, atol_of_max=grad_rtol)
     assert int(got.step) == int(want.step) == 1
 
 

@@ -107,7 +107,7 @@ def run(argv: list[str] | None = None) -> dict:
                    help="on a CPU, train the latent model data-parallel over this many host devices "
                         "(XLA_FLAGS=--xla_force_host_platform_device_count); 2 is ~13%% faster than one "
                         "device on 2 cores. Ignored if XLA_FLAGS is already set or a GPU/TPU is used")
-    p.add_argument("--n-samples", type=int, default=4, help="samples per prompt")
+    p.add_argument("--n-samples", type=int, default=16, help="samples per prompt")
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--scale", type=float, default=5.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0,

@@ -4,8 +4,12 @@
     python train/latent.py --config configs/tiny.py --workdir /tmp/sdjax_tiny --config.train.batch_size=32
 
 32x32 images -> a 4x-downsampling VAE (8x8x4 latents) -> a two-level UNet with cross-attention
-to a 2-layer text transformer trained from scratch (no pretrained CLIP offline) on a word-level
-tokenizer written into the workdir from ``tokenizer.words``.
+to a text encoder trained from scratch (no pretrained CLIP offline) on a word-level tokenizer
+written into the workdir from ``tokenizer.words``. The text encoder has no transformer layers:
+each word's context vector is its word and position embedding through the final LayerNorm.
+With CLIP's causal self-attention (2 layers tried) the shape word's vector depends on the colour
+word before it, and a colour/shape pair never seen in training comes out with a seen pair's shape
+(the demo's held-out pairs: 51% of shapes right with 2 layers, 100% with none; seed 0, 96 samples).
 
 Sections:
   model               diffusers-style dicts for ModelConfigs.from_dicts (unet, vae, text_encoder, scheduler).
@@ -42,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
             in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
             norm_num_groups=8, sample_size=32, scaling_factor=1.0),
         text_encoder=dict(
-            vocab_size=1024, hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2,
+            vocab_size=1024, hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=0,
             num_attention_heads=2, max_position_embeddings=16, hidden_act="gelu"),
         scheduler=dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                        prediction_type="epsilon"),

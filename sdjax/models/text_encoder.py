@@ -8,6 +8,8 @@ SD 1.x conditions on the last layer of OpenAI's CLIP ViT-L/14 text tower; SD 2.x
 penultimate layer of OpenCLIP ViT-H/14. Both go through the final LayerNorm. diffusers
 stores SD 2's encoder with the last layer dropped (23 layers, last hidden state), which
 is the same network: ``output_layer="penultimate"`` builds only the layers it uses.
+With no layers at all (``num_hidden_layers=0``, as transformers allows) each token's output is
+its word and position embedding through the final LayerNorm, whatever the other words are.
 """
 
 import dataclasses
@@ -53,9 +55,8 @@ class TextEncoderConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"TextEncoderConfig.hidden_size={self.hidden_size} is not divisible by "
                              f"num_attention_heads={self.num_attention_heads}.")
-        if self.num_layers_used < 1:
-            raise ValueError(f"TextEncoderConfig: output_layer={self.output_layer!r} needs at least "
-                             f"{2 if self.output_layer == 'penultimate' else 1} layers, "
+        if self.num_layers_used < 0:
+            raise ValueError(f"TextEncoderConfig: output_layer='penultimate' needs at least 1 layer, "
                              f"got num_hidden_layers={self.num_hidden_layers}.")
 
     @property
