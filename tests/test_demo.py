@@ -24,7 +24,9 @@ def test_demo_runs_every_phase(tmp_path):
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert report["scores"]["seen"]["images"] == 30 and report["scores"]["held_out"]["images"] == 6
     assert report["judge_on_real_images"]["shape"] >= 0.99  # the judge itself is sound
-    assert (tmp_path / "demo" / "samples" / "grid-0000.png").is_file()
+    from PIL import Image
+    with Image.open(tmp_path / "demo" / "pairs.png") as grid:  # a row per shape/colour pair, 8 columns of 32 px
+        assert grid.size == (8 * 32, 18 * 32)
     assert (tmp_path / "demo" / "model" / "sdjax.json").is_file() and (tmp_path / "demo" / "vae" / "vae.json").is_file()
 
     # The trained model leaves sdjax: diffusers samples the same images from its exported folder.

@@ -92,6 +92,27 @@ def score_samples(sample_dir: str, wanted: dict[str, tuple[int, int, bool]]) -> 
     return out
 
 
+def pair_grid(sample_dir: str, prompts: list[tuple[str, int, int, bool]], path: str, columns: int = 8) -> None:
+    """One row per shape/colour pair (its first background's prompt), up to `columns` samples each."""
+    from PIL import Image
+
+    images: dict[str, list[str]] = {}
+    for meta_path in sorted(glob.glob(os.path.join(sample_dir, "0*.json"))):
+        with open(meta_path) as f:
+            images.setdefault(json.load(f)["prompt"], []).append(meta_path[:-5] + ".png")
+    rows, pairs = [], set()
+    for prompt, shape, color, _ in prompts:
+        if (shape, color) not in pairs:
+            pairs.add((shape, color))
+            rows.append(images[prompt][:columns])
+    size = Image.open(rows[0][0]).size[0]
+    grid = Image.new("RGB", (size * columns, size * len(rows)), "white")
+    for i, files in enumerate(rows):
+        for j, f in enumerate(files):
+            grid.paste(Image.open(f).convert("RGB"), (size * j, size * i))
+    grid.save(path)
+
+
 def run(argv: list[str] | None = None) -> dict:
     """Runs the demo; returns its report (also written to WORKDIR/report.json)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -171,8 +192,9 @@ def run(argv: list[str] | None = None) -> dict:
     scores = score_samples(sample_dir, {pr: (s, c, h) for pr, s, c, h in prompts})
     judge = judge_real_images(data_dir)
     timings["total_s"] = time.perf_counter() - t0
-    report = dict(scores=scores, judge_on_real_images=judge, timings=timings,
-                  args=vars(args), grid=os.path.join(sample_dir, "grid-0000.png"))
+    grid = os.path.join(w, "pairs.png")
+    pair_grid(sample_dir, prompts, grid)
+    report = dict(scores=scores, judge_on_real_images=judge, timings=timings, args=vars(args), grid=grid)
     with open(os.path.join(w, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
 
@@ -182,7 +204,7 @@ def run(argv: list[str] | None = None) -> dict:
         print(f"{label:<22}{r['images']:>8}{r['shape']:>9.1%}{r['color']:>9.1%}{r['both']:>9.1%}")
     print(f"{'judge on real images':<22}{'':>8}{judge['shape']:>9.1%}{judge['color']:>9.1%}{judge['both']:>9.1%}")
     print(f"\ntimes: " + ", ".join(f"{k[:-2]} {v / 60:.1f} min" for k, v in timings.items()))
-    print(f"grid of all samples: {report['grid']}\nreport: {os.path.join(w, 'report.json')}")
+    print(f"samples, a row per shape/colour pair: {grid}\nreport: {os.path.join(w, 'report.json')}")
     return report
 
 
