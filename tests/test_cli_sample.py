@@ -136,15 +136,13 @@ def test_readme_sampling_commands(folder, tmp_path):
     flags appended after them: argparse keeps the last value), with HOME in tmp for --compile-cache
     (passed on unexpanded, as when quoted: the command expands it)."""
     import os
-    import re
     import shlex
     import subprocess
     import sys
-    from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = re.search(r"```bash\n(.*?)```", text[text.index("## Sampling"):], re.S).group(1)
-    commands = [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    from tests.readme import readme_block
+
+    commands = readme_block("## Sampling")
     assert [c.split()[0] for c in commands] == [".venv/bin/sdjax-txt2img"] * 2 + [".venv/bin/sdjax-img2img"]
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "sketch.png")

@@ -1,12 +1,19 @@
-"""The training command line's own errors, raised before anything is built or written (the
-command training for real runs in test_train_latent and test_own_data)."""
+"""The training command line: its own errors, raised before anything is built or written, and the
+README's two-phase commands on the synthetic shapes set (run as written, shortened by flags; the own
+images commands run in test_own_data)."""
 
+import json
 import os
+import shlex
+import subprocess
+import sys
 
 import pytest
+from PIL import Image
 
 from sdjax import configs
 from sdjax.cli import train
+from tests.readme import SHORT, readme_block
 
 
 def _fails(argv: list[str], capsys) -> str:
@@ -37,3 +44,25 @@ def test_unknown_config_and_missing_phase(tmp_path, capsys):
     err = _fails(["latent", "--config", "nosuch", "--workdir", str(tmp_path)], capsys)
     assert "nosuch: no such config file" in err and "tiny_autoencoder" in err
     assert "the phase, one of autoencoder, latent" in _fails(["--config", "tiny"], capsys)
+
+
+@pytest.mark.slow
+def test_readme_two_phase_commands_train_export_and_sample(tmp_path):
+    commands = readme_block("## Training: two phases")
+    assert [c.split()[0] for c in commands] == [".venv/bin/sdjax-train"] * 2 + [".venv/bin/sdjax-txt2img"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    outputs = []
+    for command in commands:
+        args = shlex.split(command)
+        args[0] = os.path.join(os.path.dirname(sys.executable), os.path.basename(args[0]))
+        if "sdjax-train" in args[0]:
+            args += [f.format(steps=4) for f in SHORT[args[1]]]
+            args.append(f"--config.data.data_dir={tmp_path / 'tfds'}")  # not the user's ~/tensorflow_datasets
+        r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        outputs.append(r.stdout + r.stderr)
+    assert "step 4: held-out PSNR" in outputs[0] and "step 4/4" in outputs[1]
+    assert json.loads((tmp_path / "runs" / "vae-export" / "vae.json").read_text())
+    assert (tmp_path / "runs" / "ldm" / "checkpoints" / "4").is_dir()
+    images = sorted((tmp_path / "outputs").glob("0*.png"))
+    assert len(images) == 4 and all(Image.open(p).size == (32, 32) for p in images)  # --n-samples 4, tiny's size

@@ -169,21 +169,18 @@ def test_readme_lora_commands_train_export_and_sample(base, sd, tmp_path):
     a tiny base, a small image folder): only the adapters train and are checkpointed; two hosts that
     stop and resume train what one does; the export loads in diffusers, which gives the images sdjax
     gives with it; the sampling command applies it."""
-    import re
     import shlex
     import subprocess
     import sys
-    from pathlib import Path
 
     import orbax.checkpoint as ocp
     from PIL import Image
 
     from tests.own_data import write_image_folder
+    from tests.readme import readme_block
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = re.search(r"```bash\n(.*?)```", text[text.index("Training one: `sd15_finetune` with"):], re.S).group(1)
-    train_cmd, sample_cmd = [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
-    images = write_image_folder(tmp_path / "my_images", 12)
+    train_cmd, sample_cmd = readme_block("Training one: `sd15_finetune` with")
+    write_image_folder(tmp_path / "my_images", 12)
     bin_dir = os.path.dirname(sys.executable)
 
     def argv(command: str) -> list[str]:

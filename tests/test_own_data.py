@@ -4,7 +4,6 @@ line: both phases train, checkpoint, resume and export (as diffusers folders), a
 
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -14,21 +13,7 @@ import pytest
 
 from sdjax.stable_diffusion import StableDiffusion
 from tests.own_data import write_image_folder
-
-README = Path(__file__).resolve().parents[1] / "README.md"
-SHORT = {"autoencoder": ["--config.train.steps={steps}", "--config.train.batch_size=4", "--config.train.eval_every=2",
-                         "--config.train.checkpoint_every=2", "--config.train.log_every=1",
-                         "--config.train.fast_compile=True", "--config.train.eval_images=4"],
-         "latent": ["--config.train.steps={steps}", "--config.train.batch_size=4", "--config.train.checkpoint_every=2",
-                    "--config.train.sample_every=2", "--config.train.log_every=1", "--config.train.fast_compile=True"]}
-
-
-def readme_commands() -> list[str]:
-    """The shell commands of the README's own-images section, backslash continuations joined."""
-    text = README.read_text()
-    section = text[text.index("### Your own captioned images"):]
-    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-    return [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+from tests.readme import SHORT, readme_block
 
 
 def _run(cmd: list[str], cwd: Path) -> str:
@@ -40,7 +25,7 @@ def _run(cmd: list[str], cwd: Path) -> str:
 
 @pytest.mark.slow
 def test_readme_own_image_commands_train_resume_export_and_sample(tmp_path):
-    commands = readme_commands()
+    commands = readme_block("### Your own captioned images")
     assert [c.split()[0] for c in commands] == [".venv/bin/sdjax-train"] * 2 + [".venv/bin/sdjax-txt2img"]
     write_image_folder(tmp_path / "my_images", 20)
     bin_dir = os.path.dirname(sys.executable)

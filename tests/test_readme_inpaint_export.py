@@ -3,7 +3,6 @@ installed console scripts on a tiny 9-channel inpainting checkpoint."""
 
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -15,16 +14,7 @@ from safetensors.numpy import load_file
 
 from sdjax.stable_diffusion import StableDiffusion
 from tests import tiny_models
-
-README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def readme_block(heading: str) -> list[str]:
-    """The first bash block under ``heading``, one command per entry (continuations joined)."""
-    text = README.read_text()
-    block = re.search(r"```bash\n(.*?)```", text[text.index(heading):], re.S).group(1)
-    return [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
-
+from tests.readme import readme_block
 
 def _argv(command: str, checkpoint: Path) -> list[str]:
     args = [str(checkpoint) if a == "CKPT" else a for a in shlex.split(command)]
