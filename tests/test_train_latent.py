@@ -119,14 +119,12 @@ def _assert_trees_close(got, want, rtol, atol, atol_of_max=0.0):
                                    err_msg=jax.tree_util.keystr(path))
 
 
-def _assert_steps_match(got, want, grad_rtol: float):
-    """Two states one step after the same start: weights and EMA to ADAM_ATOL, gradients to grad_rtol."""
+def _assert_steps_match(got, want, grad_rtol: float, grad_atol_of_max: float = 0.0):
+    """Two states one step after the same start: weights and EMA to ADAM_ATOL, gradients to grad_rtol
+    (and, where grad_atol_of_max is given, to that fraction of each leaf's largest gradient)."""
     _assert_trees_close((got.params, got.ema_params), (want.params, want.ema_params), rtol=1e-6, atol=ADAM_ATOL)
     mu = lambda s: optax.tree_utils.tree_get(s.opt_state, "mu")  # noqa: E731
-    # An entry that is a sum with cancellation (a token embedding row gathers the gradient of every
-    # position it appears at) can differ relatively more: such entries are held to grad_rtol of
-    # the leaf's largest entry.
-    _assert_trees_close(mu(got), mu(want), rtol=grad_rtol, atol=1e-8, atol_of_max=grad_rtol)
+    _assert_trees_close(mu(got), mu(want), rtol=grad_rtol, atol=1e-8, atol_of_max=grad_atol_of_max)
     assert int(got.step) == int(want.step) == 1
 
 
@@ -250,7 +248,10 @@ def test_remat_recomputes_without_changing_the_step(data_dir, setup1, start, ste
     want, want_m = step1
     np.testing.assert_allclose(m["loss"], want_m["loss"], rtol=1e-6)
     np.testing.assert_allclose(m["grad_norm"], want_m["grad_norm"], rtol=1e-6)
-    _assert_steps_match(state, want, grad_rtol=1e-5)
+    # Recomputing the forward pass changes XLA's summation order: a token-embedding entry that is a
+    # sum with cancellation (1 of 32,768) differed by 1.6e-8, relative 7.7e-5; every entry is also
+    # held to 1e-5 of its leaf's largest.
+    _assert_steps_match(state, want, grad_rtol=1e-5, grad_atol_of_max=1e-5)
 
 
 def _cosine(a, b):
