@@ -1,4 +1,5 @@
-"""Samplers: a static plan per (SchedulerConfig, num_steps), one pure step function, a scan driver."""
+"""Samplers: a static plan per (SchedulerConfig, num_steps) and one pure step each; ``Sampler.sample``
+(``base.py``) is the one scan driver they share."""
 
 import functools
 
@@ -6,10 +7,13 @@ from sdjax.samplers import ddim, dpm_solver, euler
 from sdjax.samplers.base import Sampler, img2img_start
 
 SAMPLERS: dict[str, Sampler] = {
-    "ddim": Sampler("ddim", ddim.make_plan, ddim.sample, ddim.noise_to),
-    "dpm++2m": Sampler("dpm++2m", dpm_solver.make_plan, dpm_solver.sample, dpm_solver.noise_to),
-    "euler": Sampler("euler", functools.partial(euler.make_plan, ancestral=False), euler.sample, euler.noise_to),
-    "euler_a": Sampler("euler_a", functools.partial(euler.make_plan, ancestral=True), euler.sample, euler.noise_to),
+    "ddim": Sampler("ddim", ddim.make_plan, ddim.advance, ddim.noise_to),
+    "dpm++2m": Sampler("dpm++2m", dpm_solver.make_plan, dpm_solver.advance, dpm_solver.noise_to,
+                       memory=dpm_solver.initial_memory),
+    "euler": Sampler("euler", functools.partial(euler.make_plan, ancestral=False), euler.advance, euler.noise_to,
+                     init_sigma=euler.init_sigma),
+    "euler_a": Sampler("euler_a", functools.partial(euler.make_plan, ancestral=True), euler.advance, euler.noise_to,
+                       init_sigma=euler.init_sigma),
 }
 
 

@@ -16,22 +16,63 @@ AfterStep = Callable[[jax.Array, jax.Array], jax.Array]
 """after_step(x, i) -> x: applied to the sampler's x after plan step i (inpainting's blend of the known region)."""
 
 
+Advance = Callable[[Any, ModelFn, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+"""advance(plan, model_fn, x, i, key_i, memory) -> (x, memory): plan step i, the model called inside.
+``key_i`` is ``fold_in(key, i)``; ``memory`` is what the sampler carries between steps (DPM-Solver's
+previous x0 prediction)."""
+
+
+def _unit_sigma(plan: Any) -> float:
+    return 1.0
+
+
+def _no_memory(x: jax.Array) -> tuple:
+    return ()
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-    """A sampler as three pure functions.
+    """A sampler: a plan, one pure step, and the one driver every sampler shares (``sample``).
 
     make_plan(config, num_steps, *, eta=0.0) -> plan: static per-step tables (a pytree: pass it to `jax.jit` as an
         argument so its arrays, eta included, are traced and changing them does not recompile).
-    sample(model_fn, noise, key, plan, *, start_index=0, x0=None, after_step=None) -> x0 estimate: `noise` is standard
-        normal; the sampler scales it itself, or, when `x0` is given (img2img), starts from
-        noise_to(x0, noise, plan, start_index). `after_step(x, i)`, if given, rewrites x after each step i.
+    advance: one plan step (see ``Advance``).
     noise_to(x0, noise, plan, start_index) -> x at the noise level of plan step `start_index`.
+    init_sigma(plan): the scale of txt2img's starting noise; memory(x): the first step's memory.
     """
 
     name: str
     make_plan: Callable[..., Any]
-    sample: Callable[..., jax.Array]
+    advance: Advance
     noise_to: Callable[..., jax.Array]
+    init_sigma: Callable[[Any], Any] = _unit_sigma
+    memory: Callable[[jax.Array], Any] = _no_memory
+
+    def sample(self, model_fn: ModelFn, noise: jax.Array, key: jax.Array, plan: Any, *, start_index: int = 0,
+               x0: jax.Array | None = None, after_step: AfterStep | None = None, unroll: bool = False) -> jax.Array:
+        """Runs plan steps start_index .. N-1 in one scan and returns the last x.
+
+        `noise` is standard normal: scaled by init_sigma (txt2img), or, when `x0` is given (img2img),
+        the start is noise_to(x0, noise, plan, start_index). Step i draws its randomness from
+        fold_in(key, i). `after_step(x, i)`, if given, rewrites x after each step i (inpainting).
+        `unroll`: the steps written out instead of one loop (XLA's cost analysis counts a loop's body once).
+        """
+        num_steps = plan.timesteps.shape[0]
+        if not isinstance(start_index, (int, np.integer)) or not 0 <= start_index < num_steps:
+            raise ValueError(f"start_index must be a Python int in [0, {num_steps}), got {start_index!r}.")
+        if x0 is None:
+            if start_index != 0:
+                raise ValueError("start_index > 0 needs x0 (the clean latent to noise); pass x0= for img2img.")
+            x = noise.astype(jnp.float32) * self.init_sigma(plan)
+        else:
+            x = self.noise_to(x0, noise, plan, start_index)
+
+        def body(carry, i):
+            x, memory = self.advance(plan, model_fn, carry[0], i, jax.random.fold_in(key, i), carry[1])
+            return (x if after_step is None else after_step(x, i), memory), None
+
+        (x, _), _ = jax.lax.scan(body, (x, self.memory(x)), jnp.arange(start_index, num_steps), unroll=unroll)
+        return x
 
 
 def img2img_start(num_steps: int, strength: float) -> int:
@@ -48,11 +89,6 @@ def img2img_start(num_steps: int, strength: float) -> int:
 def check_steps(config: SchedulerConfig, num_steps: int) -> None:
     if not 1 <= num_steps <= config.num_train_timesteps:
         raise ValueError(f"num_steps must be in [1, {config.num_train_timesteps}], got {num_steps}.")
-
-
-def check_start(plan_steps: int, start_index: int) -> None:
-    if not isinstance(start_index, (int, np.integer)) or not 0 <= start_index < plan_steps:
-        raise ValueError(f"start_index must be a Python int in [0, {plan_steps}), got {start_index!r}.")
 
 
 def check_no_eta(name: str, eta: float) -> None:
@@ -95,19 +131,6 @@ def interp_sigmas(config: SchedulerConfig, timesteps: np.ndarray) -> np.ndarray:
 def batch_t(t: jax.Array, x: jax.Array) -> jax.Array:
     """A scalar timestep repeated for each example of x: [B] float32."""
     return jnp.full((x.shape[0],), t, jnp.float32)
-
-
-def apply_after_step(after_step: AfterStep | None, x: jax.Array, i: jax.Array) -> jax.Array:
-    return x if after_step is None else after_step(x, i)
-
-
-def start_noise(noise: jax.Array, x0: jax.Array | None, plan: Any, start_index: int, noise_to, init_sigma) -> jax.Array:
-    """The sampler's first x: scaled noise (txt2img) or x0 noised to step `start_index` (img2img)."""
-    if x0 is None:
-        if start_index != 0:
-            raise ValueError("start_index > 0 needs x0 (the clean latent to noise); pass x0= for img2img.")
-        return noise.astype(jnp.float32) * init_sigma
-    return noise_to(x0, noise, plan, start_index)
 
 
 def vp_noise_to(x0: jax.Array, noise: jax.Array, plan: Any, start_index: int) -> jax.Array:

@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.diffusion.schedule import SchedulerConfig, alphas_cumprod_f64, to_x0_eps
-from sdjax.samplers.base import (AfterStep, ModelFn, apply_after_step, batch_t, check_start, check_steps,
-                                 spaced_timesteps, start_noise, vp_noise_to)
+from sdjax.samplers.base import ModelFn, batch_t, check_steps, spaced_timesteps, vp_noise_to
 
 
 @flax.struct.dataclass
@@ -62,26 +61,8 @@ def step(
 noise_to = vp_noise_to
 
 
-def sample(
-    model_fn: ModelFn,
-    noise: jax.Array,
-    key: jax.Array,
-    plan: DDIMPlan,
-    *,
-    start_index: int = 0,
-    x0: jax.Array | None = None,
-    after_step: AfterStep | None = None,
-    unroll: bool = False,
-) -> jax.Array:
-    """Runs plan steps start_index .. N-1 in one scan; step i's eta noise is normal(fold_in(key, i))."""
-    num_steps = plan.timesteps.shape[0]
-    check_start(num_steps, start_index)
-    x = start_noise(noise, x0, plan, start_index, noise_to, 1.0)
-
-    def body(x, i):
-        out = model_fn(x, batch_t(plan.timesteps[i], x))
-        z = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
-        return apply_after_step(after_step, step(plan, out, x, i, z)[0], i), None
-
-    x, _ = jax.lax.scan(body, x, jnp.arange(start_index, num_steps), unroll=unroll)
-    return x
+def advance(plan: DDIMPlan, model_fn: ModelFn, x: jax.Array, i: jax.Array, key: jax.Array, memory: tuple
+            ) -> tuple[jax.Array, tuple]:
+    """Plan step i with the model's output at x; the eta noise is normal(key)."""
+    out = model_fn(x, batch_t(plan.timesteps[i], x))
+    return step(plan, out, x, i, jax.random.normal(key, x.shape, jnp.float32))[0], memory

@@ -13,18 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.diffusion.schedule import SchedulerConfig, to_x0_eps
-from sdjax.samplers.base import (
-    AfterStep,
-    apply_after_step,
-    vp_noise_to,
-    ModelFn,
-    batch_t,
-    check_no_eta,
-    check_start,
-    check_steps,
-    interp_sigmas,
-    start_noise,
-)
+from sdjax.samplers.base import ModelFn, batch_t, check_no_eta, check_steps, interp_sigmas, vp_noise_to
 
 
 @flax.struct.dataclass
@@ -89,31 +78,14 @@ def step(
 noise_to = vp_noise_to
 
 
-def sample(
-    model_fn: ModelFn,
-    noise: jax.Array,
-    key: jax.Array,
-    plan: DPMSolverPlan,
-    *,
-    start_index: int = 0,
-    x0: jax.Array | None = None,
-    after_step: AfterStep | None = None,
-    unroll: bool = False,
-) -> jax.Array:
-    """Runs plan steps start_index .. N-1 in one scan (deterministic: `key` is unused)."""
-    del key
-    num_steps = plan.timesteps.shape[0]
-    check_start(num_steps, start_index)
-    x = start_noise(noise, x0, plan, start_index, noise_to, 1.0)
-    steps = np.arange(start_index, num_steps)
+def initial_memory(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Before the first step taken: no previous x0 prediction (that step is first order)."""
+    return jnp.zeros_like(x), jnp.asarray(False)
 
-    def body(carry, xs):
-        x, prev_x0 = carry
-        i, second_order = xs
-        out = model_fn(x, batch_t(plan.timesteps[i], x))
-        x, x0_pred = step(plan, out, x, i, prev_x0, second_order)
-        return (apply_after_step(after_step, x, i), x0_pred), None
 
-    (x, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), (jnp.asarray(steps), jnp.asarray(steps > start_index)),
-                             unroll=unroll)
-    return x
+def advance(plan: DPMSolverPlan, model_fn: ModelFn, x: jax.Array, i: jax.Array, key: jax.Array,
+            memory: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Plan step i, second order when a previous x0 prediction is in ``memory`` (deterministic: no key)."""
+    prev_x0, second_order = memory
+    x, x0 = step(plan, model_fn(x, batch_t(plan.timesteps[i], x)), x, i, prev_x0, second_order)
+    return x, (x0, jnp.asarray(True))

@@ -10,18 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.diffusion.schedule import SchedulerConfig, to_x0_eps
-from sdjax.samplers.base import (
-    AfterStep,
-    apply_after_step,
-    ModelFn,
-    batch_t,
-    check_no_eta,
-    check_start,
-    check_steps,
-    interp_sigmas,
-    spaced_timesteps,
-    start_noise,
-)
+from sdjax.samplers.base import ModelFn, batch_t, check_no_eta, check_steps, interp_sigmas, spaced_timesteps
 
 
 @flax.struct.dataclass
@@ -82,26 +71,13 @@ def noise_to(x0: jax.Array, noise: jax.Array, plan: EulerPlan, start_index: int)
     return x0.astype(jnp.float32) + plan.sigmas[start_index] * noise.astype(jnp.float32)
 
 
-def sample(
-    model_fn: ModelFn,
-    noise: jax.Array,
-    key: jax.Array,
-    plan: EulerPlan,
-    *,
-    start_index: int = 0,
-    x0: jax.Array | None = None,
-    after_step: AfterStep | None = None,
-    unroll: bool = False,
-) -> jax.Array:
-    """Runs plan steps start_index .. N-1 in one scan; ancestral noise of step i is normal(fold_in(key, i))."""
-    num_steps = plan.timesteps.shape[0]
-    check_start(num_steps, start_index)
-    x = start_noise(noise, x0, plan, start_index, noise_to, plan.init_sigma)
+def init_sigma(plan: EulerPlan) -> jax.Array:
+    return plan.init_sigma
 
-    def body(x, i):
-        out = model_fn(model_input(plan, x, i), batch_t(plan.timesteps[i], x))
-        z = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32) if plan.ancestral else None
-        return apply_after_step(after_step, step(plan, out, x, i, z)[0], i), None
 
-    x, _ = jax.lax.scan(body, x, jnp.arange(start_index, num_steps), unroll=unroll)
-    return x
+def advance(plan: EulerPlan, model_fn: ModelFn, x: jax.Array, i: jax.Array, key: jax.Array, memory: tuple
+            ) -> tuple[jax.Array, tuple]:
+    """Plan step i; the ancestral noise is normal(key)."""
+    out = model_fn(model_input(plan, x, i), batch_t(plan.timesteps[i], x))
+    z = jax.random.normal(key, x.shape, jnp.float32) if plan.ancestral else None
+    return step(plan, out, x, i, z)[0], memory
