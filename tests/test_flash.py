@@ -88,3 +88,37 @@ def test_the_training_step_declares_all_three_kernels_costs():
     got = _pallas_costs(jaxpr.jaxpr)
     assert sorted(c.flops for c in got) == sorted(c.flops for c in want.values())
     assert sorted(c.bytes_accessed for c in got) == sorted(c.bytes_accessed for c in want.values())
+
+
+def test_declaring_a_cost_changes_nothing_global_and_is_safe_under_threads():
+    """Threads tracing flash attention at once, each at its own shape, each find their own kernels'
+    costs in their program, and jax's flash-attention module is left as it was."""
+    import threading
+
+    from jax.experimental import pallas
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+    lengths = (512, 640, 768, 1024)
+    results, errors = {}, []
+    start = threading.Barrier(len(lengths))
+
+    def trace(L):
+        try:
+            start.wait()
+            x = jax.ShapeDtypeStruct((1, 1, L, 64), jnp.bfloat16)
+            jaxpr = jax.make_jaxpr(jax.grad(lambda q, k, v: jnp.sum(flash.flash_attention(q, k, v).astype(
+                jnp.float32)), argnums=(0, 1, 2)))(x, x, x)
+            results[L] = sorted(c.bytes_accessed for c in _pallas_costs(jaxpr.jaxpr))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=trace, args=(L,)) for L in lengths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for L in lengths:
+        want = flash.kernel_costs(1, 1, L, L, 64, 2, flash.default_blocks(L, L))
+        assert results[L] == sorted(c.bytes_accessed for c in want.values()), L
+    assert fa.pl is pallas

@@ -6,10 +6,10 @@
 32x32 images -> a 4x-downsampling VAE (8x8x4 latents) -> a two-level UNet with cross-attention
 to a text encoder trained from scratch (no pretrained CLIP offline) on a word-level tokenizer
 written into the workdir from ``tokenizer.words``. The text encoder has no transformer layers:
-each word's context vector is its word and position embedding through the final LayerNorm.
-With CLIP's causal self-attention (2 layers tried) the shape word's vector depends on the colour
-word before it, and a colour/shape pair never seen in training comes out with a seen pair's shape
-(the demo's held-out pairs: 51% of shapes right with 2 layers, 100% with none; seed 0, 96 samples).
+each word's context vector is its word and position embedding through the final LayerNorm, so a
+shape word's vector never depends on the colour word before it (CLIP's causal self-attention would
+tie them, and colour/shape pairs never seen in training would come out with a seen pair's shape;
+the demo's measurements are in docs/demo.md).
 
 Sections:
   model               diffusers-style dicts for ModelConfigs.from_dicts (unet, vae, text_encoder, scheduler).

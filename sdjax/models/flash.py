@@ -40,12 +40,6 @@ class Blocks:
     dq_k_major: int
     dq_k: int
 
-    def jax_block_sizes(self) -> fa.BlockSizes:
-        return fa.BlockSizes(block_q=self.q, block_k_major=self.k_major, block_k=self.k, block_b=1,
-                             block_q_major_dkv=self.dkv_q_major, block_q_dkv=self.dkv_q,
-                             block_k_major_dkv=self.dkv_k_major, block_k_dkv=self.dkv_k,
-                             block_q_dq=self.dq_q, block_k_major_dq=self.dq_k_major, block_k_dq=self.dq_k)
-
 
 def _fit(block: int, n: int) -> int:
     """The largest of ``block``, ``block / 2``, ... (down to 128) that divides ``n``."""
@@ -89,17 +83,18 @@ def kernel_costs(B: int, N: int, L: int, S: int, H: int, itemsize: int, blocks: 
     return {"forward": fwd, "dkv": dkv, "dq": dq}
 
 
-@contextlib.contextmanager
-def _declared_cost(cost: pl.CostEstimate):
-    """jax's flash-attention module with ``cost`` given to the ``pallas_call`` it makes (its
-    backward kernels take no ``cost_estimate`` argument of their own)."""
+def with_declared_cost(fn, cost: pl.CostEstimate):
+    """A copy of jax's kernel-calling function ``fn`` that gives ``cost`` to the ``pallas_call`` it
+    makes (jax's backward kernels take no ``cost_estimate`` argument). The copy reads its module's
+    globals from a dict of its own, where ``pl`` adds the estimate; jax's module is never changed,
+    so concurrent traces (threads) each declare their own cost."""
     real = fa.pl
-    fa.pl = types.SimpleNamespace(**{name: getattr(real, name) for name in dir(real) if not name.startswith("__")})
-    fa.pl.pallas_call = lambda *args, **kwargs: real.pallas_call(*args, **{**kwargs, "cost_estimate": cost})
-    try:
-        yield
-    finally:
-        fa.pl = real
+    pl_with_cost = types.SimpleNamespace(**{name: getattr(real, name) for name in dir(real) if not name.startswith("__")})
+    pl_with_cost.pallas_call = lambda *args, **kwargs: real.pallas_call(*args, **{**kwargs, "cost_estimate": cost})
+    copy = types.FunctionType(fn.__code__, {**fn.__globals__, "pl": pl_with_cost}, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
 
 
 def _precision(dtype):
@@ -115,9 +110,10 @@ def _costs(q, k, blocks, residuals=True):
 
 
 def _forward(q, k, v, causal, blocks, save_residuals):
-    with _precision(q.dtype), _declared_cost(_costs(q, k, blocks, save_residuals)["forward"]):
-        return fa._flash_attention_impl(q, k, v, None, None, save_residuals, causal, q.shape[-1] ** -0.5, 1,
-                                        blocks.q, blocks.k_major, blocks.k, False)
+    impl = with_declared_cost(fa._flash_attention_impl, _costs(q, k, blocks, save_residuals)["forward"])
+    with _precision(q.dtype):
+        return impl(q, k, v, None, None, save_residuals, causal, q.shape[-1] ** -0.5, 1, blocks.q, blocks.k_major,
+                    blocks.k, False)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -141,14 +137,12 @@ def _flash_bwd(causal, blocks, residuals, do):
     costs, scale = _costs(q, k, blocks), q.shape[-1] ** -0.5
     di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
     with _precision(q.dtype):
-        with _declared_cost(costs["dkv"]):
-            dk, dv = fa._flash_attention_bwd_dkv(
-                q, k, v, None, None, l, m, do, di, block_q_major=blocks.dkv_q_major, block_q=blocks.dkv_q,
-                block_k_major=blocks.dkv_k_major, block_k=blocks.dkv_k, sm_scale=scale, causal=causal)
-        with _declared_cost(costs["dq"]):
-            dq, _ = fa._flash_attention_bwd_dq(
-                q, k, v, None, None, l, m, do, di, block_q_major=blocks.dq_q, block_k_major=blocks.dq_k_major,
-                block_k=blocks.dq_k, sm_scale=scale, causal=causal, mask_value=fa.DEFAULT_MASK_VALUE, debug=False)
+        dk, dv = with_declared_cost(fa._flash_attention_bwd_dkv, costs["dkv"])(
+            q, k, v, None, None, l, m, do, di, block_q_major=blocks.dkv_q_major, block_q=blocks.dkv_q,
+            block_k_major=blocks.dkv_k_major, block_k=blocks.dkv_k, sm_scale=scale, causal=causal)
+        dq, _ = with_declared_cost(fa._flash_attention_bwd_dq, costs["dq"])(
+            q, k, v, None, None, l, m, do, di, block_q_major=blocks.dq_q, block_k_major=blocks.dq_k_major,
+            block_k=blocks.dq_k, sm_scale=scale, causal=causal, mask_value=fa.DEFAULT_MASK_VALUE, debug=False)
     return dq, dk, dv
 
 

@@ -39,11 +39,10 @@ def dense(features: int, *, name: str, dtype: Dtype, param_dtype: Dtype, use_bia
     )
 
 
-# XLA:CPU turns a convolution whose input is hardly larger than its kernel (the UNet's 2x2 and
-# 4x4 levels at small resolutions) into a slow generic loop: a 3x3 conv on 2 x 2x2x1280 takes
-# 160 ms, against 6.7 ms as one matmul over the 9 shifted copies of the input (im2col); at 4x4
-# with 1280-2560 channels im2col is 1.4-2.9x faster, with 64 channels even
-# (python -m benchmarks.conv_shapes; docs/benchmarks.md).
+# On CPU, a convolution whose input is hardly larger than its kernel (the UNet's 2x2 and 4x4 levels
+# at small resolutions) runs as one matmul over the shifted copies of the input (im2col): always up
+# to 4 positions per image, and up to 16 with >= 256 input channels, where XLA:CPU's generic loop is
+# slower (the measurements: python -m benchmarks.conv_shapes, docs/benchmarks.md).
 IM2COL_MAX_POSITIONS = 4  # positions per image (H x W) up to which im2col is always used on CPU
 IM2COL_WIDE_MAX_POSITIONS, IM2COL_WIDE_MIN_CHANNELS = 16, 256  # and up to 16 for >= 256 input channels
 
