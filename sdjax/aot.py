@@ -34,7 +34,6 @@ from sdjax.models.layers import ATTENTION, resolve_attention
 from sdjax.models.text_encoder import CLIPTextEncoder
 from sdjax.models.unet import UNet
 from sdjax.samplers import get_sampler
-from sdjax.train_state import abstract_sharded
 from sdjax.training import latent
 
 GIB = 1024 ** 3

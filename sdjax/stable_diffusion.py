@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import generate, lora
-from sdjax.checkpoints import export, load as load_lib
+from sdjax.checkpoints import export, load as load_lib, lora as lora_files
 from sdjax.models.autoencoder import AutoencoderKL
 from sdjax.models.configs import ModelConfigs, build_modules
 from sdjax.models.layers import resolve_attention
@@ -78,10 +78,10 @@ class StableDiffusion:
     def with_lora(self, path: str, scale: float = 1.0) -> "StableDiffusion":
         """A copy with the LoRA adapter at ``path`` merged into its weights at ``scale`` (this model is
         untouched; chain calls for several LoRAs). Layouts: diffusers/PEFT and kohya/A1111, UNet and
-        text encoder, attention, projections, feed-forward and convs (see ``sdjax.lora``). The copy
+        text encoder, attention, projections, feed-forward and convs (see ``sdjax.checkpoints.lora``). The copy
         shares this model's compiled functions: a LoRA, or another scale, never recompiles."""
         merged = copy.copy(self)
-        merged.params = lora.merge(self.params, lora.read(path), scale, what=f"LoRA {path}")
+        merged.params = lora.merge(self.params, lora_files.read(path), scale, what=f"LoRA {path}")
         return merged
 
     # ---- the networks ----------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from sdjax import generate
-from sdjax.checkpoints.convert import CheckpointError
+from sdjax.checkpoints.errors import CheckpointError
 from sdjax.stable_diffusion import StableDiffusion
 from tests import tiny_models
 
@@ -256,12 +256,13 @@ def test_readme_lora_commands_train_export_and_sample(base, sd, tmp_path):
 
 def test_lora_files_round_trip_in_both_layouts(sd, peft_lora, tmp_path):
     from sdjax import lora
+    from sdjax.checkpoints import lora as lora_files
 
     params = sd.params
-    adapters = lora.read(peft_lora)
+    adapters = lora_files.read(peft_lora)
     want = lora.merge(params, adapters)
-    for layout in lora.LAYOUTS:
-        back = lora.read(lora.save(tmp_path / layout, adapters, layout))
+    for layout in lora_files.LAYOUTS:
+        back = lora_files.read(lora_files.save(tmp_path / layout, adapters, layout))
         assert len(back) == len(adapters)
         for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(lora.merge(params, back))):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -295,8 +296,8 @@ def test_dropout_path_equals_the_merged_update_and_is_unbiased(sd):
     import flax.linen as nn
     import jax.numpy as jnp
 
-    from sdjax import lora
     from sdjax.train_state import RUN_ONCE_COMPILER_OPTIONS
+    from sdjax.training import lora
 
     base = sd.params["unet"]
     targets = lora.find_targets(base, lora.DEFAULT_TARGETS)
@@ -357,8 +358,8 @@ def test_dropout_path_on_the_flash_attention_layout():
     import flax.linen as nn
     import jax.experimental.pallas.tpu as pltpu
 
-    from sdjax import lora
     from sdjax.models import layers
+    from sdjax.training import lora
 
     x = np.random.default_rng(6).normal(size=(1, layers.FLASH_MIN_TOKENS, 80)).astype(np.float32)
     attn = layers.Attention(2, 40, 80, implementation="flash")

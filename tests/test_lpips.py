@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdjax.checkpoints.convert import CheckpointError
+from sdjax.checkpoints.errors import CheckpointError
 from sdjax.checkpoints.load import load_lpips
 from sdjax.models.lpips import LPIPS, normalize_features
 from tests.lpips_reference import write_reference

@@ -10,7 +10,7 @@ from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, co
                                                  convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from sdjax.checkpoints.convert import CheckpointError
+from sdjax.checkpoints.errors import CheckpointError
 from sdjax.checkpoints.single_file import detect_version, infer_configs, split_original
 from single_file_fixtures import to_numpy, to_original, with_text_model_prefix, write_original
 

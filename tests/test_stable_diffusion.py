@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdjax.checkpoints.convert import CheckpointError
+from sdjax.checkpoints.errors import CheckpointError
 from sdjax.models.configs import ModelConfigs, abstract_params, count_params
 from sdjax.stable_diffusion import StableDiffusion
 from sdjax import presets

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sdjax.checkpoints.convert import CheckpointError
+from sdjax.checkpoints.errors import CheckpointError
 from sdjax.checkpoints.tensors import read_safetensors, read_tensors
 
 

@@ -203,7 +203,7 @@ def run(argv: list[str] | None = None) -> dict:
         r = scores[name]
         print(f"{label:<22}{r['images']:>8}{r['shape']:>9.1%}{r['color']:>9.1%}{r['both']:>9.1%}")
     print(f"{'judge on real images':<22}{'':>8}{judge['shape']:>9.1%}{judge['color']:>9.1%}{judge['both']:>9.1%}")
-    print(f"\ntimes: " + ", ".join(f"{k[:-2]} {v / 60:.1f} min" for k, v in timings.items()))
+    print("\ntimes: " + ", ".join(f"{k[:-2]} {v / 60:.1f} min" for k, v in timings.items()))
     print(f"samples, a row per shape/colour pair: {grid}\nreport: {os.path.join(w, 'report.json')}")
     return report
 

@@ -19,12 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from sdjax.checkpoints.errors import CheckpointError, describe_mismatch
 from sdjax.models.layers import unbox
 from sdjax.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: wrong format, corrupt, or not matching the model."""
 
 
 def flax_path(torch_key: str) -> tuple[str, ...]:
@@ -119,19 +116,6 @@ def torch_to_flax(state_dict: Mapping[str, Any], target: Mapping[str, Any], *, w
     if unexpected or mismatched or missing:
         raise CheckpointError(describe_mismatch(what, missing, unexpected, mismatched))
     return traverse_util.unflatten_dict(out)
-
-
-def describe_mismatch(what: str, missing: list[str], unexpected: list[str], mismatched: list[str],
-                      limit: int = 20) -> str:
-    lines = [f"{what}: the checkpoint does not match the model configuration."]
-    for title, items in (("missing from checkpoint", missing), ("unexpected in checkpoint", unexpected),
-                         ("shape mismatch", mismatched)):
-        if items:
-            shown = "\n    ".join(sorted(items)[:limit])
-            more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
-            lines.append(f"  {title} ({len(items)}):\n    {shown}{more}")
-    lines.append("  Check that the config.json next to the weights describes this checkpoint.")
-    return "\n".join(lines)
 
 
 def text_encoder_from_torch(state_dict: Mapping[str, Any], config: TextEncoderConfig) -> dict:

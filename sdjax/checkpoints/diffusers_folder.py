@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from sdjax.checkpoints import atomic
-from sdjax.checkpoints.convert import CheckpointError
+from sdjax.checkpoints.errors import CheckpointError
 from sdjax.checkpoints.tensors import read_tensors
 
 MODEL_INDEX = "model_index.json"

@@ -15,7 +15,8 @@ import numpy as np
 
 from sdjax import paths
 from sdjax.checkpoints import diffusers_folder, sdjax_format, single_file
-from sdjax.checkpoints.convert import CheckpointError, text_encoder_from_torch, torch_to_flax
+from sdjax.checkpoints.convert import text_encoder_from_torch, torch_to_flax
+from sdjax.checkpoints.errors import CheckpointError
 from sdjax.checkpoints.tensors import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, read_safetensors, read_tensors
 from sdjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from sdjax.models.configs import ModelConfigs, abstract_params

@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from sdjax.checkpoints import atomic
-from sdjax.checkpoints.convert import CheckpointError, describe_mismatch
+from sdjax.checkpoints.errors import CheckpointError, describe_mismatch
 from sdjax.models.autoencoder import AutoencoderConfig
 
 MARKER = "sdjax.json"

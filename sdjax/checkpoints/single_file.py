@@ -10,20 +10,21 @@ An original checkpoint holds the whole latent diffusion model in one state dict:
 transformers weights file (``unet/``, ``vae/``, ``text_encoder/`` of a diffusers folder),
 and ``infer_configs`` rebuilds their config.json dicts from tensor shapes, so the
 single-file and the diffusers-folder loaders share everything downstream. ``join_original``
-is the inverse (the single-file export). Numpy only.
+is the inverse (the single-file export). Both directions rename through the same tables
+(``name_tables``). Numpy only.
 
 What the shapes cannot tell and callers must supply: the prediction type (SD 2 768-v is
 ``v_prediction``), the image size, GroupNorm group counts (32 in every released SD
 model) and head counts of models that do not use SD's conventions (see ``infer_configs``).
 """
 
-import re
 from collections import Counter
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-from sdjax.checkpoints.convert import CheckpointError
+from sdjax.checkpoints.errors import CheckpointError
+from sdjax.checkpoints.name_tables import UNetLayout, VAELayout, indices, open_clip_table, unet_table, vae_table
 
 Version = Literal["v1", "v2"]
 
@@ -36,15 +37,6 @@ SD1_UNET_HEADS = 8  # SD 1 (num_heads: 8 in v1-inference.yaml)
 SD2_HEAD_DIM = 64  # SD 2 UNet (num_head_channels: 64) and both CLIP text towers
 VAE_SCALING_FACTOR = 0.18215  # scale_factor of every SD 1.x / 2.x config
 
-_RESNET_RENAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "out_layers.0": "norm2",
-                   "out_layers.3": "conv2", "emb_layers.1": "time_emb_proj", "skip_connection": "conv_shortcut"}
-_VAE_RESNET_RENAMES = {"nin_shortcut": "conv_shortcut"}
-_VAE_ATTN_RENAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_OPEN_CLIP_BLOCK_RENAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1",
-                            "mlp.c_proj": "mlp.fc2", "attn.out_proj": "self_attn.out_proj"}
-_OPEN_CLIP_TOP = {"token_embedding.weight": "embeddings.token_embedding.weight",
-                  "positional_embedding": "embeddings.position_embedding.weight",
-                  "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
 # OpenCLIP tensors SD 2 does not use: the contrastive head.
 _OPEN_CLIP_UNUSED = ("text_projection", "logit_scale")
 
@@ -84,111 +76,14 @@ def _strip(state_dict: Mapping[str, Any], prefix: str, what: str) -> dict[str, n
     return part
 
 
-def _unknown(what: str, keys: list[str]) -> CheckpointError:
-    shown = "\n    ".join(sorted(keys)[:20])
-    return CheckpointError(f"{what}: {len(keys)} key(s) do not fit the Stable Diffusion 1.x/2.x layout:\n    {shown}")
-
-
-def _rename(name: str, renames: Mapping[str, str]) -> str:
-    for old, new in renames.items():
-        if name == old or name.startswith(old + "."):
-            return new + name[len(old):]
-    return name
-
-
-def _indices(keys: Sequence[str], pattern: str) -> list[int]:
-    return sorted({int(m.group(1)) for k in keys if (m := re.match(pattern, k))})
-
-
-def _unet_layers_per_block(unet: Mapping[str, np.ndarray]) -> int:
-    downsamplers = _indices(list(unet), r"input_blocks\.(\d+)\.0\.op\.weight$")
-    if downsamplers:
-        return downsamplers[0] - 1
-    return len(_indices(list(unet), r"input_blocks\.(\d+)\.")) - 1  # one level, no downsampling
-
-
 def convert_unet(unet: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """LDM ``openaimodel.UNetModel`` names (prefix removed) -> ``UNet2DConditionModel`` names."""
-    per_level = _unet_layers_per_block(unet) + 1  # resnets (+ attentions) and the down/upsampler
-    top = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-           "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
-    out, unknown = {}, []
-    for key, value in unet.items():
-        name, leaf = key.rsplit(".", 1)
-        if name in top:
-            out[f"{top[name]}.{leaf}"] = value
-        elif m := re.match(r"input_blocks\.(\d+)\.(\d)\.(.+)$", key):
-            i, sub, rest = int(m.group(1)), m.group(2), m.group(3)
-            level, j = divmod(i - 1, per_level)
-            if rest.startswith("op."):
-                out[f"down_blocks.{level}.downsamplers.0.conv.{rest[3:]}"] = value
-            elif sub == "0":
-                out[f"down_blocks.{level}.resnets.{j}.{_rename(rest, _RESNET_RENAMES)}"] = value
-            else:
-                out[f"down_blocks.{level}.attentions.{j}.{rest}"] = value
-        elif m := re.match(r"middle_block\.([012])\.(.+)$", key):
-            sub, rest = int(m.group(1)), m.group(2)
-            if sub == 1:
-                out[f"mid_block.attentions.0.{rest}"] = value
-            else:
-                out[f"mid_block.resnets.{sub // 2}.{_rename(rest, _RESNET_RENAMES)}"] = value
-        elif m := re.match(r"output_blocks\.(\d+)\.(\d)\.(.+)$", key):
-            i, sub, rest = int(m.group(1)), m.group(2), m.group(3)
-            level, j = divmod(i, per_level)
-            if rest.startswith("conv."):  # Upsample sits after the resnet (.1) or after resnet + attention (.2)
-                out[f"up_blocks.{level}.upsamplers.0.conv.{rest[5:]}"] = value
-            elif sub == "0":
-                out[f"up_blocks.{level}.resnets.{j}.{_rename(rest, _RESNET_RENAMES)}"] = value
-            else:
-                out[f"up_blocks.{level}.attentions.{j}.{rest}"] = value
-        else:
-            unknown.append(UNET_PREFIX + key)
-    if unknown:
-        raise _unknown("UNet", unknown)
-    return out
-
-
-def _linear_from_conv(value: np.ndarray) -> np.ndarray:
-    """(O, I, 1[, 1]) 1x1-conv kernel -> (O, I) linear weight."""
-    if value.ndim > 2:
-        if any(d != 1 for d in value.shape[2:]):
-            raise CheckpointError(f"VAE attention projection has a {value.shape[2:]} kernel; expected 1x1.")
-        value = value.reshape(value.shape[:2])
-    return value
+    return unet_table(UNetLayout.from_original(list(unet))).to_diffusers(unet, "UNet", UNET_PREFIX)
 
 
 def convert_vae(vae: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """LDM ``AutoencoderKL`` names (prefix removed) -> diffusers ``AutoencoderKL`` names."""
-    num_up = len(_indices(list(vae), r"decoder\.up\.(\d+)\."))
-    out, unknown = {}, []
-    for key, value in vae.items():
-        if key.startswith(("quant_conv.", "post_quant_conv.")) or re.match(r"(en|de)coder\.conv_(in|out)\.", key):
-            out[key] = value
-        elif m := re.match(r"(encoder|decoder)\.norm_out\.(.+)$", key):
-            out[f"{m.group(1)}.conv_norm_out.{m.group(2)}"] = value
-        elif m := re.match(r"encoder\.down\.(\d+)\.block\.(\d+)\.(.+)$", key):
-            rest = _rename(m.group(3), _VAE_RESNET_RENAMES)
-            out[f"encoder.down_blocks.{m.group(1)}.resnets.{m.group(2)}.{rest}"] = value
-        elif m := re.match(r"encoder\.down\.(\d+)\.downsample\.conv\.(.+)$", key):
-            out[f"encoder.down_blocks.{m.group(1)}.downsamplers.0.conv.{m.group(2)}"] = value
-        elif m := re.match(r"decoder\.up\.(\d+)\.block\.(\d+)\.(.+)$", key):
-            level = num_up - 1 - int(m.group(1))  # LDM counts decoder levels from the lowest resolution up
-            rest = _rename(m.group(3), _VAE_RESNET_RENAMES)
-            out[f"decoder.up_blocks.{level}.resnets.{m.group(2)}.{rest}"] = value
-        elif m := re.match(r"decoder\.up\.(\d+)\.upsample\.conv\.(.+)$", key):
-            out[f"decoder.up_blocks.{num_up - 1 - int(m.group(1))}.upsamplers.0.conv.{m.group(2)}"] = value
-        elif m := re.match(r"(encoder|decoder)\.mid\.block_([12])\.(.+)$", key):
-            out[f"{m.group(1)}.mid_block.resnets.{int(m.group(2)) - 1}.{m.group(3)}"] = value
-        elif m := re.match(r"(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(weight|bias)$", key):
-            part, leaf = m.group(2), m.group(3)
-            if part != "norm" and leaf == "weight":
-                value = _linear_from_conv(value)
-            out[f"{m.group(1)}.mid_block.attentions.0.{_VAE_ATTN_RENAMES[part]}.{leaf}"] = value
-        else:
-            unknown.append(VAE_PREFIX + key)
-    if unknown:
-        raise _unknown("VAE", unknown)
-    return out
+    return vae_table(VAELayout.from_original(list(vae))).to_diffusers(vae, "VAE", VAE_PREFIX)
 
 
 def convert_clip(clip: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -200,48 +95,19 @@ def convert_clip(clip: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             for k, v in clip.items() if not k.endswith("embeddings.position_ids")}
 
 
-def _open_clip_blocks(clip: Mapping[str, np.ndarray]) -> list[int]:
-    return _indices(list(clip), r"transformer\.resblocks\.(\d+)\.")
-
-
 def convert_open_clip(clip: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """SD 2 OpenCLIP text tower (prefix removed) -> ``text_model.*`` CLIPTextModel names.
 
     SD 2 conditions on the penultimate layer, so the last resblock is dropped (diffusers'
-    SD 2 text encoder has 23 of OpenCLIP ViT-H's 24 layers); the fused attention input
-    projection is split into q/k/v.
+    SD 2 text encoder has 23 of OpenCLIP ViT-H's 24 layers), as is the contrastive head; the
+    fused attention input projection is split into q/k/v.
     """
-    blocks = _open_clip_blocks(clip)
+    blocks = indices(list(clip), r"transformer\.resblocks\.(\d+)\.")
     if not blocks:
         raise CheckpointError(f"SD 2 text encoder has no {OPEN_CLIP_PREFIX}transformer.resblocks.* layers.")
-    last = blocks[-1]
-    out, unknown = {}, []
-    for key, value in clip.items():
-        if key in _OPEN_CLIP_TOP:
-            out[f"text_model.{_OPEN_CLIP_TOP[key]}"] = value
-        elif key in _OPEN_CLIP_UNUSED:
-            continue
-        elif m := re.match(r"transformer\.resblocks\.(\d+)\.(.+)$", key):
-            n, rest = int(m.group(1)), m.group(2)
-            if n == last:
-                continue
-            layer = f"text_model.encoder.layers.{n}"
-            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
-                leaf = "weight" if rest.endswith("weight") else "bias"
-                if value.shape[0] % 3:
-                    raise CheckpointError(f"{OPEN_CLIP_PREFIX}{key}: fused q/k/v of shape {value.shape} "
-                                          "does not split in three.")
-                for name, part in zip("qkv", np.split(value, 3, axis=0)):
-                    out[f"{layer}.self_attn.{name}_proj.{leaf}"] = part
-            elif (renamed := _rename(rest, _OPEN_CLIP_BLOCK_RENAMES)) != rest:
-                out[f"{layer}.{renamed}"] = value
-            else:
-                unknown.append(OPEN_CLIP_PREFIX + key)
-        else:
-            unknown.append(OPEN_CLIP_PREFIX + key)
-    if unknown:
-        raise _unknown("text encoder", unknown)
-    return out
+    last = f"transformer.resblocks.{blocks[-1]}."
+    used = {k: v for k, v in clip.items() if not k.startswith(last) and k not in _OPEN_CLIP_UNUSED}
+    return open_clip_table(blocks[-1]).to_diffusers(used, "text encoder", OPEN_CLIP_PREFIX)
 
 
 def split_original(state_dict: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
@@ -279,15 +145,15 @@ def infer_unet_config(unet: Mapping[str, np.ndarray], version: Version, *, heads
     """A ``UNet2DConditionModel`` config.json dict for a converted (diffusers-named) SD UNet."""
     what = "UNet"
     keys = list(unet)
-    levels = _indices(keys, r"down_blocks\.(\d+)\.")
-    layers = len(_indices(keys, r"down_blocks\.0\.resnets\.(\d+)\."))
+    levels = indices(keys, r"down_blocks\.(\d+)\.")
+    layers = len(indices(keys, r"down_blocks\.0\.resnets\.(\d+)\."))
     channels = [_shape(unet, f"down_blocks.{b}.resnets.0.conv2.weight", what)[0] for b in levels]
     has_attn = [f"down_blocks.{b}.attentions.0.proj_in.weight" in unet for b in levels]
     attn_levels = [b for b, a in zip(levels, has_attn) if a]
     if not attn_levels:
         raise CheckpointError("UNet has no cross-attention; not a Stable Diffusion UNet.")
     first = f"down_blocks.{attn_levels[0]}.attentions.0"
-    depth = {len(_indices(keys, rf"down_blocks\.{b}\.attentions\.0\.transformer_blocks\.(\d+)\.")) for b in attn_levels}
+    depth = {len(indices(keys, rf"down_blocks\.{b}\.attentions\.0\.transformer_blocks\.(\d+)\.")) for b in attn_levels}
     if len(depth) != 1:
         raise CheckpointError(f"UNet attention depth differs across levels ({sorted(depth)}); not SD 1.x/2.x.")
     return {
@@ -321,7 +187,7 @@ def infer_unet_config(unet: Mapping[str, np.ndarray], version: Version, *, heads
 def infer_vae_config(vae: Mapping[str, np.ndarray], *, sample_size: int, norm_num_groups: int) -> dict[str, Any]:
     """An ``AutoencoderKL`` config.json dict for a converted (diffusers-named) SD VAE."""
     what = "VAE"
-    levels = _indices(list(vae), r"encoder\.down_blocks\.(\d+)\.")
+    levels = indices(list(vae), r"encoder\.down_blocks\.(\d+)\.")
     return {
         "_class_name": "AutoencoderKL",
         "in_channels": _shape(vae, "encoder.conv_in.weight", what)[1],
@@ -329,7 +195,7 @@ def infer_vae_config(vae: Mapping[str, np.ndarray], *, sample_size: int, norm_nu
         "down_block_types": ["DownEncoderBlock2D"] * len(levels),
         "up_block_types": ["UpDecoderBlock2D"] * len(levels),
         "block_out_channels": [_shape(vae, f"encoder.down_blocks.{b}.resnets.0.conv2.weight", what)[0] for b in levels],
-        "layers_per_block": len(_indices(list(vae), r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")),
+        "layers_per_block": len(indices(list(vae), r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")),
         "act_fn": "silu",
         "latent_channels": _shape(vae, "decoder.conv_in.weight", what)[1],
         "norm_num_groups": norm_num_groups,
@@ -353,7 +219,7 @@ def infer_text_config(text: Mapping[str, np.ndarray], version: Version, *, heads
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": _shape(text, "text_model.encoder.layers.0.mlp.fc1.weight", what)[0],
-        "num_hidden_layers": len(_indices(list(text), r"text_model\.encoder\.layers\.(\d+)\.")),
+        "num_hidden_layers": len(indices(list(text), r"text_model\.encoder\.layers\.(\d+)\.")),
         "num_attention_heads": heads,
         "max_position_embeddings": _shape(text, "text_model.embeddings.position_embedding.weight", what)[0],
         "hidden_act": "quick_gelu" if version == "v1" else "gelu",
@@ -388,81 +254,15 @@ def infer_configs(state_dict: Mapping[str, Any], *, image_size: int = 512, norm_
 
 # ---- the inverse: diffusers names -> one original checkpoint (the single-file export) ----------------
 
-def _inverse(table: Mapping[str, str]) -> dict[str, str]:
-    return {new: old for old, new in table.items()}
-
-
 def unet_to_original(unet: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``UNet2DConditionModel`` names -> LDM ``UNetModel`` names (without ``model.diffusion_model.``)."""
-    resnet = _inverse(_RESNET_RENAMES)
-    per_level = 1 + len(_indices(list(unet), r"down_blocks\.0\.resnets\.(\d+)\."))
-    up_attention = set(_indices(list(unet), r"up_blocks\.(\d+)\.attentions\."))
-    top = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-           "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
-    out, unknown = {}, []
-    for key, value in unet.items():
-        name, leaf = key.rsplit(".", 1)
-        if name in top:
-            new = f"{top[name]}.{leaf}"
-        elif m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)$", key):
-            block = 1 + int(m.group(1)) * per_level + int(m.group(3))
-            new = (f"input_blocks.{block}.0.{_rename(m.group(4), resnet)}" if m.group(2) == "resnets"
-                   else f"input_blocks.{block}.1.{m.group(4)}")
-        elif m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)$", key):
-            new = f"input_blocks.{(int(m.group(1)) + 1) * per_level}.0.op.{m.group(2)}"
-        elif m := re.match(r"mid_block\.resnets\.([01])\.(.+)$", key):
-            new = f"middle_block.{2 * int(m.group(1))}.{_rename(m.group(2), resnet)}"
-        elif m := re.match(r"mid_block\.attentions\.0\.(.+)$", key):
-            new = f"middle_block.1.{m.group(1)}"
-        elif m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)$", key):
-            block = int(m.group(1)) * per_level + int(m.group(3))
-            new = (f"output_blocks.{block}.0.{_rename(m.group(4), resnet)}" if m.group(2) == "resnets"
-                   else f"output_blocks.{block}.1.{m.group(4)}")
-        elif m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)$", key):
-            level = int(m.group(1))  # the upsampler follows the last resnet (.1) or its attention (.2)
-            new = f"output_blocks.{level * per_level + per_level - 1}.{2 if level in up_attention else 1}.conv.{m.group(2)}"
-        else:
-            unknown.append(key)
-            continue
-        out[new] = value
-    if unknown:
-        raise _unknown("UNet (diffusers names)", unknown)
-    return out
+    return unet_table(UNetLayout.from_diffusers(list(unet))).to_original(unet, "UNet (diffusers names)")
 
 
 def vae_to_original(vae: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``AutoencoderKL`` names -> LDM autoencoder names (without ``first_stage_model.``); the mid-block
     attention projections become 1x1 convs as in the originals."""
-    resnet, attention = _inverse(_VAE_RESNET_RENAMES), _inverse(_VAE_ATTN_RENAMES)
-    num_up = len(_indices(list(vae), r"decoder\.up_blocks\.(\d+)\."))
-    out, unknown = {}, []
-    for key, value in vae.items():
-        if key.startswith(("quant_conv.", "post_quant_conv.")) or re.match(r"(en|de)coder\.conv_(in|out)\.", key):
-            new = key
-        elif m := re.match(r"(encoder|decoder)\.conv_norm_out\.(.+)$", key):
-            new = f"{m.group(1)}.norm_out.{m.group(2)}"
-        elif m := re.match(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$", key):
-            new = f"encoder.down.{m.group(1)}.block.{m.group(2)}.{_rename(m.group(3), resnet)}"
-        elif m := re.match(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)$", key):
-            new = f"encoder.down.{m.group(1)}.downsample.conv.{m.group(2)}"
-        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$", key):
-            new = f"decoder.up.{num_up - 1 - int(m.group(1))}.block.{m.group(2)}.{_rename(m.group(3), resnet)}"
-        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)$", key):
-            new = f"decoder.up.{num_up - 1 - int(m.group(1))}.upsample.conv.{m.group(2)}"
-        elif m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.([01])\.(.+)$", key):
-            new = f"{m.group(1)}.mid.block_{int(m.group(2)) + 1}.{m.group(3)}"
-        elif m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)"
-                           r"\.(weight|bias)$", key):
-            new = f"{m.group(1)}.mid.attn_1.{attention[m.group(2)]}.{m.group(3)}"
-            if value.ndim == 2:
-                value = value[:, :, None, None]
-        else:
-            unknown.append(key)
-            continue
-        out[new] = value
-    if unknown:
-        raise _unknown("VAE (diffusers names)", unknown)
-    return out
+    return vae_table(VAELayout.from_diffusers(list(vae))).to_original(vae, "VAE (diffusers names)")
 
 
 def clip_to_original(text: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -483,23 +283,9 @@ def open_clip_to_original(text: Mapping[str, np.ndarray]) -> dict[str, np.ndarra
     residual stream passes through), an identity projection and CLIP's ln(100), and loaders that
     expect them find them.
     """
-    top, block = _inverse(_OPEN_CLIP_TOP), _inverse(_OPEN_CLIP_BLOCK_RENAMES)
-    out, fused, unknown = {}, {}, []
-    for key, value in text.items():
-        name = key.removeprefix("text_model.")
-        if name in top:
-            out[top[name]] = value
-        elif m := re.match(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", name):
-            fused.setdefault((int(m.group(1)), m.group(3)), {})[m.group(2)] = value
-        elif (m := re.match(r"encoder\.layers\.(\d+)\.(.+)$", name)) and _rename(m.group(2), block) != m.group(2):
-            out[f"transformer.resblocks.{m.group(1)}.{_rename(m.group(2), block)}"] = value
-        else:
-            unknown.append(key)
-    if unknown:
-        raise _unknown("text encoder (CLIPTextModel names)", unknown)
-    for (n, leaf), qkv in fused.items():
-        out[f"transformer.resblocks.{n}.attn.in_proj_{leaf}"] = np.concatenate([qkv["q"], qkv["k"], qkv["v"]])
-    last = 1 + max(n for n, _ in fused)
+    text = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in text.items()}
+    last = len(indices(list(text), r"text_model\.encoder\.layers\.(\d+)\."))
+    out = open_clip_table(last).to_original(text, "text encoder (CLIPTextModel names)")
     for key, value in list(out.items()):
         if key.startswith("transformer.resblocks.0."):
             is_norm_scale = key.endswith(("ln_1.weight", "ln_2.weight"))

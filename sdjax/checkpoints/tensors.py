@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from sdjax.checkpoints.convert import CheckpointError
+from sdjax.checkpoints.errors import CheckpointError
 
 SAFETENSORS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")

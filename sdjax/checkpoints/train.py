@@ -1,7 +1,7 @@
 """Training checkpoints: one Orbax CheckpointManager per workdir.
 
-A checkpoint step holds two items saved together: ``state`` (a TrainState's arrays) and
-``data`` (each host's grain iterator position). Saves are asynchronous; Orbax writes into
+A checkpoint step holds ``state`` (a TrainState's arrays) and the caller's other items, saved
+together: the trainers add ``data``, each host's data-iterator position. Saves are asynchronous; Orbax writes into
 a temporary directory and renames it only once every host has finished, so a run killed
 at any moment (even mid-save) resumes from the last complete step.
 """
@@ -11,8 +11,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from sdjax.checkpoints.convert import CheckpointError
-from sdjax.data import iterator_restore_args, iterator_save_args
+from sdjax.checkpoints.errors import CheckpointError
 from sdjax.train_state import TrainState
 
 _STATE_FIELDS = ("step", "params", "ema_params", "opt_state", "rng", "extra")
@@ -29,23 +28,22 @@ def _state_items(state: TrainState) -> dict[str, Any]:
     return {f: getattr(state, f) for f in _STATE_FIELDS}
 
 
-def save(manager: ocp.CheckpointManager, state: TrainState, data_iterator=None, force: bool = False) -> bool:
-    """Starts an async save of ``state`` (and the data position) at ``state.step``."""
-    args = {"state": ocp.args.StandardSave(_state_items(state))}
-    if data_iterator is not None:
-        args["data"] = iterator_save_args(data_iterator)
+def save(manager: ocp.CheckpointManager, state: TrainState, items: dict[str, Any] | None = None,
+         force: bool = False) -> bool:
+    """Starts an async save of ``state`` at ``state.step``, with ``items`` (name -> Orbax save args)."""
+    args = {"state": ocp.args.StandardSave(_state_items(state)), **(items or {})}
     return manager.save(int(state.step), args=ocp.args.Composite(**args), force=force)
 
 
-def restore_latest(manager: ocp.CheckpointManager, target: TrainState, data_iterator=None) -> TrainState | None:
+def restore_latest(manager: ocp.CheckpointManager, target: TrainState, items: dict[str, Any] | None = None
+                   ) -> TrainState | None:
     """Restores the newest complete step into ``target`` (abstract arrays carrying shardings; its
-    ``tx`` is kept) and moves ``data_iterator`` to the saved position. None if there is no checkpoint."""
+    ``tx`` is kept) and ``items`` (name -> Orbax restore args, e.g. one that moves a data iterator to
+    its saved position). None if there is no checkpoint."""
     step = manager.latest_step()
     if step is None:
         return None
-    args = {"state": ocp.args.StandardRestore(_state_items(target))}
-    if data_iterator is not None:
-        args["data"] = iterator_restore_args(data_iterator)
+    args = {"state": ocp.args.StandardRestore(_state_items(target)), **(items or {})}
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**args))
     except (ValueError, KeyError, FileNotFoundError) as e:

@@ -31,8 +31,9 @@ checkpoint.
 
 import ml_collections
 
-from sdjax import configs, lora, sharding
+from sdjax import configs, sharding
 from sdjax.data import config_section
+from sdjax.training import lora
 from sdjax.training.latent import SampleConfig, TrainConfig
 
 

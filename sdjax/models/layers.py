@@ -6,7 +6,7 @@ state dicts onto these modules. Parameters carry logical axis names; activations
 get logical constraints; neither mentions mesh axes.
 """
 
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

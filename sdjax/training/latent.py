@@ -20,8 +20,8 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sdjax import generate, lora, metrics, paths, sharding
-from sdjax.checkpoints import export as export_lib, load as load_lib
+from sdjax import generate, metrics, paths, sharding
+from sdjax.checkpoints import export as export_lib, load as load_lib, lora as lora_files
 from sdjax.data import DataConfig, builder, latent_cache, make_dataset, prepare_on_all_hosts, preprocess
 from sdjax.diffusion.schedule import add_noise, alphas_cumprod, get_target
 from sdjax.models.autoencoder import AutoencoderKL, DiagonalGaussian
@@ -33,7 +33,7 @@ from sdjax.samplers import get_sampler
 from sdjax.tokenizer import load_tokenizer, tokenize
 from sdjax.train_state import (RUN_ONCE_COMPILER_OPTIONS, TrainState, abstract_sharded, make_optimizer, sharded_init,
                                state_shardings)
-from sdjax.training import loop
+from sdjax.training import lora, loop
 from sdjax.training.word_tokenizer import write_word_tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -610,7 +610,7 @@ def export(setup: Setup, state: TrainState, path: str) -> None:
         if jax.process_index() == 0:
             os.makedirs(path, exist_ok=True)
             alpha = setup.lora_config.alpha if setup.lora_config.alpha is not None else float(setup.lora_config.rank)
-            lora.save(path, lora.trained_adapters(adapters, setup.step_config.lora_targets, alpha), setup.lora_config.layout)
+            lora_files.save(path, lora.trained_adapters(adapters, setup.step_config.lora_targets, alpha), setup.lora_config.layout)
         multihost_utils.sync_global_devices("sdjax LoRA export written")
         return
     params = inference_params(setup, state)

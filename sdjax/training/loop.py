@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 
-from sdjax import metrics, paths
+from sdjax import data, metrics, paths
 from sdjax.checkpoints import export, train as train_ckpt
 from sdjax.train_state import TrainState
 
@@ -68,7 +68,7 @@ def run(task: Task, workdir: str) -> TrainState:
     then exports. Metrics go to ``workdir`` (process 0 writes)."""
     tc = task.train
     manager = train_ckpt.make_manager(workdir, tc.max_to_keep)
-    state = train_ckpt.restore_latest(manager, task.restore_target, task.iterator)
+    state = train_ckpt.restore_latest(manager, task.restore_target, {"data": data.iterator_restore_args(task.iterator)})
     pending = None
     if state is None:
         pending = task.device_batch(next(task.iterator))
@@ -95,7 +95,7 @@ def run(task: Task, workdir: str) -> TrainState:
             if hook.every and (step % hook.every == 0 or last):
                 hook.run(step, state, writer)
         if step % tc.checkpoint_every == 0 or last:
-            train_ckpt.save(manager, state, task.iterator, force=last)
+            train_ckpt.save(manager, state, {"data": data.iterator_save_args(task.iterator)}, force=last)
     manager.wait_until_finished()
     manager.close()
     writer.close()

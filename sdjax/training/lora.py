@@ -1,0 +1,152 @@
+"""Training LoRA adapters: the ``lora`` section of the latent trainer.
+
+With ``lora.rank`` > 0 the adapters of the UNet's ``targets`` are the only trained parameters;
+each step merges them into the frozen base kernels (``apply_adapters``), or with ``dropout`` > 0
+adds them beside the frozen layers (``dropout_interceptor``, PEFT's lora_dropout). The export
+turns them into ``Adapter``s (``trained_adapters``) that ``sdjax.checkpoints.lora.save`` writes
+in the diffusers/PEFT or kohya layout.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from sdjax.checkpoints.convert import torch_key
+from sdjax.checkpoints.lora import LAYOUTS, Adapter
+from sdjax.models.layers import HeadsDense, HeadsMergeDense, features_to_heads, heads_to_features
+
+# The layers diffusers' LoRA training scripts adapt by default, plus the transformers' projections and
+# feed-forward (PEFT ``target_modules``: suffixes of the PyTorch module names).
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """``config.lora`` of the latent trainer: ``rank`` > 0 trains UNet adapters instead of the UNet."""
+    rank: int = 0  # 0: no LoRA, the whole UNet trains
+    alpha: float | None = None  # the update is scaled by alpha / rank; None: alpha = rank
+    targets: tuple[str, ...] = DEFAULT_TARGETS  # module-name suffixes of the adapted layers
+    dropout: float = 0.0  # PEFT's lora_dropout: dropout on each adapter's input (training only)
+    layout: str = "peft"  # the export: peft (diffusers' load_lora_weights) or kohya (A1111, ComfyUI)
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ValueError(f"lora.rank must be >= 0 (0: no LoRA), got {self.rank}.")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"lora.layout={self.layout!r}; choose one of {', '.join(LAYOUTS)}.")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}.")
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One adapted layer (static, hashable)."""
+    name: str  # the adapter's key in the trained params: the Flax path joined by "__"
+    path: tuple[str, ...]  # the kernel's Flax path in the UNet params
+    module: str  # the PyTorch module name (what LoRA files call the layer)
+    kernel_shape: tuple[int, ...]
+
+
+def find_targets(unet_params: Any, suffixes: tuple[str, ...]) -> tuple[Target, ...]:
+    """The kernels of ``unet_params`` (arrays or ShapeDtypeStructs) whose module names end in one of
+    ``suffixes``; a suffix that matches nothing is an error naming it."""
+    found, unused = [], set(suffixes)
+    for path, leaf in traverse_util.flatten_dict(unet_params).items():
+        if path[-1] != "kernel":
+            continue
+        module = torch_key(path)[:-len(".weight")]
+        hits = [t for t in suffixes if module == t or module.endswith("." + t)]
+        if hits:
+            unused -= set(hits)
+            found.append(Target("__".join(path[:-1]), path, module, tuple(leaf.shape)))
+    if unused:
+        raise ValueError(f"lora.targets {sorted(unused)} match no layer of this UNet; targets are module-name "
+                         f"suffixes such as {', '.join(DEFAULT_TARGETS)}.")
+    return tuple(found)
+
+
+def init_adapters(key: jax.Array, targets: tuple[Target, ...], rank: int) -> dict[str, dict[str, jax.Array]]:
+    """Fresh adapters as PEFT makes them: ``down`` (r, in) uniform in +-1/sqrt(in) (kaiming-uniform with
+    a = sqrt(5)), ``up`` (out, r) zero, so training starts from the base model."""
+    out = {}
+    for i, t in enumerate(targets):
+        fan_in = int(np.prod(t.kernel_shape[:-1]))
+        bound = 1.0 / np.sqrt(fan_in)
+        out[t.name] = {"down": jax.random.uniform(jax.random.fold_in(key, i), (rank, fan_in), jnp.float32, -bound, bound),
+                       "up": jnp.zeros((t.kernel_shape[-1], rank), jnp.float32)}
+    return out
+
+
+def apply_adapters(unet_params: Any, adapters: dict[str, dict[str, jax.Array]], targets: tuple[Target, ...],
+                   scale: float) -> Any:
+    """``unet_params`` with each target kernel + scale * (up @ down) (differentiable in the adapters)."""
+    flat = traverse_util.flatten_dict(unet_params)
+    for t in targets:
+        a = adapters[t.name]
+        delta = (a["up"] @ a["down"]).T.reshape(t.kernel_shape) * scale  # (out, in) -> Flax (in, out) / (1, 1, in, out)
+        flat[t.path] = (flat[t.path].astype(jnp.float32) + delta).astype(flat[t.path].dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+def dropout_interceptor(adapters: dict[str, dict[str, jax.Array]], targets: tuple[Target, ...], scale: float,
+                        rate: float, key: jax.Array):
+    """A Flax method interceptor (``nn.intercept_methods``) that runs the UNet on its frozen base
+    weights and adds each target layer's adapter as PEFT's LoRA layers do in training:
+    ``y = base(x) + scale * up(down(dropout(x)))``. Dropout on the adapter's input cannot be merged
+    into the kernel, so training with ``lora.dropout`` > 0 takes this unmerged path; with dropout 0
+    it equals ``apply_adapters``. Linear and 1x1-conv targets only (``check_dropout_targets``)."""
+    by_path = {t.path[:-1]: (i, t) for i, t in enumerate(targets)}
+
+    def intercept(next_fun, args, kwargs, context):
+        hit = by_path.get(context.module.path) if context.method_name == "__call__" else None
+        if hit is None or not isinstance(context.module, (nn.Dense, nn.Conv)):
+            return next_fun(*args, **kwargs)
+        i, t = hit
+        x_drop = x = args[0]
+        if rate:
+            keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - rate, x.shape)
+            x_drop = jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+        a = adapters[t.name]
+        module = context.module
+        if isinstance(module, HeadsMergeDense):  # the flash path's heads-major input: back to features
+            x_drop = heads_to_features(x_drop)
+        h = x_drop @ a["down"].T.astype(x.dtype)  # (..., r): a 1x1 conv is a matmul over the channels
+        delta = (h @ a["up"].T.astype(x.dtype)) * jnp.asarray(scale, x.dtype)
+        y = next_fun(*args, **kwargs)
+        if isinstance(module, HeadsDense):  # the flash path's heads-major output
+            delta = features_to_heads(delta, module.heads)
+        return y + delta
+
+    return intercept
+
+
+def check_dropout_targets(targets: tuple[Target, ...]) -> None:
+    """``lora.dropout`` > 0 adapts layers unmerged: linear and 1x1-conv layers only."""
+    wide = [t.module for t in targets if len(t.kernel_shape) == 4 and t.kernel_shape[:2] != (1, 1)]
+    if wide:
+        raise ValueError(f"lora.dropout > 0 supports linear and 1x1-conv targets; {len(wide)} target(s) are wider "
+                         f"convolutions (e.g. {wide[0]}): drop them from lora.targets or set lora.dropout=0.")
+
+
+def trained_adapters(adapters: dict[str, dict[str, Any]], targets: tuple[Target, ...], alpha: float) -> list[Adapter]:
+    """Trained adapters (host arrays) as ``Adapter``s of the UNet, in PyTorch layout (conv layers' 4-D)."""
+    out = []
+    for t in targets:
+        down, up = np.asarray(adapters[t.name]["down"], np.float32), np.asarray(adapters[t.name]["up"], np.float32)
+        if len(t.kernel_shape) == 4:  # a 1x1 conv: PEFT adapts it with conv adapters
+            kh, kw, cin, _ = t.kernel_shape
+            down = down.reshape(-1, kh, kw, cin).transpose(0, 3, 1, 2)
+            up = up[:, :, None, None]
+        out.append(Adapter("unet", t.module, down, up, alpha))
+    return out
