@@ -23,19 +23,13 @@ from benchmarks import timing, tpu_slice
 
 def sdjax_program(model: dict, mesh, steps: int, unroll: bool, B: int):
     """(jitted fn, abstract args) of sdjax's txt2img."""
-    from sdjax import generate
-    from sdjax.models.autoencoder import AutoencoderKL
+    from sdjax import generate, sources
     from sdjax.models.configs import ModelConfigs, abstract_params
-    from sdjax.models.layers import resolve_attention
-    from sdjax.models.text_encoder import CLIPTextEncoder
-    from sdjax.models.unet import UNet
     from sdjax.samplers import get_sampler
 
     configs = ModelConfigs.from_dicts(model)
     rep, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    attention = resolve_attention("auto", mesh.devices.flat[0].platform, jnp.bfloat16)
-    nets = generate.Networks(UNet(configs.unet, dtype=jnp.bfloat16, attention=attention), AutoencoderKL(configs.vae),
-                             CLIPTextEncoder(configs.text_encoder, dtype=jnp.bfloat16))
+    nets = sources.generation_networks(configs, jnp.bfloat16, platform=mesh.devices.flat[0].platform)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract_params(configs))
     ids = jax.ShapeDtypeStruct((B, 77), jnp.int32, sharding=batch)
     noise = jax.ShapeDtypeStruct((B, 64, 64, 4), jnp.float32, sharding=batch)

@@ -37,13 +37,12 @@ def train_config(size: str, batch: int, image_size: int | None, remat: bool, dty
     return c
 
 
-def fake_batch(setup, batch: int) -> dict[str, jax.Array]:
-    s = setup.data.image_size
+def fake_batch(run, batch: int) -> dict[str, jax.Array]:
+    s = run.config.data.image_size
     rng = np.random.default_rng(0)
     host = dict(image=rng.uniform(-1, 1, (batch, s, s, 3)).astype(np.float32),
-                input_ids=rng.integers(0, len(setup.tokenizer), (batch, setup.configs.text_encoder.max_position_embeddings),
-                                       dtype=np.int32))
-    return jax.device_put(host, setup.batch_sharding)
+                input_ids=rng.integers(0, len(run.tokenizer), (batch, run.seq_len), dtype=np.int32))
+    return jax.device_put(host, run.program.batch_sharding)
 
 
 def flops_of(compiled) -> float | None:
@@ -74,24 +73,23 @@ def matmul_peak(dtype, n: int, repeats: int = 5) -> float:
 
 def bench_one(size: str, batch: int, image_size: int | None, remat: bool, dtype: str, repeats: int,
               run: bool) -> dict[str, Any]:
-    from sdjax.train_state import abstract_sharded
     from sdjax.training import latent
 
     with tempfile.TemporaryDirectory() as workdir:
-        setup = latent.build(train_config(size, batch, image_size, remat, dtype), workdir)
-        data = fake_batch(setup, batch)
+        built = latent.build(train_config(size, batch, image_size, remat, dtype), workdir)
+        data = fake_batch(built, batch)
         t0 = time.perf_counter()
-        abstract = abstract_sharded(setup.init, setup.shardings, jax.random.key(0), 1.0)
-        compiled = setup.step_fn.lower(abstract, data, setup.frozen).compile()
-        out = dict(size=size, batch=batch, image_size=setup.data.image_size, remat=remat, dtype=dtype,
+        abstract = built.program.restore_target()
+        compiled = built.program.step.lower(abstract, data, built.frozen).compile()
+        out = dict(size=size, batch=batch, image_size=built.config.data.image_size, remat=remat, dtype=dtype,
                    compile_s=time.perf_counter() - t0, flops_per_step=flops_of(compiled), memory=memory_of(compiled),
                    params=int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract.params))))
         if not run:
             return out
-        holder = [latent.init_state(setup)]
+        holder = [latent.init_state(built)]
 
         def step():
-            holder[0], m = compiled(holder[0], data, setup.frozen)
+            holder[0], m = compiled(holder[0], data, built.frozen)
             return m["loss"]
 
         warm = timing.measure(step, jax.block_until_ready, repeats, warmup=2)

@@ -27,14 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import configs as configs_lib, generate, presets, sharding
-from sdjax.models.autoencoder import AutoencoderKL
+from sdjax import configs as configs_lib, generate, presets, sharding, sources as sources_lib
 from sdjax.models.configs import ModelConfigs, abstract_params
-from sdjax.models.layers import ATTENTION, resolve_attention
-from sdjax.models.text_encoder import CLIPTextEncoder
-from sdjax.models.unet import UNet
+from sdjax.models.layers import ATTENTION
 from sdjax.samplers import get_sampler
 from sdjax.training import latent
+from sdjax.training.schema import LatentRunConfig, ModelSource
 
 GIB = 1024 ** 3
 
@@ -102,31 +100,8 @@ def topology_devices(name: str, num_slices: int = 1) -> tuple[list, Chip | None]
     return list(desc.devices), CHIPS[t.chip]
 
 
-def _model(config, preset: str | None) -> dict:
-    if preset:
-        model = {"sd15": presets.sd15, "sd21": presets.sd21}[preset]()
-        overrides = config.get("model")
-        for name, values in (overrides.to_dict() if overrides is not None else {}).items():
-            model[name] = dict(values) if name == "unet" else dict(model[name], **values)
-        return model
-    model = config.get("model")
-    model = model.to_dict() if model is not None else {}
-    if not {"unet", "vae", "text_encoder"} <= set(model):
-        raise ValueError("This config reads its architecture from `pretrained`: pass --preset sd15 or sd21.")
-    return model
-
-
-def abstract_sources(config, preset: str | None) -> latent.Sources:
-    """The config's networks as shapes: frozen autoencoder and (when pretrained) text encoder and
-    starting UNet (what a LoRA run adapts)."""
-    model = _model(config, preset)
-    model["unet"].setdefault("cross_attention_dim", model["text_encoder"]["hidden_size"])
-    params = abstract_params(ModelConfigs.from_dicts(model))
-    pretrained = bool(config.get("pretrained") or preset)
-    frozen_text = pretrained or bool(config.get("text_encoder", {}).get("pretrained"))
-    unet = params["unet"] if pretrained and config.get("unet_from_pretrained", True) else None
-    return latent.Sources(model, vae=params["vae"], text_encoder=params["text_encoder"] if frozen_text else None,
-                          unet=unet, abstract=True)
+def _source(config) -> ModelSource:
+    return LatentRunConfig.from_config(config).model
 
 
 def _sds(tree: Any, sharding_tree: Any) -> Any:
@@ -134,38 +109,36 @@ def _sds(tree: Any, sharding_tree: Any) -> Any:
 
 
 def compile_train(config, devices: list, per_chip_batch: int, preset: str | None):
-    """The config's train step compiled for ``devices``: (compiled, global batch, setup)."""
+    """The config's train step compiled for ``devices``: (compiled, global batch, the built run)."""
     config = config.copy_and_resolve_references()
     config.train.batch_size = per_chip_batch * len(devices)
+    run_config = LatentRunConfig.from_config(config)
     with tempfile.TemporaryDirectory() as workdir:
-        setup = latent.build(config, workdir, devices=devices, sources=abstract_sources(config, preset))
-    state = setup.restore_target()
-    f = setup.configs.vae.downsample_factor
-    size = setup.data.image_size
-    B, L = setup.train.batch_size, setup.seq_len
-    if setup.train.cache_latents:
-        x = jax.ShapeDtypeStruct((B, size // f, size // f, 2 * setup.configs.vae.latent_channels), jnp.float32,
-                                 sharding=setup.batch_sharding)
+        run = latent.build(run_config, workdir, devices=devices, sources=sources_lib.abstract(run_config.model, preset))
+    state = run.program.restore_target()
+    f = run.configs.vae.downsample_factor
+    size = run_config.data.image_size
+    B, L = run_config.train.batch_size, run.seq_len
+    sharded = run.program.batch_sharding
+    if run_config.train.cache_latents:
+        x = jax.ShapeDtypeStruct((B, size // f, size // f, 2 * run.configs.vae.latent_channels), jnp.float32,
+                                 sharding=sharded)
     else:
-        x = jax.ShapeDtypeStruct((B, size, size, 3), jnp.float32, sharding=setup.batch_sharding)
-    batch = {setup.batch_keys[0]: x, "input_ids": jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=setup.batch_sharding)}
-    return setup.step_fn.lower(state, batch, setup.frozen).compile(), B, setup
+        x = jax.ShapeDtypeStruct((B, size, size, 3), jnp.float32, sharding=sharded)
+    batch = {run.program.batch_keys[0]: x, "input_ids": jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=sharded)}
+    return run.program.step.lower(state, batch, run.frozen).compile(), B, run
 
 
 def compile_txt2img(config, devices: list, per_chip_batch: int, preset: str | None, steps: int, dtype: str,
                     attention: str = "auto", unroll: bool = False):
     """The txt2img program (text encoding, guided DDIM loop, decoding) compiled for ``devices``;
     ``unroll``: the DDIM steps written out instead of one loop."""
-    model = _model(config, preset)
-    model["unet"].setdefault("cross_attention_dim", model["text_encoder"]["hidden_size"])
-    configs = ModelConfigs.from_dicts(model)
+    configs = ModelConfigs.from_dicts(sources_lib.model_dicts(_source(config), preset))
     mesh = sharding.data_mesh(devices)
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    compute = getattr(jnp, dtype)
-    attention = resolve_attention(attention, devices[0].platform, compute)
-    nets = generate.Networks(UNet(configs.unet, dtype=compute, attention=attention), AutoencoderKL(configs.vae),
-                             CLIPTextEncoder(configs.text_encoder, dtype=compute))
+    nets = sources_lib.generation_networks(configs, getattr(jnp, dtype), attention=attention,
+                                           platform=devices[0].platform)
     params = _sds(abstract_params(configs), jax.tree.map(lambda _: rep, abstract_params(configs)))
     B = per_chip_batch * len(devices)
     size = configs.unet.sample_size * configs.vae.downsample_factor
@@ -265,10 +238,10 @@ def txt2img_report(config, devices: list, chip: Chip | None, args) -> dict:
     return r
 
 
-def state_sizes(setup: latent.Setup) -> dict:
+def state_sizes(run: latent.LatentRun) -> dict:
     """The whole train state's size (params, EMA, optimizer state; all chips together) and the number
     of trained parameters: what a LoRA run saves against a full fine-tune."""
-    state = setup.restore_target()
+    state = run.program.restore_target()
     nbytes = lambda tree: sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))  # noqa: E731
     return {"train_state_gib": nbytes(state) / GIB,
             "trained_parameters": int(sum(x.size for x in jax.tree.leaves(state.params)))}
@@ -304,7 +277,7 @@ def format_report(r: dict) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="a latent-diffusion config's name or path, optionally :VARIANT")
-    p.add_argument("--preset", choices=("sd15", "sd21"), help="the architecture, for configs that read it from "
+    p.add_argument("--preset", choices=sorted(presets.PRESETS), help="the architecture, for configs that read it from "
                                                                "`pretrained`")
     p.add_argument("--topology", default="host", help=f"host, or a TPU slice: {', '.join(TOPOLOGIES)}")
     p.add_argument("--num-slices", type=int, default=1, help="multi-slice: this many slices (over DCN)")
@@ -335,10 +308,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     reports = []
     if args.what in ("train", "both"):
         t0 = time.perf_counter()
-        compiled, batch, setup = compile_train(config, devices, args.per_chip_batch, args.preset)
+        compiled, batch, run = compile_train(config, devices, args.per_chip_batch, args.preset)
         reports.append(report(compiled, args.per_chip_batch, chip, f"train step, global batch {batch}",
                               time.perf_counter() - t0))
-        reports[-1].update(state_sizes(setup))
+        reports[-1].update(state_sizes(run))
         print(format_report(reports[-1]), flush=True)
     if args.what in ("txt2img", "both"):
         reports.append(txt2img_report(config, devices, chip, args))

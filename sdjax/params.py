@@ -6,10 +6,9 @@
 
 import argparse
 
-from sdjax import configs, presets
+from sdjax import configs, presets, sources
 from sdjax.models.configs import ModelConfigs, abstract_params, count_params
-
-PRESETS = {"sd15": presets.sd15, "sd21": presets.sd21}
+from sdjax.training.schema import ModelSource
 
 
 def param_counts(model_config: dict) -> dict[str, int]:
@@ -20,17 +19,18 @@ def param_counts(model_config: dict) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--preset", choices=sorted(PRESETS), help="a published Stable Diffusion architecture")
+    which.add_argument("--preset", choices=sorted(presets.PRESETS), help="a published Stable Diffusion architecture")
     which.add_argument("--config", help="a config's name or path whose `model` holds unet, vae and text_encoder")
     args = p.parse_args(argv)
     if args.preset:
-        model = PRESETS[args.preset]()
+        model = presets.get(args.preset)
     else:
         model = configs.load(args.config).get("model")
-        model = model.to_dict() if model is not None else {}
-        if not {"unet", "vae", "text_encoder"} <= set(model):
+        try:
+            model = sources.model_dicts(ModelSource(model=model.to_dict() if model is not None else {}))
+        except ValueError:
             raise SystemExit(f"error: --config {args.config} does not hold a whole model (its networks come from a "
-                             "checkpoint); use --preset, or a config like tiny.")
+                             "checkpoint); use --preset, or a config like tiny.") from None
     counts = param_counts(model)
     print(f"{'network':<14}{'parameters':>16}")
     for name, n in counts.items():

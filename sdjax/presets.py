@@ -46,3 +46,13 @@ def sd21() -> dict:
     cfg["scheduler"].update(prediction_type="v_prediction")
     return cfg
 
+
+
+PRESETS = {"sd15": sd15, "sd21": sd21}
+
+
+def get(name: str) -> dict:
+    """A published architecture's config dicts by name (a fresh copy each call)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
+    return PRESETS[name]()

@@ -8,11 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import generate, lora
+from sdjax import generate, lora, sources
 from sdjax.checkpoints import export, load as load_lib, lora as lora_files
 from sdjax.models.autoencoder import AutoencoderKL
-from sdjax.models.configs import ModelConfigs, build_modules
-from sdjax.models.layers import resolve_attention
+from sdjax.models.configs import ModelConfigs
 from sdjax.tokenizer import load_tokenizer, tokenize
 
 
@@ -28,16 +27,14 @@ class StableDiffusion:
     attention: str = "auto"  # the UNet's attention; auto: the fused kernel of the default devices' platform
 
     def __post_init__(self):
-        self.unet, self.vae, self.text_encoder = build_modules(self.configs, self.dtype, self.param_dtype)
-        self.unet = self.unet.clone(attention=resolve_attention(self.attention, jax.devices()[0].platform, self.dtype))
-        # The decoder stays in f32 when the rest runs in half precision (a known NaN source).
-        self.vae_f32 = AutoencoderKL(self.configs.vae, dtype=jnp.float32, param_dtype=self.param_dtype)
+        nets = sources.generation_networks(self.configs, self.dtype, self.param_dtype, self.attention,
+                                           jax.devices()[0].platform)
+        self.unet, self.vae, self.text_encoder = nets.unet, nets.vae, nets.text_encoder  # the VAE runs in f32
         self._text = jax.jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids))
         self._unet = jax.jit(lambda p, x, t, c: self.unet.apply({"params": p}, x, t, c))
-        self._enc = jax.jit(lambda p, x: self.vae_f32.apply({"params": p}, x, method=AutoencoderKL.encode))
-        self._dec = jax.jit(lambda p, z: self.vae_f32.apply({"params": p}, z, method=AutoencoderKL.decode))
-        self.generator = generate.Generator(generate.Networks(self.unet, self.vae_f32, self.text_encoder),
-                                            self.configs.scheduler)
+        self._enc = jax.jit(lambda p, x: self.vae.apply({"params": p}, x, method=AutoencoderKL.encode))
+        self._dec = jax.jit(lambda p, z: self.vae.apply({"params": p}, z, method=AutoencoderKL.decode))
+        self.generator = generate.Generator(nets, self.configs.scheduler)
 
     @property
     def downsample_factor(self) -> int:
@@ -52,7 +49,8 @@ class StableDiffusion:
     def from_pretrained(cls, path: str, dtype: Any = jnp.float32, *, param_dtype: Any = jnp.float32,
                         tokenizer: str | None = None, prediction_type: str | None = None,
                         allow_pickle: bool = False, variant: str | None = None,
-                        single_file_options: dict[str, Any] | None = None) -> "StableDiffusion":
+                        single_file_options: dict[str, Any] | None = None,
+                        attention: str = "auto") -> "StableDiffusion":
         """Load a diffusers folder, a single-file SD checkpoint, or an sdjax export.
 
         ``tokenizer``: a folder with the CLIP tokenizer files, needed for single files (they carry none).
@@ -60,12 +58,14 @@ class StableDiffusion:
         are v-prediction), folders read it from scheduler/scheduler_config.json.
         ``single_file_options``: what a single file's tensors cannot say, passed to
         ``single_file.infer_configs`` (image_size, norm_num_groups, unet_heads, text_heads).
+        ``attention``: the UNet's attention (``sdjax.models.layers.ATTENTION``); auto: the fused kernel of
+        the default devices' platform.
         """
         loaded = load_lib.load(path, param_dtype=param_dtype, prediction_type=prediction_type,
                                allow_pickle=allow_pickle, variant=variant, single_file_options=single_file_options)
         tokenizer_dir = tokenizer or loaded.tokenizer_dir
         tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
-        return cls(loaded.configs, loaded.params, tok, tokenizer_dir, dtype, param_dtype)
+        return cls(loaded.configs, loaded.params, tok, tokenizer_dir, dtype, param_dtype, attention)
 
     def save_pretrained(self, path: str, format: str = "sdjax", dtype: Any = None) -> None:
         """Write the model: ``format="sdjax"`` (Orbax params + JSON configs + tokenizer, loads back

@@ -9,7 +9,7 @@ import pytest
 from sdjax.data import DataConfig, builder, latent_cache, prepare
 from sdjax.models.autoencoder import AutoencoderKL
 from sdjax.tokenizer import tokenize
-from sdjax.training import latent
+from sdjax.training import latent, latent_step
 from tests.tiny_configs import latent_config
 
 
@@ -42,7 +42,7 @@ def _all(source) -> dict[str, np.ndarray]:
 
 
 def _examples(setup, n: int):
-    source = builder(setup.data).as_data_source("train")
+    source = builder(setup.config.data).as_data_source("train")
     return [source[i] for i in range(n)]
 
 
@@ -52,7 +52,7 @@ def test_cache_holds_each_examples_posterior_and_tokens(cached):
     examples = _examples(setup, 64)
     images = np.stack([e["image"] for e in examples]).astype(np.float32) / 127.5 - 1.0
     vae_params = jax.tree.map(np.asarray, setup.frozen["vae"])
-    posterior = jax.jit(lambda p, x: setup.step_config.vae.apply({"params": p}, x, method=AutoencoderKL.encode))(
+    posterior = jax.jit(lambda p, x: setup.step.vae.apply({"params": p}, x, method=AutoencoderKL.encode))(
         vae_params, images[:16])
     np.testing.assert_allclose(arrays["moments"][:16, ..., :4], posterior.mean, atol=1e-5)
     np.testing.assert_allclose(arrays["moments"][:16, ..., 4:], posterior.logvar, atol=1e-4)
@@ -68,13 +68,13 @@ def test_cached_posterior_equals_the_images_posterior(cached, data_dir, tmp_path
     setup_i = latent.build(_one_device_config(data_dir), str(tmp_path), devices=jax.devices()[:1])
     examples = _examples(setup_i, 8)
     images = np.stack([e["image"] for e in examples]).astype(np.float32) / 127.5 - 1.0
-    b_img = latent.device_batch(setup_i, {"image": images, "input_ids": np.asarray(arrays["input_ids"][:8])})
-    b_lat = latent.device_batch(setup_c, {"moments": np.asarray(arrays["moments"][:8]),
+    b_img = setup_i.program.device_batch({"image": images, "input_ids": np.asarray(arrays["input_ids"][:8])})
+    b_lat = setup_c.program.device_batch({"moments": np.asarray(arrays["moments"][:8]),
                                           "input_ids": np.asarray(arrays["input_ids"][:8])})
     key = jax.random.key(3)
-    vae, vae_params = setup_i.step_config.vae, setup_i.frozen["vae"]
-    z_img = latent._posterior(vae, vae_params, b_img).sample(key)
-    z_lat = latent._posterior(vae, vae_params, b_lat).sample(key)
+    vae, vae_params = setup_i.step.vae, setup_i.frozen["vae"]
+    z_img = latent_step.posterior(vae, vae_params, b_img).sample(key)
+    z_lat = latent_step.posterior(vae, vae_params, b_lat).sample(key)
     np.testing.assert_allclose(z_lat, z_img, atol=1e-4)
     np.testing.assert_allclose(latent.measure_latent_scale(setup_c, b_lat, key),
                                latent.measure_latent_scale(setup_i, b_img, key), rtol=1e-5)
@@ -87,13 +87,13 @@ def test_cache_is_reused_and_rebuilt_when_stale(cached, monkeypatch, capsys):
     assert "caching latents" not in capsys.readouterr().out  # reused, not encoded again
     np.testing.assert_array_equal(again["moments"], arrays["moments"])
 
-    fingerprint = latent._cache_fingerprint(setup)
-    path = setup.train.latent_cache_dir
+    fingerprint = latent.cache_fingerprint(setup)
+    path = setup.latent_cache_dir
     assert latent_cache.read(path, fingerprint) is not None
     for key, value in (("vae_sha256", "0" * 64), ("seq_len", 77)):
         assert latent_cache.read(path, dict(fingerprint, **{key: value})) is None, key
     assert latent_cache.read(path, dict(fingerprint, data=dict(fingerprint["data"], seed=1))) is None
-    monkeypatch.setattr(latent, "_cache_fingerprint", lambda *a: dict(fingerprint, seq_len=77))
+    monkeypatch.setattr(latent, "cache_fingerprint", lambda *a: dict(fingerprint, seq_len=77))
     rebuilt = _all(latent.cached_latents(setup))
     assert "caching latents" in capsys.readouterr().out
     assert latent_cache.read(path, fingerprint) is None  # the stale cache was replaced
@@ -146,8 +146,8 @@ def test_training_iterator_reads_the_cache_and_resumes(cached, data_dir, tmp_pat
     for k in ("moments", "input_ids"):
         np.testing.assert_array_equal(got[k], want[k])
 
-    state = latent.init_state(setup, latent.device_batch(setup, batch))
-    state, m = setup.step_fn(state, latent.device_batch(setup, got), setup.frozen)
+    state = latent.init_state(setup, setup.program.device_batch(batch))
+    state, m = setup.program.step(state, setup.program.device_batch(got), setup.frozen)
     assert np.isfinite(float(m["loss"])) and int(state.step) == 1
 
     c = _one_device_config(data_dir, cache_latents=True)

@@ -271,15 +271,17 @@ def test_lora_files_round_trip_in_both_layouts(sd, peft_lora, tmp_path):
 def test_lora_state_at_sd15_shapes_is_the_adapters_alone(tmp_path):
     """The AOT report's state sizes for SD 1.5 (shapes only, nothing allocated): rank-16 adapters on
     every transformer's q/k/v/out, proj_in/out and feed-forward against the full fine-tune."""
-    from sdjax import aot, configs as configs_lib
+    from sdjax import aot, configs as configs_lib, sources
     from sdjax.training import latent
+    from sdjax.training.schema import LatentRunConfig
 
     sizes = {}
     for rank in (0, 16):
         config = configs_lib.load(configs_lib.resolve("sd15_finetune"))
         config.lora.rank = rank
-        setup = latent.build(config, str(tmp_path), sources=aot.abstract_sources(config, "sd15"))
-        sizes[rank] = aot.state_sizes(setup)
+        run_config = LatentRunConfig.from_config(config)
+        run = latent.build(run_config, str(tmp_path), sources=sources.abstract(run_config.model, "sd15"))
+        sizes[rank] = aot.state_sizes(run)
     # Closed form: a transformer of width C adapts attn1 q/k/v/out (8C), attn2 q/out (4C) and k/v from the
     # 768-wide text (2 x (768 + C)), GEGLU in (C + 8C) and out (4C + C), proj_in/out (4C): 32C + 1536
     # inputs + outputs per rank. SD 1.5 has 5 transformers at 320, 5 at 640 and 6 at 1280 channels.
@@ -297,10 +299,10 @@ def test_dropout_path_equals_the_merged_update_and_is_unbiased(sd):
     import jax.numpy as jnp
 
     from sdjax.train_state import RUN_ONCE_COMPILER_OPTIONS
-    from sdjax.training import lora
+    from sdjax.training import lora, schema
 
     base = sd.params["unet"]
-    targets = lora.find_targets(base, lora.DEFAULT_TARGETS)
+    targets = lora.find_targets(base, schema.LORA_TARGETS)
     adapters = jax.tree.map(lambda a: a + 0.05, lora.init_adapters(jax.random.key(1), targets, 4))  # up != 0
     c = sd.configs.unet
     x = jax.random.normal(jax.random.key(2), (2, 4, 4, c.in_channels))
@@ -345,7 +347,7 @@ def test_dropout_path_equals_the_merged_update_and_is_unbiased(sd):
     sem = np.asarray(draws.std(0)) / np.sqrt(draws.shape[0])
     assert np.all(np.abs(np.asarray(draws.mean(0)) - np.asarray(exact)) <= 5 * sem + 1e-6)
     with pytest.raises(ValueError, match="lora.dropout must be in"):
-        lora.LoraConfig(rank=4, dropout=1.0)
+        schema.LoraConfig(rank=4, dropout=1.0)
     with pytest.raises(ValueError, match="wider convolutions"):
         lora.check_dropout_targets(lora.find_targets(base, ("conv1",)))
 

@@ -63,7 +63,7 @@ def test_adaptive_weight_closed_form():
 
 def test_gan_off_before_disc_start_and_adaptive_weight_after(run):
     _, setup, state0, batch, _ = run
-    state1, m0 = setup.step_fn(copy(state0), batch, setup.frozen)
+    state1, m0 = setup.program.step(copy(state0), batch, setup.frozen)
     assert float(m0["disc_factor"]) == 0.0 and float(m0["disc_loss"]) == 0.0
     assert float(m0["loss"]) == pytest.approx(float(m0["nll_loss"] + 1e-6 * m0["kl_loss"]), rel=1e-6)
     # Zero discriminator gradients leave Adam's update exactly zero.
@@ -71,14 +71,13 @@ def test_gan_off_before_disc_start_and_adaptive_weight_after(run):
 
     # Step 1 == disc_start: the GAN is on. Its adaptive weight against an independent jax.grad
     # of each loss with respect to the decoder's conv_out kernel alone.
-    cfg, params, key = setup.step_config, state1.params, state1.step_key()
+    nets, loss, params, key = setup.nets, setup.config.loss, state1.params, state1.step_key()
 
     def loss_of_last_layer(kernel, which):
         vae = jax.tree.map(lambda x: x, params["autoencoder"])
         vae["decoder"]["conv_out"]["kernel"] = kernel
         losses, _ = autoencoder_loss.generator_losses({"autoencoder": vae, "logvar": params["logvar"]},
-                                                      params["discriminator"], None, batch["image"], key, cfg.nets,
-                                                      cfg.loss)
+                                                      params["discriminator"], None, batch["image"], key, nets, loss)
         return losses[which]
 
     kernel = params["autoencoder"]["decoder"]["conv_out"]["kernel"]
@@ -86,7 +85,7 @@ def test_gan_off_before_disc_start_and_adaptive_weight_after(run):
     g_nll, g_gan = (np.asarray(g, np.float64) for g in grads)
     want = 0.5 * min(np.linalg.norm(g_nll) / (np.linalg.norm(g_gan) + 1e-4), 1e4)
 
-    state2, m1 = setup.step_fn(copy(state1), batch, setup.frozen)
+    state2, m1 = setup.program.step(copy(state1), batch, setup.frozen)
     assert float(m1["disc_factor"]) == 1.0 and float(m1["disc_loss"]) > 0.0
     np.testing.assert_allclose(float(m1["d_weight"]), want, rtol=1e-4)
     np.testing.assert_allclose(float(m1["loss"]), float(m1["nll_loss"] + 1e-6 * m1["kl_loss"]
@@ -104,13 +103,13 @@ def test_lpips_branch_matches_torch_reference(run, tmp_path):
     config.loss.update(lpips_path=path, perceptual_weight=0.7)  # not 1, so the weight is seen to apply
     setup = ae.build(config, devices=jax.devices()[:1])
     # logvar 0.5, not its initial 0: then exp(logvar) != 1, so the nll's division and offset both count.
-    state0 = copy(state0).replace(tx=setup.shardings.tx)
+    state0 = copy(state0).replace(tx=setup.program.shardings.tx)
     state0 = state0.replace(params=dict(state0.params, logvar=jnp.float32(0.5)))
     images = np.asarray(batch["image"], np.float64)
 
     @jax.jit
     def reconstruct(vae_params, x, key):
-        vae = setup.step_config.vae
+        vae = setup.nets.vae
         z = vae.apply({"params": vae_params}, x, method=AutoencoderKL.encode).sample(key)
         return vae.apply({"params": vae_params}, z, method=AutoencoderKL.decode)
 
@@ -121,7 +120,7 @@ def test_lpips_branch_matches_torch_reference(run, tmp_path):
     per_pixel = np.abs(images - rec) + 0.7 * p[:, None, None, None]
     nll = np.sum(per_pixel / np.exp(0.5) + 0.5) / len(images)
 
-    _, m = setup.step_fn(state0, batch, setup.frozen)
+    _, m = setup.program.step(state0, batch, setup.frozen)
     assert p.min() > 1e-3  # a random autoencoder's reconstructions are far from the images
     np.testing.assert_allclose(float(m["p_loss"]), p.mean(), rtol=1e-4)
     np.testing.assert_allclose(float(m["nll_loss"]), nll, rtol=1e-5)
@@ -135,13 +134,13 @@ def test_sharded_step_matches_single_device(run):
     config, setup, state0, batch, _ = run
     config8 = tiny_config(config.data.data_dir, mesh_shape=(2, 4))
     setup8 = ae.build(config8)
-    assert dict(setup8.mesh.shape) == {"data": 2, "fsdp": 4}
-    batch8 = {"image": jax.device_put(batch["image"], setup8.batch_sharding)}
+    assert dict(setup8.program.mesh.shape) == {"data": 2, "fsdp": 4}
+    batch8 = {"image": jax.device_put(batch["image"], setup8.program.batch_sharding)}
     moment = lambda s, name: optax.tree_utils.tree_get(s.opt_state, name)  # noqa: E731
     for _ in range(2):  # GAN off, then on; each step from the same values on both
-        state8 = jax.device_put(copy(state0).replace(tx=setup8.shardings.tx), setup8.shardings)
-        state, m = setup.step_fn(copy(state0), batch, setup.frozen)
-        state8, m8 = setup8.step_fn(state8, batch8, setup8.frozen)
+        state8 = jax.device_put(copy(state0).replace(tx=setup8.program.shardings.tx), setup8.program.shardings)
+        state, m = setup.program.step(copy(state0), batch, setup.frozen)
+        state8, m8 = setup8.program.step(state8, batch8, setup8.frozen)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), m8, m)
         # mu = 0.1 g and nu = 0.001 g^2 after the first step (the second step's add the first's, decayed),
         # each to 1e-4 of the tensor's largest entry. The key bias is left out: its gradient is exactly
@@ -161,7 +160,7 @@ def test_training_improves_reconstructions_and_export_round_trips(run, tmp_path)
     psnr0, _ = ae.evaluate(setup, state.params["autoencoder"], held_out)
     state, rec_losses = copy(state), []
     for _ in range(30):
-        state, m = setup.step_fn(state, {"image": jnp.asarray(next(iterator)["image"])}, setup.frozen)
+        state, m = setup.program.step(state, {"image": jnp.asarray(next(iterator)["image"])}, setup.frozen)
         rec_losses.append(float(m["rec_loss"]))
     psnr1, grid = ae.evaluate(setup, state.params["autoencoder"], held_out)
     assert np.mean(rec_losses[-5:]) < 0.7 * np.mean(rec_losses[:5]), rec_losses

@@ -31,7 +31,8 @@ from sdjax.models.configs import abstract_params
 from sdjax.stable_diffusion import StableDiffusion
 from sdjax.train_state import RUN_ONCE_COMPILER_OPTIONS, ema_decay, make_optimizer
 from sdjax.training import latent
-from sdjax.training.latent import min_snr_weight
+from sdjax.training import latent_step
+from sdjax.training.latent_step import min_snr_weight
 from tests.tiny_configs import latent_config
 from tests.own_data import write_image_folder
 
@@ -53,7 +54,7 @@ def setup8(data_dir, tmp_path_factory):
 
 def _batches(setup):
     """``setup``'s training batches (this one process's: the whole global batch): images and token ids."""
-    it = make_dataset(setup.data, tokenize=lambda text: latent.tokenize(setup.tokenizer, [text], setup.seq_len)[0])
+    it = make_dataset(setup.config.data, tokenize=lambda text: latent.tokenize(setup.tokenizer, [text], setup.seq_len)[0])
     for batch in it:
         yield {k: batch[k] for k in ("image", "input_ids")}
 
@@ -62,7 +63,7 @@ def _batches(setup):
 def start(setup8):
     """A first batch and setup8's initial state on it, in host memory (reused by every setup)."""
     host = next(_batches(setup8))
-    return host, jax.tree.map(np.asarray, latent.init_state(setup8, latent.device_batch(setup8, host)))
+    return host, jax.tree.map(np.asarray, latent.init_state(setup8, setup8.program.device_batch(host)))
 
 
 def _build1(data_dir: str, workdir: str, **train):
@@ -82,7 +83,7 @@ def setup1(data_dir, tmp_path_factory):
 def _first_step(setup, start):
     """``setup``'s first step from ``start``: (state after it, metrics), in host memory."""
     host, state0 = start
-    state, m = setup.step_fn(_put(setup, state0), latent.device_batch(setup, host), setup.frozen)
+    state, m = setup.program.step(_put(setup, state0), setup.program.device_batch(host), setup.frozen)
     return jax.tree.map(np.asarray, state), jax.device_get(m)
 
 
@@ -93,7 +94,7 @@ def step1(setup1, start):
 
 def _put(setup, host_state):
     """A host copy of a state placed into ``setup``'s shardings (no buffer shared with other runs)."""
-    return jax.device_put(host_state.replace(tx=setup.shardings.tx), setup.shardings)
+    return jax.device_put(host_state.replace(tx=setup.program.shardings.tx), setup.program.shardings)
 
 
 def _flat(tree):
@@ -182,7 +183,7 @@ def test_loss_falls_and_export_loads(setup1, start, tmp_path):
     state = _put(setup1, start[1])
     losses = []
     for _ in range(40):
-        state, m = setup1.step_fn(state, latent.device_batch(setup1, next(batches)), setup1.frozen)
+        state, m = setup1.program.step(state, setup1.program.device_batch(next(batches)), setup1.frozen)
         losses.append(float(m["loss"]))
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5]), losses
 
@@ -192,9 +193,9 @@ def test_loss_falls_and_export_loads(setup1, start, tmp_path):
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
     ctx = sd.encode_prompt(["a red circle on a green background", ""])
     t = jnp.asarray([10, 500])
-    want = jax.jit(setup1.step_config.unet.apply)({"params": state.ema_params["unet"]}, x, t, ctx)
+    want = jax.jit(setup1.step.unet.apply)({"params": state.ema_params["unet"]}, x, t, ctx)
     np.testing.assert_allclose(sd.unet_apply(x, t, ctx), want, rtol=1e-5, atol=1e-6)
-    ema_text = jax.jit(setup1.step_config.text_encoder.apply)({"params": state.ema_params["text_encoder"]},
+    ema_text = jax.jit(setup1.step.text_encoder.apply)({"params": state.ema_params["text_encoder"]},
                                                      jnp.asarray(sd.tokenize(["a red circle on a green background"])))
     np.testing.assert_allclose(ctx[:1], ema_text, rtol=1e-5, atol=1e-6)
 
@@ -203,11 +204,11 @@ def test_grad_accum_averages_interleaved_micro_batches(data_dir, start, tmp_path
     """grad_accum=2 against value_and_grad of each micro-batch (rows 0::2, then 1::2), on one device."""
     setup = _build1(data_dir, str(tmp_path), grad_accum=2)
     host = start[0]
-    state0 = start[1].replace(tx=setup.shardings.tx)
-    state, m = setup.step_fn(_put(setup, state0), latent.device_batch(setup, host), setup.frozen)
+    state0 = start[1].replace(tx=setup.program.shardings.tx)
+    state, m = setup.program.step(_put(setup, state0), setup.program.device_batch(host), setup.frozen)
 
-    cfg = setup.step_config
-    grad_fn = jax.jit(jax.value_and_grad(functools.partial(latent._micro_loss, cfg=cfg)),
+    cfg = setup.step
+    grad_fn = jax.jit(jax.value_and_grad(functools.partial(latent_step.micro_loss, step=cfg)),
                       compiler_options=RUN_ONCE_COMPILER_OPTIONS)
     frozen = jax.tree.map(np.asarray, setup.frozen)
     micro = [grad_fn(state0.params, frozen, {k: v[i::2] for k, v in host.items()},
@@ -237,14 +238,14 @@ def _primitive_names(jaxpr):
 def test_remat_recomputes_without_changing_the_step(data_dir, setup1, start, step1, tmp_path):
     setup = _build1(data_dir, str(tmp_path), remat=True)
     host, state0 = start
-    args = (_put(setup, state0), latent.device_batch(setup, host), setup.frozen)
+    args = (_put(setup, state0), setup.program.device_batch(host), setup.frozen)
     # jax.checkpoint's primitive ("remat2" in JAX 0.10, "checkpoint" in older releases).
     is_remat = lambda name: "remat" in name or "checkpoint" in name  # noqa: E731
-    assert any(map(is_remat, _primitive_names(setup.step_fn.trace(*args).jaxpr.jaxpr)))
-    plain = setup1.step_fn.trace(_put(setup1, state0), latent.device_batch(setup1, host), setup1.frozen)
+    assert any(map(is_remat, _primitive_names(setup.program.step.trace(*args).jaxpr.jaxpr)))
+    plain = setup1.program.step.trace(_put(setup1, state0), setup1.program.device_batch(host), setup1.frozen)
     assert not any(map(is_remat, _primitive_names(plain.jaxpr.jaxpr)))
 
-    state, m = setup.step_fn(*args)
+    state, m = setup.program.step(*args)
     want, want_m = step1
     np.testing.assert_allclose(m["loss"], want_m["loss"], rtol=1e-6)
     np.testing.assert_allclose(m["grad_norm"], want_m["grad_norm"], rtol=1e-6)
@@ -262,7 +263,7 @@ def _cosine(a, b):
 def test_bf16_step_keeps_f32_master_weights_and_tracks_f32(data_dir, start, step1, tmp_path):
     setup = _build1(data_dir, str(tmp_path), dtype="bfloat16")
     host, state0 = start
-    state, m = setup.step_fn(_put(setup, state0), latent.device_batch(setup, host), setup.frozen)
+    state, m = setup.program.step(_put(setup, state0), setup.program.device_batch(host), setup.frozen)
     for name in ("params", "ema_params", "opt_state"):
         floats = [x for x in jax.tree.leaves(getattr(state, name)) if jnp.issubdtype(x.dtype, jnp.floating)]
         assert floats and all(x.dtype == jnp.float32 for x in floats), name
@@ -298,7 +299,7 @@ def test_frozen_pretrained_text_encoder_and_init_from(data_dir, setup1, start, s
     c.tokenizer.dir = os.path.join(export, "tokenizer")
     c.train.update(init_from=export, scale_by_std=False)  # no latent-scale measurement: one compile fewer
     setup = latent.build(c, str(tmp_path / "w"), devices=jax.devices()[:1])
-    batch = latent.device_batch(setup, host)
+    batch = setup.program.device_batch(host)
     state = latent.init_state(setup, batch)
     assert set(state.params) == {"unet"}  # the text encoder is frozen: not trained, no EMA, no moments
     for tree in (state.params["unet"], state.ema_params["unet"]):
@@ -308,7 +309,7 @@ def test_frozen_pretrained_text_encoder_and_init_from(data_dir, setup1, start, s
             np.testing.assert_array_equal(got[k], exported_unet[k], err_msg=k)
 
     initial = jax.tree.map(np.asarray, state)
-    state, m = setup.step_fn(state, batch, setup.frozen)
+    state, m = setup.program.step(state, batch, setup.frozen)
     got = _flat(state.params["unet"])
     assert any(not np.array_equal(got[k], exported_unet[k]) for k in got)
     for tree in (setup.frozen["text_encoder"], latent.inference_params(setup, state)["text_encoder"]):
@@ -320,8 +321,8 @@ def test_frozen_pretrained_text_encoder_and_init_from(data_dir, setup1, start, s
     # The step conditions on the exported encoder: setup1, which trains its own text encoder,
     # computes the same loss when that encoder starts from the export's.
     params = {"unet": initial.params["unet"], "text_encoder": jax.tree.map(np.asarray, sd.params["text_encoder"])}
-    s1 = initial.replace(params=params, ema_params=params, opt_state=setup1.shardings.tx.init(params))
-    _, m1 = setup1.step_fn(_put(setup1, s1), latent.device_batch(setup1, host), setup1.frozen)
+    s1 = initial.replace(params=params, ema_params=params, opt_state=setup1.program.shardings.tx.init(params))
+    _, m1 = setup1.program.step(_put(setup1, s1), setup1.program.device_batch(host), setup1.frozen)
     np.testing.assert_allclose(m["loss"], m1["loss"], rtol=1e-5)
 
     # A checkpoint whose UNet is half as wide: the same tree with other shapes.
@@ -329,7 +330,8 @@ def test_frozen_pretrained_text_encoder_and_init_from(data_dir, setup1, start, s
                                                                          block_out_channels=(16, 32)))
     zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract_params(narrow))
     StableDiffusion(narrow, zeros).save_pretrained(str(tmp_path / "narrow"))
-    bad = dataclasses.replace(setup, train=dataclasses.replace(setup.train, init_from=str(tmp_path / "narrow")))
+    bad = dataclasses.replace(setup, config=dataclasses.replace(
+        setup.config, train=dataclasses.replace(setup.config.train, init_from=str(tmp_path / "narrow"))))
     with pytest.raises(ValueError, match="init_from=.*narrow.*do not match config.model"):
         latent.init_state(bad, batch)
 

@@ -14,13 +14,11 @@ linear layer are interchangeable (SD 1 stores some projections as convs).
 import re
 from typing import Any, Iterable, Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from sdjax.checkpoints.errors import CheckpointError, describe_mismatch
-from sdjax.models.layers import unbox
+from sdjax.models.configs import abstract_module_params, text_encoder_inputs
 from sdjax.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
 
 
@@ -125,8 +123,7 @@ def text_encoder_from_torch(state_dict: Mapping[str, Any], config: TextEncoderCo
     sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
     unused = tuple(f"encoder.layers.{i}." for i in range(config.num_layers_used, config.num_hidden_layers))
     sd = {k: v for k, v in sd.items() if not k.startswith(unused)}
-    ids = jnp.zeros((1, config.max_position_embeddings), jnp.int32)
-    target = jax.eval_shape(lambda: unbox(CLIPTextEncoder(config).init(jax.random.key(0), ids))["params"])
+    target = abstract_module_params(CLIPTextEncoder(config), text_encoder_inputs(config))
     return torch_to_flax(sd, target, what="text_encoder", ignore=("position_ids",))
 
 

@@ -21,19 +21,10 @@ from safetensors.numpy import save_file
 
 from sdjax.checkpoints import atomic, diffusers_folder, sdjax_format, single_file
 from sdjax.checkpoints.convert import flax_to_torch, text_encoder_to_torch
+from sdjax.checkpoints.formats import VAE_FORMATS, check_format
 from sdjax.models.autoencoder import AutoencoderConfig
 from sdjax.models.configs import ModelConfigs
 from sdjax.tokenizer import load_tokenizer
-
-FORMATS = ("sdjax", "diffusers", "single_file")
-VAE_FORMATS = ("sdjax", "diffusers")
-
-
-def check_format(fmt: str, formats: tuple[str, ...] = FORMATS) -> str:
-    if fmt not in formats:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(formats)}.")
-    return fmt
-
 
 def torch_state_dicts(params: dict[str, Any], dtype: Any = None) -> dict[str, dict[str, np.ndarray]]:
     """PyTorch-layout (diffusers / transformers names) state dicts of ``{"unet", "vae", "text_encoder"}``."""

@@ -19,7 +19,7 @@ from sdjax.checkpoints.convert import text_encoder_from_torch, torch_to_flax
 from sdjax.checkpoints.errors import CheckpointError
 from sdjax.checkpoints.tensors import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, read_safetensors, read_tensors
 from sdjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
-from sdjax.models.configs import ModelConfigs, abstract_params
+from sdjax.models.configs import ModelConfigs, abstract_module_params, abstract_params, vae_inputs
 from sdjax.models.layers import unbox
 from sdjax.models.lpips import LPIPS
 
@@ -115,8 +115,7 @@ def load_vae(path: str) -> tuple[AutoencoderConfig, Any]:
 def _read_diffusers_vae(path: str) -> tuple[AutoencoderConfig, Any]:
     raw, state = diffusers_folder.read_component(os.path.dirname(path), os.path.basename(path))
     config = AutoencoderConfig.from_diffusers_config(raw)
-    x = jnp.zeros((1, config.downsample_factor, config.downsample_factor, config.in_channels))
-    target = unbox(jax.eval_shape(AutoencoderKL(config).init, jax.random.key(0), x))["params"]
+    target = abstract_module_params(AutoencoderKL(config), vae_inputs(config))
     params = torch_to_flax(state, target, what=f"{path} (diffusers AutoencoderKL)")
     return config, jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, np.float32)), params)
 

@@ -26,11 +26,11 @@ from safetensors.numpy import save_file
 from sdjax import paths
 from sdjax.checkpoints import atomic
 from sdjax.checkpoints.errors import CheckpointError
+from sdjax.checkpoints.formats import LORA_LAYOUTS
 
 NETWORKS = ("unet", "text_encoder")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
-LAYOUTS = ("peft", "kohya")
 _KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
 # Pairs (down, up) of each layout's key suffixes.
 _PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight"),
@@ -164,8 +164,8 @@ def save(folder: str, adapters: list[Adapter], layout: str = "peft") -> str:
     """Writes ``folder/pytorch_lora_weights.safetensors`` (what ``load_lora_weights(folder)`` reads):
     the diffusers/PEFT layout with diffusers' rank/alpha metadata, or kohya's (``lora_unet_*`` with
     an ``alpha`` per layer). Returns the file's path."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown LoRA layout {layout!r}; choose one of {', '.join(LAYOUTS)}.")
+    if layout not in LORA_LAYOUTS:
+        raise ValueError(f"unknown LoRA layout {layout!r}; choose one of {', '.join(LORA_LAYOUTS)}.")
     tensors, metadata = {}, {"format": "pt"}
     for a in adapters:
         if layout == "peft":

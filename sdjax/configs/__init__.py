@@ -66,6 +66,22 @@ def section(cls: Any, exclude: tuple[str, ...] = (), **values: Any) -> ml_collec
     return ml_collections.ConfigDict(out)
 
 
+def read_section(cls: Any, section: ml_collections.ConfigDict | dict | None, name: str,
+                 exclude: tuple[str, ...] = ()) -> Any:
+    """The dataclass ``cls`` from a config section (absent: every default); a key that is not one of
+    its fields is an error naming the valid ones. Lists become tuples where the field is a tuple."""
+    values = {} if section is None else (section.to_dict() if hasattr(section, "to_dict") else dict(section))
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in exclude}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{name}.{unknown[0]} is not a setting of this section; valid keys: "
+                         f"{', '.join(sorted(fields))}.")
+    for key, value in values.items():
+        if isinstance(value, list) and typing.get_origin(fields[key].type) is tuple:
+            values[key] = tuple(value)
+    return cls(**values)
+
+
 def check_override(config: ml_collections.ConfigDict, dotted: str) -> None:
     """Raises a ValueError naming the valid keys if ``dotted`` (``train.batch_size``) is not in ``config``."""
     node, seen = config, []

@@ -21,8 +21,7 @@ import ml_collections
 
 from sdjax import configs, presets, sharding
 from sdjax.data import config_section
-from sdjax.training.autoencoder import TrainConfig
-from sdjax.training.autoencoder_loss import LossConfig
+from sdjax.training.schema import AutoencoderTrainConfig, DiscriminatorConfig, LossConfig
 
 GLOBAL_BATCH = 96
 BASE_LEARNING_RATE = 4.5e-6  # per image of the global batch
@@ -35,10 +34,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     model = presets.sd15()["vae"]
     model.update(sample_size=256, scaling_factor=1.0)
     c.model = ml_collections.ConfigDict(model)
-    c.discriminator = ml_collections.ConfigDict(dict(ndf=64, n_layers=3))
+    c.discriminator = configs.section(DiscriminatorConfig, ndf=64, n_layers=3)
     c.loss = configs.section(LossConfig, disc_start=50_001, kl_weight=1e-6, disc_weight=0.5, perceptual_weight=1.0)
     c.data = config_section(name="captioned_images", image_size=256, random_crop=True, random_flip=True)
-    c.train = configs.section(TrainConfig, steps=250_000, batch_size=GLOBAL_BATCH,
+    c.train = configs.section(AutoencoderTrainConfig, steps=250_000, batch_size=GLOBAL_BATCH,
                               learning_rate=BASE_LEARNING_RATE * GLOBAL_BATCH, checkpoint_every=5000, max_to_keep=3,
                               log_every=50, eval_every=2500, eval_images=64)
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "fsdp")))

@@ -33,8 +33,7 @@ import ml_collections
 
 from sdjax import configs, sharding
 from sdjax.data import config_section
-from sdjax.training import lora
-from sdjax.training.latent import SampleConfig, TrainConfig
+from sdjax.training.schema import LatentTrainConfig, LoraConfig, SampleConfig, TokenizerConfig
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -44,15 +43,15 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.pretrained = ml_collections.FieldReference(None, field_type=str)
     c.unet_from_pretrained = True
     c.model = ml_collections.ConfigDict()  # overrides of the pretrained configs, e.g. model.scheduler
-    c.tokenizer = ml_collections.ConfigDict(dict(dir=ml_collections.FieldReference(None, field_type=str)))
+    c.tokenizer = configs.section(TokenizerConfig)
     c.data = config_section(name="captioned_images", image_size=512)
     c.train = configs.section(
-        TrainConfig, steps=10_000, batch_size=32, learning_rate=1e-5, warmup_steps=500, schedule="constant",
+        LatentTrainConfig, steps=10_000, batch_size=32, learning_rate=1e-5, warmup_steps=500, schedule="constant",
         weight_decay=1e-2, clip_norm=1.0, ema_decay=0.9999, dtype="bfloat16", caption_dropout=0.1,
         checkpoint_every=1000, max_to_keep=3, log_every=50, sample_every=1000)
     c.sample = configs.section(SampleConfig, num_steps=30, guidance_scale=7.5,
                                prompts=("a photo of a cat", "a painting of a lighthouse at sunset"))
-    c.lora = configs.section(lora.LoraConfig)  # lora.rank=N: train rank-N UNet adapters instead of the UNet
+    c.lora = configs.section(LoraConfig)  # lora.rank=N: train rank-N UNet adapters instead of the UNet
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "fsdp")))
     c.logical_axis_rules = sharding.LOGICAL_AXIS_RULES
     if variant == "tiny":

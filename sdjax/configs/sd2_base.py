@@ -24,7 +24,7 @@ import ml_collections
 
 from sdjax import configs, presets, sharding
 from sdjax.data import config_section
-from sdjax.training.latent import SampleConfig, TrainConfig
+from sdjax.training.schema import LatentTrainConfig, SampleConfig, TokenizerConfig
 
 GLOBAL_BATCH = 512
 BASE_LEARNING_RATE = 1.25e-7  # per image of the global batch
@@ -39,10 +39,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     unet = presets.sd21()["unet"]
     unet.update(sample_size=64, attention_head_dim=(5, 10, 20, 20), upcast_attention=False)  # 64-wide heads, 512 px
     c.model = ml_collections.ConfigDict(dict(unet=unet, scheduler=dict(prediction_type="v_prediction")))
-    c.tokenizer = ml_collections.ConfigDict(dict(dir=ml_collections.FieldReference(None, field_type=str)))
+    c.tokenizer = configs.section(TokenizerConfig)
     c.data = config_section(name="captioned_images", image_size=512)
     c.train = configs.section(
-        TrainConfig, steps=1_000_000, batch_size=GLOBAL_BATCH, learning_rate=BASE_LEARNING_RATE * GLOBAL_BATCH,
+        LatentTrainConfig, steps=1_000_000, batch_size=GLOBAL_BATCH, learning_rate=BASE_LEARNING_RATE * GLOBAL_BATCH,
         warmup_steps=10_000, schedule="constant", weight_decay=1e-2, clip_norm=0.0, ema_decay=0.0,
         dtype="bfloat16", caption_dropout=0.0, latent_scale=0.18215, scale_by_std=False, cache_latents=True,
         checkpoint_every=2000, max_to_keep=3, log_every=50, sample_every=0)

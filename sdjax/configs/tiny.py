@@ -31,7 +31,8 @@ import ml_collections
 
 from sdjax import configs, sharding
 from sdjax.data import COLOR_NAMES, SHAPES, config_section
-from sdjax.training.latent import SampleConfig, TrainConfig
+from sdjax.training.schema import (AutoencoderSource, LatentTrainConfig, SampleConfig, TextEncoderSource,
+                                   TokenizerConfig)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -51,14 +52,12 @@ def get_config() -> ml_collections.ConfigDict:
         scheduler=dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                        prediction_type="epsilon"),
     )
-    c.autoencoder = ml_collections.ConfigDict(dict(path=ml_collections.FieldReference(None, field_type=str), seed=0))
-    c.text_encoder = ml_collections.ConfigDict(dict(pretrained=ml_collections.FieldReference(None, field_type=str)))
-    c.tokenizer = ml_collections.ConfigDict(dict(
-        dir=ml_collections.FieldReference(None, field_type=str),
-        words=" ".join(("a", "on", "background") + SHAPES + COLOR_NAMES), from_captions=False))
+    c.autoencoder = configs.section(AutoencoderSource)
+    c.text_encoder = configs.section(TextEncoderSource)
+    c.tokenizer = configs.section(TokenizerConfig, words=" ".join(("a", "on", "background") + SHAPES + COLOR_NAMES))
     c.data = config_section(name="captioned_shapes", image_size=32, num_examples=2000, num_threads=2)
     c.train = configs.section(
-        TrainConfig, steps=300, batch_size=32, learning_rate=1e-3, warmup_steps=20, schedule="cosine",
+        LatentTrainConfig, steps=300, batch_size=32, learning_rate=1e-3, warmup_steps=20, schedule="cosine",
         weight_decay=0.0, ema_decay=0.999, min_snr_gamma=5.0, scale_by_std=True, checkpoint_every=100,
         max_to_keep=2, log_every=10, sample_every=100)
     c.sample = configs.section(

@@ -22,8 +22,7 @@ import ml_collections
 
 from sdjax import configs, sharding
 from sdjax.data import config_section
-from sdjax.training.autoencoder import TrainConfig
-from sdjax.training.autoencoder_loss import LossConfig
+from sdjax.training.schema import AutoencoderTrainConfig, DiscriminatorConfig, LossConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -31,10 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
         norm_num_groups=8, sample_size=32, scaling_factor=1.0))
-    c.discriminator = ml_collections.ConfigDict(dict(ndf=32, n_layers=2))
+    c.discriminator = configs.section(DiscriminatorConfig, ndf=32, n_layers=2)
     c.loss = configs.section(LossConfig, disc_start=1500)
     c.data = config_section(name="captioned_shapes", image_size=32, num_examples=2000, num_threads=2)
-    c.train = configs.section(TrainConfig, steps=2000, batch_size=16, learning_rate=1e-3, checkpoint_every=500,
+    c.train = configs.section(AutoencoderTrainConfig, steps=2000, batch_size=16, learning_rate=1e-3, checkpoint_every=500,
                               max_to_keep=2, log_every=50, eval_every=250, eval_images=64)
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "fsdp")))
     c.logical_axis_rules = sharding.LOGICAL_AXIS_RULES

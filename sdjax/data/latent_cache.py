@@ -13,18 +13,21 @@ at the first missing chunk. When every host sees the cache folder, host i encode
 chunks memory-mapped, in global batches like images (``sdjax.data.global_batches``).
 """
 
+import dataclasses
+import functools
+import hashlib
 import json
 import os
 import shutil
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import grain
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sdjax.data.pipeline import DataConfig, global_batches
+from sdjax.data.pipeline import DataConfig, global_batches, preprocess
 
 CHUNK = 256
 _ARRAYS = ("moments", "input_ids")
@@ -160,6 +163,34 @@ def build(path: str, fingerprint: dict, num_examples: int, examples: Callable[[i
                          f"{_missing_chunks(path, num_chunks)[:5]} missing): is the folder writable on every host?")
     print(f"training on {len(source)} cached latents from {path}", flush=True)
     return source
+
+
+def fingerprint(config: DataConfig, vae_params: Any, vocab: dict[str, int], seq_len: int) -> dict:
+    """What a cache of ``config``'s data depends on: the data read (not how it is batched or shuffled),
+    the autoencoder's weights, the tokenizer's vocabulary and the token sequence length."""
+    vae_hash = hashlib.sha256()
+    for leaf in jax.tree.leaves(vae_params):
+        vae_hash.update(np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf).tobytes())
+    skip = ("batch_size", "num_threads", "num_workers", "shuffle", "num_epochs", "shard_index", "shard_count")
+    data = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
+    vocab_json = json.dumps(sorted(vocab.items())).encode()
+    return {"data": data, "vae_sha256": vae_hash.hexdigest(), "vocab_sha256": hashlib.sha256(vocab_json).hexdigest(),
+            "seq_len": seq_len}
+
+
+def encode_dataset(path: str, config: DataConfig, source: Any, tokenize: Callable[[str], np.ndarray],
+                   encode: Callable[[np.ndarray], np.ndarray], fingerprint: dict) -> ChunkSource:
+    """The cache of ``source`` (``config``'s split, read in order) at ``path``, encoding what is missing
+    first (``build``). ``encode`` maps images (n, H, W, 3) to moments (n, h, w, 2C). A dataset with
+    several captions per image caches one of them, drawn by a generator fixed per example."""
+    prepare_example = functools.partial(preprocess, config=config, tokenize=tokenize)
+
+    def examples(start: int, stop: int) -> dict[str, np.ndarray]:
+        rows = [prepare_example(source[i], np.random.default_rng([config.seed, i])) for i in range(start, stop)]
+        return {"image": np.stack([r["image"] for r in rows]), "input_ids": np.stack([r["input_ids"] for r in rows])}
+
+    return build(path, fingerprint, len(source), examples, encode=encode, batch_size=config.batch_size,
+                 what=f"{config.name}[{config.split}]")
 
 
 def make_dataset(source: ChunkSource, config: DataConfig) -> grain.DatasetIterator:

@@ -44,24 +44,39 @@ def build_modules(configs: ModelConfigs, dtype: Any = jnp.float32, param_dtype: 
     return (UNet(configs.unet, **kw), AutoencoderKL(configs.vae, **kw), CLIPTextEncoder(configs.text_encoder, **kw))
 
 
+def unet_inputs(config: UNetConfig) -> tuple:
+    """Small dummy inputs that trace the UNet (for init and ``jax.eval_shape``): the smallest latent
+    its downsamplings allow, one timestep, a 77-token context."""
+    side = 2 ** (len(config.block_out_channels) - 1)
+    return (jnp.zeros((1, side, side, config.in_channels)), jnp.zeros((1,), jnp.int32),
+            jnp.zeros((1, 77, config.cross_attention_dim)))
+
+
+def vae_inputs(config: AutoencoderConfig) -> tuple:
+    f = config.downsample_factor
+    return (jnp.zeros((1, f, f, config.in_channels)),)
+
+
+def text_encoder_inputs(config: TextEncoderConfig) -> tuple:
+    return (jnp.zeros((1, config.max_position_embeddings), jnp.int32),)
+
+
 def init_inputs(configs: ModelConfigs) -> dict[str, tuple]:
     """Small dummy inputs that trace each network (for init and ``jax.eval_shape``)."""
-    f = configs.vae.downsample_factor
-    side = 2 ** (len(configs.unet.block_out_channels) - 1)
-    return dict(
-        unet=(jnp.zeros((1, side, side, configs.unet.in_channels)), jnp.zeros((1,), jnp.int32),
-              jnp.zeros((1, 77, configs.unet.cross_attention_dim))),
-        vae=(jnp.zeros((1, f, f, configs.vae.in_channels)),),
-        text_encoder=(jnp.zeros((1, configs.text_encoder.max_position_embeddings), jnp.int32),),
-    )
+    return dict(unet=unet_inputs(configs.unet), vae=vae_inputs(configs.vae),
+                text_encoder=text_encoder_inputs(configs.text_encoder))
+
+
+def abstract_module_params(module: Any, inputs: tuple) -> Any:
+    """Parameter shapes of ``module`` traced on ``inputs`` (``jax.eval_shape``: nothing allocated)."""
+    return unbox(jax.eval_shape(module.init, jax.random.key(0), *inputs))["params"]
 
 
 def abstract_params(configs: ModelConfigs, param_dtype: Any = jnp.float32) -> dict[str, Any]:
-    """Parameter shapes of every network via ``jax.eval_shape`` (no memory is allocated)."""
+    """Parameter shapes of every network (no memory is allocated)."""
     modules = dict(zip(NETWORKS, build_modules(configs, param_dtype=param_dtype)))
     inputs = init_inputs(configs)
-    key = jax.random.key(0)
-    return {name: unbox(jax.eval_shape(m.init, key, *inputs[name]))["params"] for name, m in modules.items()}
+    return {name: abstract_module_params(m, inputs[name]) for name, m in modules.items()}
 
 
 def count_params(tree: Any) -> int:

@@ -6,9 +6,9 @@ Both networks use Adam(lr, b1=0.5, b2=0.9); one Adam over the joint tree is exac
 originals' two optimizers, as Adam is element-wise and both step once per batch. No EMA is
 kept: the originals export the raw weights.
 
-``train(config, workdir)`` runs it in the shared loop (``training/loop.py``); ``build``,
-``train_step``, ``evaluate`` and ``export`` are importable. Config sections are described in
-``configs/tiny_autoencoder.py``.
+``train(config, workdir)`` reads the config once (``schema.AutoencoderRunConfig``), builds the run
+(``build``: the step jitted by ``builder.compile_step``) and runs it in the shared loop
+(``training/loop.py``). Config sections are described in ``configs/tiny_autoencoder.py``.
 """
 
 import dataclasses
@@ -23,95 +23,63 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sdjax import metrics, sharding
+from sdjax import metrics
 from sdjax.checkpoints import export as export_lib, load as load_lib
-from sdjax.data import DataConfig, make_dataset, prepare_on_all_hosts, splits
+from sdjax.data import make_dataset, prepare_on_all_hosts, splits
 from sdjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from sdjax.models.discriminator import NLayerDiscriminator
 from sdjax.models.lpips import LPIPS
-from sdjax.train_state import (RUN_ONCE_COMPILER_OPTIONS, TrainState, abstract_sharded, make_optimizer, sharded_init,
-                               state_shardings)
-from sdjax.training import loop
-from sdjax.training.autoencoder_loss import LossConfig, Networks, loss_and_grads
+from sdjax.train_state import RUN_ONCE_COMPILER_OPTIONS, TrainState, make_optimizer
+from sdjax.training import builder, loop
+from sdjax.training.autoencoder_loss import Networks, loss_and_grads
+from sdjax.training.schema import AutoencoderRunConfig, LossConfig
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig(loop.LoopConfig):
-    """``config.train``; see configs/tiny_autoencoder.py."""
-    learning_rate: float = 4.5e-6
-    eval_every: int = 500
-    eval_images: int = 64  # held-out images for PSNR; the first 8 form the reconstruction grid
-
-    def __post_init__(self):
-        super().__post_init__()
-        for name in ("eval_every", "eval_images"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
-        export_lib.check_format(self.export_format, export_lib.VAE_FORMATS)
-
-
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-    """What the jitted step needs besides arrays (hashable, static)."""
-    nets: Networks
-    loss: LossConfig
-    mesh: jax.sharding.Mesh
-    rules: tuple
-
-    @property
-    def vae(self) -> AutoencoderKL:
-        return self.nets.vae
-
-
-def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: dict[str, Any], *,
-               cfg: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: dict[str, Any], *, nets: Networks,
+               loss: LossConfig) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update of the autoencoder, logvar and discriminator on a global batch {"image": (B,H,W,3)}.
 
     ``state.params = {"autoencoder", "logvar", "discriminator"}``; ``frozen = {"lpips": params or None}``.
     The posterior sample draws from ``fold_in(state.key, state.step)``.
     """
-    with jax.sharding.use_abstract_mesh(cfg.mesh.abstract_mesh), nn.logical_axis_rules(cfg.rules):
-        grads, m = loss_and_grads(state.params, frozen["lpips"], batch["image"].astype(jnp.float32),
-                                  state.step_key(), state.step, cfg.nets, cfg.loss)
+    grads, m = loss_and_grads(state.params, frozen["lpips"], batch["image"].astype(jnp.float32),
+                              state.step_key(), state.step, nets, loss)
     return state.apply_gradients(grads), m
 
 
 # ---- building a run ----------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class Setup:
-    """Everything a run builds before its first step."""
-    train: TrainConfig
-    data: DataConfig  # this host's: the global batch split over processes
+class AutoencoderRun:
+    """An autoencoder run, built: its config, the autoencoder's architecture, the loss's networks,
+    the frozen LPIPS weights, the jitted program and the jitted reconstruction."""
+    config: AutoencoderRunConfig
     vae_config: AutoencoderConfig
-    mesh: jax.sharding.Mesh
-    rules: tuple
-    step_config: StepConfig
+    nets: Networks
     frozen: dict[str, Any]
-    init: Any  # init(key) -> boxed TrainState
-    shardings: TrainState
-    batch_sharding: jax.sharding.NamedSharding
-    step_fn: Any  # jitted train_step(state, batch, frozen) -> (state, metrics)
+    program: builder.TrainProgram
     reconstruct_fn: Any  # jitted (autoencoder params, images) -> posterior-mode reconstructions
+    dataset: Any  # the prepared TFDS builder of config.data
 
-    def restore_target(self) -> TrainState:
-        return abstract_sharded(self.init, self.shardings, jax.random.key(self.train.seed))
+    @property
+    def splits(self) -> tuple[str, str]:
+        """(training split, held-out split): see ``sdjax.data.splits``."""
+        return splits(self.dataset, self.config.data)
 
 
-def build(config: ml_collections.ConfigDict, devices=None) -> Setup:
-    """Validates the config, builds mesh, modules, LPIPS, shardings and the jitted step.
+def build(config: AutoencoderRunConfig | ml_collections.ConfigDict, devices=None) -> AutoencoderRun:
+    """Validates the config, builds mesh, modules, LPIPS, shardings and the jitted step, and prepares
+    the data (once, on every host).
 
     Every user error (mesh, batch, paths, image size) raises here, before compiling.
     """
-    train = TrainConfig(**config.train.to_dict())
-    loss = LossConfig(**config.loss.to_dict())
-    data = DataConfig.from_config(config.data, batch_size=train.batch_size // jax.process_count())
-    vae_config = AutoencoderConfig.from_diffusers_config(config.model.to_dict())
-    mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes, devices)
-    rules = sharding.filter_rules([tuple(r) for r in config.logical_axis_rules], mesh)
-    sharding.check_batch_size(train.batch_size, mesh, rules)
-    size = data.image_size
-    disc = NLayerDiscriminator(**config.discriminator.to_dict())
+    if not isinstance(config, AutoencoderRunConfig):
+        config = AutoencoderRunConfig.from_config(config)
+    train, loss = config.train, config.loss
+    vae_config = AutoencoderConfig.from_diffusers_config(config.model)
+    mesh, rules = builder.make_mesh(config.mesh, train.batch_size, devices)
+    size = config.data.image_size
+    disc = NLayerDiscriminator(ndf=config.discriminator.ndf, n_layers=config.discriminator.n_layers)
     min_size = 2 ** (disc.n_layers + 2)
     if size % vae_config.downsample_factor or size < min_size:
         raise ValueError(f"data.image_size={size} must be a multiple of the autoencoder's factor "
@@ -138,53 +106,45 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Setup:
                   "discriminator": disc.init(k_disc, x)["params"]}
         return TrainState.create(params, tx, k_state, ema=False)
 
-    shardings = state_shardings(init, mesh, rules, jax.random.key(train.seed))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    frozen = jax.device_put({"lpips": lpips_params}, replicated)
-    step_config = StepConfig(nets=Networks(vae=vae, discriminator=disc, lpips=lpips), loss=loss, mesh=mesh,
-                             rules=rules)
-    batch_sharding = sharding.batch_sharding(mesh, rules)
-    compiler_options = RUN_ONCE_COMPILER_OPTIONS if train.fast_compile else None
-    step_fn = jax.jit(functools.partial(train_step, cfg=step_config),
-                      in_shardings=(shardings, {"image": batch_sharding}, replicated),
-                      out_shardings=(shardings, replicated), donate_argnums=(0,), compiler_options=compiler_options)
+    nets = Networks(vae=vae, discriminator=disc, lpips=lpips)
+    program = builder.compile_step(functools.partial(train_step, nets=nets, loss=loss), mesh=mesh, rules=rules,
+                                   init=init, init_args=(), seed=train.seed, batch_keys=("image",),
+                                   frozen_shardings=replicated, fast_compile=train.fast_compile)
 
-    @functools.partial(jax.jit, out_shardings=replicated, compiler_options=compiler_options)
+    @functools.partial(jax.jit, out_shardings=replicated,
+                       compiler_options=RUN_ONCE_COMPILER_OPTIONS if train.fast_compile else None)
     def reconstruct_fn(vae_params, images):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
             return vae.apply({"params": vae_params}, images)
 
-    return Setup(train=train, data=data, vae_config=vae_config, mesh=mesh, rules=rules, step_config=step_config,
-                 frozen=frozen, init=init, shardings=shardings, batch_sharding=batch_sharding, step_fn=step_fn,
-                 reconstruct_fn=reconstruct_fn)
+    return AutoencoderRun(config=config, vae_config=vae_config, nets=nets,
+                          frozen=jax.device_put({"lpips": lpips_params}, replicated), program=program,
+                          reconstruct_fn=reconstruct_fn, dataset=prepare_on_all_hosts(config.data))
 
 
-def init_state(setup: Setup, first_batch: Any = None) -> TrainState:
+def init_state(run: AutoencoderRun, first_batch: Any = None) -> TrainState:
     """A fresh state (the first batch is not needed)."""
-    return sharded_init(setup.init, setup.shardings)(jax.random.key(setup.train.seed))
+    return run.program.fresh_state()
 
 
-def make_iterator(setup: Setup):
+def make_iterator(run: AutoencoderRun):
     """This host's training batches: the training split without the held-out images (``eval_images``)."""
-    train_split, eval_split = splits(prepare_on_all_hosts(setup.data), setup.data)
+    data = run.config.data
+    train_split, eval_split = run.splits
     if jax.process_index() == 0:
-        print(f"training on {setup.data.name}[{train_split}], evaluating on [{eval_split}]", flush=True)
-    return make_dataset(dataclasses.replace(setup.data, split=train_split))
-
-
-def device_batch(setup: Setup, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    return sharding.global_batch({"image": host_batch["image"]}, setup.batch_sharding)
+        print(f"training on {data.name}[{train_split}], evaluating on [{eval_split}]", flush=True)
+    return make_dataset(dataclasses.replace(data, split=train_split))
 
 
 # ---- evaluation and export -----------------------------------------------------------------------------
 
-def eval_images(setup: Setup) -> np.ndarray:
+def eval_images(run: AutoencoderRun) -> np.ndarray:
     """The first ``train.eval_images`` held-out images (``sdjax.data.splits``: the dataset's test split, or
     a slice of the training split that training skips; fewer if it holds fewer), the same on every host."""
-    b = prepare_on_all_hosts(setup.data)
-    _, eval_split = splits(b, setup.data)
-    n = min(setup.train.eval_images, len(b.as_data_source(split=eval_split)))
-    cfg = dataclasses.replace(setup.data, split=eval_split, shuffle=False, num_epochs=1, batch_size=n,
+    _, eval_split = run.splits
+    n = min(run.config.train.eval_images, len(run.dataset.as_data_source(split=eval_split)))
+    cfg = dataclasses.replace(run.config.data, split=eval_split, shuffle=False, num_epochs=1, batch_size=n,
                               shard_index=0, shard_count=1)
     return next(make_dataset(cfg))["image"]
 
@@ -195,18 +155,18 @@ def psnr(images: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:
     return 10.0 * np.log10(1.0 / np.maximum(mse, 1e-10))
 
 
-def evaluate(setup: Setup, vae_params: Any, images: np.ndarray) -> tuple[float, np.ndarray]:
+def evaluate(run: AutoencoderRun, vae_params: Any, images: np.ndarray) -> tuple[float, np.ndarray]:
     """(mean PSNR of the posterior-mode reconstructions, a grid: originals above, reconstructions below)."""
-    rec = np.asarray(multihost_utils.process_allgather(setup.reconstruct_fn(vae_params, jnp.asarray(images)),
+    rec = np.asarray(multihost_utils.process_allgather(run.reconstruct_fn(vae_params, jnp.asarray(images)),
                                                     tiled=True))
     n = min(8, len(images))
     grid = metrics.image_grid(np.concatenate([images[:n], rec[:n]]), cols=n)
     return float(np.mean(psnr(images, rec))), grid
 
 
-def latent_scale(setup: Setup, vae_params: Any, images: np.ndarray, key: jax.Array) -> float:
+def latent_scale(run: AutoencoderRun, vae_params: Any, images: np.ndarray, key: jax.Array) -> float:
     """1 / std of sampled latents (LDM's ``scale_by_std``), the exported ``scaling_factor``."""
-    vae = setup.step_config.vae
+    vae = run.nets.vae
 
     @functools.partial(jax.jit, compiler_options=RUN_ONCE_COMPILER_OPTIONS)
     def scale(p, x, k):
@@ -216,15 +176,15 @@ def latent_scale(setup: Setup, vae_params: Any, images: np.ndarray, key: jax.Arr
                                                  tiled=True).reshape(-1)[0])
 
 
-def export(setup: Setup, state: TrainState, path: str, images: np.ndarray) -> AutoencoderConfig:
+def export(run: AutoencoderRun, state: TrainState, path: str, images: np.ndarray) -> AutoencoderConfig:
     """Writes the trained autoencoder as an sdjax autoencoder export or a diffusers ``AutoencoderKL``
     folder (``train.export_format``; the latent trainer's ``autoencoder.path`` reads either), with
     ``scaling_factor`` measured on ``images``."""
     params = jax.tree.map(np.asarray, multihost_utils.process_allgather(state.params["autoencoder"], tiled=True))
-    scale = latent_scale(setup, state.params["autoencoder"], images, jax.random.key(setup.train.seed))
-    config = dataclasses.replace(setup.vae_config, scaling_factor=scale)
+    scale = latent_scale(run, state.params["autoencoder"], images, jax.random.key(run.config.train.seed))
+    config = dataclasses.replace(run.vae_config, scaling_factor=scale)
     if jax.process_index() == 0:
-        export_lib.save_vae(path, config, params, format=setup.train.export_format)
+        export_lib.save_vae(path, config, params, format=run.config.train.export_format)
     multihost_utils.sync_global_devices("sdjax vae export written")
     return config
 
@@ -234,23 +194,23 @@ def export(setup: Setup, state: TrainState, path: str, images: np.ndarray) -> Au
 def task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
     """Phase 1 as a task for the shared loop: held-out PSNR and reconstruction grids every
     ``train.eval_every`` steps."""
-    setup = build(config)
-    iterator = make_iterator(setup)
-    held_out = eval_images(setup)
+    run = build(config)
+    iterator = make_iterator(run)
+    held_out = eval_images(run)
+    train = run.config.train
 
     def evaluate_hook(step: int, state: TrainState, writer: metrics.MetricsWriter) -> None:
-        value, grid = evaluate(setup, state.params["autoencoder"], held_out)
+        value, grid = evaluate(run, state.params["autoencoder"], held_out)
         writer.scalars(step, {"eval/psnr": value})
         writer.image(step, "reconstructions", grid)
         if jax.process_index() == 0:
             print(f"step {step}: held-out PSNR {value:.2f} dB", flush=True)
 
-    export_dir = setup.train.export_dir
     return loop.Task(
-        train=setup.train, step_fn=lambda state, batch: setup.step_fn(state, batch, setup.frozen),
-        restore_target=setup.restore_target(), init_state=functools.partial(init_state, setup), iterator=iterator,
-        device_batch=functools.partial(device_batch, setup), hooks=(loop.Hook(setup.train.eval_every, evaluate_hook),),
-        export=(lambda state: export(setup, state, export_dir, held_out)) if export_dir else None)
+        train=train, step_fn=lambda state, batch: run.program.step(state, batch, run.frozen),
+        restore_target=run.program.restore_target(), init_state=functools.partial(init_state, run), iterator=iterator,
+        device_batch=run.program.device_batch, hooks=(loop.Hook(train.eval_every, evaluate_hook),),
+        export=(lambda state: export(run, state, train.export_dir, held_out)) if train.export_dir else None)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:

@@ -18,7 +18,6 @@ autoencoder forward per step instead of two.
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import jax
@@ -27,31 +26,10 @@ import jax.numpy as jnp
 from sdjax.models.autoencoder import AutoencoderKL
 from sdjax.models.discriminator import NLayerDiscriminator
 from sdjax.models.lpips import LPIPS
+from sdjax.training.schema import LossConfig
 
 ADAPTIVE_WEIGHT_EPS = 1e-4
 ADAPTIVE_WEIGHT_MAX = 1e4
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """``config.loss``: the LPIPSWithDiscriminator hyper-parameters (kl-f8 defaults)."""
-    disc_start: int = 50001
-    kl_weight: float = 1e-6
-    disc_weight: float = 0.5
-    disc_factor: float = 1.0
-    perceptual_weight: float = 1.0
-    logvar_init: float = 0.0
-    lpips_path: str | None = None  # None: no LPIPS (perceptual_weight is then 0)
-
-    def __post_init__(self):
-        if self.disc_start < 0:
-            raise ValueError(f"loss.disc_start must be >= 0, got {self.disc_start}.")
-        for name in ("kl_weight", "disc_weight", "disc_factor", "perceptual_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}.")
-        if self.lpips_path is not None and not os.path.isfile(self.lpips_path):
-            raise FileNotFoundError(f"loss.lpips_path={self.lpips_path}: no such file. Write it with "
-                                    "`python -m sdjax.tools.convert_lpips`, or unset it to train without LPIPS.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,33 +14,9 @@ from typing import Any, Callable, Iterator
 import jax
 
 from sdjax import data, metrics, paths
-from sdjax.checkpoints import export, train as train_ckpt
+from sdjax.checkpoints import train as train_ckpt
 from sdjax.train_state import TrainState
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopConfig:
-    """The ``config.train`` fields every phase shares."""
-    steps: int = 1000
-    batch_size: int = 8  # global, over all hosts
-    learning_rate: float = 1e-4
-    seed: int = 0
-    checkpoint_every: int = 1000
-    max_to_keep: int = 3
-    log_every: int = 50
-    export_dir: str | None = None
-    export_format: str = "sdjax"  # sdjax | diffusers | single_file (the autoencoder phase: sdjax | diffusers)
-    fast_compile: bool = False  # skip XLA backend optimisation of the step: quick compiles, slower steps (CPU tests)
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "checkpoint_every", "max_to_keep", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
-        paths.expand_fields(self, "train", ("export_dir",))
-        export.check_format(self.export_format)
-        if self.export_format == "single_file" and self.export_dir and not self.export_dir.endswith(".safetensors"):
-            raise ValueError(f"train.export_format=single_file writes one file: give an export path ending in "
-                             f".safetensors, not {self.export_dir!r}.")
+from sdjax.training.schema import LoopConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Training LoRA adapters: the ``lora`` section of the latent trainer.
 
-With ``lora.rank`` > 0 the adapters of the UNet's ``targets`` are the only trained parameters;
+With ``lora.rank`` > 0 (``schema.LoraConfig``) the adapters of the UNet's ``targets`` are the only trained parameters;
 each step merges them into the frozen base kernels (``apply_adapters``), or with ``dropout`` > 0
 adds them beside the frozen layers (``dropout_interceptor``, PEFT's lora_dropout). The export
 turns them into ``Adapter``s (``trained_adapters``) that ``sdjax.checkpoints.lora.save`` writes
@@ -17,37 +17,9 @@ import numpy as np
 from flax import traverse_util
 
 from sdjax.checkpoints.convert import torch_key
-from sdjax.checkpoints.lora import LAYOUTS, Adapter
+from sdjax.checkpoints.lora import Adapter
 from sdjax.models.layers import HeadsDense, HeadsMergeDense, features_to_heads, heads_to_features
-
-# The layers diffusers' LoRA training scripts adapt by default, plus the transformers' projections and
-# feed-forward (PEFT ``target_modules``: suffixes of the PyTorch module names).
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-    """``config.lora`` of the latent trainer: ``rank`` > 0 trains UNet adapters instead of the UNet."""
-    rank: int = 0  # 0: no LoRA, the whole UNet trains
-    alpha: float | None = None  # the update is scaled by alpha / rank; None: alpha = rank
-    targets: tuple[str, ...] = DEFAULT_TARGETS  # module-name suffixes of the adapted layers
-    dropout: float = 0.0  # PEFT's lora_dropout: dropout on each adapter's input (training only)
-    layout: str = "peft"  # the export: peft (diffusers' load_lora_weights) or kohya (A1111, ComfyUI)
-
-    def __post_init__(self):
-        if self.rank < 0:
-            raise ValueError(f"lora.rank must be >= 0 (0: no LoRA), got {self.rank}.")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"lora.layout={self.layout!r}; choose one of {', '.join(LAYOUTS)}.")
-        if self.alpha is not None and self.alpha <= 0:
-            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}.")
-
-    @property
-    def scale(self) -> float:
-        return (self.alpha if self.alpha is not None else self.rank) / self.rank
-
+from sdjax.training.schema import LORA_TARGETS
 
 @dataclasses.dataclass(frozen=True)
 class Target:
@@ -72,7 +44,7 @@ def find_targets(unet_params: Any, suffixes: tuple[str, ...]) -> tuple[Target, .
             found.append(Target("__".join(path[:-1]), path, module, tuple(leaf.shape)))
     if unused:
         raise ValueError(f"lora.targets {sorted(unused)} match no layer of this UNet; targets are module-name "
-                         f"suffixes such as {', '.join(DEFAULT_TARGETS)}.")
+                         f"suffixes such as {', '.join(LORA_TARGETS)}.")
     return tuple(found)
 
 

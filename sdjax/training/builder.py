@@ -1,0 +1,83 @@
+"""What both trainers build alike: the mesh, the train state's shardings and the jitted step.
+
+A trainer supplies its pure step ``step(state, batch, frozen) -> (state, metrics)`` and its
+``init(key, *args) -> TrainState`` (parameters still in Flax's logical boxes); ``compile_step``
+derives the shardings from ``jax.eval_shape(init)`` and jits the step once, with explicit in/out
+shardings, the state donated, and the model's activation constraints resolved on the mesh.
+"""
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sdjax import sharding
+from sdjax.train_state import RUN_ONCE_COMPILER_OPTIONS, TrainState, abstract_sharded, sharded_init, state_shardings
+from sdjax.training.schema import MeshConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+    """A run's devices and jitted step: the mesh and its rules, the train state's shardings (which
+    also carry the optimizer), the batch's, and ``step(state, global batch, frozen)``."""
+    mesh: Mesh
+    rules: tuple
+    init: Callable[..., TrainState]  # init(key, *init_args) -> boxed TrainState
+    init_args: tuple  # init's arguments after the key, as used for shapes (e.g. a latent scale)
+    seed: int
+    shardings: TrainState
+    batch_sharding: NamedSharding
+    batch_keys: tuple[str, ...]
+    step: Callable[[TrainState, dict, Any], tuple[TrainState, dict]]
+
+    def restore_target(self) -> TrainState:
+        """Abstract arrays carrying shardings: what a checkpoint restores into."""
+        return abstract_sharded(self.init, self.shardings, jax.random.key(self.seed), *self.init_args)
+
+    def fresh_state(self, *init_args: Any) -> TrainState:
+        """``init(key(seed), *init_args)``, written straight into the shardings."""
+        return sharded_init(self.init, self.shardings)(jax.random.key(self.seed), *init_args)
+
+    def device_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """A host batch (this process's rows) -> the global batch the step takes."""
+        return sharding.global_batch({k: host_batch[k] for k in self.batch_keys}, self.batch_sharding)
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+
+def make_mesh(config: MeshConfig, batch_size: int, devices: Sequence[jax.Device] | None = None,
+              micro_batches: int = 1) -> tuple[Mesh, tuple]:
+    """The mesh and the logical-axis rules that apply to it; raises unless the batch (each of
+    ``micro_batches``) splits evenly over data parallelism and hosts."""
+    mesh = sharding.make_mesh(config.shape, config.axes, devices)
+    rules = sharding.filter_rules(config.rules, mesh)
+    sharding.check_batch_size(batch_size, mesh, rules, micro_batches)
+    return mesh, rules
+
+
+def compile_step(step: Callable, *, mesh: Mesh, rules: tuple, init: Callable[..., TrainState], init_args: tuple,
+                 seed: int, batch_keys: tuple[str, ...], frozen_shardings: Any, fast_compile: bool,
+                 learning_rate: optax.Schedule | None = None) -> TrainProgram:
+    """``step`` jitted for the mesh; with ``learning_rate`` the metrics also report the step's rate."""
+    shardings = state_shardings(init, mesh, rules, jax.random.key(seed), *init_args)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+
+    def step_on_mesh(state: TrainState, batch: dict, frozen: Any) -> tuple[TrainState, dict]:
+        # Activation constraints (nn.with_logical_constraint in the models) resolve through these two.
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+            new_state, metrics = step(state, batch, frozen)
+        if learning_rate is not None:
+            metrics = dict(metrics, learning_rate=learning_rate(state.step))
+        return new_state, metrics
+
+    jitted = jax.jit(step_on_mesh, in_shardings=(shardings, {k: batch_sharding for k in batch_keys}, frozen_shardings),
+                     out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,),
+                     compiler_options=RUN_ONCE_COMPILER_OPTIONS if fast_compile else None)
+    return TrainProgram(mesh=mesh, rules=rules, init=init, init_args=init_args, seed=seed, shardings=shardings,
+                        batch_sharding=batch_sharding, batch_keys=batch_keys, step=jitted)
