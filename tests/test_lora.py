@@ -257,11 +257,12 @@ def test_readme_lora_commands_train_export_and_sample(base, sd, tmp_path):
 def test_lora_files_round_trip_in_both_layouts(sd, peft_lora, tmp_path):
     from sdjax import lora
     from sdjax.checkpoints import lora as lora_files
+    from sdjax.checkpoints.formats import LORA_LAYOUTS
 
     params = sd.params
     adapters = lora_files.read(peft_lora)
     want = lora.merge(params, adapters)
-    for layout in lora_files.LAYOUTS:
+    for layout in LORA_LAYOUTS:
         back = lora_files.read(lora_files.save(tmp_path / layout, adapters, layout))
         assert len(back) == len(adapters)
         for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(lora.merge(params, back))):

@@ -1,0 +1,167 @@
+"""What one Text2Img, Img2Img or inpainting call asks for, checked once against the model.
+
+``SamplingOptions`` holds the settings (``from_kwargs`` also takes diffusers' names for them);
+``SamplingOptions.request`` checks them with the prompts, images and masks against what the model
+reads and returns a ``Request``: every per-image array the compiled generation takes, with the
+starting noise drawn. Every user error raises here, naming the value and the fix, before any
+compile.
+"""
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from sdjax import generate, images as images_lib
+from sdjax.samplers import get_sampler, img2img_start
+
+# diffusers' pipeline argument -> the sdjax name it means the same as.
+ALIASES = {"num_inference_steps": "steps", "latents": "init_latents", "negative_prompt": "negative_prompts"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """What the checks need to know of a model."""
+    downsample_factor: int
+    latent_channels: int
+    unet_in_channels: int
+    native_size: int
+
+    @property
+    def is_inpainting(self) -> bool:
+        """A UNet that reads the mask and the masked image's latents beside the noisy latents (9 channels)."""
+        return self.unet_in_channels == 2 * self.latent_channels + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A checked call: prompts and the per-image arrays, and the sampling start step."""
+    prompts: list[str]
+    negative_prompts: list[str]
+    noise: np.ndarray  # (B, h, w, C) starting latents
+    init_images: np.ndarray | None  # (B, H, W, 3) in [-1, 1]
+    posterior_noise: np.ndarray | None
+    masks: np.ndarray | None  # (B, H, W, 1) in {0, 1}
+    masked_posterior_noise: np.ndarray | None
+    start_index: int  # 0, or Img2Img's first step (from strength)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """The settings of one generation call.
+
+    ``steps`` (diffusers: ``num_inference_steps``) sampler steps; ``guidance_scale`` of
+    classifier-free guidance; ``eta`` (DDIM's noise); ``sampler``: ddim, dpm++2m, euler, euler_a;
+    ``height``/``width``: None is the model's native size (Text2Img) or the images' own (Img2Img,
+    inpainting); ``seed``; ``init_latents`` (diffusers: ``latents``) (B, H/f, W/f, C) replaces the
+    seed-drawn starting noise; ``strength`` in (0, 1]: how far Img2Img and inpainting noise the
+    images (1: from pure noise); ``output``: "uint8" or "float" (in [0, 1]).
+    """
+    steps: int = 50
+    guidance_scale: float = 7.5
+    eta: float = 0.0
+    sampler: str = "ddim"
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0
+    init_latents: Any = None
+    strength: float = 1.0
+    output: str = "uint8"
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "SamplingOptions":
+        """The options from keyword arguments, sdjax's names or diffusers' (``ALIASES``)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {}
+        for key, value in kwargs.items():
+            name = ALIASES.get(key, key)
+            if name not in names:
+                raise TypeError(f"unknown option {key!r}; valid: {', '.join(sorted(names | set(ALIASES)))}.")
+            if name in values:
+                raise TypeError(f"{key!r} and {name!r} are the same option; give one of them.")
+            values[name] = value
+        return cls(**values)
+
+    def request(self, model: Model, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None,
+                images: Any = None, masks: Any = None) -> Request:
+        """Checks everything against ``model`` and draws the starting noise (see ``generate``'s streams)."""
+        if self.output not in ("uint8", "float"):
+            raise ValueError(f"output must be 'uint8' or 'float', got {self.output!r}.")
+        if masks is None and model.is_inpainting:
+            raise ValueError("this is an inpainting model (its UNet reads a mask and a masked image): call "
+                             "inpaint(images, masks, prompts) (command line: sdjax-inpaint).")
+        if masks is not None and model.unet_in_channels not in (model.latent_channels, 2 * model.latent_channels + 1):
+            raise ValueError(f"this UNet reads {model.unet_in_channels} channels: neither a plain "
+                             f"({model.latent_channels}) nor an inpainting ({2 * model.latent_channels + 1}) model.")
+        init = None if images is None else images_lib.as_image_array(images)
+        height, width = self.height, self.width
+        if height is None:
+            height = model.native_size if init is None else init.shape[1]
+        if width is None:
+            width = model.native_size if init is None else init.shape[2]
+        self._check_values(model.downsample_factor, height, width, init is not None)
+        prompts, negative = _prompts(prompts, negative_prompts)
+        n, f, c = len(prompts), model.downsample_factor, model.latent_channels
+        latent_shape = (height // f, width // f, c)
+        if self.init_latents is None:
+            noise = generate.starting_noise(self.seed, n, latent_shape)
+        else:
+            noise = np.asarray(self.init_latents, np.float32)
+            if noise.shape != (n,) + latent_shape:
+                raise ValueError(f"init_latents must have shape {(n,) + latent_shape} (B, H/{f}, W/{f}, C) for "
+                                 f"{n} prompts at {height}x{width}; got {noise.shape}.")
+        posterior_noise = masked_noise = None
+        start = 0
+        if init is not None:
+            if init.shape[1:3] != (height, width):
+                raise ValueError(f"init images are {init.shape[2]}x{init.shape[1]} but height x width is "
+                                 f"{width}x{height}; resize them or pass matching height/width.")
+            init = _one_per_prompt(init, n, "init images") * 2.0 - 1.0
+            posterior_noise = generate.starting_noise(self.seed, n, latent_shape, generate.POSTERIOR_STREAM)
+            start = img2img_start(self.steps, self.strength)
+        if masks is not None:
+            masks = images_lib.as_mask_array(masks)
+            if masks.shape[1:] != (height, width):
+                raise ValueError(f"masks are {masks.shape[2]}x{masks.shape[1]} but the images are {width}x{height}; "
+                                 "give masks the images' size.")
+            masks = (_one_per_prompt(masks, n, "masks") >= 0.5).astype(np.float32)[..., None]  # as diffusers binarises
+            if model.is_inpainting:
+                masked_noise = generate.starting_noise(self.seed, n, latent_shape, generate.MASKED_POSTERIOR_STREAM)
+        return Request(prompts, negative, noise, init, posterior_noise, masks, masked_noise, start)
+
+    def _check_values(self, downsample_factor: int, height: int, width: int, editing: bool) -> None:
+        get_sampler(self.sampler)
+        if not isinstance(self.steps, (int, np.integer)) or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}.")
+        multiple = max(8, downsample_factor)
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, (int, np.integer)) or v <= 0 or v % multiple:
+                raise ValueError(f"{name} must be a positive multiple of {multiple}, got {v!r}; "
+                                 f"try {max(multiple, round(v / multiple) * multiple) if isinstance(v, (int, float)) else 512}.")
+        if self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}.")
+        if editing and not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {self.strength}.")
+
+
+def _prompts(prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None) -> tuple[list[str], list[str]]:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("prompts is empty; pass at least one prompt (an empty string is fine).")
+    if negative_prompts is None:
+        return prompts, [""] * len(prompts)
+    negative = [negative_prompts] * len(prompts) if isinstance(negative_prompts, str) else list(negative_prompts)
+    if len(negative) == 1:
+        negative = negative * len(prompts)
+    if len(negative) != len(prompts):
+        raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts; give one, or one per prompt.")
+    return prompts, negative
+
+
+def _one_per_prompt(arr: np.ndarray, n: int, what: str) -> np.ndarray:
+    """One entry for each of ``n`` prompts: a single one is repeated."""
+    if arr.shape[0] == 1 and n > 1:
+        arr = np.repeat(arr, n, axis=0)
+    if arr.shape[0] != n:
+        raise ValueError(f"{arr.shape[0]} {what} for {n} prompts; give one, or one per prompt.")
+    return arr
