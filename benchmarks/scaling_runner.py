@@ -31,11 +31,11 @@ def main(argv=None) -> None:
     f, c = sd.downsample_factor, sd.configs.unet.in_channels
     noise = generate.starting_noise(0, a.batch, (a.height // f, a.width // f, c))
     inputs = generate.Inputs(sd.tokenize([PROMPT] * a.batch), sd.tokenize([""] * a.batch), noise)
-    opts = generate.SamplingOptions(a.steps, 7.5, 0.0, "ddim", a.height, a.width, 0)
     rows, reference = [], None
     for n in (1, 2, 4, 8):
         gen = generate.Generator(sd.generator.nets, sd.configs.scheduler, mesh=sharding.data_mesh(jax.devices()[:n]))
-        call = lambda: gen(sd.params, inputs, opts, sd.scaling_factor)  # noqa: E731
+        call = lambda: gen(sd.params, inputs, sampler="ddim", steps=a.steps, eta=0.0, guidance_scale=7.5,  # noqa: E731
+                           seed=0, scaling_factor=sd.scaling_factor)
         first = timing.first_call(call, np.asarray)
         warm = timing.measure(call, np.asarray, a.repeats, warmup=1)
         images = call()

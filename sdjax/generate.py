@@ -9,13 +9,13 @@ the mask and the masked image's latents beside the noisy latents; a plain 4-chan
 known region's latents, noised to the current step, blended back in after every step. ``guidance_scale``, ``eta`` and the latent scale are traced, so changing them never
 recompiles.
 
-Images go in and come out in one convention: uint8 (B, H, W, 3), or float in [0, 1]; PIL
-images are accepted as input.
+The user's inputs are checked, and the starting noise drawn, by ``sdjax.options`` before they
+reach this module.
 """
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax.linen as nn
 import flax.struct
@@ -28,32 +28,7 @@ from sdjax import sharding
 from sdjax.models.autoencoder import AutoencoderKL
 from sdjax.models.text_encoder import CLIPTextEncoder
 from sdjax.models.unet import UNet
-from sdjax.samplers import get_sampler, img2img_start
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingOptions:
-    """Validated options shared by txt2img and img2img."""
-    steps: int = 50
-    guidance_scale: float = 7.5
-    eta: float = 0.0
-    sampler: str = "ddim"
-    height: int = 512
-    width: int = 512
-    seed: int = 0
-
-    def validate(self, downsample_factor: int) -> None:
-        get_sampler(self.sampler)
-        if not isinstance(self.steps, (int, np.integer)) or self.steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}.")
-        multiple = max(8, downsample_factor)
-        for name in ("height", "width"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or v <= 0 or v % multiple:
-                raise ValueError(f"{name} must be a positive multiple of {multiple}, got {v!r}; "
-                                 f"try {max(multiple, round(v / multiple) * multiple) if isinstance(v, (int, float)) else 512}.")
-        if self.eta < 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}.")
+from sdjax.samplers import get_sampler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,11 +80,6 @@ def starting_noise(seed: int, count: int, shape: tuple[int, ...], stream: int = 
     """Standard-normal latents; image j's noise depends only on (seed, stream, j)."""
     root = jax.random.fold_in(jax.random.key(seed), stream) if stream else jax.random.key(seed)
     return np.stack([np.asarray(_standard_normal(jax.random.fold_in(root, j), tuple(shape))) for j in range(count)])
-
-
-def to_uint8(images_BHWC: np.ndarray) -> np.ndarray:
-    """[0, 1] floats -> uint8, rounded as the originals do."""
-    return (np.clip(images_BHWC, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 def guided_model_fn(unet: UNet, unet_params: Any, ctx_2BLD: jax.Array, guidance_scale: jax.Array,
@@ -204,103 +174,15 @@ class Generator:
                 out_shardings=NamedSharding(self.mesh, P("data")))
         return self._compiled[key]
 
-    def __call__(self, params: dict[str, Any], inputs: Inputs, opts: SamplingOptions, scaling_factor: float,
-                 strength: float = 1.0) -> np.ndarray:
+    def __call__(self, params: dict[str, Any], inputs: Inputs, *, sampler: str, steps: int, eta: float,
+                 guidance_scale: float, seed: int, scaling_factor: float, start_index: int = 0) -> np.ndarray:
         """[0, 1] float images (B, H, W, 3). Img2Img when ``inputs.init_images`` is set: its latent
-        posterior is sampled as mean + std * ``inputs.posterior_noise``, then noised to the start
-        step that ``strength`` selects. Inpainting when ``inputs.masks`` is set too."""
-        sampler = get_sampler(opts.sampler)
-        plan = sampler.make_plan(self.scheduler_config, opts.steps, eta=opts.eta)
-        start = img2img_start(opts.steps, strength) if inputs.init_images is not None else 0
+        posterior is sampled as mean + std * ``inputs.posterior_noise``, then noised to plan step
+        ``start_index``. Inpainting when ``inputs.masks`` is set too."""
+        plan = get_sampler(sampler).make_plan(self.scheduler_config, steps, eta=eta)
         n = inputs.cond_ids.shape[0]
         inputs = inputs.padded(self.mesh.devices.size)
-        key = jax.random.fold_in(jax.random.key(opts.seed), SAMPLER_STREAM)
-        out = self._fn(opts.sampler, start, inputs)(params, inputs, key, plan, jnp.float32(opts.guidance_scale),
-                                                    jnp.float32(scaling_factor))
+        key = jax.random.fold_in(jax.random.key(seed), SAMPLER_STREAM)
+        out = self._fn(sampler, start_index, inputs)(params, inputs, key, plan, jnp.float32(guidance_scale),
+                                                     jnp.float32(scaling_factor))
         return np.asarray(out)[:n]
-
-
-def check_prompts(prompts: Sequence[str], negative_prompts: Sequence[str] | None) -> tuple[list[str], list[str]]:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("prompts is empty; pass at least one prompt (an empty string is fine).")
-    if negative_prompts is None:
-        negative = [""] * len(prompts)
-    else:
-        negative = [negative_prompts] * len(prompts) if isinstance(negative_prompts, str) else list(negative_prompts)
-        if len(negative) == 1:
-            negative = negative * len(prompts)
-        if len(negative) != len(prompts):
-            raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts; give one, or one per prompt.")
-    return prompts, negative
-
-
-def as_image_array(images: Any) -> np.ndarray:
-    """Images as given by a user (a PIL image, a list of them, or an array (B, H, W, 3) / (H, W, 3)
-    of uint8, or of floats in [0, 1]) -> float32 (B, H, W, 3) in [0, 1]."""
-    if _is_pil(images):
-        images = [images]
-    if isinstance(images, (list, tuple)) and images and _is_pil(images[0]):
-        images = np.stack([np.asarray(im.convert("RGB")) for im in images])
-    arr = np.asarray(images)
-    if arr.ndim == 3:
-        arr = arr[None]
-    if arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ValueError(f"images must be (B, H, W, 3) or (H, W, 3), or PIL images; got shape {arr.shape}.")
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / 255.0
-    arr = arr.astype(np.float32)
-    if arr.min() < -1e-3 or arr.max() > 1.001:
-        raise ValueError(f"float images must be in [0, 1] (got values in [{arr.min():.3g}, {arr.max():.3g}]); "
-                         "or pass uint8 images in [0, 255].")
-    return np.clip(arr, 0.0, 1.0)
-
-
-def _is_pil(x: Any) -> bool:
-    return type(x).__module__.startswith("PIL.")
-
-
-def check_init_images(images: Any, n: int, height: int, width: int) -> np.ndarray:
-    """Init images (see ``as_image_array``) as (n, H, W, 3) float32 in [-1, 1], the VAE's range."""
-    arr = as_image_array(images)
-    if arr.shape[1:3] != (height, width):
-        raise ValueError(f"init images are {arr.shape[2]}x{arr.shape[1]} but height x width is {width}x{height}; "
-                         "resize them or pass matching height/width.")
-    return _one_per_prompt(arr, n, "init images") * 2.0 - 1.0
-
-
-def _one_per_prompt(arr: np.ndarray, n: int, what: str) -> np.ndarray:
-    """One entry for each of ``n`` prompts: a single one is repeated."""
-    if arr.shape[0] == 1 and n > 1:
-        arr = np.repeat(arr, n, axis=0)
-    if arr.shape[0] != n:
-        raise ValueError(f"{arr.shape[0]} {what} for {n} prompts; give one, or one per prompt.")
-    return arr
-
-
-def check_masks(masks: Any, n: int, height: int, width: int) -> np.ndarray:
-    """Inpainting masks (PIL images; or arrays (B, H, W), (B, H, W, 1), (H, W) of uint8 or floats in
-    [0, 1]; white / 1 = repaint) -> (n, H, W, 1) float32, binarised at 0.5 as diffusers does."""
-    if _is_pil(masks):
-        masks = [masks]
-    if isinstance(masks, (list, tuple)) and masks and _is_pil(masks[0]):
-        masks = np.stack([np.asarray(m.convert("L")) for m in masks])
-    arr = np.asarray(masks)
-    if arr.ndim == 4 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim != 3:
-        raise ValueError(f"masks must be (B, H, W), (B, H, W, 1) or (H, W), or PIL images; got shape {arr.shape}.")
-    if arr.dtype == np.uint8:
-        arr = arr.astype(np.float32) / 255.0
-    arr = arr.astype(np.float32)
-    if arr.min() < 0.0 or arr.max() > 1.0:
-        raise ValueError(f"float masks must be in [0, 1] (1 = repaint; got values in [{arr.min():.3g}, "
-                         f"{arr.max():.3g}]); or pass uint8 masks in [0, 255].")
-    if arr.shape[1:] != (height, width):
-        raise ValueError(f"masks are {arr.shape[2]}x{arr.shape[1]} but the images are {width}x{height}; "
-                         "give masks the images' size.")
-    return (_one_per_prompt(arr, n, "masks") >= 0.5).astype(np.float32)[..., None]

@@ -60,10 +60,11 @@ def to_uint8(images_BHWC: np.ndarray) -> np.ndarray:
 
 
 def grid(images: Sequence[np.ndarray] | np.ndarray, cols: int, fill: int = 255) -> np.ndarray:
-    """uint8 images (each (H, W, C), all one size) tiled row by row into one (rows*H, cols*W, C)
-    image; the last row's empty cells are ``fill``."""
+    """uint8 images (each (H, W, C), all one size) tiled row by row into one image of ``cols`` columns
+    (at most one per image); the last row's empty cells are ``fill``."""
     images = list(images)
     h, w, c = np.shape(images[0])
+    cols = max(1, min(cols, len(images)))
     rows = -(-len(images) // cols)
     out = np.full((rows * h, cols * w, c), fill, np.uint8)
     for i, im in enumerate(images):

@@ -175,12 +175,3 @@ class MetricsWriter:
         if self.enabled:
             self._tb.close()
             self._jsonl.close()
-
-
-def image_grid(images_BHWC: np.ndarray, cols: int) -> np.ndarray:
-    """Tiles images in [-1, 1] into one uint8 (rows*H, cols*W, C) grid."""
-    x = np.clip((np.asarray(images_BHWC, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-    b, h, w, c = x.shape
-    rows = -(-b // cols)
-    x = np.concatenate([x, np.zeros((rows * cols - b, h, w, c), np.uint8)])
-    return x.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)

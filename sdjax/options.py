@@ -15,8 +15,9 @@ import numpy as np
 from sdjax import generate, images as images_lib
 from sdjax.samplers import get_sampler, img2img_start
 
-# diffusers' pipeline argument -> the sdjax name it means the same as.
-ALIASES = {"num_inference_steps": "steps", "latents": "init_latents", "negative_prompt": "negative_prompts"}
+# diffusers' pipeline argument -> the sdjax option it means the same as (StableDiffusion's methods also
+# take diffusers' negative_prompt for negative_prompts).
+ALIASES = {"num_inference_steps": "steps", "latents": "init_latents"}
 
 
 @dataclasses.dataclass(frozen=True)

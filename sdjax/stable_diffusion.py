@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import generate, lora, sources
+from sdjax import generate, images as images_lib, lora, options as options_lib, sources
 from sdjax.checkpoints import export, load as load_lib, lora as lora_files
 from sdjax.models.autoencoder import AutoencoderKL
 from sdjax.models.configs import ModelConfigs
@@ -126,95 +126,61 @@ class StableDiffusion:
         return self.configs.unet.sample_size * self.downsample_factor
 
     # ---- generation ------------------------------------------------------------------------
-    def txt2img(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, steps: int = 50,
-                guidance_scale: float = 7.5, eta: float = 0.0, sampler: str = "ddim", height: int | None = None,
-                width: int | None = None, seed: int = 0, init_latents: Any = None, output: str = "uint8") -> np.ndarray:
+    def txt2img(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None,
+                **options: Any) -> np.ndarray:
         """Images (B, H, W, 3) for ``prompts``: uint8, or float in [0, 1] with ``output="float"``.
 
-        ``height``/``width`` default to the model's native size (512 for SD 1.x, 768 for SD 2.x 768-v).
-        ``init_latents`` (B, H/f, W/f, C) replaces the seed-drawn standard-normal starting noise.
+        ``options``: the fields of ``sdjax.options.SamplingOptions`` (``steps``, ``guidance_scale``,
+        ``eta``, ``sampler``, ``height``, ``width`` (default: the model's native size, 512 for SD 1.x,
+        768 for SD 2.x 768-v), ``seed``, ``init_latents`` (B, H/f, W/f, C) replacing the seed-drawn
+        starting noise, ``output``), or diffusers' names for them (``num_inference_steps``,
+        ``latents``, ``negative_prompt``).
         """
-        height = self.native_size if height is None else height
-        width = self.native_size if width is None else width
-        opts = generate.SamplingOptions(steps, guidance_scale, eta, sampler, height, width, seed)
-        return self._run(prompts, negative_prompts, opts, init_latents, None, 1.0, output)
+        return self._generate(options, prompts, negative_prompts)
 
-    def img2img(self, init_images: Any, prompts: Sequence[str], strength: float = 0.75,
-                negative_prompts: Sequence[str] | None = None, steps: int = 50, guidance_scale: float = 7.5,
-                eta: float = 0.0, sampler: str = "ddim", height: int | None = None, width: int | None = None,
-                seed: int = 0, init_latents: Any = None, output: str = "uint8") -> np.ndarray:
+    def img2img(self, init_images: Any, prompts: str | Sequence[str], strength: float = 0.75,
+                negative_prompts: str | Sequence[str] | None = None, **options: Any) -> np.ndarray:
         """Img2Img: encode ``init_images`` (uint8, float in [0, 1], or PIL images), noise them to the
-        step that ``strength`` selects, and run the remaining steps. The size is the images' own."""
-        return self._edit(init_images, None, prompts, negative_prompts, strength, steps, guidance_scale, eta, sampler,
-                          height, width, seed, init_latents, output)
+        step that ``strength`` selects, and run the remaining steps. The size is the images' own;
+        ``options`` as for ``txt2img``."""
+        return self._generate(dict(options, strength=strength), prompts, negative_prompts, init_images)
 
-    def inpaint(self, images: Any, masks: Any, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None,
-                strength: float = 1.0, steps: int = 50, guidance_scale: float = 7.5, eta: float = 0.0,
-                sampler: str = "ddim", height: int | None = None, width: int | None = None, seed: int = 0,
-                init_latents: Any = None, output: str = "uint8") -> np.ndarray:
+    def inpaint(self, images: Any, masks: Any, prompts: str | Sequence[str],
+                negative_prompts: str | Sequence[str] | None = None, strength: float = 1.0,
+                **options: Any) -> np.ndarray:
         """Repaint the masked part of ``images`` (uint8, float in [0, 1], or PIL images) as ``prompts`` ask.
 
         ``masks``: (B, H, W), (B, H, W, 1) or PIL images, white / 1 = repaint, binarised at 0.5; the
         masked image keeps the pixels where the mask is below 0.5. An inpainting checkpoint (9-channel
         UNet) reads the mask and the masked image's latents; a plain model keeps the known region by
         blending its latents, noised to the current step, back in after every step. ``strength`` < 1
-        starts from the noised image as img2img does. The size is the images' own.
+        starts from the noised image as img2img does. The size is the images' own; ``options`` as for
+        ``txt2img``.
         """
-        if self.configs.unet.in_channels not in (self._latent_channels, self._latent_channels * 2 + 1):
-            raise ValueError(f"this UNet reads {self.configs.unet.in_channels} channels: neither a plain "
-                             f"({self._latent_channels}) nor an inpainting ({2 * self._latent_channels + 1}) model.")
-        return self._edit(images, masks, prompts, negative_prompts, strength, steps, guidance_scale, eta, sampler,
-                          height, width, seed, init_latents, output)
-
-    def _edit(self, images, masks, prompts, negative_prompts, strength, steps, guidance_scale, eta, sampler, height,
-              width, seed, init_latents, output) -> np.ndarray:
-        """Img2Img (``masks`` None) or inpainting, at the images' own size unless height/width say otherwise."""
-        images = generate.as_image_array(images)
-        height = images.shape[1] if height is None else height
-        width = images.shape[2] if width is None else width
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}.")
-        opts = generate.SamplingOptions(steps, guidance_scale, eta, sampler, height, width, seed)
-        return self._run(prompts, negative_prompts, opts, init_latents, images, strength, output, masks=masks)
-
-    @property
-    def _latent_channels(self) -> int:
-        return self.configs.vae.latent_channels
+        return self._generate(dict(options, strength=strength), prompts, negative_prompts, images, masks)
 
     @property
     def is_inpainting_model(self) -> bool:
         """A UNet that reads the mask and the masked image's latents beside the noisy latents (9 channels)."""
-        return self.configs.unet.in_channels == 2 * self._latent_channels + 1
+        return self._model.is_inpainting
 
-    def _run(self, prompts, negative_prompts, opts, init_latents, init_images, strength, output,
-             masks=None) -> np.ndarray:
-        if output not in ("uint8", "float"):
-            raise ValueError(f"output must be 'uint8' or 'float', got {output!r}.")
-        if masks is None and self.is_inpainting_model:
-            raise ValueError("this is an inpainting model (its UNet reads a mask and a masked image): call "
-                             "inpaint(images, masks, prompts) (command line: sdjax-inpaint).")
-        opts.validate(self.downsample_factor)
-        prompts, negative = generate.check_prompts(prompts, negative_prompts)
-        n = len(prompts)
-        f, c = self.downsample_factor, self._latent_channels
-        latent_shape = (opts.height // f, opts.width // f, c)
-        if init_images is not None:
-            init_images = generate.check_init_images(init_images, n, opts.height, opts.width)
-        if masks is not None:
-            masks = generate.check_masks(masks, n, opts.height, opts.width)
-        if init_latents is None:
-            noise = generate.starting_noise(opts.seed, n, latent_shape)
-        else:
-            noise = np.asarray(init_latents, np.float32)
-            if noise.shape != (n,) + latent_shape:
-                raise ValueError(f"init_latents must have shape {(n,) + latent_shape} (B, H/{f}, W/{f}, C) for "
-                                 f"{n} prompts at {opts.height}x{opts.width}; got {noise.shape}.")
-        posterior_noise = masked_noise = None
-        if init_images is not None:
-            posterior_noise = generate.starting_noise(opts.seed, n, latent_shape, generate.POSTERIOR_STREAM)
-        if masks is not None and self.is_inpainting_model:
-            masked_noise = generate.starting_noise(opts.seed, n, latent_shape, generate.MASKED_POSTERIOR_STREAM)
-        inputs = generate.Inputs(self.tokenize(prompts), self.tokenize(negative), noise, init_images, posterior_noise,
-                                 masks, masked_noise)
-        images = self.generator(self.params, inputs, opts, self.scaling_factor, strength)
-        return generate.to_uint8(images) if output == "uint8" else images
+    @property
+    def _model(self) -> options_lib.Model:
+        return options_lib.Model(downsample_factor=self.downsample_factor,
+                                 latent_channels=self.configs.vae.latent_channels,
+                                 unet_in_channels=self.configs.unet.in_channels, native_size=self.native_size)
+
+    def _generate(self, options: dict[str, Any], prompts, negative_prompts, images=None, masks=None) -> np.ndarray:
+        if "negative_prompt" in options:  # diffusers' name
+            if negative_prompts is not None:
+                raise TypeError("'negative_prompt' and 'negative_prompts' are the same option; give one of them.")
+            negative_prompts = options.pop("negative_prompt")
+        opts = options_lib.SamplingOptions.from_kwargs(**options)
+        request = opts.request(self._model, prompts, negative_prompts, images, masks)
+        inputs = generate.Inputs(self.tokenize(request.prompts), self.tokenize(request.negative_prompts),
+                                 request.noise, request.init_images, request.posterior_noise, request.masks,
+                                 request.masked_posterior_noise)
+        out = self.generator(self.params, inputs, sampler=opts.sampler, steps=opts.steps, eta=opts.eta,
+                             guidance_scale=opts.guidance_scale, seed=opts.seed, scaling_factor=self.scaling_factor,
+                             start_index=request.start_index)
+        return images_lib.to_uint8(out) if opts.output == "uint8" else out

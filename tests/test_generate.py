@@ -77,10 +77,10 @@ def test_seed_reproducible_and_sharding_invariant(folder, sd):
     assert np.abs(a - c).mean() > 1e-3
     assert len(jax.devices()) == 8
     one = generate.Generator(sd.generator.nets, sd.configs.scheduler, mesh=Mesh(np.asarray(jax.devices()[:1]), ("data",)))
-    opts = generate.SamplingOptions(3, 7.5, 0.0, "euler_a", SIZE, SIZE, 7)
     noise = generate.starting_noise(7, len(PROMPTS), _latent_shape(sd))
     inputs = generate.Inputs(sd.tokenize(PROMPTS), sd.tokenize([""] * 3), noise)
-    single = one(sd.params, inputs, opts, sd.scaling_factor)
+    single = one(sd.params, inputs, sampler="euler_a", steps=3, eta=0.0, guidance_scale=7.5, seed=7,
+                 scaling_factor=sd.scaling_factor)
     np.testing.assert_allclose(single, a, atol=1e-5)
 
 
@@ -132,3 +132,18 @@ def test_one_image_convention_in_and_out_and_native_size(sd):
     native = sd.configs.unet.sample_size * sd.downsample_factor
     assert sd.native_size == native == 32
     assert sd.txt2img(["a cat"], steps=1).shape == (1, native, native, 3)
+
+
+def test_diffusers_argument_names_mean_the_same(sd):
+    """num_inference_steps, latents and negative_prompt (diffusers' names) are steps, init_latents and
+    negative_prompts; giving a name twice, or one that is neither, is an error naming it."""
+    kw = dict(height=SIZE, width=SIZE, sampler="ddim", guidance_scale=5.0, output="float")
+    noise = np.asarray(jax.random.normal(jax.random.key(3), (1,) + _latent_shape(sd)))
+    ours = sd.txt2img(["a cat"], negative_prompts=["a dog"], steps=2, init_latents=noise, **kw)
+    theirs = sd.txt2img("a cat", negative_prompt="a dog", num_inference_steps=2, latents=noise, **kw)
+    np.testing.assert_array_equal(ours, theirs)
+    assert np.abs(ours - sd.txt2img(["a cat"], steps=2, init_latents=noise, **kw)).mean() > 1e-4  # the negative counts
+    with pytest.raises(TypeError, match="'num_inference_steps' and 'steps' are the same option"):
+        sd.txt2img(["a cat"], steps=2, num_inference_steps=2, **kw)
+    with pytest.raises(TypeError, match="unknown option 'num_steps'"):
+        sd.txt2img(["a cat"], num_steps=2)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdjax import generate
+from sdjax import generate, options
 from sdjax.stable_diffusion import StableDiffusion
 from tests import tiny_models
 
@@ -135,10 +135,13 @@ def test_masks_as_pil_and_uint8_binarise_at_half(folder9):
     m = np.zeros((SIZE, SIZE), np.uint8)
     m[:, :5] = 127  # just below 0.5: kept
     m[:, 5:] = 128  # just above: repainted
-    got = generate.check_masks([Image.fromarray(m)], 2, SIZE, SIZE)
+    model = options.Model(downsample_factor=8, latent_channels=4, unet_in_channels=9, native_size=SIZE)
+    image = np.zeros((SIZE, SIZE, 3), np.uint8)
+    masks = lambda m, n: options.SamplingOptions().request(model, ["x"] * n, images=image, masks=m).masks  # noqa: E731
+    got = masks([Image.fromarray(m)], 2)
     assert got.shape == (2, SIZE, SIZE, 1)
     np.testing.assert_array_equal(got[0, :, :, 0], (np.arange(SIZE) >= 5)[None].repeat(SIZE, 0).astype(np.float32))
-    np.testing.assert_array_equal(generate.check_masks(m[None, :, :, None], 1, SIZE, SIZE), got[:1])
+    np.testing.assert_array_equal(masks(m[None, :, :, None], 1), got[:1])
 
 
 @pytest.mark.parametrize("style", ["sd1", "sd2"])  # the sd-v1-5-inpainting and 512-inpainting-ema layouts

@@ -25,7 +25,7 @@ import pytest
 from flax import traverse_util
 from jax.extend.core import ClosedJaxpr, Jaxpr
 
-from sdjax import metrics
+from sdjax import images, metrics
 from sdjax.data import DataConfig, make_dataset, prepare
 from sdjax.models.configs import abstract_params
 from sdjax.stable_diffusion import StableDiffusion
@@ -339,7 +339,7 @@ def test_frozen_pretrained_text_encoder_and_init_from(data_dir, setup1, start, s
 def test_metrics_event_file_round_trip(tmp_path):
     w = metrics.MetricsWriter(str(tmp_path), total_steps=10)
     w.scalars(3, {"loss": 0.5})
-    w.image(3, "grid", metrics.image_grid(np.zeros((3, 4, 4, 3)), cols=2))
+    w.image(3, "grid", images.signed_grid(np.zeros((3, 4, 4, 3)), cols=2))
     w.close()
     (event_file,) = os.listdir(tmp_path / "tb")
     records = metrics.read_events(str(tmp_path / "tb" / event_file))  # CRCs are checked.

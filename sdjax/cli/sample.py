@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from sdjax import images as images_lib
 from sdjax.cli.errors import user_errors
 from sdjax.samplers import SAMPLERS
 
@@ -227,19 +228,7 @@ class Grid:
             self.images.append(np.asarray(thumb))
 
     def render(self) -> np.ndarray:
-        return make_grid(self.images, self.cols)
-
-
-def make_grid(images: Sequence[np.ndarray], cols: int) -> np.ndarray:
-    images = list(images)
-    cols = max(1, min(cols, len(images)))
-    rows = math.ceil(len(images) / cols)
-    h, w, c = images[0].shape
-    grid = np.full((rows * h, cols * w, c), 255, np.uint8)
-    for i, im in enumerate(images):
-        r, q = divmod(i, cols)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = im
-    return grid
+        return images_lib.grid(self.images, self.cols)
 
 
 def _progress(done: int, total: int, start: float) -> None:

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sdjax import metrics
+from sdjax import images as images_lib, metrics
 from sdjax.checkpoints import export as export_lib, load as load_lib
 from sdjax.data import make_dataset, prepare_on_all_hosts, splits
 from sdjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
@@ -160,7 +160,7 @@ def evaluate(run: AutoencoderRun, vae_params: Any, images: np.ndarray) -> tuple[
     rec = np.asarray(multihost_utils.process_allgather(run.reconstruct_fn(vae_params, jnp.asarray(images)),
                                                     tiled=True))
     n = min(8, len(images))
-    grid = metrics.image_grid(np.concatenate([images[:n], rec[:n]]), cols=n)
+    grid = images_lib.signed_grid(np.concatenate([images[:n], rec[:n]]), cols=n)
     return float(np.mean(psnr(images, rec))), grid
 
 

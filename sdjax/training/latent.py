@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sdjax import generate, metrics, sharding, sources as sources_lib
+from sdjax import generate, images as images_lib, sharding, sources as sources_lib
 from sdjax.checkpoints import export as export_lib, load as load_lib, lora as lora_files
 from sdjax.data import latent_cache, make_dataset, prepare_on_all_hosts
 from sdjax.diffusion.schedule import alphas_cumprod
@@ -338,7 +338,7 @@ def make_sample_grid(run: LatentRun, seed: int = 0):
         images = fn(inference_params(run, state, gather=False), inputs, jax.random.key(0), plan,
                     jnp.float32(sample.guidance_scale), state.extra["latent_scale"])
         images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
-        return metrics.image_grid(images * 2.0 - 1.0, cols=len(prompts))
+        return images_lib.signed_grid(images * 2.0 - 1.0, cols=len(prompts))
 
     return grid
 
