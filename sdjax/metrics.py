@@ -108,25 +108,6 @@ class EventFileWriter:
         self._f.close()
 
 
-def read_events(path: str) -> list[bytes]:
-    """The raw Event records of one event file, CRCs checked (for tests and debugging)."""
-    records = []
-    with open(path, "rb") as f:
-        data = f.read()
-    pos = 0
-    while pos < len(data):
-        header = data[pos:pos + 8]
-        (length,) = struct.unpack("<Q", header)
-        if struct.unpack("<I", data[pos + 8:pos + 12])[0] != _masked_crc(header):
-            raise ValueError(f"{path}: bad length CRC at byte {pos}.")
-        body = data[pos + 12:pos + 12 + length]
-        if struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])[0] != _masked_crc(body):
-            raise ValueError(f"{path}: bad data CRC at byte {pos}.")
-        records.append(body)
-        pos += 16 + length
-    return records
-
-
 def _format_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -5,7 +5,11 @@ import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# XLA's backend optimisation is skipped (as train.fast_compile does for a step): the tests' programs
+# are tiny, and compiling them, not running them, is where the suite's time goes. Commands the tests
+# run inherit it (helpers.subprocess_env).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -19,5 +23,18 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def shapes_data_dir(tmp_path_factory) -> str:
+    """A data_dir holding the tiny config's captioned-shapes set (``helpers.latent_config``: 64
+    examples), prepared once per test process."""
+    from sdjax.data import DataConfig, prepare
+    from tests.helpers import latent_config
+
+    d = str(tmp_path_factory.mktemp("shapes-data"))
+    prepare(DataConfig.from_config(latent_config(d).data, batch_size=8))
+    return d

@@ -140,7 +140,7 @@ def test_readme_sampling_commands(folder, tmp_path):
     import subprocess
     import sys
 
-    from tests.readme import readme_block
+    from tests.helpers import readme_block
 
     commands = readme_block("## Sampling")
     assert [c.split()[0] for c in commands] == [".venv/bin/sdjax-txt2img"] * 2 + [".venv/bin/sdjax-img2img"]

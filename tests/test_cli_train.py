@@ -13,7 +13,7 @@ from PIL import Image
 
 from sdjax import configs
 from sdjax.cli import train
-from tests.readme import SHORT, readme_block
+from tests.helpers import SHORT, readme_block, subprocess_env
 
 
 def _fails(argv: list[str], capsys) -> str:
@@ -50,7 +50,7 @@ def test_unknown_config_and_missing_phase(tmp_path, capsys):
 def test_readme_two_phase_commands_train_export_and_sample(tmp_path):
     commands = readme_block("## Training: two phases")
     assert [c.split()[0] for c in commands] == [".venv/bin/sdjax-train"] * 2 + [".venv/bin/sdjax-txt2img"]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = subprocess_env()
     outputs = []
     for command in commands:
         args = shlex.split(command)

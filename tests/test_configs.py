@@ -13,13 +13,13 @@ from sdjax import configs
 from sdjax.stable_diffusion import StableDiffusion
 from sdjax.training import latent
 from tests import tiny_models
-from tests.own_data import write_image_folder
+from tests.helpers import subprocess_env, write_image_folder
 
 BIN = os.path.dirname(sys.executable)
 
 
 def _train(args: list[str], cwd) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = subprocess_env()
     r = subprocess.run([os.path.join(BIN, "sdjax-train")] + [str(a) for a in args], cwd=cwd, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import subprocess_env
+
 
 @pytest.mark.slow
 def test_demo_runs_every_phase(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the demo sets its own device count
+    env = subprocess_env(devices=None)  # the demo sets its own device count
     cmd = [os.path.join(os.path.dirname(sys.executable), "sdjax-demo"), "--workdir", str(tmp_path / "demo"),
            "--ae-steps", "10", "--latent-steps", "12", "--n-samples", "1", "--sample-steps", "2"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)

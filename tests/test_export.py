@@ -12,7 +12,6 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file
 
 from sdjax import generate
@@ -20,6 +19,7 @@ from sdjax.checkpoints import export, load as load_lib, single_file
 from sdjax.stable_diffusion import StableDiffusion
 from tests import tiny_models
 from tests.single_file_fixtures import with_text_model_prefix
+from tests.helpers import nchw
 
 PROMPTS = ["a photo of a cat", "a dog", ""]
 SIZE, STEPS, SCALE = 16, 10, 7.5
@@ -47,10 +47,6 @@ def _assert_same(got: dict, want: dict, what: str) -> None:
         np.testing.assert_array_equal(got[k], want[k], err_msg=f"{what} {k}")
 
 
-def _nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
-
-
 def test_diffusers_export_is_bit_exact_and_diffusers_samples_the_same_images(source, tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -75,7 +71,7 @@ def test_diffusers_export_is_bit_exact_and_diffusers_samples_the_same_images(sou
     ours = sd.txt2img(PROMPTS, steps=STEPS, guidance_scale=SCALE, height=SIZE, width=SIZE, init_latents=noise,
                       output="float")
     ref = pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=SCALE, height=SIZE, width=SIZE,
-               latents=_nchw(noise), output_type="np").images
+               latents=nchw(noise), output_type="np").images
     assert np.abs(ours - ref).mean() <= 3e-4
     assert ref.std() > 0.01  # the images are not flat, so agreement means something
 

@@ -3,12 +3,12 @@
 import jax
 import numpy as np
 import pytest
-import torch
 from jax.sharding import Mesh
 
 from sdjax import generate
 from sdjax.stable_diffusion import StableDiffusion
 from tests import tiny_models
+from tests.helpers import nchw
 
 PROMPTS = ["a photo of a cat", "a dog", ""]
 SIZE, STEPS, SCALE = 16, 10, 7.5
@@ -29,10 +29,6 @@ def _latent_shape(sd):
     return (SIZE // f, SIZE // f, sd.configs.unet.in_channels)
 
 
-def _nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
-
-
 def test_txt2img_matches_diffusers(folder, sd):
     from diffusers import StableDiffusionPipeline
 
@@ -41,7 +37,7 @@ def test_txt2img_matches_diffusers(folder, sd):
                       init_latents=noise, output="float")
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     ref = pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=SCALE, height=SIZE, width=SIZE,
-               latents=_nchw(noise), output_type="np").images
+               latents=nchw(noise), output_type="np").images
     assert ours.shape == ref.shape == (len(PROMPTS), SIZE, SIZE, 3)
     assert np.abs(ours - ref).mean() <= 1e-3
     assert ref.std() > 0.01  # the images are not flat, so agreement means something
@@ -59,8 +55,8 @@ def test_img2img_matches_diffusers(folder, sd, monkeypatch):
                       init_latents=noise, output="float")
     # diffusers draws the posterior sample and the start noise with torch; hand it ours.
     posterior = generate.starting_noise(seed, n, shape, generate.POSTERIOR_STREAM)
-    monkeypatch.setattr(vae_module, "randn_tensor", lambda *a, **k: _nchw(posterior))
-    monkeypatch.setattr(img2img_module, "randn_tensor", lambda *a, **k: _nchw(noise))
+    monkeypatch.setattr(vae_module, "randn_tensor", lambda *a, **k: nchw(posterior))
+    monkeypatch.setattr(img2img_module, "randn_tensor", lambda *a, **k: nchw(noise))
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     ref = pipe(PROMPTS[:n], image=init.astype(np.float32) / 255.0, strength=strength, num_inference_steps=STEPS,
                guidance_scale=SCALE, output_type="np").images

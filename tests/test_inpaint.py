@@ -8,6 +8,7 @@ import torch
 from sdjax import generate, options
 from sdjax.stable_diffusion import StableDiffusion
 from tests import tiny_models
+from tests.helpers import nchw
 
 PROMPTS = ["a photo of a cat", "a dog"]
 SIZE, STEPS, SCALE = 16, 10, 7.5
@@ -43,10 +44,6 @@ def _inputs(sd):
     return images, masks, shape
 
 
-def _nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
-
-
 def _diffusers(folder, monkeypatch, images, masks, *, sampler, posterior_draws, noise, strength=1.0):
     """diffusers' inpainting with our random draws: the VAE posterior samples in the order diffusers
     takes them, and the start noise (handed as latents at strength 1, drawn otherwise)."""
@@ -55,14 +52,14 @@ def _diffusers(folder, monkeypatch, images, masks, *, sampler, posterior_draws, 
     from diffusers import EulerDiscreteScheduler, StableDiffusionInpaintPipeline
 
     draws = iter(posterior_draws)
-    monkeypatch.setattr(vae_module, "randn_tensor", lambda *a, **k: _nchw(next(draws)))
-    monkeypatch.setattr(inpaint_module, "randn_tensor", lambda *a, **k: _nchw(noise))
+    monkeypatch.setattr(vae_module, "randn_tensor", lambda *a, **k: nchw(next(draws)))
+    monkeypatch.setattr(inpaint_module, "randn_tensor", lambda *a, **k: nchw(noise))
     pipe = StableDiffusionInpaintPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     if sampler == "euler":
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     return pipe(PROMPTS, image=images.astype(np.float32) / 255.0, mask_image=torch.from_numpy(masks[:, None]),
                 strength=strength, num_inference_steps=STEPS, guidance_scale=SCALE, height=SIZE, width=SIZE,
-                latents=_nchw(noise) if strength == 1.0 else None, output_type="np").images
+                latents=nchw(noise) if strength == 1.0 else None, output_type="np").images
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler"])

@@ -6,18 +6,16 @@ import jax
 import numpy as np
 import pytest
 
-from sdjax.data import DataConfig, builder, latent_cache, prepare
+from sdjax.data import builder, latent_cache
 from sdjax.models.autoencoder import AutoencoderKL
 from sdjax.tokenizer import tokenize
 from sdjax.training import latent, latent_step
-from tests.tiny_configs import latent_config
+from tests.helpers import latent_config
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("data"))
-    prepare(DataConfig.from_config(latent_config(d).data, batch_size=8))
-    return d
+def data_dir(shapes_data_dir):
+    return shapes_data_dir
 
 
 def _one_device_config(data_dir: str, **train):

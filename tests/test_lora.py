@@ -19,6 +19,7 @@ from sdjax import generate
 from sdjax.checkpoints.errors import CheckpointError
 from sdjax.stable_diffusion import StableDiffusion
 from tests import tiny_models
+from tests.helpers import free_port, readme_block, subprocess_env, write_image_folder
 
 PROMPTS = ["a photo of a cat", "a dog"]
 SIZE, STEPS, SCALE = 16, 10, 7.5
@@ -55,14 +56,6 @@ def peft_lora(base, tmp_path_factory):
         text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder), safe_serialization=True,
         unet_lora_adapter_metadata=unet_config.to_dict(), text_encoder_lora_adapter_metadata=text_config.to_dict())
     return folder / "pytorch_lora_weights.safetensors"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def to_kohya(peft_file, out_file):
@@ -176,8 +169,6 @@ def test_readme_lora_commands_train_export_and_sample(base, sd, tmp_path):
     import orbax.checkpoint as ocp
     from PIL import Image
 
-    from tests.own_data import write_image_folder
-    from tests.readme import readme_block
 
     train_cmd, sample_cmd = readme_block("Training one: `sd15_finetune` with")
     write_image_folder(tmp_path / "my_images", 12)
@@ -189,7 +180,7 @@ def test_readme_lora_commands_train_export_and_sample(base, sd, tmp_path):
         args[0] = os.path.join(bin_dir, os.path.basename(args[0]))
         return ["sd15_finetune:tiny" if a == "sd15_finetune" else a for a in args]
 
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = subprocess_env()
     done = subprocess.run(argv(train_cmd) + [f"--config.data.data_dir={tmp_path / 'tfds'}"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -207,11 +198,11 @@ def test_readme_lora_commands_train_export_and_sample(base, sd, tmp_path):
     # The same command on two hosts (processes, each with its own HOME and data copy), stopped at
     # step 2 and resumed to 4: the adapters, their Adam moments and EMA of the one uninterrupted host.
     def two_hosts(*extra):
-        port = _free_port()
+        port = free_port()
         procs = [subprocess.Popen(
             argv(train_cmd) + list(extra), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=dict(env, HOME=str(tmp_path / f"home{i}"), XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                     SDJAX_COORDINATOR=f"localhost:{port}", SDJAX_NUM_PROCESSES="2", SDJAX_PROCESS_ID=str(i)))
+            env=dict(env, HOME=str(tmp_path / f"home{i}"), SDJAX_COORDINATOR=f"localhost:{port}",
+                     SDJAX_NUM_PROCESSES="2", SDJAX_PROCESS_ID=str(i)))
             for i in range(2)]
         try:
             outs = [p.communicate(timeout=600)[0] for p in procs]

@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 
 from sdjax.stable_diffusion import StableDiffusion
-from tests.own_data import write_image_folder
-from tests.readme import SHORT, readme_block
+from tests.helpers import SHORT, readme_block, subprocess_env, write_image_folder
 
 
 def _run(cmd: list[str], cwd: Path) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = subprocess_env()
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout + r.stderr

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 
 from sdjax.stable_diffusion import StableDiffusion
 from tests import tiny_models
-from tests.readme import readme_block
+from tests.helpers import readme_block
 
 def _argv(command: str, checkpoint: Path) -> list[str]:
     args = [str(checkpoint) if a == "CKPT" else a for a in shlex.split(command)]

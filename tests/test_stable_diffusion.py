@@ -19,16 +19,9 @@ from sdjax.stable_diffusion import StableDiffusion
 from sdjax import presets
 from tests import tiny_models
 from tests.single_file_fixtures import write_original
+from tests.helpers import nchw, nhwc
 
 TOL = 1e-4
-
-
-def _nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.transpose(np.asarray(x), (0, 3, 1, 2))))
-
-
-def _nhwc(t):
-    return np.transpose(t.detach().numpy(), (0, 2, 3, 1))
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
@@ -53,18 +46,18 @@ def _check_networks(sd: StableDiffusion, torch_models, style: str):
     t = np.array([10, 901])
     ctx = rng.standard_normal((2, 77, cfg["unet"]["cross_attention_dim"])).astype(np.float32)
     with torch.no_grad():
-        ref = _nhwc(unet(_nchw(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample)
+        ref = nhwc(unet(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample)
     np.testing.assert_allclose(np.asarray(sd.unet_apply(x, t, ctx)), ref, atol=TOL, rtol=0)
     # vae
     img = rng.uniform(-1, 1, (1, 16, 16, 3)).astype(np.float32)
     with torch.no_grad():
-        post = vae.encode(_nchw(img)).latent_dist
+        post = vae.encode(nchw(img)).latent_dist
         f = sd.downsample_factor
         z = rng.standard_normal((1, 16 // f, 16 // f, 4)).astype(np.float32)
-        dec = _nhwc(vae.decode(_nchw(z)).sample)
+        dec = nhwc(vae.decode(nchw(z)).sample)
     mean, logvar = sd.vae_encode(img)
-    np.testing.assert_allclose(np.asarray(mean), _nhwc(post.mean), atol=TOL, rtol=0)
-    np.testing.assert_allclose(np.asarray(logvar), _nhwc(post.logvar), atol=TOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(mean), nhwc(post.mean), atol=TOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(logvar), nhwc(post.logvar), atol=TOL, rtol=0)
     np.testing.assert_allclose(np.asarray(sd.vae_decode(z)), dec, atol=TOL, rtol=0)
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fixtures_tokenizer import BOS, EOS, vocabulary, write_tokenizer
+from tests.helpers import BOS, EOS, vocabulary, write_tokenizer
 from sdjax.tokenizer import load_tokenizer, tokenize
 
 V = vocabulary()

@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,25 +25,21 @@ from flax import traverse_util
 from jax.extend.core import ClosedJaxpr, Jaxpr
 
 from sdjax import images, metrics
-from sdjax.data import DataConfig, make_dataset, prepare
+from sdjax.data import make_dataset
 from sdjax.models.configs import abstract_params
 from sdjax.stable_diffusion import StableDiffusion
 from sdjax.train_state import RUN_ONCE_COMPILER_OPTIONS, ema_decay, make_optimizer
 from sdjax.training import latent
 from sdjax.training import latent_step
 from sdjax.training.latent_step import min_snr_weight
-from tests.tiny_configs import latent_config
-from tests.own_data import write_image_folder
+from tests.helpers import ROOT, free_port, latent_config, read_events, subprocess_env, write_image_folder
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("data"))
-    prepare(DataConfig.from_config(latent_config(d).data, batch_size=8))
-    return d
+def data_dir(shapes_data_dir):
+    return shapes_data_dir
 
 
 @pytest.fixture(scope="module")
@@ -342,24 +337,15 @@ def test_metrics_event_file_round_trip(tmp_path):
     w.image(3, "grid", images.signed_grid(np.zeros((3, 4, 4, 3)), cols=2))
     w.close()
     (event_file,) = os.listdir(tmp_path / "tb")
-    records = metrics.read_events(str(tmp_path / "tb" / event_file))  # CRCs are checked.
+    records = read_events(str(tmp_path / "tb" / event_file))  # CRCs are checked.
     assert len(records) == 3 and b"brain.Event:2" in records[0] and b"loss" in records[1]
     assert (tmp_path / "metrics.jsonl").read_text().strip() == '{"step": 3, "loss": 0.5}'
 
 
-def _env(devices: int, cache_dir: str, **extra) -> dict:
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
-    env.update(extra)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
+def _env(devices: int, cache_dir: str, **extra: str) -> dict[str, str]:
+    """A command's environment (``subprocess_env``) running train/latent.py from the checkout, with its
+    own compilation cache."""
+    return subprocess_env(devices, PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=cache_dir, **extra)
 
 
 def _saved_state(workdir: str, step: int) -> dict:
@@ -387,7 +373,7 @@ def test_two_hosts_each_with_its_own_home_match_one(tmp_path):
                 "--config.train.cache_latents=True", "--config.train.latent_cache_dir=~/latent_cache",
                 "--config.mesh.shape=(2,4)"]
 
-    port, cache = _free_port(), str(tmp_path / "xla")
+    port, cache = free_port(), str(tmp_path / "xla")
     homes = [tmp_path / f"home{i}" for i in range(3)]
     logs = [open(tmp_path / f"host{i}.log", "w") for i in range(2)]
     procs = [subprocess.Popen(cmd(str(tmp_path / "two")), stdout=logs[i], stderr=subprocess.STDOUT,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tests.fixtures_tokenizer import write_tokenizer
+from tests.helpers import write_tokenizer
 
 STYLES = {
     "sd1": dict(

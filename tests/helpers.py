@@ -1,0 +1,158 @@
+"""Helpers the tests share: subprocess environments, free ports, layouts, the tiny configs, the
+data and tokenizer folders tests write, the README's and docs' command blocks, event files."""
+
+import json
+import os
+import re
+import socket
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdjax import configs
+from sdjax.data import caption, render_shape
+from sdjax.training.word_tokenizer import bytes_to_unicode
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(devices: int | None = 1, **extra: str) -> dict[str, str]:
+    """The environment of a command a test runs: this one's (its compilation cache and XLA flags
+    included, conftest.py), with ``devices`` CPU devices instead of the test process's eight (None: no
+    XLA_FLAGS at all, the command's own choice)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if devices is not None:
+        env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+",
+                                  f"--xla_force_host_platform_device_count={devices}", os.environ["XLA_FLAGS"])
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def nchw(x) -> torch.Tensor:
+    """NHWC (numpy or jax) -> an NCHW torch tensor (PyTorch's layout)."""
+    return torch.from_numpy(np.ascontiguousarray(np.transpose(np.asarray(x), (0, 3, 1, 2))))
+
+
+def nhwc(t: torch.Tensor) -> np.ndarray:
+    return np.transpose(t.detach().numpy(), (0, 2, 3, 1))
+
+
+# ---- the tiny configs -----------------------------------------------------------------------------------
+
+def latent_config(data_dir: str):
+    """configs/tiny.py: 64 examples, global batch 8 on a 2 x 4 mesh, XLA's backend optimisation off."""
+    c = configs.load("tiny")
+    c.data.data_dir, c.data.num_examples = data_dir, 64
+    c.mesh.shape = (2, 4)
+    c.train.update(batch_size=8, caption_dropout=0.5, fast_compile=True, sample_every=0, log_every=1,
+                   warmup_steps=0, schedule="constant")
+    return c
+
+
+# ---- folders tests write: images as users bring them, a CLIP-style tokenizer ------------------------------
+
+def write_image_folder(folder: Path, n: int) -> Path:
+    """``n`` good images (captioned shapes, 40x40 PNGs and 48x32 JPEGs), plus the bad entries."""
+    folder.mkdir(parents=True)
+    lines = []
+    for i in range(n):
+        s, c, bg = i % 3, i % 6, (i + 1) % 6
+        if i % 2:
+            Image.fromarray(render_shape(s, c, bg, 16, 20, 20, 40)).save(folder / f"{i:03d}.png")
+            lines.append({"file_name": f"{i:03d}.png", "text": caption(s, c, bg)})
+        else:
+            wide = np.concatenate([render_shape(s, c, bg, 12, 16, 16, 32)] * 2, axis=1)[:, 8:56]
+            Image.fromarray(np.ascontiguousarray(wide)).save(folder / f"{i:03d}.jpg", quality=95)
+            lines.append({"file_name": f"{i:03d}.jpg", "text": caption(s, c, bg)})
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    lines.append({"file_name": "corrupt.png", "text": "a red circle on a blue background"})
+    Image.fromarray(render_shape(0, 0, 1, 16, 20, 20, 40)).save(folder / "nocaption.png")
+    lines.append({"file_name": "nocaption.png"})
+    text = "\n".join(json.dumps(line) for line in lines) + "\n{not json\n"
+    (folder / "metadata.jsonl").write_text(text)
+    return folder
+
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+# Merges spell out a few whole words, so "a photo of a cat" is 7 tokens with BOS/EOS.
+MERGES = [
+    ("o", "f</w>"), ("c", "a"), ("ca", "t</w>"), ("p", "h"), ("ph", "o"),
+    ("t", "o</w>"), ("pho", "to</w>"), ("d", "o"), ("do", "g</w>"),
+]
+
+
+def vocabulary() -> dict[str, int]:
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in MERGES] + [BOS, EOS]
+    return {t: i for i, t in enumerate(tokens)}
+
+
+def write_tokenizer(folder: Path, tokenizer_config: dict | None = None) -> Path:
+    """Write vocab.json, merges.txt and optionally tokenizer_config.json into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocabulary()), encoding="utf-8")
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in MERGES]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if tokenizer_config is not None:
+        (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), encoding="utf-8")
+    return folder
+
+
+# ---- the command blocks of the README and docs/ -----------------------------------------------------------
+
+# Flags a test appends to the README's training commands: a few steps, small batches, quick compiles.
+SHORT = {"autoencoder": ["--config.train.steps={steps}", "--config.train.batch_size=4", "--config.train.eval_every=2",
+                         "--config.train.checkpoint_every=2", "--config.train.log_every=1",
+                         "--config.train.fast_compile=True", "--config.train.eval_images=4"],
+         "latent": ["--config.train.steps={steps}", "--config.train.batch_size=4", "--config.train.checkpoint_every=2",
+                    "--config.train.sample_every=2", "--config.train.log_every=1", "--config.train.fast_compile=True"]}
+
+
+def readme_block(heading: str, doc: str = "README.md") -> list[str]:
+    """The first bash block after ``heading`` in ``doc`` (the README, or a page of docs/), one command
+    per entry (backslash continuations joined)."""
+    text = (ROOT / doc).read_text()
+    block = re.search(r"```bash\n(.*?)```", text[text.index(heading):], re.S).group(1)
+    return [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+# ---- event files ------------------------------------------------------------------------------------------
+
+def _masked_crc32c(data: bytes) -> int:
+    """TFRecord's masked CRC-32C, bit by bit (independent of sdjax.metrics' table)."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    crc ^= 0xFFFFFFFF
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def read_events(path: str) -> list[bytes]:
+    """The raw Event records of one event file, each record's two CRCs checked."""
+    records = []
+    with open(path, "rb") as f:
+        data = f.read()
+    pos = 0
+    while pos < len(data):
+        header = data[pos:pos + 8]
+        (length,) = struct.unpack("<Q", header)
+        if struct.unpack("<I", data[pos + 8:pos + 12])[0] != _masked_crc32c(header):
+            raise ValueError(f"{path}: bad length CRC at byte {pos}.")
+        body = data[pos + 12:pos + 12 + length]
+        if struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])[0] != _masked_crc32c(body):
+            raise ValueError(f"{path}: bad data CRC at byte {pos}.")
+        records.append(body)
+        pos += 16 + length
+    return records
