@@ -5,11 +5,7 @@ import os
 import shutil
 import tempfile
 
-# XLA's backend optimisation is skipped (as train.fast_compile does for a step): the tests' programs
-# are tiny, and compiling them, not running them, is where the suite's time goes. Commands the tests
-# run inherit it (helpers.subprocess_env).
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0").strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

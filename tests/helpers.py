@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def subprocess_env(devices: int | None = 1, **extra: str) -> dict[str, str]:
-    """The environment of a command a test runs: this one's (its compilation cache and XLA flags
-    included, conftest.py), with ``devices`` CPU devices instead of the test process's eight (None: no
+    """The environment of a command a test runs: this one's (its compilation cache and any other XLA
+    flags included, conftest.py), with ``devices`` CPU devices instead of the test process's eight (None: no
     XLA_FLAGS at all, the command's own choice)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     if devices is not None:
