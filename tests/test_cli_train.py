@@ -1,5 +1,5 @@
 """The training command line: its own errors, raised before anything is built or written, and the
-README's two-phase commands on the synthetic shapes set (run as written, shortened by flags; the own
+two-phase commands of docs/training.md on the synthetic shapes set (run as written, shortened by flags; the own
 images commands run in test_own_data)."""
 
 import json
@@ -48,7 +48,7 @@ def test_unknown_config_and_missing_phase(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_readme_two_phase_commands_train_export_and_sample(tmp_path):
-    commands = readme_block("## Training: two phases")
+    commands = readme_block("## Training: two phases", "docs/training.md")
     assert [c.split()[0] for c in commands] == [".venv/bin/sdjax-train"] * 2 + [".venv/bin/sdjax-txt2img"]
     env = subprocess_env()
     outputs = []

@@ -158,7 +158,7 @@ def test_loras_that_do_not_fit_are_refused_by_name(sd, peft_lora, tmp_path):
 
 @pytest.mark.slow
 def test_readme_lora_commands_train_export_and_sample(base, sd, tmp_path):
-    """The README's LoRA commands through the installed console scripts (the tiny variant of the config,
+    """The README's fine-tuning commands (also docs/lora.md's) through the installed console scripts (the tiny variant of the config,
     a tiny base, a small image folder): only the adapters train and are checkpointed; two hosts that
     stop and resume train what one does; the export loads in diffusers, which gives the images sdjax
     gives with it; the sampling command applies it."""
@@ -170,7 +170,8 @@ def test_readme_lora_commands_train_export_and_sample(base, sd, tmp_path):
     from PIL import Image
 
 
-    train_cmd, sample_cmd = readme_block("Training one: `sd15_finetune` with")
+    train_cmd, sample_cmd = readme_block("## Fine-tune on your images")
+    assert readme_block("Training one: `sd15_finetune` with", "docs/lora.md") == [train_cmd, sample_cmd]
     write_image_folder(tmp_path / "my_images", 12)
     bin_dir = os.path.dirname(sys.executable)
 

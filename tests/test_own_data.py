@@ -1,4 +1,4 @@
-"""The README's "your own captioned images" commands, run as written through the real command lines
+"""docs/training.md's "your own captioned images" commands, run as written through the real command lines
 (shortened by a few flags), on a folder with a corrupt image, a missing caption and a malformed
 line: both phases train, checkpoint, resume and export (as diffusers folders), and the exported model samples."""
 
@@ -24,7 +24,7 @@ def _run(cmd: list[str], cwd: Path) -> str:
 
 @pytest.mark.slow
 def test_readme_own_image_commands_train_resume_export_and_sample(tmp_path):
-    commands = readme_block("### Your own captioned images")
+    commands = readme_block("## Your own captioned images", "docs/training.md")
     assert [c.split()[0] for c in commands] == [".venv/bin/sdjax-train"] * 2 + [".venv/bin/sdjax-txt2img"]
     write_image_folder(tmp_path / "my_images", 20)
     bin_dir = os.path.dirname(sys.executable)

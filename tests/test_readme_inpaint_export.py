@@ -1,4 +1,4 @@
-"""The README's inpainting and export commands, run as written (plus a few shortening flags) through the
+"""The inpainting and export commands of the README and docs/ (sampling.md, checkpoints.md), run as written (plus a few shortening flags) through the
 installed console scripts on a tiny 9-channel inpainting checkpoint."""
 
 import json
@@ -35,7 +35,7 @@ def test_readme_inpaint_and_convert_commands(tmp_path):
     Image.fromarray(photo).save(tmp_path / "photo.png")
     Image.fromarray(mask).save(tmp_path / "mask.png")
 
-    [inpaint] = readme_block("## Inpainting")
+    [inpaint] = readme_block("## Inpainting", "docs/sampling.md")
     args = _argv(inpaint, ckpt) + ["--steps", "3", "--n-samples", "2", "--seed", "3"]
     done = _run(args, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -52,7 +52,8 @@ def test_readme_inpaint_and_convert_commands(tmp_path):
 
     from diffusers import StableDiffusionInpaintPipeline
 
-    to_diffusers, to_single_file = readme_block("## Exporting to diffusers")
+    to_diffusers, to_single_file = readme_block("## Models and formats")
+    assert readme_block("## Exporting to diffusers", "docs/checkpoints.md") == [to_diffusers, to_single_file]
     for command in (to_diffusers, to_single_file):
         done = _run(_argv(command, ckpt), tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]

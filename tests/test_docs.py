@@ -1,0 +1,64 @@
+"""The README and docs/: every relative link leads to a file, and every command block is run by a
+named test (through ``helpers.readme_block``) or says why it cannot run here."""
+
+import re
+
+import pytest
+
+from tests.helpers import ROOT
+
+PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+# (page, the heading above the block) -> (the test file that runs it, a string of that file that does),
+# or why nothing here can run it.
+BLOCKS = {
+    ("README.md", "## Quick start"): ("tests/test_demo.py", '"sdjax-demo"'),  # .ci/run is ./run test
+    ("README.md", "## Install"): ("tests/test_install.py", '"pip", "install"'),  # the wheel, in a fresh venv
+    ("README.md", "## Text to image"): ("tests/test_cli_sample.py", 'readme_block("## Text to image")'),
+    ("README.md", "## Fine-tune on your images"): ("tests/test_lora.py", 'readme_block("## Fine-tune on your images")'),
+    ("README.md", "## Train on a pod"): ("tests/test_train_latent.py", 'SDJAX_NUM_PROCESSES="2"'),  # its sdjax-train
+    ("README.md", "## Models and formats"): ("tests/test_readme_inpaint_export.py",
+                                            'readme_block("## Models and formats")'),
+    ("checkpoints.md", "## Loading"): ("tests/test_stable_diffusion.py", 'params.main(["--preset", "sd15"])'),
+    ("checkpoints.md", "## Exporting to diffusers, ComfyUI and A1111"): ("tests/test_readme_inpaint_export.py",
+                                                                        '"docs/checkpoints.md"'),
+    ("lora.md", "## Training"): ("tests/test_lora.py", '"docs/lora.md"'),
+    ("pods.md", "# Pods: every host runs the same command"): ("tests/test_train_latent.py", 'SDJAX_NUM_PROCESSES="2"'),
+    ("sampling.md", "## From Python"): ("tests/test_cli_sample.py", '"docs/sampling.md"'),
+    ("sampling.md", "## Inpainting"): ("tests/test_readme_inpaint_export.py",
+                                       'readme_block("## Inpainting", "docs/sampling.md")'),
+    # the tiny config on v5e-8; the SD 1.5 / SD 2 lines compile for minutes (their figures: docs/benchmarks.md)
+    ("speed.md", "## Compile for a TPU slice on any host"): ("tests/test_aot.py", "aot.main("),
+    ("training.md", "## Training: two phases"): ("tests/test_cli_train.py",
+                                                 'readme_block("## Training: two phases", "docs/training.md")'),
+    ("training.md", "## Your own captioned images"): ("tests/test_own_data.py",
+                                                      'readme_block("## Your own captioned images", "docs/training.md")'),
+    ("training.md", "## Real Stable Diffusion configs"):
+        "not run here: it needs a real SD 1.5 checkpoint; tests/test_configs.py trains its :tiny variant",
+}
+
+
+def _blocks() -> set[tuple[str, str]]:
+    found = set()
+    for page in PAGES:
+        heading = None
+        for line in page.read_text().splitlines():
+            if line.startswith("#"):
+                heading = line
+            elif line.startswith("```bash"):
+                found.add((page.name, heading))
+    return found
+
+
+def test_every_command_block_is_run_by_a_test_or_says_why_not():
+    assert _blocks() == set(BLOCKS)
+    for block, runner in BLOCKS.items():
+        if isinstance(runner, tuple):
+            path, marker = runner
+            assert marker in (ROOT / path).read_text(), (block, path, marker)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_relative_links_lead_to_files(page):
+    for target in re.findall(r"\]\(([^)#\s]+)\)", page.read_text()):
+        if not re.match(r"[a-z]+://", target):
+            assert (page.parent / target).exists(), f"{page.name}: {target}"
