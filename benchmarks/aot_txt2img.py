@@ -3,9 +3,9 @@ time for a TPU slice, in sdjax's environment or the diffusers-Flax peer's (run a
 
     python -m benchmarks.aot_txt2img --impl sdjax --topology v5e:2x4 --chip-config default --bounds 2,2,1 --steps 2
 
-The same program for both: prompt and negative-prompt token ids in, 512x512 images out; bf16 UNet
-and text encoder, f32 VAE (sdjax's txt2img default), f32 DDIM arithmetic, guidance 7.5, batch split
-over the slice's devices, parameters replicated. ``--unroll`` writes the DDIM loop out step by step
+The same program for both: prompt and negative-prompt token ids in, ``--size`` x ``--size`` images
+out (512 by default, SD 1.5's); bf16 UNet and text encoder, f32 VAE (sdjax's txt2img default), f32
+DDIM arithmetic, guidance 7.5, batch split over the slice's devices, parameters replicated. ``--unroll`` writes the DDIM loop out step by step
 (XLA's cost analysis counts a loop's body once, whatever its trip count). Prints the compiler's
 per-chip memory and cost as one JSON line. ``--impl flax`` imports no sdjax.
 """
@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from benchmarks import timing, tpu_slice
 
 
-def sdjax_program(model: dict, mesh, steps: int, unroll: bool, B: int):
+def sdjax_program(model: dict, mesh, steps: int, unroll: bool, B: int, size: int = 512):
     """(jitted fn, abstract args) of sdjax's txt2img."""
     from sdjax import generate, sources
     from sdjax.models.configs import ModelConfigs, abstract_params
@@ -32,7 +32,7 @@ def sdjax_program(model: dict, mesh, steps: int, unroll: bool, B: int):
     nets = sources.generation_networks(configs, jnp.bfloat16, platform=mesh.devices.flat[0].platform)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract_params(configs))
     ids = jax.ShapeDtypeStruct((B, 77), jnp.int32, sharding=batch)
-    noise = jax.ShapeDtypeStruct((B, 64, 64, 4), jnp.float32, sharding=batch)
+    noise = jax.ShapeDtypeStruct((B, size // 8, size // 8, 4), jnp.float32, sharding=batch)
     plan = get_sampler("ddim").make_plan(configs.scheduler, steps)
     plan = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=rep), plan)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
@@ -41,7 +41,7 @@ def sdjax_program(model: dict, mesh, steps: int, unroll: bool, B: int):
     return fn, (params, generate.Inputs(ids, ids, noise), key, plan, scalar, scalar)
 
 
-def flax_program(model: dict, mesh, steps: int, unroll: bool, B: int):
+def flax_program(model: dict, mesh, steps: int, unroll: bool, B: int, size: int = 512):
     """(jitted fn, abstract args) of diffusers-Flax 0.39's FlaxStableDiffusionPipeline._generate."""
     from diffusers import FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxStableDiffusionPipeline, FlaxUNet2DConditionModel
     from diffusers.pipelines.stable_diffusion import pipeline_flax_stable_diffusion
@@ -57,9 +57,9 @@ def flax_program(model: dict, mesh, steps: int, unroll: bool, B: int):
                                        safety_checker=None, feature_extractor=None, dtype=jnp.bfloat16)
     key = jax.random.key(0)
     params = {
-        "unet": jax.eval_shape(unet.init, key, jnp.zeros((1, 4, 64, 64)), jnp.zeros((1,), jnp.int32),
+        "unet": jax.eval_shape(unet.init, key, jnp.zeros((1, 4, size // 8, size // 8)), jnp.zeros((1,), jnp.int32),
                                jnp.zeros((1, 77, 768)))["params"],
-        "vae": jax.eval_shape(vae.init, key, jnp.zeros((1, 3, 512, 512)))["params"],
+        "vae": jax.eval_shape(vae.init, key, jnp.zeros((1, 3, size, size)))["params"],
         "text_encoder": jax.eval_shape(lambda k: text.init_weights(k, (1, 77)), key),
     }
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), params)
@@ -68,7 +68,7 @@ def flax_program(model: dict, mesh, steps: int, unroll: bool, B: int):
     prng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
 
     def fn(params, ids, neg_ids, prng):
-        return pipe._generate(ids, dict(params, scheduler=state), prng, steps, 512, 512, 7.5, None, neg_ids)
+        return pipe._generate(ids, dict(params, scheduler=state), prng, steps, size, size, 7.5, None, neg_ids)
 
     return jax.jit(fn, out_shardings=batch), (params, ids, ids, prng)
 
@@ -81,6 +81,7 @@ def main(argv=None) -> None:
     tpu_slice.add_args(p, "v5e:2x4")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--unroll", action="store_true", help="write the DDIM loop out step by step")
+    p.add_argument("--size", type=int, default=512, help="image side in pixels (a multiple of 8)")
     a = p.parse_args(argv)
     devices = tpu_slice.devices(a)
     mesh = Mesh(np.asarray(devices), ("data",))
@@ -88,11 +89,11 @@ def main(argv=None) -> None:
         model = json.load(f)
     B = a.per_chip_batch * len(devices)
     build = sdjax_program if a.impl == "sdjax" else flax_program
-    fn, args = build(model, mesh, a.steps, a.unroll, B)
+    fn, args = build(model, mesh, a.steps, a.unroll, B, a.size)
     figures, _ = tpu_slice.compile_figures(fn.lower(*args))
     timing.emit(dict(
         impl=a.impl, devices=len(devices), device_kind=devices[0].device_kind, per_chip_batch=a.per_chip_batch,
-        steps=a.steps, unroll=a.unroll, **figures,
+        steps=a.steps, unroll=a.unroll, size=a.size, **figures,
         versions=timing.versions("jax", "jaxlib", "flax", "libtpu", "diffusers")))
 
 

@@ -103,13 +103,12 @@ def test_aot_txt2img_runner_costs_written_out_steps_on_a_tiny_model(tmp_path, ca
     from benchmarks import aot_txt2img, timing, weights
 
     model = weights.configs("tiny")
-    model["unet"]["sample_size"] = 64  # the runner's latents are SD's 64x64
     model["scheduler"] = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", steps_offset=1)
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(model))
     base = ["--impl", "sdjax", "--model", str(path), "--topology", "v5e:2x4", "--chip-config", "default",
-            "--bounds", "2,2,1", "--per-chip-batch", "1"]
+            "--bounds", "2,2,1", "--per-chip-batch", "1", "--size", "64"]
     flops = {}
     for name, extra in (("one", ["--steps", "1", "--unroll"]), ("two", ["--steps", "2", "--unroll"])):
         aot_txt2img.main(base + extra)
