@@ -62,3 +62,13 @@ def test_relative_links_lead_to_files(page):
     for target in re.findall(r"\]\(([^)#\s]+)\)", page.read_text()):
         if not re.match(r"[a-z]+://", target):
             assert (page.parent / target).exists(), f"{page.name}: {target}"
+
+
+def test_architecture_page_matches_the_tree():
+    """docs/architecture.md names every module of the package, and every path it names exists."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    modules = [p for p in (ROOT / "sdjax").rglob("*.py") if p.name != "__init__.py"]
+    assert [str(p.relative_to(ROOT)) for p in modules if f"`{p.name}`" not in text and
+            f"`{p.relative_to(ROOT)}`" not in text] == []
+    for path in re.findall(r"`((?:sdjax|tests|benchmarks|demo|notebooks|train|sample)/[\w/.]*)`", text):
+        assert (ROOT / path).exists(), path
