@@ -17,7 +17,7 @@ from sdjax import aot
 from sdjax.models import layers
 
 
-def test_topology_table():
+def test_topologies_describe_the_slices_and_refuse_unknown_names():
     assert set(aot.TOPOLOGIES) >= {"v5e-8", "v5p-8", "v6e-8", "v5p-128", "v4-8"}
     assert aot.TOPOLOGIES["v5p-8"].topology_name == "v5:2x2x1"  # 8 TensorCores = 4 megacore chips
     with pytest.raises(ValueError, match="--topology v9-8: unknown"):

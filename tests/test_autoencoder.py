@@ -39,7 +39,7 @@ def flax_params_from_torch(model, cfg: AutoencoderConfig, x_BHWC):
 
 
 @pytest.mark.parametrize("cfg,seed", [(TINY, 0), (TINY_3_LEVELS, 1)])
-def test_matches_diffusers(cfg, seed):
+def test_encode_and_decode_match_diffusers_autoencoderkl(cfg, seed):
     model = random_torch_vae(cfg, seed)
     rng = np.random.default_rng(seed)
     f = cfg.downsample_factor
@@ -100,7 +100,7 @@ def test_diagonal_gaussian_against_float64():
                                ref.nll(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy(), rtol=1e-5)
 
 
-def test_sample_statistics():
+def test_posterior_samples_have_its_mean_and_std():
     mean = jnp.full((1, 64, 64, 4), 0.5)
     post = DiagonalGaussian(mean=mean, logvar=jnp.full_like(mean, np.log(0.25)))
     z = np.asarray(post.sample(jax.random.key(0)), np.float64)

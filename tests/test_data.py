@@ -143,7 +143,7 @@ def test_resume_on_another_number_of_hosts(shapes_config):
     np.testing.assert_array_equal(np.concatenate([next(h)["image"] for h in hosts]), want["image"])
 
 
-def test_held_out_split(shapes_config, tmp_path):
+def test_held_out_split_is_the_test_split_or_the_last_holdout_fraction(shapes_config, tmp_path):
     b = data.builder(shapes_config)
     assert data.splits(b, shapes_config) == ("train", "test")  # the dataset's own test split
     train = dataclasses.replace(shapes_config, split="train[:40]")  # as if it had no test split

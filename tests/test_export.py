@@ -123,7 +123,7 @@ def jax_leaves(tree):
 
 
 @pytest.mark.parametrize("source", ["sd1"], indirect=True)
-def test_half_precision_copies(source, tmp_path):
+def test_half_precision_exports_cast_every_tensor(source, tmp_path):
     style, folder, sd = source
     sd.save_pretrained(tmp_path / "f16", format="diffusers", dtype=jnp.float16)
     exported, original = _states(tmp_path / "f16"), _states(folder)

@@ -17,7 +17,7 @@ def reference(tmp_path_factory):
     return write_reference(tmp_path_factory.mktemp("lpips"))
 
 
-def test_matches_original(reference):
+def test_distances_match_the_original_torch_lpips(reference):
     model, path = reference
     params = load_lpips(path)
     rng = np.random.default_rng(0)

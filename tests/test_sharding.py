@@ -56,7 +56,7 @@ def test_tree_shardings_follow_boxes(mesh):
     assert shardings["step"].spec == P()
 
 
-def test_batch_checks(mesh):
+def test_batch_must_split_evenly_over_data_parallelism_and_micro_batches(mesh):
     assert sharding.data_parallel_size(mesh, RULES) == 8
     sharding.check_batch_size(16, mesh, RULES, micro_batches=2)
     with pytest.raises(ValueError, match="not divisible by the data-parallel size 8"):

@@ -112,7 +112,7 @@ def test_config_round_trips_through_transformers():
     (dict(hidden_size=1024, num_attention_heads=16, intermediate_size=4096, hidden_act="gelu",
           num_hidden_layers=24, output_layer="penultimate"), 340_387_840),  # the same, OpenCLIP's form
 ])
-def test_param_count(kw, expected):
+def test_param_counts_match_the_published_text_towers(kw, expected):
     model = CLIPTextEncoder(TextEncoderConfig(**kw))
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 77), jnp.int32))
     assert count(shapes["params"]) == expected

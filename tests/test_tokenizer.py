@@ -16,7 +16,7 @@ def sd1_tokenizer(tmp_path_factory):
     return load_tokenizer(folder.parent)
 
 
-def test_padding_sd1(sd1_tokenizer):
+def test_sd1_tokenizer_pads_with_end_of_text_to_77(sd1_tokenizer):
     ids = tokenize(sd1_tokenizer, ["a photo of a cat", "A  DOG!"])
     assert ids.shape == (2, 77) and ids.dtype == np.int32
     words = [V[BOS], V["a</w>"], V["photo</w>"], V["of</w>"], V["a</w>"], V["cat</w>"], V[EOS]]

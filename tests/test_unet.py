@@ -61,7 +61,7 @@ def _inputs(cfg: UNetConfig, batch: int = 2, ctx_len: int = 7):
 
 
 @pytest.mark.parametrize("cfg", [TINY_SD1, TINY_SD2], ids=["sd1", "sd2"])
-def test_matches_diffusers(cfg):
+def test_output_matches_diffusers_unet2dconditionmodel(cfg):
     torch.manual_seed(0)
     ref = UNet2DConditionModel(**cfg.to_diffusers_config()).eval()
     with torch.no_grad():  # norms init to 1/0: randomise them so a swapped mapping cannot pass
