@@ -140,14 +140,14 @@ def test_readme_sampling_commands(folder, tmp_path):
     import subprocess
     import sys
 
-    from tests.helpers import readme_block
+    from tests.helpers import readme_block, subprocess_env
 
     commands = readme_block("## Text to image")
     assert readme_block("## From Python", "docs/sampling.md") == commands
     assert [c.split()[0] for c in commands] == [".venv/bin/sdjax-txt2img"] * 2 + [".venv/bin/sdjax-img2img"]
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "sketch.png")
-    env = dict(os.environ, HOME=str(tmp_path / "home"))
+    env = subprocess_env(HOME=str(tmp_path / "home"))
     for command in commands:
         args = [str(folder) if a == "CKPT" else a for a in shlex.split(command)]
         args[0] = os.path.join(os.path.dirname(sys.executable), os.path.basename(args[0]))

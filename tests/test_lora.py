@@ -158,8 +158,9 @@ def test_loras_that_do_not_fit_are_refused_by_name(sd, peft_lora, tmp_path):
 
 @pytest.mark.slow
 def test_readme_lora_commands_train_export_and_sample(base, sd, tmp_path):
-    """The README's fine-tuning commands (also docs/lora.md's) through the installed console scripts (the tiny variant of the config,
-    a tiny base, a small image folder): only the adapters train and are checkpointed; two hosts that
+    """The README's fine-tuning commands (also docs/lora.md's) through the installed console scripts (the
+    tiny variant of the config, a tiny base, a small image folder): only the adapters train and are
+    checkpointed; two hosts that
     stop and resume train what one does; the export loads in diffusers, which gives the images sdjax
     gives with it; the sampling command applies it."""
     import shlex
@@ -168,7 +169,6 @@ def test_readme_lora_commands_train_export_and_sample(base, sd, tmp_path):
 
     import orbax.checkpoint as ocp
     from PIL import Image
-
 
     train_cmd, sample_cmd = readme_block("## Fine-tune on your images")
     assert readme_block("Training one: `sd15_finetune` with", "docs/lora.md") == [train_cmd, sample_cmd]
@@ -233,7 +233,7 @@ def test_readme_lora_commands_train_export_and_sample(base, sd, tmp_path):
     assert np.abs(ours - _diffusers_images(base, lora_file, 1.0, noise)).mean() <= 3e-4
 
     args = argv(sample_cmd) + ["--steps", "3", "--H", str(SIZE), "--W", str(SIZE), "--n-samples", "2"]
-    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     png = sorted((tmp_path / "outputs").glob("0*.png"))[0]
     meta = json.loads(png.with_suffix(".json").read_text())
@@ -242,7 +242,7 @@ def test_readme_lora_commands_train_export_and_sample(base, sd, tmp_path):
                                                 seed=meta["seed"])
     assert np.abs(np.asarray(Image.open(png)).astype(int) - want[0]).max() <= 1
     bad = subprocess.run(args[:1] + ["--checkpoint", str(base), "--prompt", "x", "--lora", "nope.safetensors:0.5"],
-                         cwd=tmp_path, capture_output=True, text=True)
+                         cwd=tmp_path, env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "--lora nope.safetensors: no such file" in bad.stderr
 
 

@@ -14,7 +14,8 @@ from safetensors.numpy import load_file
 
 from sdjax.stable_diffusion import StableDiffusion
 from tests import tiny_models
-from tests.helpers import readme_block
+from tests.helpers import readme_block, subprocess_env
+
 
 def _argv(command: str, checkpoint: Path) -> list[str]:
     args = [str(checkpoint) if a == "CKPT" else a for a in shlex.split(command)]
@@ -23,7 +24,7 @@ def _argv(command: str, checkpoint: Path) -> list[str]:
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(args, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
 
 
 def test_readme_inpaint_and_convert_commands(tmp_path):
