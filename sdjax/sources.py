@@ -10,9 +10,10 @@ the compiled generate function runs).
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
-from sdjax import generate, paths, presets
+from sdjax import generate, presets
 from sdjax.checkpoints import load as load_lib
 from sdjax.models.autoencoder import AutoencoderKL
 from sdjax.models.configs import NETWORKS, ModelConfigs, abstract_params
@@ -82,7 +83,7 @@ def read(source: ModelSource) -> Sources:
             vae_config, params["vae"] = load_lib.load_vae(source.autoencoder.path)
             dicts["vae"] = vae_config.to_diffusers_config()
         return Sources(ModelConfigs.from_dicts(dicts), **params)
-    loaded = load_lib.load(paths.check_local(source.pretrained, "pretrained"))
+    loaded = load_lib.load(source.pretrained)
     configs = ModelConfigs.from_dicts(with_overrides(loaded.configs.to_dicts(), source.model))
     return Sources(configs, vae=loaded.params["vae"], text_encoder=loaded.params["text_encoder"],
                    unet=loaded.params["unet"] if source.unet_from_pretrained else None,
@@ -101,9 +102,11 @@ def abstract(source: ModelSource, preset: str | None = None) -> Sources:
 
 
 def generation_networks(configs: ModelConfigs, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                        attention: str = "auto", platform: str = "cpu") -> generate.Networks:
+                        attention: str = "auto", platform: str | None = None) -> generate.Networks:
     """The modules a generation runs: UNet and text encoder in ``dtype``, the autoencoder in f32 (its
-    decoder in half precision is a known NaN source); ``attention`` resolved for ``platform``."""
+    decoder in half precision is a known NaN source); ``attention`` resolved for ``platform`` (None:
+    the default devices')."""
+    platform = platform or jax.devices()[0].platform
     return generate.Networks(
         UNet(configs.unet, dtype=dtype, param_dtype=param_dtype,
              attention=resolve_attention(attention, platform, dtype)),

@@ -40,12 +40,14 @@ BLOCKS = {
 def _blocks() -> set[tuple[str, str]]:
     found = set()
     for page in PAGES:
-        heading = None
+        heading, fenced = None, False
         for line in page.read_text().splitlines():
-            if line.startswith("#"):
+            if line.startswith("```"):
+                if not fenced and line.startswith("```bash"):
+                    found.add((page.name, heading))
+                fenced = not fenced
+            elif line.startswith("#") and not fenced:
                 heading = line
-            elif line.startswith("```bash"):
-                found.add((page.name, heading))
     return found
 
 

@@ -13,22 +13,17 @@ from sdjax.training import latent, latent_step
 from tests.helpers import latent_config
 
 
-@pytest.fixture(scope="module")
-def data_dir(shapes_data_dir):
-    return shapes_data_dir
-
-
-def _one_device_config(data_dir: str, **train):
-    c = latent_config(data_dir)
+def _one_device_config(shapes_data_dir: str, **train):
+    c = latent_config(shapes_data_dir)
     c.mesh.shape = (1, 1)
     c.train.update(train)
     return c
 
 
 @pytest.fixture(scope="module")
-def cached(data_dir, tmp_path_factory):
+def cached(shapes_data_dir, tmp_path_factory):
     """A one-device setup training from cached latents, and its cache."""
-    c = _one_device_config(data_dir, cache_latents=True, latent_cache_dir=str(tmp_path_factory.mktemp("cache")))
+    c = _one_device_config(shapes_data_dir, cache_latents=True, latent_cache_dir=str(tmp_path_factory.mktemp("cache")))
     setup = latent.build(c, str(tmp_path_factory.mktemp("work")), devices=jax.devices()[:1])
     return setup, _all(latent.cached_latents(setup))
 
@@ -59,11 +54,11 @@ def test_cache_holds_each_examples_posterior_and_tokens(cached):
     np.testing.assert_array_equal(arrays["input_ids"], want_ids)
 
 
-def test_cached_posterior_equals_the_images_posterior(cached, data_dir, tmp_path):
+def test_cached_posterior_equals_the_images_posterior(cached, shapes_data_dir, tmp_path):
     """The step differs only in where the posterior comes from (``_posterior``): the same latents
     and the same ``scale_by_std`` scale from images and from their cached moments."""
     setup_c, arrays = cached
-    setup_i = latent.build(_one_device_config(data_dir), str(tmp_path), devices=jax.devices()[:1])
+    setup_i = latent.build(_one_device_config(shapes_data_dir), str(tmp_path), devices=jax.devices()[:1])
     examples = _examples(setup_i, 8)
     images = np.stack([e["image"] for e in examples]).astype(np.float32) / 127.5 - 1.0
     b_img = setup_i.program.device_batch({"image": images, "input_ids": np.asarray(arrays["input_ids"][:8])})
@@ -128,7 +123,7 @@ def test_encoding_writes_chunk_by_chunk_and_resumes(tmp_path, monkeypatch, capsy
     np.testing.assert_array_equal(got["input_ids"][:, 0], np.arange(n))
 
 
-def test_training_iterator_reads_the_cache_and_resumes(cached, data_dir, tmp_path, capsys):
+def test_training_iterator_reads_the_cache_and_resumes(cached, shapes_data_dir, tmp_path, capsys):
     setup, arrays = cached
     it = latent.make_iterator(setup)
     assert "training on 64 cached latents" in capsys.readouterr().out
@@ -148,7 +143,7 @@ def test_training_iterator_reads_the_cache_and_resumes(cached, data_dir, tmp_pat
     state, m = setup.program.step(state, setup.program.device_batch(got), setup.frozen)
     assert np.isfinite(float(m["loss"])) and int(state.step) == 1
 
-    c = _one_device_config(data_dir, cache_latents=True)
+    c = _one_device_config(shapes_data_dir, cache_latents=True)
     c.data.random_flip = True
     with pytest.raises(ValueError, match="random_flip=False"):
         latent.build(c, str(tmp_path / "flip"), devices=jax.devices()[:1])

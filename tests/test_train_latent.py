@@ -37,13 +37,8 @@ STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def data_dir(shapes_data_dir):
-    return shapes_data_dir
-
-
-@pytest.fixture(scope="module")
-def setup8(data_dir, tmp_path_factory):
-    return latent.build(latent_config(data_dir), str(tmp_path_factory.mktemp("w8")))
+def setup8(shapes_data_dir, tmp_path_factory):
+    return latent.build(latent_config(shapes_data_dir), str(tmp_path_factory.mktemp("w8")))
 
 
 def _batches(setup):
@@ -60,18 +55,18 @@ def start(setup8):
     return host, jax.tree.map(np.asarray, latent.init_state(setup8, setup8.program.device_batch(host)))
 
 
-def _build1(data_dir: str, workdir: str, **train):
+def _build1(shapes_data_dir: str, workdir: str, **train):
     """The test config on one device, with ``train`` overrides: options that change no sharding are
     checked here, where each compile and step costs a fraction of the 2 x 4 mesh's."""
-    c = latent_config(data_dir)
+    c = latent_config(shapes_data_dir)
     c.mesh.shape = (1, 1)
     c.train.update(train)
     return latent.build(c, workdir, devices=jax.devices()[:1])
 
 
 @pytest.fixture(scope="module")
-def setup1(data_dir, tmp_path_factory):
-    return _build1(data_dir, str(tmp_path_factory.mktemp("w1")))
+def setup1(shapes_data_dir, tmp_path_factory):
+    return _build1(shapes_data_dir, str(tmp_path_factory.mktemp("w1")))
 
 
 def _first_step(setup, start):
@@ -129,17 +124,17 @@ def test_min_snr_weight_closed_form():
     np.testing.assert_allclose(min_snr_weight(snr, 5.0, "v_prediction"), [0.5 / 1.5, 5 / 6, 5 / 51], rtol=1e-6)
 
 
-def test_config_errors_come_before_compiling(data_dir, tmp_path, monkeypatch):
+def test_config_errors_come_before_compiling(shapes_data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(jax, "jit", lambda *a, **k: pytest.fail("compiled before the config check"))
-    c = latent_config(data_dir)
+    c = latent_config(shapes_data_dir)
     c.mesh.shape = (3, 4)
     with pytest.raises(ValueError, match="has 12 devices but this run has 8"):
         latent.build(c, str(tmp_path))
-    c = latent_config(data_dir)
+    c = latent_config(shapes_data_dir)
     c.train.batch_size = 12
     with pytest.raises(ValueError, match="not divisible by the data-parallel size 8"):
         latent.build(c, str(tmp_path))
-    c = latent_config(data_dir)
+    c = latent_config(shapes_data_dir)
     c.train.dtype = "float64"
     with pytest.raises(ValueError, match="train.dtype"):
         latent.build(c, str(tmp_path))
@@ -179,9 +174,9 @@ def test_loss_falls_and_export_loads(setup1, start, tmp_path):
     np.testing.assert_allclose(ctx[:1], ema_text, rtol=1e-5, atol=1e-6)
 
 
-def test_grad_accum_averages_interleaved_micro_batches(data_dir, start, tmp_path):
+def test_grad_accum_averages_interleaved_micro_batches(shapes_data_dir, start, tmp_path):
     """grad_accum=2 against value_and_grad of each micro-batch (rows 0::2, then 1::2), on one device."""
-    setup = _build1(data_dir, str(tmp_path), grad_accum=2)
+    setup = _build1(shapes_data_dir, str(tmp_path), grad_accum=2)
     host = start[0]
     state0 = start[1].replace(tx=setup.program.shardings.tx)
     state, m = setup.program.step(_put(setup, state0), setup.program.device_batch(host), setup.frozen)
@@ -214,8 +209,8 @@ def _primitive_names(jaxpr):
                     yield from _primitive_names(sub)
 
 
-def test_remat_recomputes_without_changing_the_step(data_dir, setup1, start, step1, tmp_path):
-    setup = _build1(data_dir, str(tmp_path), remat=True)
+def test_remat_recomputes_without_changing_the_step(shapes_data_dir, setup1, start, step1, tmp_path):
+    setup = _build1(shapes_data_dir, str(tmp_path), remat=True)
     host, state0 = start
     args = (_put(setup, state0), setup.program.device_batch(host), setup.frozen)
     # jax.checkpoint's primitive ("remat2" in JAX 0.10, "checkpoint" in older releases).
@@ -239,8 +234,8 @@ def _cosine(a, b):
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def test_bf16_step_keeps_f32_master_weights_and_tracks_f32(data_dir, start, step1, tmp_path):
-    setup = _build1(data_dir, str(tmp_path), dtype="bfloat16")
+def test_bf16_step_keeps_f32_master_weights_and_tracks_f32(shapes_data_dir, start, step1, tmp_path):
+    setup = _build1(shapes_data_dir, str(tmp_path), dtype="bfloat16")
     host, state0 = start
     state, m = setup.program.step(_put(setup, state0), setup.program.device_batch(host), setup.frozen)
     for name in ("params", "ema_params", "opt_state"):
@@ -263,7 +258,7 @@ def test_bf16_step_keeps_f32_master_weights_and_tracks_f32(data_dir, start, step
     assert _cosine(delta(state), delta(want)) > 0.95
 
 
-def test_frozen_pretrained_text_encoder_and_init_from(data_dir, setup1, start, step1, tmp_path):
+def test_frozen_pretrained_text_encoder_and_init_from(shapes_data_dir, setup1, start, step1, tmp_path):
     """text_encoder.pretrained + train.init_from pointing at an export of setup1 after one step."""
     host, state0 = start
     export = str(tmp_path / "export")
@@ -272,7 +267,7 @@ def test_frozen_pretrained_text_encoder_and_init_from(data_dir, setup1, start, s
     exported_unet, exported_text = _flat(sd.params["unet"]), _flat(sd.params["text_encoder"])
     assert any(not np.array_equal(v, _flat(state0.params["unet"])[k]) for k, v in exported_unet.items())
 
-    c = latent_config(data_dir)
+    c = latent_config(shapes_data_dir)
     c.mesh.shape = (1, 1)
     c.text_encoder.pretrained = export
     c.tokenizer.dir = os.path.join(export, "tokenizer")
@@ -385,9 +380,9 @@ def test_two_hosts_each_with_its_own_home_match_one(tmp_path):
         np.testing.assert_array_equal(exported[k], v, err_msg=k)
 
 
-def _train_cmd(data_dir: str, workdir: str, steps: int) -> list[str]:
+def _train_cmd(shapes_data_dir: str, workdir: str, steps: int) -> list[str]:
     return [sys.executable, os.path.join(ROOT, "train", "latent.py"), "--config", "tiny",
-            "--workdir", workdir, f"--config.data.data_dir={data_dir}", "--config.data.num_examples=64",
+            "--workdir", workdir, f"--config.data.data_dir={shapes_data_dir}", "--config.data.num_examples=64",
             "--config.train.batch_size=8", f"--config.train.steps={steps}", "--config.train.checkpoint_every=2",
             "--config.train.sample_every=0", "--config.train.log_every=1", "--config.train.fast_compile=True",
             "--config.train.caption_dropout=0.5"]
@@ -400,12 +395,13 @@ def _final_state(workdir: str, step: int) -> dict:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_is_bitwise_identical(data_dir, tmp_path):
+def test_sigkill_then_resume_is_bitwise_identical(shapes_data_dir, tmp_path):
     steps, cache = 4, str(tmp_path / "cache")  # killed after step 2's checkpoint, resumed for 3 and 4
     killed, straight = str(tmp_path / "killed"), str(tmp_path / "straight")
     # The uninterrupted run goes alongside the one to be killed (a second core), each in its process.
     logs = [open(tmp_path / f"{name}.log", "w") for name in ("killed", "straight")]
-    runs = [subprocess.Popen(_train_cmd(data_dir, w, steps), env=_env(2, cache), stdout=log, stderr=subprocess.STDOUT)
+    runs = [subprocess.Popen(_train_cmd(shapes_data_dir, w, steps), env=_env(2, cache), stdout=log,
+                             stderr=subprocess.STDOUT)
             for w, log in zip((killed, straight), logs)]
     deadline = time.time() + 600
     try:
@@ -415,8 +411,8 @@ def test_sigkill_then_resume_is_bitwise_identical(data_dir, tmp_path):
         runs[0].send_signal(signal.SIGKILL)
         runs[0].wait(timeout=60)
         assert not os.path.isdir(os.path.join(killed, "checkpoints", str(steps)))
-        r = subprocess.run(_train_cmd(data_dir, killed, steps), env=_env(2, cache), capture_output=True, text=True,
-                           timeout=600)
+        r = subprocess.run(_train_cmd(shapes_data_dir, killed, steps), env=_env(2, cache), capture_output=True,
+                           text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         assert runs[1].wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
     finally:

@@ -30,12 +30,12 @@ from sdjax.models.configs import ModelConfigs, text_encoder_inputs, unet_inputs,
 from sdjax.samplers import get_sampler
 from sdjax.tokenizer import load_tokenizer, tokenize
 from sdjax.train_state import RUN_ONCE_COMPILER_OPTIONS, TrainState, make_optimizer
-from sdjax.training import builder, lora, loop
+from sdjax.training import builder, lora, loop, schema
 from sdjax.training.latent_step import LatentStep, posterior, train_step, unet_params
 from sdjax.training.schema import LatentRunConfig
 from sdjax.training.word_tokenizer import write_word_tokenizer
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {name: getattr(jnp, name) for name in schema.DTYPES}  # the names train.dtype takes
 
 
 @dataclasses.dataclass(frozen=True)
