@@ -1,11 +1,13 @@
 """Helpers the tests share: subprocess environments, free ports, layouts, the tiny configs, the
 data and tokenizer folders tests write, the README's and docs' command blocks, event files."""
 
+import io
 import json
 import os
 import re
 import socket
 import struct
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +82,54 @@ def write_image_folder(folder: Path, n: int) -> Path:
     text = "\n".join(json.dumps(line) for line in lines) + "\n{not json\n"
     (folder / "metadata.jsonl").write_text(text)
     return folder
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_webdataset(folder: Path, shards: int, per_shard: int, bad: bool = True) -> list[Path]:
+    """img2dataset-style shards ``00000.tar``...: per sample ``KEY.jpg``/``.png``, ``KEY.txt`` and
+    ``KEY.json`` (original_width/height), images of captioned shapes in three aspect ratios. With
+    ``bad``: shard 0 also holds an undecodable image and a sample without caption, and the last
+    shard is cut inside its last member (truncated)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, k = [], 0
+    for s in range(shards):
+        path = folder / f"{s:05d}.tar"
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for _ in range(per_shard):
+                shape, c, bg = k % 3, k % 6, (k + 1) % 6
+                h, w = ((32, 32), (32, 48), (48, 32))[k % 3]
+                image = np.ascontiguousarray(np.broadcast_to(render_shape(shape, c, bg, 12, 16, 16, 32)[:1, :1],
+                                                             (h, w, 3)))
+                image[h // 2 - 8:h // 2 + 8, w // 2 - 8:w // 2 + 8] = render_shape(shape, c, bg, 8, 8, 8, 16)
+                buf, fmt = io.BytesIO(), ("PNG", "JPEG")[k % 2]
+                Image.fromarray(image).save(buf, format=fmt, quality=95)
+                key = f"{s:05d}{k:04d}"
+                _add_member(tar, f"{key}.{fmt.lower().replace('jpeg', 'jpg')}", buf.getvalue())
+                _add_member(tar, f"{key}.txt", caption(shape, c, bg).encode())
+                _add_member(tar, f"{key}.json", json.dumps({"original_width": w * 10, "original_height": h * 10,
+                                                            "key": key}).encode())
+                k += 1
+            if bad and s == 0:
+                _add_member(tar, "0000099990.jpg", b"\xff\xd8 not a jpeg")
+                _add_member(tar, "0000099990.txt", b"a red circle on a blue background")
+                _add_member(tar, "0000099991.png", _png(render_shape(0, 0, 1, 16, 20, 20, 40)))
+        if bad and s == shards - 1:
+            with tarfile.open(path) as tar:
+                last = tar.getmembers()[-1]
+            path.write_bytes(path.read_bytes()[:last.offset_data + last.size // 2])  # cut inside the last member
+        paths.append(path)
+    return paths
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"

@@ -64,6 +64,7 @@ def _run(phase: str, argv: Sequence[str]) -> None:
         raise app.UsageError(f"--workdir is required.\n{USAGE}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
     from sdjax import sharding
+    from sdjax.training import preemption
     sharding.initialize_distributed()
     config = _CONFIG.value
     if _EXPORT.value:
@@ -75,10 +76,15 @@ def _run(phase: str, argv: Sequence[str]) -> None:
             from sdjax.training import autoencoder as trainer
         else:
             from sdjax.training import latent as trainer
-        trainer.train(config, _WORKDIR.value)
+        try:
+            trainer.train(config, _WORKDIR.value)
+        except preemption.Preempted as e:  # the checkpoint is complete; the same command resumes it
+            print(e, flush=True)
+            raise SystemExit(PREEMPTED_EXIT) from None
 
 
 TRAIN_PACKAGES = ("tensorflow_datasets", "grain", "array_record")
+PREEMPTED_EXIT = 143  # 128 + SIGTERM, as a shell reports a process the signal ended
 
 
 def main(argv: Sequence[str] | None = None, phase: str | None = None) -> None:

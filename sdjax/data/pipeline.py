@@ -25,18 +25,20 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from sdjax import configs, paths
-from sdjax.data import image_folder, shapes
+from sdjax.data import image_folder, shapes, webdataset
 
 SHAPES_NAME = "captioned_shapes"
 IMAGE_FOLDER_NAME = "captioned_images"
+WEBDATASET_NAME = "webdataset"
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """What to read and how to turn it into batches.
 
-    `name` is "captioned_shapes", "captioned_images" or any TFDS dataset name (with
-    optional "/config") already prepared as array_record under `data_dir`.
+    `name` is "captioned_shapes", "captioned_images", "webdataset" (the .tar shards of `files`,
+    read in place: ``sdjax.data.webdataset``) or any TFDS dataset name (with optional "/config")
+    already prepared as array_record under `data_dir`.
     """
 
     name: str = SHAPES_NAME
@@ -64,6 +66,12 @@ class DataConfig:
     # the last `holdout` fraction of `split` (at least one example), which training then skips.
     eval_split: str | None = None
     holdout: float = 0.02
+    # webdataset only: the shards (a brace range, a glob or a comma-separated list; local or gs://),
+    # the caption member's extension, files read at once per host, and the shuffle window in samples.
+    files: str | None = None
+    caption_ext: str = "txt"
+    interleave: int = 4
+    shuffle_buffer: int = 1000
 
     def __post_init__(self):
         for field in ("image_size", "batch_size", "num_threads", "num_examples"):
@@ -77,6 +85,14 @@ class DataConfig:
             raise ValueError("Set both DataConfig.shard_index and shard_count, or neither (one shard per host).")
         if not 0.0 < self.holdout < 1.0:
             raise ValueError(f"DataConfig.holdout must be in (0, 1), got {self.holdout}.")
+        if (self.name == WEBDATASET_NAME) != (self.files is not None):
+            raise ValueError("data.name=webdataset reads the shards of data.files (e.g. --config.data.files="
+                             "'/data/laion/{00000..00099}.tar'); set both, or neither.")
+        if self.name == WEBDATASET_NAME and self.num_epochs is not None:
+            raise ValueError("data.num_epochs: a webdataset stream repeats until train.steps (every host yields a "
+                             "batch at every step); leave num_epochs unset.")
+        if self.interleave < 1 or self.shuffle_buffer < 1:
+            raise ValueError("data.interleave and data.shuffle_buffer must be >= 1.")
         paths.expand_fields(self, "data", ("data_dir", "manual_dir"))
 
     @classmethod
@@ -137,8 +153,11 @@ def prepare(config: DataConfig) -> tfds.core.DatasetBuilder:
     return b
 
 
-def prepare_on_all_hosts(config: DataConfig) -> tfds.core.DatasetBuilder:
+def prepare_on_all_hosts(config: DataConfig) -> "tfds.core.DatasetBuilder | webdataset.Shards":
     """``prepare`` on every host, then a check that all of them read the same data.
+
+    Webdataset shards are read in place: each host lists them (``webdataset.Shards``), nothing is
+    prepared.
 
     Process 0 prepares first; every other host then reuses its copy when it sees it (a shared
     ``data_dir``) or prepares its own byte-identical one (each its own ``~/tensorflow_datasets``),
@@ -147,6 +166,8 @@ def prepare_on_all_hosts(config: DataConfig) -> tfds.core.DatasetBuilder:
     """
     def attempt() -> tuple[tfds.core.DatasetBuilder | None, Exception | None]:
         try:
+            if config.name == WEBDATASET_NAME:
+                return webdataset.Shards.find(config.files), None
             return prepare(config), None
         except Exception as e:  # noqa: BLE001 - re-raised below, once every host knows
             return None, e
@@ -171,7 +192,9 @@ def prepare_on_all_hosts(config: DataConfig) -> tfds.core.DatasetBuilder:
     return b
 
 
-def _describe(b: tfds.core.DatasetBuilder) -> str:
+def _describe(b: "tfds.core.DatasetBuilder | webdataset.Shards") -> str:
+    if isinstance(b, webdataset.Shards):
+        return b.describe()
     splits = ", ".join(f"{k}: {v.num_examples}" for k, v in sorted(b.info.splits.items()))
     return f"{b.info.full_name} ({splits})"
 
@@ -221,10 +244,10 @@ def _resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(new_wh, Image.Resampling.BICUBIC, reducing_gap=None))
 
 
-def preprocess(example: dict, rng: np.random.Generator, config: DataConfig,
-                tokenize: Callable[[str], Sequence[int]] | None) -> dict:
-    """Resizes, crops, flips and scales one image; picks and tokenizes one caption."""
-    image = _resize_shorter_side(_lookup(example, config.image_key), config.image_size)
+def crop_image(image: np.ndarray, rng: np.random.Generator, config: DataConfig) -> tuple[np.ndarray, tuple[int, int]]:
+    """The shorter side resized to ``config.image_size``, a square crop (random or centred), a random
+    flip; f32 in [-1, 1], with the crop's (top, left) in the resized image."""
+    image = _resize_shorter_side(image, config.image_size)
     h, w, s = image.shape[0], image.shape[1], config.image_size
     if config.random_crop:
         top, left = rng.integers(h - s + 1), rng.integers(w - s + 1)
@@ -233,25 +256,46 @@ def preprocess(example: dict, rng: np.random.Generator, config: DataConfig,
     image = image[top:top + s, left:left + s]
     if config.random_flip and rng.random() < 0.5:
         image = image[:, ::-1]
-    text = _lookup(example, config.text_key)
-    if not isinstance(text, (bytes, str)):  # Several captions per image: train on one at random.
-        text = text[rng.integers(len(text))]
-    text = text.decode("utf-8") if isinstance(text, bytes) else text
-    out = {"image": image.astype(np.float32) / 127.5 - 1.0, "text": text}
+    return image.astype(np.float32) / 127.5 - 1.0, (int(top), int(left))
+
+
+def example(image: np.ndarray, text: str, original_size: tuple[int, int], rng: np.random.Generator,
+            config: DataConfig, tokenize: Callable[[str], Sequence[int]] | None) -> dict:
+    """One training example: the cropped image, its caption (and ids), its original (height, width)
+    and the crop's (top, left), as SDXL's micro-conditioning takes them."""
+    pixels, top_left = crop_image(image, rng, config)
+    out = {"image": pixels, "text": text, "original_size": np.asarray(original_size, np.int32),
+           "crop_top_left": np.asarray(top_left, np.int32)}
     if tokenize is not None:
         out["input_ids"] = np.asarray(tokenize(text), np.int32)
-    out.update({k: np.int32(example[k]) for k in config.label_keys})
+    return out
+
+
+def preprocess(row: dict, rng: np.random.Generator, config: DataConfig,
+               tokenize: Callable[[str], Sequence[int]] | None) -> dict:
+    """One TFDS row as a training example (``example``): of several captions, one at random."""
+    image, text = _lookup(row, config.image_key), _lookup(row, config.text_key)
+    if not isinstance(text, (bytes, str)):
+        text = text[rng.integers(len(text))]
+    text = text.decode("utf-8") if isinstance(text, bytes) else text
+    out = example(image, text, image.shape[:2], rng, config, tokenize)
+    out.update({k: np.int32(row[k]) for k in config.label_keys})
     return out
 
 
 def make_dataset(config: DataConfig, tokenize: Callable[[str], Sequence[int]] | None = None,
-                 drop_remainder: bool = True) -> "GlobalBatchIterator":
+                 drop_remainder: bool = True) -> grain.DatasetIterator:
     """This host's batches of `config.split`: shuffled by `config.seed`, with `get_state()/set_state()`.
 
     `tokenize` maps one caption to a fixed-length id sequence (e.g. 77 CLIP ids); the
     batch then carries them as int32 "input_ids" (B, L) next to the raw "text". With
     `drop_remainder=False` a finite pass (`num_epochs`) ends with a smaller last batch.
     """
+    if config.name == WEBDATASET_NAME:
+        host, hosts = config.shard()
+        transform = functools.partial(example, config=config, tokenize=tokenize)
+        return webdataset.WebDatasetIterator(webdataset.expand(config.files), config,
+                                             lambda image, text, size, rng: transform(image, text, size, rng), host, hosts)
     b = builder(config)
     _check_prepared(b, config)
     ds = grain.MapDataset.source(b.as_data_source(split=config.split))

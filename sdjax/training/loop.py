@@ -16,6 +16,7 @@ import jax
 from sdjax import data, metrics, paths
 from sdjax.checkpoints import train as train_ckpt
 from sdjax.train_state import TrainState
+from sdjax.training import preemption
 from sdjax.training.schema import LoopConfig
 
 
@@ -41,7 +42,13 @@ class Task:
 
 def run(task: Task, workdir: str) -> TrainState:
     """Trains until ``task.train.steps`` (resuming from ``workdir``'s latest checkpoint if any),
-    then exports. Metrics go to ``workdir`` (process 0 writes)."""
+    then exports. Metrics go to ``workdir`` (process 0 writes). A SIGTERM on any host saves a step
+    every host agrees on and raises ``preemption.Preempted`` (re-running the command resumes there)."""
+    with preemption.Watch() as watch:
+        return _run(task, workdir, watch)
+
+
+def _run(task: Task, workdir: str, watch: preemption.Watch) -> TrainState:
     tc = task.train
     manager = train_ckpt.make_manager(workdir, tc.max_to_keep)
     state = train_ckpt.restore_latest(manager, task.restore_target, {"data": data.iterator_restore_args(task.iterator)})
@@ -70,8 +77,14 @@ def run(task: Task, workdir: str) -> TrainState:
         for hook in task.hooks:
             if hook.every and (step % hook.every == 0 or last):
                 hook.run(step, state, writer)
-        if step % tc.checkpoint_every == 0 or last:
-            train_ckpt.save(manager, state, {"data": data.iterator_save_args(task.iterator)}, force=last)
+        preempted = watch.reached(step) and not last
+        if step % tc.checkpoint_every == 0 or last or preempted:
+            train_ckpt.save(manager, state, {"data": data.iterator_save_args(task.iterator)}, force=last or preempted)
+        if preempted:
+            manager.wait_until_finished()
+            manager.close()
+            writer.close()
+            raise preemption.Preempted(step)
     manager.wait_until_finished()
     manager.close()
     writer.close()

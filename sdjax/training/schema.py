@@ -256,6 +256,12 @@ class LatentRunConfig:
             if self.model.model.get("unet") and self.model.unet_from_pretrained:
                 raise ValueError("model.unet is set, but the UNet comes from pretrained: set unet_from_pretrained=False "
                                  "to train model.unet from scratch, or unset model.unet.")
+        if self.train.cache_latents and self.data.name == "webdataset":
+            raise ValueError("train.cache_latents encodes a dataset read by index; webdataset shards are a stream. "
+                             "Train on the shards directly (cache_latents=False).")
+        if self.tokenizer.from_captions and self.data.name == "webdataset":
+            raise ValueError("tokenizer.from_captions reads every caption before training, which a webdataset stream "
+                             "does not: set tokenizer.dir (a CLIP tokenizer folder) or tokenizer.words.")
         if self.train.cache_latents and (self.data.random_crop or self.data.random_flip):
             raise ValueError("train.cache_latents encodes each image once, so random crops and flips would be frozen "
                              "into the cache: set data.random_crop=False and data.random_flip=False, or turn caching "
@@ -285,6 +291,11 @@ class AutoencoderRunConfig:
     discriminator: DiscriminatorConfig
     loss: LossConfig
     mesh: MeshConfig
+
+    def __post_init__(self):
+        if self.data.name == "webdataset":
+            raise ValueError("The autoencoder phase evaluates on a held-out split, which webdataset shards do not "
+                             "have: train it on an image folder or a TFDS dataset (data.name).")
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "AutoencoderRunConfig":
