@@ -17,6 +17,8 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
+from sdjax import paths
+
 
 def _crc32c_table() -> list[int]:
     table = []
@@ -89,7 +91,8 @@ class EventFileWriter:
     def __init__(self, logdir: str):
         os.makedirs(logdir, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-        self._f = open(os.path.join(logdir, name), "ab")
+        self.path = os.path.join(logdir, name)
+        self._f = open(self.path, "ab")
         self._write(_event(0, time.time(), file_version="brain.Event:2"))
 
     def _write(self, data: bytes) -> None:
@@ -117,14 +120,33 @@ class MetricsWriter:
     """Scalars to ``workdir/tb`` and ``workdir/metrics.jsonl``, images to ``workdir/samples``, and
     a console line ``step 120/1000 | loss 0.1234 | 3.2 steps/s | ETA 0:04:35``.
 
-    ``enabled=False`` (non-zero processes) turns every call into a no-op.
+    ``enabled=False`` (non-zero processes) turns every call into a no-op. A ``gs://`` workdir is
+    written through a local mirror (``paths.mirror``) uploaded at most every ``UPLOAD_EVERY`` seconds
+    and on ``close``; an earlier run's metrics.jsonl is fetched first and continued.
     """
+
+    UPLOAD_EVERY = 60.0
 
     def __init__(self, workdir: str, total_steps: int, enabled: bool = True, stream=sys.stdout):
         self.total_steps, self.enabled, self.stream = total_steps, enabled, stream
-        self.workdir = workdir
-        self._tb = EventFileWriter(os.path.join(workdir, "tb")) if enabled else None
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if enabled else None
+        self.remote = workdir if paths.is_remote(workdir) else None
+        self.workdir = paths.mirror(workdir) if self.remote else workdir
+        self._tb = self._jsonl = None
+        self._written: set[str] = set()
+        self._uploaded = time.monotonic()
+        if not enabled:
+            return
+        if self.remote and paths.exists(f"{self.remote}/metrics.jsonl"):
+            paths.readable(f"{self.remote}/metrics.jsonl", "metrics")  # into the mirror, to append to
+        self._tb = EventFileWriter(os.path.join(self.workdir, "tb"))
+        self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a")
+        self._written |= {self._tb.path, self._jsonl.name}
+
+    def _upload(self, force: bool = False) -> None:
+        if self.remote and (force or time.monotonic() - self._uploaded > self.UPLOAD_EVERY):
+            for local in sorted(self._written):
+                paths.upload(local, f"{self.remote}/{os.path.relpath(local, self.workdir)}")
+            self._uploaded = time.monotonic()
 
     def scalars(self, step: int, values: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -133,6 +155,7 @@ class MetricsWriter:
         self._tb.scalars(step, values)
         self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self._jsonl.flush()
+        self._upload()
 
     def progress(self, step: int, loss: float, steps_per_sec: float) -> None:
         if not self.enabled:
@@ -150,9 +173,12 @@ class MetricsWriter:
         path = os.path.join(self.workdir, "samples", f"{tag}_{step:07d}.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         Image.fromarray(image_HWC).save(path)
+        self._written.add(path)
+        self._upload(force=True)
         return path
 
     def close(self) -> None:
         if self.enabled:
             self._tb.close()
             self._jsonl.close()
+            self._upload(force=True)

@@ -1,11 +1,14 @@
 """CLIP tokenizer: prompts -> fixed-length (77) token ids for the text encoder."""
 
+import os
 import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from transformers import CLIPTokenizer
+
+from sdjax import paths
 
 MAX_LENGTH = 77
 _FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
@@ -25,7 +28,7 @@ def load_tokenizer(path: str | Path) -> CLIPTokenizer:
     The folder's ``tokenizer_config.json``, if any, sets the pad token (SD 1 pads with
     ``<|endoftext|>``, SD 2 with ``!``); the maximum length is always 77.
     """
-    path = Path(path)
+    path = Path(paths.readable(os.fspath(path), "tokenizer"))
     folder = _tokenizer_dir(path)
     if folder is None:
         raise FileNotFoundError(

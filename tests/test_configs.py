@@ -105,8 +105,8 @@ def test_bad_input_stops_before_compiling(tmp_path):
     c.pretrained = str(tmp_path / "notsd")
     with pytest.raises(ValueError, match="not a checkpoint sdjax can read"):
         latent.build(c, str(tmp_path), devices=jax.devices()[:1])
-    c.pretrained = "gs://bucket/sd15"
-    with pytest.raises(ValueError, match="local paths only"):
+    c.pretrained = "s3://bucket/sd15"
+    with pytest.raises(ValueError, match="local paths and gs:// only"):
         latent.build(c, str(tmp_path), devices=jax.devices()[:1])
     folder = tiny_models.save_pipeline(tmp_path / "sd1", "sd1", seed=0)
     c = configs.load("sd15_finetune:tiny")

@@ -169,8 +169,11 @@ def test_config_section_is_every_field_and_typed():
     section.bogus = 1
     with pytest.raises(ValueError, match="data.bogus is not a data setting; valid keys: .*manual_dir"):
         data.DataConfig.from_config(section, batch_size=4)
-    with pytest.raises(ValueError, match="gs://b/d: sdjax reads and writes local paths only"):
+    with pytest.raises(ValueError, match="data_dir=gs://b/d must be a local path: for data in a bucket, use "
+                                         "data.name=webdataset"):
         data.DataConfig(data_dir="gs://b/d")
+    with pytest.raises(ValueError, match="s3://b/d: sdjax reads and writes local paths and gs:// only"):
+        data.DataConfig(manual_dir="s3://b/d")
 
 
 def test_iterator_state_resumes_at_the_same_batch(shapes_config):

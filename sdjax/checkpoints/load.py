@@ -40,7 +40,7 @@ class Loaded:
 
 def detect_format(path: str) -> str:
     """"sdjax", "diffusers" or "single_file"; raises with the supported formats otherwise."""
-    paths.check_local(path, "checkpoint")
+    path = paths.readable(path, "checkpoint")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or directory. Expected {SUPPORTED_FORMATS}.")
     if os.path.isdir(path) and sdjax_format.is_sdjax_dir(path):
@@ -67,7 +67,7 @@ def load(path: str, *, param_dtype: Any = jnp.float32, prediction_type: str | No
          single_file_options: dict[str, Any] | None = None) -> Loaded:
     """Reads a diffusers folder, a single-file SD checkpoint, or an sdjax export (see
     ``StableDiffusion.from_pretrained`` for the options)."""
-    path = paths.check_local(os.fspath(path), "checkpoint")
+    path = paths.readable(path, "checkpoint")
     fmt = detect_format(path)
     tokenizer_dir = os.path.join(path, "tokenizer")
     if fmt == "sdjax":
@@ -99,7 +99,7 @@ def load(path: str, *, param_dtype: Any = jnp.float32, prediction_type: str | No
 def load_vae(path: str) -> tuple[AutoencoderConfig, Any]:
     """(config, params) of the autoencoder in ``path``: an autoencoder export (phase 1's) or any
     whole Stable Diffusion checkpoint ``load`` reads."""
-    path = paths.check_local(os.fspath(path), "autoencoder")
+    path = paths.readable(path, "autoencoder")
     if os.path.isdir(path) and sdjax_format.is_vae_dir(path):
         return sdjax_format.read_vae(path)
     if os.path.isdir(path) and diffusers_folder.is_vae_folder(path):

@@ -57,7 +57,7 @@ class Adapter:
 
 
 def _lora_file(path: str) -> str:
-    path = paths.check_local(os.path.expanduser(os.fspath(path)), "LoRA")
+    path = paths.readable(path, "LoRA")
     if os.path.isdir(path):
         path = os.path.join(path, WEIGHT_NAME)
     if not os.path.isfile(path):
@@ -183,7 +183,7 @@ def save(folder: str, adapters: list[Adapter], layout: str = "peft") -> str:
             packed.update({f"{network}.r": mine[0].rank, f"{network}.lora_alpha": mine[0].alpha,
                            f"{network}.target_modules": sorted({a.module for a in mine})})
         metadata[METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True)
-    path = os.path.join(paths.check_local(os.fspath(folder), "LoRA export"), WEIGHT_NAME)
+    path = os.path.join(paths.check(folder, "LoRA export"), WEIGHT_NAME)
     with atomic.file(path) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
     return path

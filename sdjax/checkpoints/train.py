@@ -11,6 +11,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from sdjax import paths
 from sdjax.checkpoints.errors import CheckpointError
 from sdjax.train_state import TrainState
 
@@ -21,7 +22,8 @@ def make_manager(workdir: str, max_to_keep: int = 3, async_save: bool = True) ->
     """The run's checkpoint manager over ``workdir/checkpoints``."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            create=True)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+    root = workdir if paths.is_remote(workdir) else os.path.abspath(workdir)
+    return ocp.CheckpointManager(f"{root}/checkpoints", options=options)
 
 
 def _state_items(state: TrainState) -> dict[str, Any]:

@@ -9,6 +9,7 @@ The CompVis script spellings (``--ckpt``, ``--ddim_steps``, ``--n_samples``, ``-
 """
 
 import argparse
+import io
 import json
 import math
 import os
@@ -17,9 +18,10 @@ import time
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
-from sdjax import images as images_lib
+from sdjax import images as images_lib, paths
 from sdjax.cli.errors import user_errors
 from sdjax.samplers import SAMPLERS
 
@@ -177,34 +179,40 @@ def safe_name(prompt: str, limit: int = 60) -> str:
 
 
 class OutputWriter:
-    """Numbered PNGs with JSON sidecars; picks indices past what is already in the folder."""
+    """Numbered PNGs with JSON sidecars in a local or ``gs://`` folder; picks indices past what is
+    already there."""
 
     def __init__(self, folder: str):
-        self.folder = folder
-        os.makedirs(folder, exist_ok=True)
-        taken = [int(m.group(1)) for f in os.listdir(folder) if (m := re.match(r"(\d{5})-", f))]
+        self.folder = epath.Path(paths.check(folder, "--out"))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        names = [p.name for p in self.folder.iterdir()] if self.folder.exists() else []
+        taken = [int(m.group(1)) for f in names if (m := re.match(r"(\d{5})-", f))]
         self.next = max(taken, default=-1) + 1
-        grids = [int(m.group(1)) for f in os.listdir(folder) if (m := re.match(r"grid-(\d{4})\.png$", f))]
+        grids = [int(m.group(1)) for f in names if (m := re.match(r"grid-(\d{4})\.png$", f))]
         self.grid_index = max(grids, default=-1) + 1
 
-    def _free(self, stem: str) -> str:
-        path = os.path.join(self.folder, stem)
-        if os.path.exists(path + ".png") or os.path.exists(path + ".json"):
+    def _free(self, stem: str) -> epath.Path:
+        path = self.folder / stem
+        if path.with_suffix(".png").exists() or path.with_suffix(".json").exists():
             raise FileExistsError(f"{path}.png exists; refusing to overwrite.")
         return path
+
+    @staticmethod
+    def _png(path: epath.Path, image: np.ndarray) -> str:
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        path.with_suffix(".png").write_bytes(buf.getvalue())
+        return os.fspath(path) + ".png"
 
     def write(self, image: np.ndarray, meta: dict) -> str:
         path = self._free(f"{self.next:05d}-{safe_name(meta['prompt'])}")
         self.next += 1
-        Image.fromarray(image).save(path + ".png")
-        with open(path + ".json", "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-        return path + ".png"
+        out = self._png(path, image)
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        return out
 
     def write_grid(self, grid: np.ndarray) -> str:
-        path = self._free(f"grid-{self.grid_index:04d}")
-        Image.fromarray(grid).save(path + ".png")
-        return path + ".png"
+        return self._png(self._free(f"grid-{self.grid_index:04d}"), grid)
 
 
 class Grid:

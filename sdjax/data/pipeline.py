@@ -93,7 +93,8 @@ class DataConfig:
                              "batch at every step); leave num_epochs unset.")
         if self.interleave < 1 or self.shuffle_buffer < 1:
             raise ValueError("data.interleave and data.shuffle_buffer must be >= 1.")
-        paths.expand_fields(self, "data", ("data_dir", "manual_dir"))
+        bucket = "for data in a bucket, use data.name=webdataset with data.files=gs://..."
+        paths.expand_fields(self, "data", ("data_dir", "manual_dir"), local={"data_dir": bucket, "manual_dir": bucket})
 
     @classmethod
     def from_config(cls, section: ml_collections.ConfigDict, batch_size: int, **overrides) -> "DataConfig":

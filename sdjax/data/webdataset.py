@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -52,10 +53,14 @@ def expand(pattern: str) -> list[str]:
     """The sorted files of ``pattern``: a comma-separated list whose entries are brace ranges
     (``/data/{00000..00099}.tar``), globs (``/data/*.tar``) or plain paths, local or ``gs://``."""
     files = []
-    for entry in (p.strip() for p in pattern.split(",")):
+    for entry in (p.strip() for p in re.split(r",(?![^{]*})", pattern)):  # commas outside braces
         if not entry:
             continue
-        for path in braceexpand.braceexpand(entry):
+        try:
+            expanded = list(braceexpand.braceexpand(entry))
+        except braceexpand.UnbalancedBracesError as e:
+            raise ValueError(f"data.files: {e}") from e
+        for path in expanded:
             path = path if _is_remote(path) else os.path.expanduser(path)
             if glob.has_magic(path):
                 matches = _glob(path)

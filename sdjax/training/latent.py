@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sdjax import generate, images as images_lib, sharding, sources as sources_lib
+from sdjax import generate, images as images_lib, paths, sharding, sources as sources_lib
 from sdjax.checkpoints import export as export_lib, load as load_lib, lora as lora_files
 from sdjax.data import latent_cache, make_dataset, prepare_on_all_hosts
 from sdjax.diffusion.schedule import alphas_cumprod
@@ -68,7 +68,12 @@ class LatentRun:
 
     @property
     def latent_cache_dir(self) -> str:
-        return self.config.train.latent_cache_dir or os.path.join(self.workdir, "latent_cache")
+        if self.config.train.latent_cache_dir:
+            return self.config.train.latent_cache_dir
+        if paths.is_remote(self.workdir):
+            raise ValueError(f"train.cache_latents: the cache is read memory-mapped from a local disk, and the "
+                             f"workdir {self.workdir} is in a bucket; set train.latent_cache_dir to a local folder.")
+        return os.path.join(self.workdir, "latent_cache")
 
 
 # ---- building a run ------------------------------------------------------------------------------
@@ -108,6 +113,12 @@ def _tokenizer_dir(config: LatentRunConfig, workdir: str, dataset: Any, pretrain
     else:
         raise ValueError("Set tokenizer.dir (a CLIP tokenizer folder), tokenizer.words (a word list for a text "
                          "encoder trained from scratch) or tokenizer.from_captions=True (the training captions' words).")
+    if paths.is_remote(workdir):  # every host writes the same files locally; host 0 keeps a copy in the bucket
+        folder = os.path.join(paths.mirror(workdir), "tokenizer")
+        write_word_tokenizer(folder, words)
+        if jax.process_index() == 0:
+            paths.upload(folder, f"{workdir}/tokenizer")
+        return folder
     folder = os.path.join(workdir, "tokenizer")
     if jax.process_index() == 0:
         write_word_tokenizer(folder, words)
@@ -351,7 +362,7 @@ def export(run: LatentRun, state: TrainState, path: str) -> None:
     if run.step.lora_targets:
         adapters = jax.tree.map(np.asarray, multihost_utils.process_allgather(_trained(state)["unet_lora"], tiled=True))
         if jax.process_index() == 0:
-            os.makedirs(path, exist_ok=True)
+            paths.makedirs(path)
             lora_files.save(path, lora.trained_adapters(adapters, run.step.lora_targets, run.config.lora.export_alpha),
                             run.config.lora.layout)
         multihost_utils.sync_global_devices("sdjax LoRA export written")

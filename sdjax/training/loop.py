@@ -7,7 +7,6 @@ and data position together), so re-running the same command continues an interru
 """
 
 import dataclasses
-import os
 import time
 from typing import Any, Callable, Iterator
 
@@ -95,6 +94,6 @@ def _run(task: Task, workdir: str, watch: preemption.Watch) -> TrainState:
 
 def train(build_task: Callable[[Any, str], Task], config: Any, workdir: str) -> TrainState:
     """Creates ``workdir``, builds the phase's task from ``config`` and runs it."""
-    workdir = paths.check_local(workdir, "--workdir")
-    os.makedirs(workdir, exist_ok=True)
+    workdir = paths.check(workdir, "--workdir")
+    paths.makedirs(workdir)
     return run(build_task(config, workdir), workdir)

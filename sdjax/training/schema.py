@@ -77,7 +77,8 @@ class LatentTrainConfig(LoopConfig):
             raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}.")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}.")
-        paths.expand_fields(self, "train", ("latent_cache_dir", "init_from"))
+        paths.expand_fields(self, "train", ("latent_cache_dir", "init_from"),
+                            local={"latent_cache_dir": "the cache is read memory-mapped from a local disk"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +209,7 @@ class LossConfig:
         for name in ("kl_weight", "disc_weight", "disc_factor", "perceptual_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}.")
-        paths.expand_fields(self, "loss", ("lpips_path",))
+        paths.expand_fields(self, "loss", ("lpips_path",), local={"lpips_path": "copy the weights to this host"})
         if self.lpips_path is not None and not os.path.isfile(self.lpips_path):
             raise FileNotFoundError(f"loss.lpips_path={self.lpips_path}: no such file. Write it with "
                                     "`python -m sdjax.tools.convert_lpips`, or unset it to train without LPIPS.")
