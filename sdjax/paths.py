@@ -8,6 +8,7 @@ service account); with ``STORAGE_EMULATOR_HOST=http://HOST:PORT`` set, every gs:
 that emulator instead, without credentials, as Google's own clients do.
 """
 
+import glob as glob_lib
 import os
 import re
 import shutil
@@ -16,11 +17,12 @@ import tempfile
 GCS = "gs://"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
-if os.environ.get("STORAGE_EMULATOR_HOST"):
-    # Orbax writes arrays through TensorStore, which reads its own variable; gcsfs's bucket-type probe
-    # is an API the emulator lacks.
-    os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", os.environ["STORAGE_EMULATOR_HOST"])
-    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+def _use_emulator() -> None:
+    """Points TensorStore (Orbax's array writer, which reads its own variable) at the emulator that
+    ``STORAGE_EMULATOR_HOST`` names, and turns off gcsfs's bucket-type probe (an API emulators lack)."""
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        os.environ["TENSORSTORE_GCS_HTTP_URL"] = os.environ["STORAGE_EMULATOR_HOST"]
+        os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 
 def is_remote(path: str) -> bool:
@@ -32,6 +34,7 @@ def check(path: str, what: str) -> str:
     path as it is; any other URL (s3://, http://, ...) refused with a clear error."""
     path = os.fspath(path)
     if is_remote(path):
+        _use_emulator()
         if len(path) <= len(GCS) or path[len(GCS)] == "/":
             raise ValueError(f"{what}={path}: a Cloud Storage path is gs://BUCKET/PATH.")
         return path.rstrip("/")
@@ -62,6 +65,7 @@ def expand_fields(obj, section: str, names: tuple[str, ...], local: dict[str, st
 
 
 def _fs():
+    _use_emulator()
     import gcsfs  # noqa: F401 - registers the gs protocol's implementation
     import fsspec
 
@@ -77,6 +81,13 @@ def makedirs(path: str) -> None:
     """A local folder and its parents (a bucket has no folders to make)."""
     if not is_remote(path):
         os.makedirs(path, exist_ok=True)
+
+
+def glob(pattern: str) -> list[str]:
+    """The sorted local or ``gs://`` paths matching ``pattern``."""
+    if is_remote(pattern):
+        return sorted(GCS + p for p in _fs().glob(pattern))
+    return sorted(glob_lib.glob(pattern))
 
 
 def _cache_root() -> str:
@@ -104,20 +115,32 @@ def readable(path: str, what: str) -> str:
                       "host's credentials may read the bucket.") from e
     local = mirror(path)
     if info["type"] == "file":
-        _fetch(fs, path, local, int(info["size"]))
+        _fetch(fs, path, local, info)
         return local
     for remote, meta in fs.find(path, detail=True).items():
-        _fetch(fs, GCS + remote, os.path.join(local, os.path.relpath(remote, path[len(GCS):])), int(meta["size"]))
+        _fetch(fs, GCS + remote, os.path.join(local, os.path.relpath(remote, path[len(GCS):])), meta)
     return local
 
 
-def _fetch(fs, remote: str, local: str, size: int) -> None:
-    if os.path.isfile(local) and os.path.getsize(local) == size:
-        return
+def _version(info: dict) -> str:
+    """What identifies an object's content: its generation (a new one on every write) and checksum."""
+    return f"{info.get('generation')}:{info.get('crc32c') or info.get('md5Hash')}:{info.get('size')}"
+
+
+def _fetch(fs, remote: str, local: str, info: dict) -> None:
+    """``remote`` to ``local`` unless the copy there is of the same object version (a sidecar records it)."""
+    stamp = os.path.join(_cache_root() + "-versions", os.path.relpath(local, _cache_root()))
+    if os.path.isfile(local) and os.path.isfile(stamp):
+        with open(stamp) as f:
+            if f.read() == _version(info):
+                return
     os.makedirs(os.path.dirname(local), exist_ok=True)
     tmp = f"{local}.partial-{os.getpid()}"
-    fs.get(remote, tmp)
+    fs.get_file(remote, tmp)
     os.replace(tmp, local)
+    os.makedirs(os.path.dirname(stamp), exist_ok=True)
+    with open(stamp, "w") as f:
+        f.write(_version(info))
 
 
 def upload(local: str, path: str, last: tuple[str, ...] = ()) -> None:

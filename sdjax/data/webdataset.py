@@ -28,25 +28,14 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import braceexpand
-import fsspec
 import grain
 import numpy as np
 from etils import epath
 from PIL import Image
 
+from sdjax import paths
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-_URL = ("gs://",)
-
-
-def _is_remote(path: str) -> bool:
-    return path.startswith(_URL)
-
-
-def _glob(pattern: str) -> list[str]:
-    if _is_remote(pattern):
-        fs, _ = fsspec.core.url_to_fs(pattern)
-        return sorted(f"gs://{p}" for p in fs.glob(pattern))
-    return sorted(glob.glob(pattern))
 
 
 def expand(pattern: str) -> list[str]:
@@ -61,9 +50,9 @@ def expand(pattern: str) -> list[str]:
         except braceexpand.UnbalancedBracesError as e:
             raise ValueError(f"data.files: {e}") from e
         for path in expanded:
-            path = path if _is_remote(path) else os.path.expanduser(path)
+            path = paths.check(path, "data.files")
             if glob.has_magic(path):
-                matches = _glob(path)
+                matches = paths.glob(path)
                 if not matches:
                     raise FileNotFoundError(f"data.files: {path} matches no file.")
                 files.extend(matches)

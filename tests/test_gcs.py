@@ -1,0 +1,53 @@
+"""Cloud Storage paths against an emulator (fake-gcs-server on localhost, ``conftest.gcs``)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from helpers import write_webdataset
+from sdjax import data, paths
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDJAX_CACHE", str(tmp_path / "cache"))
+
+
+def test_files_and_folders_round_trip_and_a_new_version_is_fetched_again(gcs, tmp_path):
+    bucket = gcs.bucket("roundtrip")
+    folder = tmp_path / "model"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"a": 1}))
+    (folder / "sub" / "w.bin").write_bytes(b"\x00" * 1000)
+    paths.upload(str(folder), f"{bucket}/m", last=("model_index.json",))
+    local = paths.readable(f"{bucket}/m", "checkpoint")
+    assert json.loads(open(f"{local}/model_index.json").read()) == {"a": 1}
+    assert open(f"{local}/sub/w.bin", "rb").read() == b"\x00" * 1000
+    # Same size, new content: the copy is refreshed (the object's generation changed).
+    (folder / "sub" / "w.bin").write_bytes(b"\x01" * 1000)
+    paths.upload(str(folder), f"{bucket}/m")
+    assert open(f"{paths.readable(f'{bucket}/m', 'checkpoint')}/sub/w.bin", "rb").read() == b"\x01" * 1000
+    assert paths.glob(f"{bucket}/m/*.json") == [f"{bucket}/m/model_index.json"]
+    with pytest.raises(FileNotFoundError, match="gs://roundtrip/nothing: no such object or folder"):
+        paths.readable(f"{bucket}/nothing", "checkpoint")
+    with pytest.raises(ValueError, match="s3://x/y: sdjax reads and writes local paths and gs:// only"):
+        paths.check("s3://x/y", "--workdir")
+
+
+def test_webdataset_shards_in_a_bucket_read_like_local_ones(gcs, tmp_path):
+    bucket = gcs.bucket("shards")
+    local = write_webdataset(tmp_path / "wds", 3, 4, bad=False)
+    for p in local:
+        paths.upload(str(p), f"{bucket}/laion/{p.name}")
+    common = dict(name="webdataset", image_size=16, batch_size=4, shuffle_buffer=3, interleave=2, shard_index=0,
+                  shard_count=1)
+    want = data.make_dataset(data.DataConfig(files=f"{tmp_path}/wds/{{00000..00002}}.tar", **common))
+    got = data.make_dataset(data.DataConfig(files=f"{bucket}/laion/{{00000..00002}}.tar", **common))
+    for _ in range(4):
+        a, b = next(want), next(got)
+        np.testing.assert_array_equal(a["image"], b["image"])
+        assert list(a["text"]) == list(b["text"])
+    assert [s.split("/")[-1] for s in data.webdataset.expand(f"{bucket}/laion/*.tar")] == [p.name for p in local]
+    with pytest.raises(FileNotFoundError, match="1 of 4 shards are missing, e.g. gs://shards/laion/00003.tar"):
+        data.webdataset.Shards.find(f"{bucket}/laion/{{00000..00003}}.tar")
