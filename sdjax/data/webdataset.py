@@ -317,15 +317,18 @@ class WebDatasetIterator(grain.DatasetIterator):
         self._files, self._config, self._transform = list(files), config, transform
         self._host, self._hosts = host, hosts
         self.skipped: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self._logged: set[tuple[str, str]] = set()
         self._pool = concurrent.futures.ThreadPoolExecutor(max(config.num_threads, 1))
         self._examples = 0  # samples decoded so far: keys each example's preprocessing rng
         self._stream: SampleStream | None = None
         self._state = StreamState()
 
     def _on_skip(self, path: str, key: str, reason: str):
+        """Counts a skipped sample; logs it the first time (later epochs meet it again)."""
         self.skipped[path][reason.split(" (")[0]] += 1
-        print(f"webdataset: skipped {os.path.basename(path)}:{key}: {reason} "
-              f"({sum(self.skipped[path].values())} skipped in this shard)", flush=True)
+        if (path, key) not in self._logged:
+            self._logged.add((path, key))
+            print(f"webdataset: skipped {os.path.basename(path)}:{key}: {reason}", flush=True)
 
     @property
     def stream(self) -> SampleStream:

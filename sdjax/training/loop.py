@@ -80,10 +80,12 @@ def _run(task: Task, workdir: str, watch: preemption.Watch) -> TrainState:
         if step % tc.checkpoint_every == 0 or last or preempted:
             train_ckpt.save(manager, state, {"data": data.iterator_save_args(task.iterator)}, force=last or preempted)
         if preempted:
+            task.iterator.close()
             manager.wait_until_finished()
             manager.close()
             writer.close()
             raise preemption.Preempted(step)
+    task.iterator.close()
     manager.wait_until_finished()
     manager.close()
     writer.close()

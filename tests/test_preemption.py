@@ -1,0 +1,149 @@
+"""Preemption and crashes on a pod's road: webdataset shards and the workdir in a bucket (the
+Cloud Storage emulator), SIGKILL and SIGTERM mid-run, and the resumed run equal bit for bit to an
+uninterrupted one, on one process and on two."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from sdjax import paths
+from sdjax.cli.train import PREEMPTED_EXIT
+from sdjax.stable_diffusion import StableDiffusion
+from tests.helpers import ROOT, free_port, subprocess_env, write_webdataset
+
+
+def _shards(gcs, tmp_path, bucket: str, count: int) -> str:
+    """``count`` shards (the first with bad samples, the last truncated) uploaded to a new bucket."""
+    root = gcs.bucket(bucket)
+    for p in write_webdataset(tmp_path / "wds", count, 8):
+        paths.upload(str(p), f"{root}/laion/{p.name}")
+    return root
+
+
+def _cmd(root: str, run: str, steps: int, shards: int, *extra: str) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, "train", "latent.py"), "--config", "tiny",
+            "--workdir", f"{root}/{run}", "--export", f"{root}/{run}/export", "--config.data.name=webdataset",
+            f"--config.data.files={root}/laion/{{00000..{shards - 1:05d}}}.tar", "--config.data.shuffle_buffer=8",
+            f"--config.train.steps={steps}", "--config.train.checkpoint_every=4", "--config.train.sample_every=0",
+            "--config.train.log_every=1", "--config.train.fast_compile=True", "--config.train.caption_dropout=0.5",
+            *extra]
+
+
+def _env(gcs, tmp_path, devices: int, **extra: str) -> dict[str, str]:
+    return subprocess_env(devices, PYTHONPATH=str(ROOT), SDJAX_CACHE=str(tmp_path / "cache"), **gcs.env, **extra)
+
+
+def _wait_for(log_path, pattern: str, procs, timeout: float = 600) -> re.Match:
+    deadline = time.time() + timeout
+    while True:
+        text = log_path.read_text() if log_path.exists() else ""
+        if m := re.search(pattern, text):
+            return m
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, f"no {pattern!r}:\n{text[-3000:]}"
+        time.sleep(0.05)
+
+
+def _final_state(root: str, run: str, step: int) -> dict:
+    """Every saved array of a run's state (params, EMA, optimizer, step, RNG) as host arrays, whatever
+    devices and processes wrote it."""
+    path, ckptr = f"{root}/{run}/checkpoints/{step}/state", ocp.PyTreeCheckpointer()
+    tree = ckptr.metadata(path).item_metadata.tree
+    restored = ckptr.restore(path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+
+
+def _assert_same_run(root: str, got: str, want: str, steps: int) -> None:
+    a, b = _final_state(root, got, steps), _final_state(root, want, steps)
+    assert a.keys() == b.keys()
+    for k in b:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    exported = [StableDiffusion.from_pretrained(f"{root}/{run}/export").params for run in (got, want)]
+    for (k, x), y in zip(jax.tree_util.tree_flatten_with_path(exported[0])[0], jax.tree.leaves(exported[1])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(k))
+
+
+@pytest.mark.slow
+def test_one_process_killed_then_preempted_in_a_bucket_resumes_bitwise(gcs, tmp_path, monkeypatch):
+    """SIGKILL (a crash) and then SIGTERM (a preemption) to one process training from shards in a
+    bucket with its workdir there: after each, the same command resumes; the end equals an
+    uninterrupted run's state and export bit for bit."""
+    monkeypatch.setenv("SDJAX_CACHE", str(tmp_path / "cache"))
+    root, steps = _shards(gcs, tmp_path, "one", 3), 16
+    env = _env(gcs, tmp_path, 2)
+    logs = {name: tmp_path / f"{name}.log" for name in ("straight", "killed", "preempted", "finished")}
+
+    def start(run: str, log: str) -> subprocess.Popen:
+        with open(logs[log], "w") as f:
+            return subprocess.Popen(_cmd(root, run, steps, 3, "--config.train.batch_size=4"), env=env, stdout=f,
+                                    stderr=subprocess.STDOUT)
+
+    runs = [start("straight", "straight"), start("victim", "killed")]  # side by side on the two cores
+    try:
+        deadline = time.time() + 600
+        while not paths.exists(f"{root}/victim/checkpoints/4/commit_success.txt"):
+            assert runs[1].poll() is None and time.time() < deadline, logs["killed"].read_text()[-3000:]
+            time.sleep(0.1)
+        runs[1].send_signal(signal.SIGKILL)
+        runs[1].wait(timeout=60)
+        assert not paths.exists(f"{root}/victim/checkpoints/{steps}"), "the run ended before it was killed"
+        preempted = start("victim", "preempted")
+        resumed_at = int(_wait_for(logs["preempted"], r"resumed from step (\d+)", [preempted]).group(1))
+        preempted.send_signal(signal.SIGTERM)
+        assert preempted.wait(timeout=600) == PREEMPTED_EXIT, logs["preempted"].read_text()[-3000:]
+        saved = int(re.search(r"preempted at step (\d+): saved", logs["preempted"].read_text()).group(1))
+        assert 4 <= resumed_at < saved < steps
+        assert paths.exists(f"{root}/victim/checkpoints/{saved}/commit_success.txt")
+        finished = start("victim", "finished")
+        assert finished.wait(timeout=600) == 0, logs["finished"].read_text()[-3000:]
+        assert f"resumed from step {saved}" in logs["finished"].read_text()
+        assert runs[0].wait(timeout=600) == 0, logs["straight"].read_text()[-3000:]
+    finally:
+        for p in runs:
+            p.kill()
+    assert "skipped 00002.tar:?: truncated or corrupt shard" in logs["straight"].read_text()
+    _assert_same_run(root, "victim", "straight", steps)
+
+
+@pytest.mark.slow
+def test_two_processes_sigterm_to_one_both_save_one_step_and_resume_bitwise(gcs, tmp_path, monkeypatch):
+    """The README's pod command on two processes (each reading its own shards from the bucket):
+    SIGTERM to process 1 only; both save the same step and exit; the same command resumes there, and
+    the result equals an uninterrupted two-process run's state and export bit for bit."""
+    monkeypatch.setenv("SDJAX_CACHE", str(tmp_path / "cache"))
+    root, steps = _shards(gcs, tmp_path, "pod", 4), 16
+
+    def pod(run: str, name: str, sigterm_to: int | None = None) -> tuple[list[int], list[str]]:
+        port, logs = free_port(), [tmp_path / f"{name}{i}.log" for i in range(2)]
+        files = [open(log, "w") for log in logs]
+        procs = [subprocess.Popen(_cmd(root, run, steps, 4, "--config.train.batch_size=8", "--config.mesh.shape=(4,1)"),
+                                  stdout=files[i], stderr=subprocess.STDOUT,
+                                  env=_env(gcs, tmp_path, 2, SDJAX_COORDINATOR=f"localhost:{port}",
+                                           SDJAX_NUM_PROCESSES="2", SDJAX_PROCESS_ID=str(i))) for i in range(2)]
+        try:
+            if sigterm_to is not None:
+                _wait_for(logs[0], r"step 1/", procs)
+                procs[sigterm_to].send_signal(signal.SIGTERM)
+            codes = [p.wait(timeout=600) for p in procs]
+        finally:
+            for p, f in zip(procs, files):
+                p.kill()
+                f.close()
+        return codes, [log.read_text() for log in logs]
+
+    codes, logs = pod("victim", "preempted", sigterm_to=1)
+    assert codes == [PREEMPTED_EXIT] * 2, "\n".join(log[-3000:] for log in logs)
+    saved = {int(re.search(r"preempted at step (\d+): saved", log).group(1)) for log in logs}
+    assert len(saved) == 1 and 1 <= min(saved) < steps, saved
+    codes, logs = pod("victim", "resumed")
+    assert codes == [0, 0] and f"resumed from step {saved.pop()}" in logs[0], "\n".join(log[-3000:] for log in logs)
+    codes, logs = pod("straight", "straight")
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+    _assert_same_run(root, "victim", "straight", steps)
