@@ -15,14 +15,15 @@ BLOCKS = {
     ("README.md", "## Install"): ("tests/test_install.py", '"pip", "install"'),  # the wheel, in a fresh venv
     ("README.md", "## Text to image"): ("tests/test_cli_sample.py", 'readme_block("## Text to image")'),
     ("README.md", "## Fine-tune on your images"): ("tests/test_lora.py", 'readme_block("## Fine-tune on your images")'),
-    ("README.md", "## Train on a pod"): ("tests/test_train_latent.py", 'SDJAX_NUM_PROCESSES="2"'),  # its sdjax-train
+    ("README.md", "## Train on a pod"): ("tests/test_preemption.py", 'SDJAX_NUM_PROCESSES="2"'),  # its sdjax-train
     ("README.md", "## Models and formats"): ("tests/test_readme_inpaint_export.py",
                                             'readme_block("## Models and formats")'),
     ("checkpoints.md", "## Loading"): ("tests/test_stable_diffusion.py", 'params.main(["--preset", "sd15"])'),
     ("checkpoints.md", "## Exporting to diffusers, ComfyUI and A1111"): ("tests/test_readme_inpaint_export.py",
                                                                         '"docs/checkpoints.md"'),
     ("lora.md", "## Training"): ("tests/test_lora.py", '"docs/lora.md"'),
-    ("pods.md", "# Pods: every host runs the same command"): ("tests/test_train_latent.py", 'SDJAX_NUM_PROCESSES="2"'),
+    ("pods.md", "# Pods: every host runs the same command"): ("tests/test_preemption.py", 'SDJAX_NUM_PROCESSES="2"'),
+    ("pods.md", "## Image folders and TFDS datasets"): ("tests/test_train_latent.py", 'SDJAX_NUM_PROCESSES="2"'),
     ("sampling.md", "## From Python"): ("tests/test_cli_sample.py", '"docs/sampling.md"'),
     ("sampling.md", "## Inpainting"): ("tests/test_readme_inpaint_export.py",
                                        'readme_block("## Inpainting", "docs/sampling.md")'),

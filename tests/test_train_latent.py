@@ -1,6 +1,6 @@
 """Phase-2 training: sharded step parity, gradient accumulation, remat, bf16, a frozen pretrained
 text encoder with init_from, two hosts (each its own HOME) against one through the command line,
-kill/resume, loss, export, errors.
+loss, export, errors (kill, preemption and resume: test_preemption.py).
 
 Everything runs the tiny config (tests/helpers.latent_config) with XLA's backend
 optimisation off for the step (``train.fast_compile``); compiled functions are shared by the
@@ -10,10 +10,8 @@ module-scoped fixtures.
 import dataclasses
 import functools
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -378,51 +376,6 @@ def test_two_hosts_each_with_its_own_home_match_one(tmp_path):
     assert exported.keys() == _flat(saved["ema_params"]).keys()
     for k, v in _flat(saved["ema_params"]).items():
         np.testing.assert_array_equal(exported[k], v, err_msg=k)
-
-
-def _train_cmd(shapes_data_dir: str, workdir: str, steps: int) -> list[str]:
-    return [sys.executable, os.path.join(ROOT, "train", "latent.py"), "--config", "tiny",
-            "--workdir", workdir, f"--config.data.data_dir={shapes_data_dir}", "--config.data.num_examples=64",
-            "--config.train.batch_size=8", f"--config.train.steps={steps}", "--config.train.checkpoint_every=2",
-            "--config.train.sample_every=0", "--config.train.log_every=1", "--config.train.fast_compile=True",
-            "--config.train.caption_dropout=0.5"]
-
-
-def _final_state(workdir: str, step: int) -> dict:
-    """Every saved array of the train state (params, EMA, optimizer, step, RNG, latent scale) by path."""
-    restored = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
-    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
-
-
-@pytest.mark.slow
-def test_sigkill_then_resume_is_bitwise_identical(shapes_data_dir, tmp_path):
-    steps, cache = 4, str(tmp_path / "cache")  # killed after step 2's checkpoint, resumed for 3 and 4
-    killed, straight = str(tmp_path / "killed"), str(tmp_path / "straight")
-    # The uninterrupted run goes alongside the one to be killed (a second core), each in its process.
-    logs = [open(tmp_path / f"{name}.log", "w") for name in ("killed", "straight")]
-    runs = [subprocess.Popen(_train_cmd(shapes_data_dir, w, steps), env=_env(2, cache), stdout=log,
-                             stderr=subprocess.STDOUT)
-            for w, log in zip((killed, straight), logs)]
-    deadline = time.time() + 600
-    try:
-        while not os.path.isdir(os.path.join(killed, "checkpoints", "2")):
-            assert runs[0].poll() is None and time.time() < deadline, "training ended before its first checkpoint"
-            time.sleep(0.2)
-        runs[0].send_signal(signal.SIGKILL)
-        runs[0].wait(timeout=60)
-        assert not os.path.isdir(os.path.join(killed, "checkpoints", str(steps)))
-        r = subprocess.run(_train_cmd(shapes_data_dir, killed, steps), env=_env(2, cache), capture_output=True,
-                           text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert runs[1].wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
-    finally:
-        for p, log in zip(runs, logs):
-            p.kill()
-            log.close()
-    got, want = _final_state(killed, steps), _final_state(straight, steps)
-    assert got.keys() == want.keys()
-    for k in want:
-        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
 def test_vae_export_round_trip(tmp_path):
