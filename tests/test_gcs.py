@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -51,3 +52,34 @@ def test_webdataset_shards_in_a_bucket_read_like_local_ones(gcs, tmp_path):
     assert [s.split("/")[-1] for s in data.webdataset.expand(f"{bucket}/laion/*.tar")] == [p.name for p in local]
     with pytest.raises(FileNotFoundError, match="1 of 4 shards are missing, e.g. gs://shards/laion/00003.tar"):
         data.webdataset.Shards.find(f"{bucket}/laion/{{00000..00003}}.tar")
+
+
+def test_exports_in_every_format_and_sampling_outputs_live_in_the_bucket(gcs, tmp_path):
+    import tiny_models
+    from sdjax.checkpoints import export
+    from sdjax.cli import sample as sample_cli
+    from sdjax.stable_diffusion import StableDiffusion
+
+    bucket = gcs.bucket("models")
+    sd = StableDiffusion.from_pretrained(str(tiny_models.save_pipeline(tmp_path / "pipe", "sd1", seed=2)))
+    for fmt, name in (("sdjax", "m-sdjax"), ("diffusers", "m-diffusers")):
+        export.save(f"{bucket}/{name}", sd.configs, sd.params, sd.tokenizer_dir, format=fmt)
+        back = StableDiffusion.from_pretrained(f"{bucket}/{name}")
+        for (k, a), b in zip(jax.tree_util.tree_flatten_with_path(back.params)[0], jax.tree.leaves(sd.params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{fmt} {jax.tree_util.keystr(k)}")
+    # A single file goes up whole: the same bytes as a local export.
+    export.save(f"{bucket}/m.safetensors", sd.configs, sd.params, format="single_file")
+    export.save(str(tmp_path / "m.safetensors"), sd.configs, sd.params, format="single_file")
+    assert open(paths.readable(f"{bucket}/m.safetensors", "checkpoint"), "rb").read() == \
+        (tmp_path / "m.safetensors").read_bytes()
+    # A diffusers export never replaces something else in the bucket.
+    paths.upload(str(tmp_path / "pipe" / "model_index.json"), f"{bucket}/other/notes.json")
+    with pytest.raises(FileExistsError, match="gs://models/other exists and is not a diffusers folder"):
+        export.save(f"{bucket}/other", sd.configs, sd.params, sd.tokenizer_dir, format="diffusers")
+
+    written = sample_cli.main(["--checkpoint", f"{bucket}/m-diffusers", "--prompt", "a red circle", "--steps", "2",
+                               "--H", "16", "--W", "16", "--n-samples", "2", "--out", f"{bucket}/outputs"])
+    assert sorted(p.rsplit("/", 1)[-1] for p in paths.glob(f"{bucket}/outputs/*")) == [
+        "00000-a_red_circle.json", "00000-a_red_circle.png", "00001-a_red_circle.json", "00001-a_red_circle.png",
+        "grid-0000.png"]
+    assert written[0] == f"{bucket}/outputs/00000-a_red_circle.png"

@@ -91,7 +91,7 @@ def check_args(args: argparse.Namespace, mode: str) -> list[str]:
             raise SystemExit(f"error: --from-file {args.from_file} has no prompts (one per line).")
     else:
         prompts = [args.prompt]
-    if not os.path.exists(args.checkpoint):
+    if not paths.exists(paths.check(args.checkpoint, "--checkpoint")):
         raise SystemExit(f"error: --checkpoint {args.checkpoint}: no such file or directory.")
     for name in ("H", "W"):
         v = getattr(args, name)
@@ -117,6 +117,11 @@ def check_args(args: argparse.Namespace, mode: str) -> list[str]:
     return prompts
 
 
+def _where(path: str) -> str:
+    """A path as a sidecar records it: absolute, or the gs:// URL."""
+    return path if paths.is_remote(path) else os.path.abspath(path)
+
+
 def _open(path: str, flag: str) -> Image.Image:
     try:
         img = Image.open(path)
@@ -135,7 +140,7 @@ def lora_arg(value: str) -> tuple[str, float]:
             path, scale = head, float(tail)
         except ValueError:
             path = value
-    if not os.path.exists(path):
+    if not paths.exists(paths.check(path, "--lora")):
         raise SystemExit(f"error: --lora {path}: no such file.")
     return path, scale
 
@@ -298,8 +303,8 @@ def _sample(args: argparse.Namespace, prompts: list[str], mode: str) -> list[str
         for j, im in enumerate(images):
             meta = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, index_in_batch=j,
                         batch_size=args.n_samples, steps=args.steps, sampler=args.sampler, scale=args.scale,
-                        eta=args.eta, height=H, width=W, dtype=args.dtype, checkpoint=os.path.abspath(args.checkpoint),
-                        loras=[[os.path.abspath(p), s] for p, s in args.lora])
+                        eta=args.eta, height=H, width=W, dtype=args.dtype, checkpoint=_where(args.checkpoint),
+                        loras=[[_where(p), s] for p, s in args.lora])
             if mode != "txt2img":
                 meta.update(init_img=os.path.abspath(args.init_img), strength=args.strength)
             if mode == "inpaint":
