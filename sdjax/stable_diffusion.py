@@ -48,10 +48,12 @@ class StableDiffusion:
     @classmethod
     def from_pretrained(cls, path: str, dtype: Any = jnp.float32, *, param_dtype: Any = jnp.float32,
                         tokenizer: str | None = None, prediction_type: str | None = None,
-                        allow_pickle: bool = False, variant: str | None = None,
+                        allow_pickle: bool = False, variant: str | None = None, revision: str | None = None,
                         single_file_options: dict[str, Any] | None = None,
                         attention: str = "auto") -> "StableDiffusion":
-        """Load a diffusers folder, a single-file SD checkpoint, or an sdjax export.
+        """Load a diffusers folder, a single-file SD checkpoint, or an sdjax export: a local path, a
+        ``gs://`` one, or a hub id (``org/name``, ``org/name/FILE.safetensors``, ``@REVISION`` or
+        ``revision=``) resolved through huggingface_hub's cache (``sdjax.checkpoints.hub``).
 
         ``tokenizer``: a folder with the CLIP tokenizer files, needed for single files (they carry none).
         ``prediction_type``: "epsilon" or "v_prediction"; single files cannot tell (SD 2.x 768-v models
@@ -62,7 +64,8 @@ class StableDiffusion:
         the default devices' platform.
         """
         loaded = load_lib.load(path, param_dtype=param_dtype, prediction_type=prediction_type,
-                               allow_pickle=allow_pickle, variant=variant, single_file_options=single_file_options)
+                               allow_pickle=allow_pickle, variant=variant, revision=revision,
+                               single_file_options=single_file_options)
         tokenizer_dir = tokenizer or loaded.tokenizer_dir
         tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
         return cls(loaded.configs, loaded.params, tok, tokenizer_dir, dtype, param_dtype, attention)

@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import paths
-from sdjax.checkpoints import diffusers_folder, sdjax_format, single_file
+from sdjax.checkpoints import diffusers_folder, hub, sdjax_format, single_file
 from sdjax.checkpoints.convert import text_encoder_from_torch, torch_to_flax
 from sdjax.checkpoints.errors import CheckpointError
 from sdjax.checkpoints.tensors import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, read_safetensors, read_tensors
@@ -40,7 +39,7 @@ class Loaded:
 
 def detect_format(path: str) -> str:
     """"sdjax", "diffusers" or "single_file"; raises with the supported formats otherwise."""
-    path = paths.readable(path, "checkpoint")
+    path = hub.resolve(path, "checkpoint")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or directory. Expected {SUPPORTED_FORMATS}.")
     if os.path.isdir(path) and sdjax_format.is_sdjax_dir(path):
@@ -63,11 +62,11 @@ def params_from_state_dicts(configs: ModelConfigs, states: dict[str, dict[str, n
 
 
 def load(path: str, *, param_dtype: Any = jnp.float32, prediction_type: str | None = None,
-         allow_pickle: bool = False, variant: str | None = None,
+         allow_pickle: bool = False, variant: str | None = None, revision: str | None = None,
          single_file_options: dict[str, Any] | None = None) -> Loaded:
     """Reads a diffusers folder, a single-file SD checkpoint, or an sdjax export (see
     ``StableDiffusion.from_pretrained`` for the options)."""
-    path = paths.readable(path, "checkpoint")
+    path = hub.resolve(path, "checkpoint", revision=revision, variant=variant, allow_pickle=allow_pickle)
     fmt = detect_format(path)
     tokenizer_dir = os.path.join(path, "tokenizer")
     if fmt == "sdjax":
@@ -99,7 +98,7 @@ def load(path: str, *, param_dtype: Any = jnp.float32, prediction_type: str | No
 def load_vae(path: str) -> tuple[AutoencoderConfig, Any]:
     """(config, params) of the autoencoder in ``path``: an autoencoder export (phase 1's) or any
     whole Stable Diffusion checkpoint ``load`` reads."""
-    path = paths.readable(path, "autoencoder")
+    path = hub.resolve(path, "autoencoder", kind="autoencoder")
     if os.path.isdir(path) and sdjax_format.is_vae_dir(path):
         return sdjax_format.read_vae(path)
     if os.path.isdir(path) and diffusers_folder.is_vae_folder(path):

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from sdjax import paths
-from sdjax.checkpoints import atomic
+from sdjax.checkpoints import atomic, hub
 from sdjax.checkpoints.errors import CheckpointError
 from sdjax.checkpoints.formats import LORA_LAYOUTS
 
@@ -57,7 +57,7 @@ class Adapter:
 
 
 def _lora_file(path: str) -> str:
-    path = paths.readable(path, "LoRA")
+    path = hub.resolve(path, "LoRA", default_file=WEIGHT_NAME)
     if os.path.isdir(path):
         path = os.path.join(path, WEIGHT_NAME)
     if not os.path.isfile(path):

@@ -22,6 +22,7 @@ from etils import epath
 from PIL import Image
 
 from sdjax import images as images_lib, paths
+from sdjax.checkpoints import hub
 from sdjax.cli.errors import user_errors
 from sdjax.samplers import SAMPLERS
 
@@ -91,7 +92,7 @@ def check_args(args: argparse.Namespace, mode: str) -> list[str]:
             raise SystemExit(f"error: --from-file {args.from_file} has no prompts (one per line).")
     else:
         prompts = [args.prompt]
-    if not paths.exists(paths.check(args.checkpoint, "--checkpoint")):
+    if not hub.is_hub_id(args.checkpoint) and not paths.exists(paths.check(args.checkpoint, "--checkpoint")):
         raise SystemExit(f"error: --checkpoint {args.checkpoint}: no such file or directory.")
     for name in ("H", "W"):
         v = getattr(args, name)
@@ -118,8 +119,8 @@ def check_args(args: argparse.Namespace, mode: str) -> list[str]:
 
 
 def _where(path: str) -> str:
-    """A path as a sidecar records it: absolute, or the gs:// URL."""
-    return path if paths.is_remote(path) else os.path.abspath(path)
+    """A path as a sidecar records it: absolute, or the gs:// URL or hub id as given."""
+    return path if paths.is_remote(path) or hub.is_hub_id(path) else os.path.abspath(path)
 
 
 def _open(path: str, flag: str) -> Image.Image:
@@ -140,7 +141,7 @@ def lora_arg(value: str) -> tuple[str, float]:
             path, scale = head, float(tail)
         except ValueError:
             path = value
-    if not paths.exists(paths.check(path, "--lora")):
+    if not hub.is_hub_id(path) and not paths.exists(paths.check(path, "--lora")):
         raise SystemExit(f"error: --lora {path}: no such file.")
     return path, scale
 
