@@ -3,6 +3,7 @@
     python -m benchmarks.run --only text2img,compile,overhead,train,scaling --size sd15 --out results.json
     ./run bench --size tiny --only text2img,overhead
     ./run bench --only aot-txt2img --peers flax --topology v5e-8     # TPU compiler's estimates, no TPU needed
+    ./run bench --only data                                           # webdataset shards -> 512 px batches (no peers)
 
 Each runner is a subprocess in its own environment (peers in venvs under .bench-envs/, created
 on first use) that prints one JSON line; this script prints the table and writes all of it.
@@ -21,7 +22,7 @@ from typing import Any
 
 from benchmarks import envs, timing
 
-BENCHMARKS = ("text2img", "compile", "overhead", "train", "scaling", "aot", "aot-txt2img")
+BENCHMARKS = ("text2img", "compile", "overhead", "train", "scaling", "aot", "aot-txt2img", "data")
 
 
 def defaults(gpu: bool) -> dict[str, Any]:
@@ -287,6 +288,9 @@ def main(argv=None) -> None:
 
     if "aot-txt2img" in only:
         results["aot-txt2img"] = aot_txt2img(a, peers, log, results["errors"])
+    if "data" in only:  # sdjax's own reader, no peer: its table prints as it runs
+        from benchmarks import data_path
+        results["data"] = data_path.main([])
 
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     results["load_avg_end"] = list(os.getloadavg())

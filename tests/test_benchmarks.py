@@ -1,5 +1,7 @@
 """The benchmark harness's own measurement code, on a tiny model (no peers, no SD 1.5 weights)."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -131,3 +133,15 @@ def test_hlo_ops_sums_the_compilers_cycle_estimates():
     assert by_block == {"down_blocks_0/attentions_0": 1200, "down_blocks_0/resnets_1": 300}
     layers = {r["group"]: r["cycles"] for r in hlo_ops.table(TPU_HLO, "op")}
     assert layers["bwd copy/transpose: transformer_blocks_N/attn1:transpose"] == 200
+
+
+def test_data_path_benchmark_reads_its_shards_into_512px_batches(tmp_path, capsys):
+    from benchmarks import data_path
+
+    out = tmp_path / "data.json"
+    result = data_path.main(["--shards", "2", "--per-shard", "6", "--batch", "2", "--batches", "2", "--threads", "1",
+                             "--out", str(out)])
+    assert json.loads(out.read_text())["runs"][0]["threads"] == 1
+    assert result["images_per_s_per_core"] > 0 and "| decode threads | images/s |" in capsys.readouterr().out
+    rate = result["images_per_s_per_core"]
+    assert result["v5p8_host_cores_needed"]["sd15_finetune full"] == pytest.approx(4 * 71.66 / rate)
