@@ -29,6 +29,9 @@ BLOCKS = {
                                        'readme_block("## Inpainting", "docs/sampling.md")'),
     # the tiny config on v5e-8; the SD 1.5 / SD 2 lines compile for minutes (their figures: docs/benchmarks.md)
     ("speed.md", "## Compile for a TPU slice on any host"): ("tests/test_aot.py", "aot.main("),
+    # the full-size run takes a minute; the test runs the same main() on two small shards
+    ("benchmarks.md", "## The data path: webdataset shards to 512 px batches (measured, CPU)"):
+        ("tests/test_benchmarks.py", "data_path.main("),
     ("training.md", "## Training: two phases"): ("tests/test_cli_train.py",
                                                  'readme_block("## Training: two phases", "docs/training.md")'),
     ("training.md", "## Your own captioned images"): ("tests/test_own_data.py",
