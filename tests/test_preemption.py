@@ -73,17 +73,18 @@ def _assert_same_run(root: str, got: str, want: str, steps: int) -> None:
 @pytest.mark.slow
 def test_one_process_killed_then_preempted_in_a_bucket_resumes_bitwise(gcs, tmp_path, monkeypatch):
     """SIGKILL (a crash) and then SIGTERM (a preemption) to one process training from shards in a
-    bucket with its workdir there: after each, the same command resumes; the end equals an
-    uninterrupted run's state and export bit for bit."""
+    bucket, in three aspect-ratio buckets, with its workdir there: after each, the same command
+    resumes; the end equals an uninterrupted run's state and export bit for bit."""
     monkeypatch.setenv("SDJAX_CACHE", str(tmp_path / "cache"))
     root, steps = _shards(gcs, tmp_path, "one", 3), 16
     env = _env(gcs, tmp_path, 2)
     logs = {name: tmp_path / f"{name}.log" for name in ("straight", "killed", "preempted", "finished")}
 
     def start(run: str, log: str) -> subprocess.Popen:
+        # Three aspect-ratio buckets for the shards' 32x32, 32x48 and 48x32 images; the log names each compile.
+        cmd = _cmd(root, run, steps, 3, "--config.train.batch_size=4", "--config.data.buckets=32x32,24x40,40x24")
         with open(logs[log], "w") as f:
-            return subprocess.Popen(_cmd(root, run, steps, 3, "--config.train.batch_size=4"), env=env, stdout=f,
-                                    stderr=subprocess.STDOUT)
+            return subprocess.Popen(cmd, env=dict(env, JAX_LOG_COMPILES="1"), stdout=f, stderr=subprocess.STDOUT)
 
     runs = [start("straight", "straight"), start("victim", "killed")]  # side by side on the two cores
     try:
@@ -108,7 +109,11 @@ def test_one_process_killed_then_preempted_in_a_bucket_resumes_bitwise(gcs, tmp_
     finally:
         for p in runs:
             p.kill()
-    assert "skipped 00002.tar:?: truncated or corrupt shard" in logs["straight"].read_text()
+    straight = logs["straight"].read_text()
+    assert "skipped 00002.tar:?: truncated or corrupt shard" in straight
+    # One compiled step per bucket: the batches of all three shapes went through it.
+    compiles = re.findall(r"Compiling jit\(step_on_mesh\).*?float32\[4,(\d+),(\d+),3\]", straight)
+    assert sorted(compiles) == [("24", "40"), ("32", "32"), ("40", "24")], compiles
     _assert_same_run(root, "victim", "straight", steps)
 
 

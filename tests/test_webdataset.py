@@ -145,3 +145,45 @@ def test_decode_reads_json_sizes_and_names_bad_members():
                            ({"jpg": b"\xff\xd8 no", "txt": b"x"}, "undecodable image")):
         with pytest.raises(ValueError, match=reason):
             webdataset.decode(sample, "txt")
+
+
+def test_auto_buckets_follow_the_pixel_budget_and_images_go_to_the_nearest_ratio():
+    from sdjax.data import buckets
+
+    auto = buckets.auto(512)
+    assert (512, 512) in auto and (448, 576) in auto and (576, 448) in auto
+    assert all(h % 64 == 0 and w % 64 == 0 and 256 <= min(h, w) and max(h, w) <= 1024 and h * w <= 512 ** 2
+               for h, w in auto)
+    assert {(w, h) for h, w in auto} == set(auto)  # every landscape bucket has its portrait twin
+    pairs = buckets.parse("512x512, 384x640", 512)
+    assert pairs == ((512, 512), (384, 640))
+    assert buckets.nearest(pairs, 300, 500) == 1 and buckets.nearest(pairs, 500, 480) == 0
+    with pytest.raises(ValueError, match="give 'auto' or \\(height, width\\) pairs"):
+        buckets.parse("512 by 512", 512)
+    with pytest.raises(ValueError, match="data.buckets groups a webdataset stream"):
+        data.DataConfig(buckets="auto")
+    assert [buckets.draw(0, s, [3, 0, 5]) for s in range(20)] == [buckets.draw(0, s, [3, 0, 5]) for s in range(20)]
+    assert 1 not in {buckets.draw(0, s, [3, 0, 5]) for s in range(50)}
+
+
+def test_bucketed_batches_share_one_shape_and_resume_exactly(shards, tmp_path):
+    folder, _ = shards
+    # The writer's images are 32x32, 32x48 and 48x32: three buckets of 16-px area budget.
+    config = _config(folder, buckets="16x16,16x24,24x16", batch_size=2, random_crop=True)
+    straight = data.make_dataset(config)
+    want = [next(straight) for _ in range(12)]
+    shapes = {b["image"].shape for b in want}
+    assert shapes == {(2, 16, 16, 3), (2, 16, 24, 3), (2, 24, 16, 3)}
+    for b in want:  # each image in the bucket of its own aspect ratio
+        for (h, w), img in zip(b["original_size"], b["image"]):
+            assert (h > w, h < w) == (img.shape[0] > img.shape[1], img.shape[0] < img.shape[1])
+    it = data.make_dataset(config)
+    for _ in range(5):
+        next(it)
+    resumed = data.make_dataset(config)
+    resumed.set_state(json.loads(json.dumps(it.get_state())))
+    assert any(it.get_state()["queued"])  # samples were waiting in their buckets
+    for step in range(5, 12):
+        got = next(resumed)
+        for k in want[step]:
+            np.testing.assert_array_equal(got[k], want[step][k], err_msg=f"batch {step} {k}")

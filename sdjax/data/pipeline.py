@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from sdjax import configs, paths
-from sdjax.data import image_folder, shapes, webdataset
+from sdjax.data import buckets as buckets_lib, image_folder, shapes, webdataset
 
 SHAPES_NAME = "captioned_shapes"
 IMAGE_FOLDER_NAME = "captioned_images"
@@ -72,6 +72,8 @@ class DataConfig:
     caption_ext: str = "txt"
     interleave: int = 4
     shuffle_buffer: int = 1000
+    # Aspect-ratio buckets (webdataset): "auto", or "HxW,HxW,..." (sdjax.data.buckets); None: squares.
+    buckets: str | None = None
 
     def __post_init__(self):
         for field in ("image_size", "batch_size", "num_threads", "num_examples"):
@@ -91,6 +93,11 @@ class DataConfig:
         if self.name == WEBDATASET_NAME and self.num_epochs is not None:
             raise ValueError("data.num_epochs: a webdataset stream repeats until train.steps (every host yields a "
                              "batch at every step); leave num_epochs unset.")
+        if self.buckets is not None:
+            if self.name != WEBDATASET_NAME:
+                raise ValueError("data.buckets groups a webdataset stream by aspect ratio: set data.name=webdataset "
+                                 "(image folders and TFDS datasets train on square crops).")
+            buckets_lib.parse(self.buckets, self.image_size)
         if self.interleave < 1 or self.shuffle_buffer < 1:
             raise ValueError("data.interleave and data.shuffle_buffer must be >= 1.")
         bucket = "for data in a bucket, use data.name=webdataset with data.files=gs://..."
@@ -236,35 +243,40 @@ def _lookup(example: dict, key: str):
     return example
 
 
-def _resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
+def _resize_to_cover(image: np.ndarray, th: int, tw: int) -> np.ndarray:
+    """Resized (bicubic, aspect kept) to the smallest size covering ``th`` x ``tw``."""
     h, w = image.shape[:2]
-    if min(h, w) == size:
+    scale = max(th / h, tw / w)
+    new_wh = (max(tw, round(w * scale)), max(th, round(h * scale)))
+    if new_wh == (w, h):
         return image
-    scale = size / min(h, w)
-    new_wh = (max(size, round(w * scale)), max(size, round(h * scale)))
     return np.asarray(Image.fromarray(image).resize(new_wh, Image.Resampling.BICUBIC, reducing_gap=None))
 
 
-def crop_image(image: np.ndarray, rng: np.random.Generator, config: DataConfig) -> tuple[np.ndarray, tuple[int, int]]:
-    """The shorter side resized to ``config.image_size``, a square crop (random or centred), a random
-    flip; f32 in [-1, 1], with the crop's (top, left) in the resized image."""
-    image = _resize_shorter_side(image, config.image_size)
-    h, w, s = image.shape[0], image.shape[1], config.image_size
+def crop_image(image: np.ndarray, rng: np.random.Generator, config: DataConfig,
+               size: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Resized to cover ``size`` (height, width; default the ``config.image_size`` square), cropped to it
+    (random or centred), flipped at random; f32 in [-1, 1], with the crop's (top, left) in the
+    resized image."""
+    th, tw = size or (config.image_size, config.image_size)
+    image = _resize_to_cover(image, th, tw)
+    h, w = image.shape[:2]
     if config.random_crop:
-        top, left = rng.integers(h - s + 1), rng.integers(w - s + 1)
+        top, left = rng.integers(h - th + 1), rng.integers(w - tw + 1)
     else:
-        top, left = (h - s) // 2, (w - s) // 2
-    image = image[top:top + s, left:left + s]
+        top, left = (h - th) // 2, (w - tw) // 2
+    image = image[top:top + th, left:left + tw]
     if config.random_flip and rng.random() < 0.5:
         image = image[:, ::-1]
     return image.astype(np.float32) / 127.5 - 1.0, (int(top), int(left))
 
 
 def example(image: np.ndarray, text: str, original_size: tuple[int, int], rng: np.random.Generator,
-            config: DataConfig, tokenize: Callable[[str], Sequence[int]] | None) -> dict:
+            config: DataConfig, tokenize: Callable[[str], Sequence[int]] | None,
+            size: tuple[int, int] | None = None) -> dict:
     """One training example: the cropped image, its caption (and ids), its original (height, width)
     and the crop's (top, left), as SDXL's micro-conditioning takes them."""
-    pixels, top_left = crop_image(image, rng, config)
+    pixels, top_left = crop_image(image, rng, config, size)
     out = {"image": pixels, "text": text, "original_size": np.asarray(original_size, np.int32),
            "crop_top_left": np.asarray(top_left, np.int32)}
     if tokenize is not None:
@@ -294,9 +306,10 @@ def make_dataset(config: DataConfig, tokenize: Callable[[str], Sequence[int]] | 
     """
     if config.name == WEBDATASET_NAME:
         host, hosts = config.shard()
-        transform = functools.partial(example, config=config, tokenize=tokenize)
-        return webdataset.WebDatasetIterator(webdataset.expand(config.files), config,
-                                             lambda image, text, size, rng: transform(image, text, size, rng), host, hosts)
+        def transform(image, text, original_size, rng, size):
+            return example(image, text, original_size, rng, config, tokenize, size)
+
+        return webdataset.WebDatasetIterator(webdataset.expand(config.files), config, transform, host, hosts)
     b = builder(config)
     _check_prepared(b, config)
     ds = grain.MapDataset.source(b.as_data_source(split=config.split))

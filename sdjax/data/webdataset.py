@@ -24,16 +24,19 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import braceexpand
 import grain
+import jax
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 from PIL import Image
 
 from sdjax import paths
+from sdjax.data import buckets as buckets_lib
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -269,7 +272,7 @@ class SampleStream:
             self._window.append(sample)
         j = int(np.random.default_rng([self._seed, self._host, s.draws]).integers(len(self._window)))
         s.draws += 1
-        sample = self._window[j]
+        sample = dict(self._window[j], __ref__=s.window[j])
         self._window[j], s.window[j] = self._window[-1], s.window[-1]
         self._window.pop()
         s.window.pop()
@@ -309,8 +312,10 @@ def decode(sample: dict, caption_ext: str) -> tuple[np.ndarray, str, tuple[int, 
 class WebDatasetIterator(grain.DatasetIterator):
     """This host's batches of decoded, preprocessed samples, with an exact ``get_state``/``set_state``.
 
-    ``transform(image uint8, caption, original_size, rng) -> example dict``; images decode on a
-    thread pool, a batch at a time, in stream order, so the batches do not depend on the pool."""
+    ``transform(image uint8, caption, original_size, rng, size) -> example dict`` (``size``: the
+    bucket's (height, width), or None for the configured square); images decode on a thread pool,
+    in stream order, so the batches do not depend on the pool. With ``config.buckets`` decoded
+    samples wait in their bucket's queue until a step draws it (``sdjax.data.buckets``)."""
 
     def __init__(self, files: Sequence[str], config: Any, transform: Callable[..., dict], host: int, hosts: int):
         super().__init__()
@@ -319,9 +324,13 @@ class WebDatasetIterator(grain.DatasetIterator):
         self.skipped: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self._logged: set[tuple[str, str]] = set()
         self._pool = concurrent.futures.ThreadPoolExecutor(max(config.num_threads, 1))
+        self._buckets = buckets_lib.parse(config.buckets, config.image_size)
         self._examples = 0  # samples decoded so far: keys each example's preprocessing rng
+        self._steps = 0  # batches made: keys each step's bucket draw
         self._stream: SampleStream | None = None
         self._state = StreamState()
+        self._queued: list = []  # per bucket: [ref, index] of decoded samples waiting (in the state)
+        self._queues: list[list[tuple]] | None = None  # per bucket: (ref, index, image, caption, size)
 
     def _on_skip(self, path: str, key: str, reason: str):
         """Counts a skipped sample; logs it the first time (later epochs meet it again)."""
@@ -338,29 +347,79 @@ class WebDatasetIterator(grain.DatasetIterator):
                                         self._on_skip, StreamState(**dataclasses.asdict(self._state)))
         return self._stream
 
-    def _example(self, sample: dict, index: int) -> dict | None:
+    def _decode(self, sample: dict, index: int) -> tuple | None:
         try:
             image, caption, size = decode(sample, self._config.caption_ext)
         except ValueError as e:
             self._on_skip(sample["__url__"], sample["__key__"], str(e))
             return None
-        rng = np.random.default_rng([self._config.seed, self._host, index])
-        return self._transform(image, caption, size, rng)
+        return sample["__ref__"], index, image, caption, size
+
+    def _decoded(self, n: int) -> list[tuple]:
+        """The next ``n`` samples of the stream, decoded (bad ones skipped: possibly fewer)."""
+        samples = [next(self.stream) for _ in range(n)]
+        first = self._examples
+        self._examples += n
+        return [d for d in self._pool.map(self._decode, samples, range(first, first + n)) if d]
+
+    def _example(self, item: tuple, size: tuple[int, int] | None) -> dict:
+        _, index, image, caption, original = item
+        return self._transform(image, caption, original, np.random.default_rng([self._config.seed, self._host, index]),
+                               size)
+
+    def _take(self) -> tuple[list[tuple], tuple[int, int] | None]:
+        """This step's decoded samples and their size."""
+        b = self._config.batch_size
+        if self._buckets is None:
+            out = []
+            while len(out) < b:
+                out += self._decoded(b - len(out))
+            return out, None
+        queues = self._restored_queues()
+        while sum(map(len, queues)) < 2 * b:  # a look-ahead, so every bucket can be drawn
+            self._queue(self._decoded(b))
+        waiting = np.asarray([len(q) for q in queues], np.int64)
+        if jax.process_count() > 1:  # every host draws the same bucket from the pod's queues
+            waiting = np.asarray(multihost_utils.process_allgather(waiting)).reshape(-1, len(queues)).sum(0)
+        k = buckets_lib.draw(self._config.seed, self._steps, waiting)
+        while len(queues[k]) < b:
+            self._queue(self._decoded(b - len(queues[k])))
+        out, queues[k][:] = queues[k][:b], queues[k][b:]
+        return out, self._buckets[k]
+
+    def _queue(self, items: list[tuple]) -> None:
+        for item in items:
+            h, w = item[2].shape[:2]
+            self._queues[buckets_lib.nearest(self._buckets, h, w)].append(item)
+
+    def _restored_queues(self) -> list[list[tuple]]:
+        """The bucket queues, re-read and re-decoded from their references after ``set_state``."""
+        if self._queues is None:
+            self._queues = [[] for _ in self._buckets]
+            refs = [(k, ref, index) for k, entries in enumerate(self._queued) for ref, index in entries]
+
+            def reread(entry):
+                k, (i, offset), index = entry
+                sample = dict(read_sample_at(self._files[i], offset), __url__=self._files[i], __ref__=[i, offset])
+                return k, self._decode(sample, index)
+
+            for k, item in self._pool.map(reread, refs):
+                self._queues[k].append(item)
+        return self._queues
 
     def __next__(self) -> dict:
-        b, out = self._config.batch_size, []
-        while len(out) < b:
-            samples = [next(self.stream) for _ in range(b - len(out))]
-            first = self._examples
-            self._examples += len(samples)
-            out += [e for e in self._pool.map(self._example, samples, range(first, first + len(samples))) if e]
+        items, size = self._take()
+        self._steps += 1
+        out = list(self._pool.map(self._example, items, [size] * len(items)))
         self._state = dataclasses.replace(self.stream.state, open=list(self.stream.state.open),
                                           window=list(self.stream.state.window))
+        if self._queues is not None:
+            self._queued = [[[item[0], item[1]] for item in q] for q in self._queues]
         return {k: np.stack([e[k] for e in out]) for k in out[0]}
 
     def get_state(self) -> dict:
-        return {"files": len(self._files), "hosts": self._hosts, "examples": self._examples,
-                **dataclasses.asdict(self._state)}
+        return {"files": len(self._files), "hosts": self._hosts, "examples": self._examples, "steps": self._steps,
+                "queued": self._queued, **dataclasses.asdict(self._state)}
 
     def set_state(self, state: dict) -> None:
         state = dict(state)
@@ -368,7 +427,13 @@ class WebDatasetIterator(grain.DatasetIterator):
         if (files, hosts) != (len(self._files), self._hosts):
             raise ValueError(f"The checkpoint's data position is for {files} shards over {hosts} hosts; this run has "
                              f"{len(self._files)} over {self._hosts}. Resume with the same data.files and host count.")
-        self._examples = int(state.pop("examples"))
+        self._examples, self._steps = int(state.pop("examples")), int(state.pop("steps"))
+        self._queued = state.pop("queued")
+        if self._buckets is not None and len(self._queued) not in (0, len(self._buckets)):
+            raise ValueError(f"The checkpoint's data position has {len(self._queued)} buckets; data.buckets gives "
+                             f"{len(self._buckets)}. Resume with the same data.buckets.")
+        self._queued = self._queued or ([[] for _ in self._buckets] if self._buckets else [])
+        self._queues = None
         self._state = StreamState(**state)
         self.close()
 
@@ -376,9 +441,3 @@ class WebDatasetIterator(grain.DatasetIterator):
         if self._stream is not None:
             self._stream.close()
             self._stream = None
-
-
-def iterate(files: Sequence[str], config: Any, transform: Callable[..., dict], host: int, hosts: int
-            ) -> Iterator[dict]:
-    """``WebDatasetIterator`` over ``files`` (see there)."""
-    return WebDatasetIterator(files, config, transform, host, hosts)

@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 
 from sdjax import generate, images as images_lib, paths, sharding, sources as sources_lib
 from sdjax.checkpoints import export as export_lib, load as load_lib, lora as lora_files
-from sdjax.data import latent_cache, make_dataset, prepare_on_all_hosts
+from sdjax.data import buckets as buckets_lib, latent_cache, make_dataset, prepare_on_all_hosts
 from sdjax.diffusion.schedule import alphas_cumprod
 from sdjax.models.autoencoder import AutoencoderKL
 from sdjax.models.configs import ModelConfigs, text_encoder_inputs, unet_inputs, vae_inputs
@@ -126,7 +126,7 @@ def _tokenizer_dir(config: LatentRunConfig, workdir: str, dataset: Any, pretrain
     return folder
 
 
-def _check_networks(configs: ModelConfigs, image_size: int) -> None:
+def _check_networks(configs: ModelConfigs, data) -> None:
     if configs.unet.cross_attention_dim != configs.text_encoder.hidden_size:
         raise ValueError(f"model.unet.cross_attention_dim={configs.unet.cross_attention_dim} must equal the text "
                          f"encoder's hidden_size={configs.text_encoder.hidden_size}.")
@@ -134,9 +134,14 @@ def _check_networks(configs: ModelConfigs, image_size: int) -> None:
         raise ValueError(f"model.unet.in_channels={configs.unet.in_channels} must equal the autoencoder's "
                          f"latent_channels={configs.vae.latent_channels}.")
     f, levels = configs.vae.downsample_factor, 2 ** (len(configs.unet.block_out_channels) - 1)
+    image_size = data.image_size
     if image_size % (f * levels):
         raise ValueError(f"data.image_size={image_size} must be a multiple of {f * levels} (autoencoder factor "
                          f"{f} x {levels} UNet downsamplings).")
+    odd = [f"{h}x{w}" for h, w in buckets_lib.parse(data.buckets, image_size) or () if h % (f * levels) or w % (f * levels)]
+    if odd:
+        raise ValueError(f"data.buckets {', '.join(odd)}: every side must be a multiple of {f * levels} (autoencoder "
+                         f"factor {f} x {levels} UNet downsamplings).")
 
 
 def build(config: LatentRunConfig | ml_collections.ConfigDict, workdir: str, devices=None,
@@ -153,7 +158,7 @@ def build(config: LatentRunConfig | ml_collections.ConfigDict, workdir: str, dev
     mesh, rules = builder.make_mesh(config.mesh, train.batch_size, devices, train.grad_accum)
     sources = sources or sources_lib.read(config.model)
     configs = sources.configs
-    _check_networks(configs, config.data.image_size)
+    _check_networks(configs, config.data)
 
     nets = sources_lib.generation_networks(configs, DTYPES[train.dtype], attention=train.attention,
                                            platform=mesh.devices.flat[0].platform)
