@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
               "source_sizes": [f"{h}x{w}" for h, w in ASPECTS], "output": "512x512 f32, random crop + flip",
               "runs": runs, "images_per_s_per_core": per_core, "v5p8_host_step_images_per_s": V5P8_STEP_IMAGES_PER_S,
               "v5p8_host_cores_needed": needs}
-    print(f"| decode threads | images/s | peak RSS MiB |\n|---|---|---|")
+    print("| decode threads | images/s | peak RSS MiB |\n|---|---|---|")
     for r in runs:
         print(f"| {r['threads']} | {r['images_per_s']:.1f} | {r['peak_rss_mib']:.0f} |")
     print(f"\n{per_core:.1f} images/s per core (JPEG {jpeg_kib:.0f} KiB mean, shorter side 512 -> 512x512 crops); "
