@@ -117,3 +117,55 @@ def test_bad_input_stops_before_compiling(tmp_path):
     c.pretrained, c.train.init_from = str(folder), str(folder)
     with pytest.raises(ValueError, match="unset train.init_from"):
         latent.build(c, str(tmp_path), devices=jax.devices()[:1])
+
+
+@pytest.mark.slow
+def test_encode_webdataset_to_mlperf_latent_shards_then_sd2_base_trains_on_them(tmp_path):
+    """``sdjax-train encode``: image shards -> latent shards in MLPerf's layout (moments channels first),
+    equal to diffusers' PyTorch encoder on the centre crops; a re-run skips the shards already done;
+    ``sd2_base:tiny`` then trains on the latent shards read in place (``data.moments_ext=npy``)."""
+    import io
+    import tarfile
+
+    import torch
+    from PIL import Image
+
+    from tests.helpers import write_webdataset
+
+    folder = tiny_models.save_pipeline(tmp_path / "sd2", "sd2", seed=1)
+    write_webdataset(tmp_path / "wds", 2, 5)  # shard 0 holds two bad samples, shard 1 is truncated
+    common = ["--config", "sd2_base:tiny", f"--config.pretrained={folder}", "--config.data.name=webdataset",
+              f"--config.data.files={tmp_path}/wds/{{00000..00001}}.tar"]
+    out = _train(["encode", "--out", tmp_path / "latents"] + common, tmp_path)
+    assert "skipped 00000.tar:0000099990: undecodable image" in out
+
+    _, vae, _ = tiny_models.build_torch_models("sd2", seed=1)
+    for shard in ("00000.tar", "00001.tar"):
+        with tarfile.open(tmp_path / "wds" / shard) as tar:  # the truncated shard: read up to the cut
+            images = {}
+            try:
+                for m in tar:
+                    if m.name.endswith((".png", ".jpg")) and not m.name.startswith("00000999"):
+                        images[m.name.split(".")[0]] = np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())))
+            except tarfile.ReadError:
+                pass
+        with tarfile.open(tmp_path / "latents" / shard) as tar:
+            got = {m.name.split(".")[0]: np.load(io.BytesIO(tar.extractfile(m).read()))
+                   for m in tar if m.name.endswith(".npy")}
+        assert got and set(got) <= set(images)
+        for key, moments in got.items():
+            img = images[key]
+            h, w = img.shape[:2]  # the shorter side is 32 already: a centre crop, no resize
+            crop = img[(h - 32) // 2:(h - 32) // 2 + 32, (w - 32) // 2:(w - 32) // 2 + 32]
+            x = torch.from_numpy(crop.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+            with torch.no_grad():
+                dist = vae.encode(x).latent_dist
+            want = torch.cat([dist.mean, dist.logvar], dim=1)[0].numpy()
+            np.testing.assert_allclose(moments, want, rtol=1e-4, atol=1e-4, err_msg=key)
+    again = _train(["encode", "--out", tmp_path / "latents"] + common, tmp_path)
+    assert again.count("exists, skipped") == 2
+
+    out = _train(["latent", "--workdir", tmp_path / "w", "--config", "sd2_base:tiny", f"--config.pretrained={folder}",
+                  "--config.data.name=webdataset", "--config.data.moments_ext=npy", "--config.data.shuffle_buffer=4",
+                  f"--config.data.files={tmp_path}/latents/{{00000..00001}}.tar"], tmp_path)
+    assert "step 4/4" in out and "cached latents" not in out

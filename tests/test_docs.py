@@ -23,6 +23,8 @@ BLOCKS = {
                                                                         '"docs/checkpoints.md"'),
     ("lora.md", "## Training"): ("tests/test_lora.py", '"docs/lora.md"'),
     ("pods.md", "# Pods: every host runs the same command"): ("tests/test_preemption.py", 'SDJAX_NUM_PROCESSES="2"'),
+    # sd2_base:tiny with the same flags, on a tiny SD 2 folder and local shards
+    ("pods.md", "## Precomputed latents"): ("tests/test_configs.py", '"encode", "--out"'),
     ("pods.md", "## Image folders and TFDS datasets"): ("tests/test_train_latent.py", 'SDJAX_NUM_PROCESSES="2"'),
     ("sampling.md", "## From Python"): ("tests/test_cli_sample.py", '"docs/sampling.md"'),
     ("sampling.md", "## Inpainting"): ("tests/test_readme_inpaint_export.py",

@@ -21,9 +21,10 @@ from ml_collections import config_flags
 from sdjax import configs as configs_lib
 from sdjax.cli.errors import user_errors
 
-PHASES = ("autoencoder", "latent")
-USAGE = f"usage: sdjax-train {{{','.join(PHASES)}}} --config NAME_OR_PATH[:ARG] --workdir DIR [--export DIR [--export-format FMT]] " \
-        "[--config.SECTION.KEY=VALUE ...]"
+PHASES = ("autoencoder", "latent", "encode")
+USAGE = ("usage: sdjax-train {autoencoder,latent} --config NAME_OR_PATH[:ARG] --workdir DIR [--export DIR "
+         "[--export-format FMT]] [--config.SECTION.KEY=VALUE ...]\n"
+         "       sdjax-train encode --config NAME_OR_PATH[:ARG] --out DIR [--config.SECTION.KEY=VALUE ...]")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A shipped config's name (e.g. tiny) or a config file's path, optionally followed by :ARG.")
@@ -31,6 +32,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics
 _EXPORT = flags.DEFINE_string("export", None, "Write the trained model here when training ends: the autoencoder "
                                               "phase writes what the latent phase's autoencoder.path reads; the "
                                               "latent phase a model StableDiffusion.from_pretrained loads.")
+_OUT = flags.DEFINE_string("out", None, "encode: the folder (local or gs://) the latent shards go to.")
 _EXPORT_FORMAT = flags.DEFINE_enum(
     "export-format", None, ["sdjax", "diffusers", "single_file"],
     "Format of --export (default sdjax): diffusers writes a diffusers folder (the autoencoder phase: an AutoencoderKL "
@@ -60,7 +62,9 @@ def _prepare_argv(argv: list[str]) -> list[str]:
 def _run(phase: str, argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {list(argv[1:])}.\n{USAGE}")
-    if not _WORKDIR.value:
+    if phase == "encode" and not _OUT.value:
+        raise app.UsageError(f"--out is required.\n{USAGE}")
+    if phase != "encode" and not _WORKDIR.value:
         raise app.UsageError(f"--workdir is required.\n{USAGE}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
     from sdjax import sharding
@@ -72,6 +76,10 @@ def _run(phase: str, argv: Sequence[str]) -> None:
     if _EXPORT_FORMAT.value:
         config.train.export_format = _EXPORT_FORMAT.value
     with user_errors():
+        if phase == "encode":
+            from sdjax.training import latent
+            latent.encode(config, _OUT.value)
+            return
         if phase == "autoencoder":
             from sdjax.training import autoencoder as trainer
         else:

@@ -5,6 +5,15 @@
         --config.data.name=captioned_images --config.data.manual_dir=my_images
     sdjax-train latent --config sd2_base:tiny --workdir runs/sd2-tiny --config.pretrained=TINY_SD2_FOLDER  # CPU
 
+MLPerf's preprocessed LAION latents (webdataset shards of ``KEY.npy`` moments + ``KEY.txt``), read in
+place; ``sdjax-train encode`` writes the same layout from image shards, every host its share:
+
+    sdjax-train encode --config sd2_base --out gs://BUCKET/latents --config.pretrained=stable-diffusion-2-base \
+        --config.data.name=webdataset --config.data.files='gs://BUCKET/laion/{00000..00831}.tar'
+    sdjax-train latent --config sd2_base --workdir gs://BUCKET/runs/sd2 --config.pretrained=stable-diffusion-2-base \
+        --config.data.name=webdataset --config.data.moments_ext=npy \
+        --config.data.files='/datasets/laion-400m/webdataset-moments-filtered/{00000..00831}.tar'
+
 ``pretrained`` (an SD 2.x checkpoint: a diffusers folder, an sdjax export, or a single file with
 ``tokenizer.dir``) gives the frozen OpenCLIP ViT-H text encoder (penultimate layer) and the frozen
 kl-f8 autoencoder and the tokenizer; the UNet starts from a random initialisation with SD 2's

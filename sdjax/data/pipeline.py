@@ -74,6 +74,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     # Aspect-ratio buckets (webdataset): "auto", or "HxW,HxW,..." (sdjax.data.buckets); None: squares.
     buckets: str | None = None
+    # webdataset of precomputed latents (MLPerf's layout, or `sdjax-train encode`'s): the member holding each
+    # sample's autoencoder moments, an .npy of (2C, h, w); None: the samples hold images.
+    moments_ext: str | None = None
 
     def __post_init__(self):
         for field in ("image_size", "batch_size", "num_threads", "num_examples"):
@@ -93,6 +96,10 @@ class DataConfig:
         if self.name == WEBDATASET_NAME and self.num_epochs is not None:
             raise ValueError("data.num_epochs: a webdataset stream repeats until train.steps (every host yields a "
                              "batch at every step); leave num_epochs unset.")
+        if self.moments_ext is not None and (self.name != WEBDATASET_NAME or self.buckets or self.random_crop
+                                             or self.random_flip):
+            raise ValueError("data.moments_ext reads precomputed latents from webdataset shards (data.name=webdataset), "
+                             "as encoded: without data.buckets, random_crop or random_flip.")
         if self.buckets is not None:
             if self.name != WEBDATASET_NAME:
                 raise ValueError("data.buckets groups a webdataset stream by aspect ratio: set data.name=webdataset "
@@ -307,6 +314,9 @@ def make_dataset(config: DataConfig, tokenize: Callable[[str], Sequence[int]] | 
     if config.name == WEBDATASET_NAME:
         host, hosts = config.shard()
         def transform(image, text, original_size, rng, size):
+            if config.moments_ext:  # precomputed latents: the "image" is the moments (h, w, 2C)
+                out = {"moments": image, "text": text, "original_size": np.asarray(original_size, np.int32)}
+                return out | ({"input_ids": np.asarray(tokenize(text), np.int32)} if tokenize else {})
             return example(image, text, original_size, rng, config, tokenize, size)
 
         return webdataset.WebDatasetIterator(webdataset.expand(config.files), config, transform, host, hosts)

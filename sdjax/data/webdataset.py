@@ -309,6 +309,25 @@ def decode(sample: dict, caption_ext: str) -> tuple[np.ndarray, str, tuple[int, 
     return image, caption, size
 
 
+def decode_moments(sample: dict, ext: str, caption_ext: str) -> tuple[np.ndarray, str, tuple[int, int]]:
+    """(f32 moments (h, w, 2C), caption, latent (h, w)) of a precomputed-latent sample: an .npy of
+    (2C, h, w), channels first as MLPerf's shards and ``sdjax-train encode`` write them (the mean's C
+    channels, then the log-variance's); raises ``ValueError`` naming what is wrong."""
+    if ext not in sample:
+        raise ValueError(f"no .{ext} member")
+    caption = sample.get(caption_ext, b"").decode("utf-8", errors="replace").strip()
+    if not caption:
+        raise ValueError("no caption")
+    try:
+        moments = np.load(io.BytesIO(sample[ext]), allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"unreadable .{ext} ({e})") from e
+    if moments.ndim != 3 or moments.shape[0] % 2:
+        raise ValueError(f".{ext} of shape {moments.shape}: expected moments (2C, h, w)")
+    moments = np.ascontiguousarray(np.transpose(moments, (1, 2, 0)), np.float32)
+    return moments, caption, moments.shape[:2]
+
+
 class WebDatasetIterator(grain.DatasetIterator):
     """This host's batches of decoded, preprocessed samples, with an exact ``get_state``/``set_state``.
 
@@ -349,7 +368,10 @@ class WebDatasetIterator(grain.DatasetIterator):
 
     def _decode(self, sample: dict, index: int) -> tuple | None:
         try:
-            image, caption, size = decode(sample, self._config.caption_ext)
+            if self._config.moments_ext:
+                image, caption, size = decode_moments(sample, self._config.moments_ext, self._config.caption_ext)
+            else:
+                image, caption, size = decode(sample, self._config.caption_ext)
         except ValueError as e:
             self._on_skip(sample["__url__"], sample["__key__"], str(e))
             return None

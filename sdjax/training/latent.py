@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 
 from sdjax import generate, images as images_lib, paths, sharding, sources as sources_lib
 from sdjax.checkpoints import export as export_lib, load as load_lib, lora as lora_files
-from sdjax.data import buckets as buckets_lib, latent_cache, make_dataset, prepare_on_all_hosts
+from sdjax.data import buckets as buckets_lib, encode as encode_lib, latent_cache, make_dataset, prepare_on_all_hosts, webdataset
 from sdjax.diffusion.schedule import alphas_cumprod
 from sdjax.models.autoencoder import AutoencoderKL
 from sdjax.models.configs import ModelConfigs, text_encoder_inputs, unet_inputs, vae_inputs
@@ -230,7 +230,8 @@ def build(config: LatentRunConfig | ml_collections.ConfigDict, workdir: str, dev
                       lora_dropout=config.lora.dropout if lora_targets else 0.0)
     program = builder.compile_step(
         functools.partial(train_step, step=step), mesh=mesh, rules=rules, init=init, init_args=(1.0,),
-        seed=train.seed, batch_keys=("moments" if train.cache_latents else "image", "input_ids"),
+        seed=train.seed, batch_keys=("moments" if train.cache_latents or config.data.moments_ext else "image",
+                                     "input_ids"),
         frozen_shardings=frozen_shardings, fast_compile=train.fast_compile, learning_rate=lr)
     return LatentRun(config=config, sources=sources, tokenizer=tokenizer, tokenizer_dir=tokenizer_dir, step=step,
                      frozen=frozen, program=program, dataset=dataset, workdir=workdir)
@@ -244,7 +245,7 @@ def _tokenize_fn(run: LatentRun):
 
 def make_iterator(run: LatentRun):
     """This host's training batches: images read through the data pipeline, or cached latents."""
-    if run.config.train.cache_latents:
+    if run.config.train.cache_latents and not run.config.data.moments_ext:  # shards of latents need no cache
         return latent_cache.make_dataset(cached_latents(run), run.config.data)
     return make_dataset(run.config.data, tokenize=_tokenize_fn(run))
 
@@ -397,6 +398,24 @@ def task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
         restore_target=run.program.restore_target(), init_state=functools.partial(init_state, run),
         iterator=make_iterator(run), device_batch=run.program.device_batch, hooks=hooks,
         export=functools.partial(export, run, path=train.export_dir) if train.export_dir else None)
+
+
+def encode(config: ml_collections.ConfigDict, out: str) -> dict[str, int]:
+    """``sdjax-train encode``: the config's webdataset image shards (``data.files``) encoded by its
+    frozen autoencoder into latent shards under ``out`` (``sdjax.data.encode``), this host's share."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.train.cache_latents = False  # what training will do with the shards is not this command's concern
+    run_config = LatentRunConfig.from_config(config)
+    data = run_config.data
+    if data.name != "webdataset" or data.moments_ext:
+        raise ValueError("sdjax-train encode reads webdataset shards of images: set data.name=webdataset and "
+                         "data.files (and leave data.moments_ext unset).")
+    sources = sources_lib.read(run_config.model)
+    if sources.vae is None:
+        raise ValueError("sdjax-train encode needs a trained autoencoder: set pretrained=PATH or autoencoder.path.")
+    vae = sources_lib.generation_networks(sources.configs).vae
+    shards = webdataset.Shards.find(data.files)
+    return encode_lib.encode_all(list(shards.files), paths.check(out, "--out"), data, vae, sources.vae)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:

@@ -257,9 +257,10 @@ class LatentRunConfig:
             if self.model.model.get("unet") and self.model.unet_from_pretrained:
                 raise ValueError("model.unet is set, but the UNet comes from pretrained: set unet_from_pretrained=False "
                                  "to train model.unet from scratch, or unset model.unet.")
-        if self.train.cache_latents and self.data.name == "webdataset":
+        if self.train.cache_latents and self.data.name == "webdataset" and not self.data.moments_ext:
             raise ValueError("train.cache_latents encodes a dataset read by index; webdataset shards are a stream. "
-                             "Train on the shards directly (cache_latents=False).")
+                             "Train on the shards directly (cache_latents=False), or encode them once (`sdjax-train "
+                             "encode`) and read the latent shards (data.moments_ext=npy).")
         if self.tokenizer.from_captions and self.data.name == "webdataset":
             raise ValueError("tokenizer.from_captions reads every caption before training, which a webdataset stream "
                              "does not: set tokenizer.dir (a CLIP tokenizer folder) or tokenizer.words.")
