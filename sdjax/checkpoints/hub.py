@@ -20,6 +20,7 @@ _STEMS = ("diffusion_pytorch_model", "model")
 
 def is_hub_id(path: str) -> bool:
     """Whether ``path`` reads as a hub id and names nothing local."""
+    path = os.fspath(path)
     return not paths.is_remote(path) and not os.path.exists(os.path.expanduser(path)) and bool(_ID.match(path))
 
 
@@ -47,6 +48,7 @@ def resolve(path: str, what: str, *, kind: str = "pipeline", revision: str | Non
     snapshot of a hub id (fetched unless ``HF_HUB_OFFLINE``): a ``kind`` repo (``KINDS``), or
     ``default_file`` of the repo when the id names no file (a LoRA repo's weights). Raises one clear
     error when it is none of them."""
+    path = os.fspath(path)
     if not is_hub_id(path):
         return paths.readable(path, what)
     import huggingface_hub
