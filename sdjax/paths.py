@@ -77,6 +77,16 @@ def exists(path: str) -> bool:
     return _fs().exists(path) if is_remote(path) else os.path.exists(path)
 
 
+def remove(path: str) -> None:
+    """Deletes a local or ``gs://`` file or folder."""
+    if is_remote(path):
+        _fs().rm(path, recursive=True)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
 def makedirs(path: str) -> None:
     """A local folder and its parents (a bucket has no folders to make)."""
     if not is_remote(path):

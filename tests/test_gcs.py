@@ -83,3 +83,33 @@ def test_exports_in_every_format_and_sampling_outputs_live_in_the_bucket(gcs, tm
         "00000-a_red_circle.json", "00000-a_red_circle.png", "00001-a_red_circle.json", "00001-a_red_circle.png",
         "grid-0000.png"]
     assert written[0] == f"{bucket}/outputs/00000-a_red_circle.png"
+
+
+def test_latent_cache_in_a_bucket_is_encoded_once_and_read_back(gcs, tmp_path, monkeypatch):
+    from sdjax.data import latent_cache
+
+    bucket = gcs.bucket("cache")
+    monkeypatch.setattr(latent_cache, "CHUNK", 4)
+    n, asked = 10, []
+
+    def examples(start, stop):
+        asked.append((start, stop))
+        idx = np.arange(start, stop, dtype=np.float32)
+        return {"image": np.broadcast_to(idx[:, None, None, None], (stop - start, 2, 2, 3)),
+                "input_ids": np.repeat(np.arange(start, stop, dtype=np.int32)[:, None], 5, axis=1)}
+
+    def encode(images):
+        return np.concatenate([images[:, :1, :1, :1], 2 * images[:, :1, :1, :1]], axis=-1)
+
+    def build(fingerprint):
+        return latent_cache.build(f"{bucket}/lc", fingerprint, n, examples, encode, 3, "test")
+
+    source = build({"v": 1})
+    assert asked == [(0, 4), (4, 8), (8, 10)]
+    got = np.stack([source[i]["moments"][0, 0] for i in range(n)])
+    np.testing.assert_array_equal(got, np.stack([np.arange(n), 2 * np.arange(n)], -1))
+    assert len(paths.glob(f"{bucket}/lc/*.npy")) == 6
+    paths.remove_local(str(tmp_path / "cache"))  # another host: nothing local, everything from the bucket
+    assert len(build({"v": 1})) == n and len(asked) == 3
+    build({"v": 2})  # stale: encoded anew
+    assert len(asked) == 6

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from sdjax import paths
 from sdjax.data.pipeline import DataConfig, global_batches, preprocess
 
 CHUNK = 256
@@ -118,14 +119,65 @@ def _start(path: str, fingerprint: dict, num_examples: int) -> None:
         json.dump({"fingerprint": fingerprint, "examples": num_examples, "chunk": CHUNK}, f, indent=1)
 
 
+def _build_in_bucket(path: str, fingerprint: dict, num_examples: int, encode_chunk: Callable[[int], dict],
+                     what: str) -> ChunkSource:
+    """``build`` for a ``gs://`` cache: every host sees the bucket, so host i encodes the missing chunks
+    i, i+n, ... into its local mirror and uploads each; then every host copies the whole cache into its
+    mirror (``paths.readable``) and reads it memory-mapped from there."""
+    remote_meta = f"{path}/{_META}"
+    meta = _meta(os.path.dirname(paths.readable(remote_meta, "latent cache"))) if paths.exists(remote_meta) else None
+    stale = meta is None or meta.get("fingerprint") != json.loads(json.dumps(fingerprint))
+    local = paths.mirror(path)
+    if jax.process_index() == 0 and stale:
+        if paths.exists(path):
+            paths.remove(path)
+        _start(local, fingerprint, num_examples)
+        paths.upload(os.path.join(local, _META), remote_meta)
+    multihost_utils.sync_global_devices("sdjax latent cache created")
+    num_chunks = -(-num_examples // CHUNK)
+    present = {os.path.basename(p) for p in paths.glob(f"{path}/*.npy")}
+    missing = [c for c in range(num_chunks)
+               if not all(os.path.basename(_chunk_path("", k, c)) in present for k in _ARRAYS)]
+    mine = [c for c in missing if c % jax.process_count() == jax.process_index()]
+    if mine:
+        print(f"caching latents of {what}: {len(mine)} of {num_chunks} chunks into {path}", flush=True)
+    os.makedirs(local, exist_ok=True)
+    for c in mine:
+        _write_chunk(local, c, encode_chunk(c))
+        for k in _ARRAYS:  # the chunk's arrays go up whole; the .npy suffix last marks a chunk complete
+            paths.upload(_chunk_path(local, k, c), _chunk_path(path, k, c))
+        print(f"  encoded chunk {c + 1}/{num_chunks}", flush=True)
+    multihost_utils.sync_global_devices("sdjax latent cache written")
+    source = read(paths.readable(path, "latent cache"), fingerprint)
+    if source is None:
+        raise ValueError(f"The latent cache {path} is incomplete after encoding: is the bucket writable by every "
+                         "host?")
+    print(f"training on {len(source)} cached latents from {path}", flush=True)
+    return source
+
+
 def build(path: str, fingerprint: dict, num_examples: int, examples: Callable[[int, int], dict[str, np.ndarray]],
           encode: Callable[[np.ndarray], np.ndarray], batch_size: int, what: str) -> ChunkSource:
-    """The cache at ``path``; encodes what is missing first (all of it when absent or stale).
+    """The cache at ``path`` (local or ``gs://``); encodes what is missing first (all of it when absent
+    or stale).
 
     ``examples(start, stop)`` -> {"image" (n, H, W, 3) in [-1, 1], "input_ids" (n, L)} of the
     unshuffled dataset; ``encode(images (batch_size, H, W, 3)) -> moments``: the last, shorter
     batch of a chunk is padded so that ``encode`` sees one shape. Every host calls this.
     """
+    def encode_chunk(c: int) -> dict[str, np.ndarray]:
+        start, stop = c * CHUNK, min((c + 1) * CHUNK, num_examples)
+        chunk = examples(start, stop)
+        moments = []
+        for i in range(0, stop - start, batch_size):
+            images = chunk["image"][i:i + batch_size]
+            padded = np.zeros((batch_size,) + images.shape[1:], np.float32)
+            padded[:len(images)] = images
+            moments.append(np.asarray(encode(padded))[:len(images)])
+        return {"moments": np.concatenate(moments), "input_ids": chunk["input_ids"]}
+
+    if paths.is_remote(path):
+        return _build_in_bucket(path, fingerprint, num_examples, encode_chunk, what)
     meta = _meta(path)
     stale = meta is None or meta.get("fingerprint") != json.loads(json.dumps(fingerprint))
     if jax.process_index() == 0 and stale:
@@ -144,16 +196,8 @@ def build(path: str, fingerprint: dict, num_examples: int, examples: Callable[[i
               flush=True)
     t0, done = time.perf_counter(), 0
     for c in mine:
-        start, stop = c * CHUNK, min((c + 1) * CHUNK, num_examples)
-        chunk = examples(start, stop)
-        moments = []
-        for i in range(0, stop - start, batch_size):
-            images = chunk["image"][i:i + batch_size]
-            padded = np.zeros((batch_size,) + images.shape[1:], np.float32)
-            padded[:len(images)] = images
-            moments.append(np.asarray(encode(padded))[:len(images)])
-        _write_chunk(path, c, {"moments": np.concatenate(moments), "input_ids": chunk["input_ids"]})
-        done += stop - start
+        _write_chunk(path, c, encode_chunk(c))
+        done += min((c + 1) * CHUNK, num_examples) - c * CHUNK
         print(f"  encoded {done} images ({done / (time.perf_counter() - t0):.0f} images/s), "
               f"chunk {c + 1}/{num_chunks}", flush=True)
     multihost_utils.sync_global_devices("sdjax latent cache written")

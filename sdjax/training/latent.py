@@ -70,10 +70,8 @@ class LatentRun:
     def latent_cache_dir(self) -> str:
         if self.config.train.latent_cache_dir:
             return self.config.train.latent_cache_dir
-        if paths.is_remote(self.workdir):
-            raise ValueError(f"train.cache_latents: the cache is read memory-mapped from a local disk, and the "
-                             f"workdir {self.workdir} is in a bucket; set train.latent_cache_dir to a local folder.")
-        return os.path.join(self.workdir, "latent_cache")
+        return f"{self.workdir}/latent_cache" if paths.is_remote(self.workdir) else os.path.join(self.workdir,
+                                                                                                  "latent_cache")
 
 
 # ---- building a run ------------------------------------------------------------------------------

@@ -77,8 +77,7 @@ class LatentTrainConfig(LoopConfig):
             raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}.")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}.")
-        paths.expand_fields(self, "train", ("latent_cache_dir", "init_from"),
-                            local={"latent_cache_dir": "the cache is read memory-mapped from a local disk"})
+        paths.expand_fields(self, "train", ("latent_cache_dir", "init_from"))
 
 
 @dataclasses.dataclass(frozen=True)
