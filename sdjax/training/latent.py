@@ -383,6 +383,22 @@ def export(run: LatentRun, state: TrainState, path: str) -> None:
 
 # ---- the run -------------------------------------------------------------------------------------
 
+def bucket_steps(run: LatentRun):
+    """``step(state, batch)`` for ``data.buckets``: the step compiled for every bucket's shape before the
+    first one runs (so a pod never stops mid-run to compile), each batch sent to its bucket's program."""
+    data, train = run.config.data, run.config.train
+    sizes = buckets_lib.parse(data.buckets, data.image_size)
+    state, sharding = run.program.restore_target(), run.program.batch_sharding
+    compiled = {}
+    for h, w in sizes:
+        batch = {"image": jax.ShapeDtypeStruct((train.batch_size, h, w, 3), jnp.float32, sharding=sharding),
+                 "input_ids": jax.ShapeDtypeStruct((train.batch_size, run.seq_len), jnp.int32, sharding=sharding)}
+        compiled[(h, w)] = run.program.step.lower(state, batch, run.frozen).compile()
+    if jax.process_index() == 0:
+        print(f"compiled the step for {len(sizes)} buckets: {', '.join(f'{h}x{w}' for h, w in sizes)}", flush=True)
+    return lambda state, batch: compiled[tuple(batch["image"].shape[1:3])](state, batch, run.frozen)
+
+
 def task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
     """Phase 2 as a task for the shared loop."""
     run = build(config, workdir)
@@ -391,8 +407,10 @@ def task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
     if train.sample_every and run.config.sample.prompts:
         grid = make_sample_grid(run)
         hooks = (loop.Hook(train.sample_every, lambda step, state, writer: writer.image(step, "samples", grid(state))),)
+    step_fn = bucket_steps(run) if run.config.data.buckets else (
+        lambda state, batch: run.program.step(state, batch, run.frozen))
     return loop.Task(
-        train=train, step_fn=lambda state, batch: run.program.step(state, batch, run.frozen),
+        train=train, step_fn=step_fn,
         restore_target=run.program.restore_target(), init_state=functools.partial(init_state, run),
         iterator=make_iterator(run), device_batch=run.program.device_batch, hooks=hooks,
         export=functools.partial(export, run, path=train.export_dir) if train.export_dir else None)
