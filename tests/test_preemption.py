@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -17,6 +18,7 @@ import pytest
 from sdjax import paths
 from sdjax.cli.train import PREEMPTED_EXIT
 from sdjax.stable_diffusion import StableDiffusion
+from sdjax.training import preemption
 from tests.helpers import ROOT, free_port, subprocess_env, write_webdataset
 
 
@@ -152,3 +154,25 @@ def test_two_processes_sigterm_to_one_both_save_one_step_and_resume_bitwise(gcs,
     codes, logs = pod("straight", "straight")
     assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
     _assert_same_run(root, "victim", "straight", steps)
+
+
+def test_sigterm_is_caught_at_the_next_step_and_the_old_handler_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    with preemption.Watch() as watch:
+        assert not watch.reached(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert watch.reached(2)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_watch_in_another_thread_installs_nothing():
+    seen = []
+
+    def run():
+        with preemption.Watch() as watch:
+            seen.append(watch.reached(1))
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert seen == [False]

@@ -9,6 +9,7 @@ sets a flag read at the next step.
 """
 
 import signal
+import threading
 
 import jax
 from jax.experimental import multihost_utils
@@ -32,7 +33,9 @@ class Watch:
         self._previous = None
 
     def __enter__(self) -> "Watch":
-        if not self._service:
+        # Python takes signal handlers in the main thread only; training started from another thread
+        # (a notebook's worker, say) then stops at SIGTERM as the process's own handler says.
+        if not self._service and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_signal)
         return self
 
