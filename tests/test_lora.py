@@ -19,7 +19,7 @@ from sdjax import generate
 from sdjax.checkpoints.errors import CheckpointError
 from sdjax.stable_diffusion import StableDiffusion
 from tests import tiny_models
-from tests.helpers import free_port, readme_block, subprocess_env, write_image_folder
+from tests.helpers import free_port, logs_tail, readme_block, subprocess_env, write_image_folder
 
 PROMPTS = ["a photo of a cat", "a dog"]
 SIZE, STEPS, SCALE = 16, 10, 7.5
@@ -210,7 +210,7 @@ def test_readme_lora_commands_train_export_and_sample(base, sd, tmp_path):
         finally:
             for p in procs:
                 p.kill()
-        assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+        assert [p.returncode for p in procs] == [0, 0], logs_tail(outs)
         return outs
 
     two_hosts("--config.train.steps=2", "--workdir", "runs/lora2")

@@ -19,7 +19,7 @@ from sdjax import paths
 from sdjax.cli.train import PREEMPTED_EXIT
 from sdjax.stable_diffusion import StableDiffusion
 from sdjax.training import preemption
-from tests.helpers import ROOT, free_port, subprocess_env, write_webdataset
+from tests.helpers import ROOT, free_port, logs_tail, subprocess_env, write_webdataset
 
 
 def _shards(gcs, tmp_path, bucket: str, count: int) -> str:
@@ -146,13 +146,13 @@ def test_two_processes_sigterm_to_one_both_save_one_step_and_resume_bitwise(gcs,
         return codes, [log.read_text() for log in logs]
 
     codes, logs = pod("victim", "preempted", sigterm_to=1)
-    assert codes == [PREEMPTED_EXIT] * 2, "\n".join(log[-3000:] for log in logs)
+    assert codes == [PREEMPTED_EXIT] * 2, logs_tail(logs)
     saved = {int(re.search(r"preempted at step (\d+): saved", log).group(1)) for log in logs}
     assert len(saved) == 1 and 1 <= min(saved) < steps, saved
     codes, logs = pod("victim", "resumed")
-    assert codes == [0, 0] and f"resumed from step {saved.pop()}" in logs[0], "\n".join(log[-3000:] for log in logs)
+    assert codes == [0, 0] and f"resumed from step {saved.pop()}" in logs[0], logs_tail(logs)
     codes, logs = pod("straight", "straight")
-    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert codes == [0, 0], logs_tail(logs)
     _assert_same_run(root, "victim", "straight", steps)
 
 

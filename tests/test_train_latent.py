@@ -29,7 +29,7 @@ from sdjax.train_state import RUN_ONCE_COMPILER_OPTIONS
 from sdjax.training import latent
 from sdjax.training import latent_step
 from sdjax.training.latent_step import min_snr_weight
-from tests.helpers import ROOT, free_port, latent_config, subprocess_env, write_image_folder
+from tests.helpers import ROOT, free_port, latent_config, logs_tail, subprocess_env, write_image_folder
 
 STEPS = 3
 
@@ -352,7 +352,7 @@ def test_two_hosts_each_with_its_own_home_match_one(tmp_path):
             p.kill()
             log.close()
     host_logs = [(tmp_path / f"host{i}.log").read_text() for i in range(2)]
-    assert codes == [0, 0], "\n".join(log[-3000:] for log in host_logs)
+    assert codes == [0, 0], logs_tail(host_logs)
     one = subprocess.run(cmd(str(tmp_path / "one")), env=_env(8, cache, HOME=str(homes[2])), capture_output=True,
                          text=True, timeout=600)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
@@ -401,3 +401,34 @@ def test_word_tokenizer_gives_one_token_per_caption_word(tmp_path):
     tok = load_tokenizer(write_word_tokenizer(tmp_path, words))
     assert tok.tokenize("a yellow triangle on a green background") == [
         "a</w>", "yellow</w>", "triangle</w>", "on</w>", "a</w>", "green</w>", "background</w>"]
+
+
+def test_word_tokenizer_files_appear_whole_to_a_concurrent_reader(tmp_path):
+    """Processes sharing a machine write the same tokenizer folder (a bucket workdir's local mirror)
+    while others read it: a reader never sees a half-written vocab.json."""
+    import json
+    import threading
+
+    from sdjax.training.word_tokenizer import write_word_tokenizer
+
+    words = [f"word{i}" for i in range(3000)]
+    write_word_tokenizer(tmp_path, words)
+    errors, done = [], threading.Event()
+
+    def read():
+        while not done.is_set():
+            try:
+                json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
+            except ValueError as e:
+                errors.append(e)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for _ in range(20):
+            write_word_tokenizer(tmp_path, words)
+    finally:
+        done.set()
+        reader.join()
+    assert not errors, f"{len(errors)} reads of a half-written vocab.json, e.g. {errors[0]}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merges.txt", "vocab.json"]

@@ -128,6 +128,8 @@ def _build_in_bucket(path: str, fingerprint: dict, num_examples: int, encode_chu
     meta = _meta(os.path.dirname(paths.readable(remote_meta, "latent cache"))) if paths.exists(remote_meta) else None
     stale = meta is None or meta.get("fingerprint") != json.loads(json.dumps(fingerprint))
     local = paths.mirror(path)
+    # processes sharing a machine share the mirror: host 0 clears it only after every host read the old meta
+    multihost_utils.sync_global_devices("sdjax latent cache checked")
     if jax.process_index() == 0 and stale:
         if paths.exists(path):
             paths.remove(path)
