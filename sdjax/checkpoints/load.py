@@ -19,6 +19,7 @@ from sdjax.checkpoints.errors import CheckpointError
 from sdjax.checkpoints.tensors import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, read_safetensors, read_tensors
 from sdjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from sdjax.models.configs import ModelConfigs, abstract_module_params, abstract_params, vae_inputs
+from sdjax.models.inception import FIDInceptionV3
 from sdjax.models.layers import unbox
 from sdjax.models.lpips import LPIPS
 
@@ -128,3 +129,21 @@ def load_lpips(path: str, param_dtype: Any = jnp.float32) -> dict:
     target = jax.eval_shape(LPIPS(param_dtype=param_dtype).init, jax.random.key(0), x, x)
     params = torch_to_flax(read_safetensors(path), unbox(target)["params"], what=f"LPIPS weights {path}")
     return jax.tree_util.tree_map(lambda a: jnp.asarray(a, param_dtype), params)
+
+
+def load_inception(path: str, allow_pickle: bool = False) -> dict:
+    """The ``params`` tree of ``sdjax.models.inception.FIDInceptionV3`` from pytorch-fid's weights
+    (``pt_inception-2015-12-05-6726825d.pth``, a PyTorch pickle read only with ``allow_pickle``) or a
+    .safetensors file with the same tensors. Its classifier (``fc``) is not used.
+
+    Raises CheckpointError naming missing, unexpected or mis-shaped tensors.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such Inception weights file. FID uses pytorch-fid's "
+                                "pt_inception-2015-12-05-6726825d.pth (its GitHub release 'fid_weights').")
+    x = jax.ShapeDtypeStruct((1, 75, 75, 3), jnp.float32)
+    target = jax.eval_shape(FIDInceptionV3().init, jax.random.key(0), x)["params"]
+    state = read_tensors(path, allow_pickle=allow_pickle)
+    params = torch_to_flax(state, target, what=f"Inception weights {path}",
+                           ignore=("num_batches_tracked", "fc.weight", "fc.bias"))
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
