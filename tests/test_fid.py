@@ -1,6 +1,8 @@
 """FID against pytorch-fid: its Inception (``fid_inception_v3``, random weights in its own
 architecture, built without its download), its statistics files and its Frechet distance."""
 
+import os
+import shlex
 import subprocess
 import sys
 
@@ -13,7 +15,7 @@ from sdjax.checkpoints.errors import CheckpointError
 from sdjax.checkpoints.load import load_inception
 from sdjax.evaluation import fid
 from sdjax.evaluation.features import InceptionFeatures
-from tests.helpers import ROOT, subprocess_env
+from tests.helpers import ROOT, readme_block, subprocess_env
 
 
 def _reference(*args: str) -> str:
@@ -109,8 +111,9 @@ def _write_folder(folder, n: int, seed: int, size=(96, 128)) -> None:
 
 
 def _eval(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sdjax.cli.evaluate", *args], capture_output=True, text=True,
-                          env=subprocess_env(2), timeout=600)
+    """A ``sdjax-eval`` command line through the installed console script."""
+    script = os.path.join(os.path.dirname(sys.executable), args[0])
+    return subprocess.run([script, *args[1:]], capture_output=True, text=True, env=subprocess_env(2), timeout=600)
 
 
 def _printed(done: subprocess.CompletedProcess) -> float:
@@ -136,20 +139,24 @@ def test_cli_stats_and_fid_equal_pytorch_fid(inception, tmp_path):
     want_fid, want_cd = float(printed[-2]), float(printed[-1])
     (tmp_path / "a" / "zz-corrupt.png").write_bytes(b"not an image")
 
-    done = _eval("stats", str(tmp_path / "a"), str(tmp_path / "a.npz"), "--inception", str(pickle),
-                 "--allow-pickle", "--batch-size", "4")
-    assert done.returncode == 0, done.stderr[-3000:]
+    # docs/evaluation.md's two commands, with this test's folders and weights for its file names
+    names = {"coco-val2014-30k/": tmp_path / "a", "val2014_30k_stats.npz": tmp_path / "a.npz",
+             "samples/": tmp_path / "b", "pt_inception-2015-12-05-6726825d.pth": pickle}
+    stats_cmd, fid_cmd = ([str(names.get(a, a)) for a in shlex.split(c)] + ["--batch-size", "4"]
+                          for c in readme_block("## FID", "docs/evaluation.md"))
+    done = _eval(*stats_cmd)
+    assert stats_cmd[:2] == ["sdjax-eval", "stats"] and done.returncode == 0, done.stderr[-3000:]
     assert "skipped 1 images that do not decode: zz-corrupt.png" in done.stderr
     got = fid.Statistics.load(str(tmp_path / "a.npz"))
     np.testing.assert_allclose(got.mu, want["a"].mu, rtol=0, atol=1e-4 * np.abs(want["a"].mu).max())
     np.testing.assert_allclose(got.sigma, want["a"].sigma, rtol=0, atol=2e-4 * np.abs(want["a"].sigma).max())
 
-    done = _eval("fid", str(tmp_path / "a.npz"), str(tmp_path / "b"), "--inception", str(weights), "--batch-size", "4")
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _eval(*fid_cmd)  # the samples' folder against the statistics just written
+    assert fid_cmd[:2] == ["sdjax-eval", "fid"] and done.returncode == 0, done.stderr[-3000:]
     # A handful of images in 2048 dimensions: singular covariances, whose square root magnifies
     # the features' round-off; the distance agrees to 1e-2 where the statistics agree to 1e-4.
     assert _printed(done) == pytest.approx(want_fid, rel=1e-2)
-    done = _eval("fid", str(tmp_path / "c.npz"), str(tmp_path / "d.npz"))  # well-conditioned: to 1e-6
+    done = _eval("sdjax-eval", "fid", str(tmp_path / "c.npz"), str(tmp_path / "d.npz"))  # well-conditioned: 1e-6
     assert done.returncode == 0, done.stderr[-3000:]
     assert _printed(done) == pytest.approx(want_cd, rel=1e-6)
 
