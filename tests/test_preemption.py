@@ -78,7 +78,7 @@ def test_one_process_killed_then_preempted_in_a_bucket_resumes_bitwise(gcs, tmp_
     bucket, in three aspect-ratio buckets, with its workdir there: after each, the same command
     resumes; the end equals an uninterrupted run's state and export bit for bit."""
     monkeypatch.setenv("SDJAX_CACHE", str(tmp_path / "cache"))
-    root, steps = _shards(gcs, tmp_path, "one", 3), 16
+    root, steps = _shards(gcs, tmp_path, "one", 3), 10
     env = _env(gcs, tmp_path, 2)
     logs = {name: tmp_path / f"{name}.log" for name in ("straight", "killed", "preempted", "finished")}
 
@@ -125,7 +125,7 @@ def test_two_processes_sigterm_to_one_both_save_one_step_and_resume_bitwise(gcs,
     SIGTERM to process 1 only; both save the same step and exit; the same command resumes there, and
     the result equals an uninterrupted two-process run's state and export bit for bit."""
     monkeypatch.setenv("SDJAX_CACHE", str(tmp_path / "cache"))
-    root, steps = _shards(gcs, tmp_path, "pod", 4), 16
+    root, steps = _shards(gcs, tmp_path, "pod", 4), 8
 
     def pod(run: str, name: str, sigterm_to: int | None = None) -> tuple[list[int], list[str]]:
         port, logs = free_port(), [tmp_path / f"{name}{i}.log" for i in range(2)]
