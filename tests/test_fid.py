@@ -19,8 +19,8 @@ from tests.helpers import ROOT, readme_block, subprocess_env
 
 
 def _reference(*args: str) -> str:
-    """pytorch-fid in its own process (``tests/fid_reference.py``); returns what it printed."""
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "fid_reference.py"), *map(str, args)],
+    """pytorch-fid in its own process (``tests/eval_reference.py``); returns what it printed."""
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "eval_reference.py"), *map(str, args)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout

@@ -101,10 +101,12 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention named as transformers' (q_proj, k_proj, v_proj, out_proj)."""
+    """Multi-head self-attention named as transformers' (q_proj, k_proj, v_proj, out_proj); causal for
+    text, over every token for CLIP's image tower."""
     config: TextEncoderConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
@@ -115,7 +117,7 @@ class CLIPAttention(nn.Module):
         q_BLNH = layers.dense(D, name="q_proj", **kw)(x_BLD).reshape(B, L, N, D // N)
         k_BLNH = layers.dense(D, name="k_proj", **kw)(x_BLD).reshape(B, L, N, D // N)
         v_BLNH = layers.dense(D, name="v_proj", **kw)(x_BLD).reshape(B, L, N, D // N)
-        out_BLNH = layers.attention(q_BLNH, k_BLNH, v_BLNH, is_causal=True)
+        out_BLNH = layers.attention(q_BLNH, k_BLNH, v_BLNH, is_causal=self.causal)
         return layers.dense(D, name="out_proj", **kw)(out_BLNH.reshape(B, L, D))
 
 
@@ -137,26 +139,29 @@ class CLIPEncoderLayer(nn.Module):
     config: TextEncoderConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = layers.layer_norm(c.layer_norm_eps, name="layer_norm1", **kw)(x_BLD).astype(self.dtype)
-        x_BLD = layers.constrain_seq(x_BLD + CLIPAttention(c, name="self_attn", **kw)(h))
+        x_BLD = layers.constrain_seq(x_BLD + CLIPAttention(c, name="self_attn", causal=self.causal, **kw)(h))
         h = layers.layer_norm(c.layer_norm_eps, name="layer_norm2", **kw)(x_BLD).astype(self.dtype)
         return layers.constrain_seq(x_BLD + CLIPMLP(c, name="mlp", **kw)(h))
 
 
 class CLIPEncoder(nn.Module):
+    """The stack of blocks; ``config`` is a text config or any with the same fields (the image tower's)."""
     config: TextEncoderConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         for i in range(self.config.num_layers_used):
-            x_BLD = CLIPEncoderLayer(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
+            x_BLD = CLIPEncoderLayer(self.config, dtype=self.dtype, param_dtype=self.param_dtype, causal=self.causal,
                                      name=f"layers_{i}")(x_BLD)
         return x_BLD
 

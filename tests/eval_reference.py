@@ -1,15 +1,18 @@
 """pytorch-fid, the FID reference, run in a process of its own (``tests/test_fid.py`` starts it).
 
-pytorch-fid and torchvision live in ``$VENV/fid-reference`` (``./run setup test``), not in the
+pytorch-fid and torchvision live in ``$VENV/eval-reference`` (``./run setup test``), not in the
 environment: the registry's torchvision wheel is built for CUDA torch, so its C++ ops do not load
 next to the CPU torch, and an importable torchvision breaks diffusers' pipelines. The Inception
 uses none of those ops, so torchvision's Python modules are imported without its package
 initialiser (which registers the ops).
 
-    python tests/fid_reference.py weights SEED OUT          # OUT.safetensors and OUT.pth, random weights
-    python tests/fid_reference.py features WEIGHTS IMAGES.npy OUT.npy
-    python tests/fid_reference.py stats WEIGHTS FOLDER OUT.npz
-    python tests/fid_reference.py frechet A.npz B.npz                # prints the distance
+    python tests/eval_reference.py weights SEED OUT          # OUT.safetensors and OUT.pth, random weights
+    python tests/eval_reference.py features WEIGHTS IMAGES.npy OUT.npy
+    python tests/eval_reference.py stats WEIGHTS FOLDER OUT.npz
+    python tests/eval_reference.py frechet A.npz B.npz                # prints the distance
+    python tests/eval_reference.py clip CONFIG.json SEED OUT IMAGES_DIR CAPTIONS.txt
+        # a random open_clip model (OUT.safetensors, OUT.bin), its token ids of the captions and the
+        # cosine of each (image, caption) pair through open_clip's evaluation transform (OUT.npz)
 
 Several commands run in one process when joined by ``+``.
 """
@@ -19,12 +22,14 @@ import os
 import sys
 import types
 
-REFERENCE_DIR = os.path.join(sys.prefix, "fid-reference")
+REFERENCE_DIR = os.path.join(sys.prefix, "eval-reference")
 
 
-def _import_pytorch_fid():
+def _import_references():
     if not os.path.isdir(REFERENCE_DIR):
         raise SystemExit(f"{REFERENCE_DIR} is missing: run ./run setup test (it installs pytorch-fid there).")
+    import transformers  # noqa: F401 - first, while torchvision is out of sight (open_clip imports it)
+
     sys.path.insert(0, REFERENCE_DIR)
     spec = importlib.util.find_spec("torchvision")
     package = types.ModuleType("torchvision")
@@ -65,7 +70,7 @@ def _model(inception, weights: str):
 
 
 def main(argv: list[str]) -> None:
-    fid_score, inception = _import_pytorch_fid()
+    fid_score, inception = _import_references()
     commands = [[]]
     for a in argv:
         if a == "+":
@@ -96,11 +101,42 @@ def run(fid_score, inception, command: str, *args: str) -> None:
         mu, sigma = fid_score.compute_statistics_of_path(args[1], model, batch_size=3, dims=2048, device="cpu",
                                                          num_workers=0)
         np.savez_compressed(args[2], mu=mu, sigma=sigma)
+    elif command == "clip":
+        _clip(*args)
     elif command == "frechet":
         (m1, s1), (m2, s2) = (fid_score.compute_statistics_of_path(p, None, 1, 2048, "cpu") for p in args[:2])
         print(fid_score.calculate_frechet_distance(m1, s1, m2, s2))
     else:
         raise SystemExit(f"unknown command {command}")
+
+
+def _clip(config_path: str, seed: str, out: str, images_dir: str, captions_path: str) -> None:
+    import json
+
+    import numpy as np
+    import open_clip
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    config = json.loads(open(config_path).read())
+    torch.manual_seed(int(seed))
+    model = open_clip.CLIP(config["embed_dim"], config["vision_cfg"], config["text_cfg"]).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # away from the init's ones and zeros, so every tensor matters
+            p.add_(torch.randn_like(p) * 0.05)
+    state = model.state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, out + ".safetensors")
+    torch.save(state, out + ".bin")
+    preprocess = open_clip.image_transform(config["vision_cfg"]["image_size"], is_train=False)
+    files = sorted(os.listdir(images_dir))
+    pixels = torch.stack([preprocess(Image.open(os.path.join(images_dir, f))) for f in files])
+    ids = open_clip.tokenize(open(captions_path).read().splitlines())
+    with torch.no_grad():
+        image = F.normalize(model.encode_image(pixels), dim=-1)
+        text = F.normalize(model.encode_text(ids), dim=-1)
+    np.savez(out + ".npz", ids=ids.numpy(), cosines=(image * text).sum(-1).numpy())
 
 
 if __name__ == "__main__":
