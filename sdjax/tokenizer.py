@@ -1,6 +1,9 @@
 """CLIP tokenizer: prompts -> fixed-length (77) token ids for the text encoder."""
 
+import gzip
+import json
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -14,6 +17,39 @@ MAX_LENGTH = 77
 _FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """OpenAI's GPT-2/CLIP reversible map from bytes to printable unicode characters."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+BPE_SUFFIX = ".txt.gz"
+
+
+def folder_from_bpe(bpe_path: str, folder: str) -> str:
+    """open_clip's vocabulary file (``bpe_simple_vocab_16e6.txt.gz``: a header line, then merges) as a
+    CLIP tokenizer folder (vocab.json + merges.txt) with open_clip's ids: the 256 byte symbols, the same
+    with ``</w>``, the first 48894 merges, then start and end of text."""
+    with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1:49152 - 256 - 2 + 1]
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(["#version: 0.2"] + merges) + "\n")
+    return folder
+
+
 def _tokenizer_dir(path: Path) -> Path | None:
     for folder in (path, path / "tokenizer"):
         if any(all((folder / f).is_file() for f in files) for files in _FILE_SETS):
@@ -23,12 +59,16 @@ def _tokenizer_dir(path: Path) -> Path | None:
 
 def load_tokenizer(path: str | Path) -> CLIPTokenizer:
     """Load a CLIP tokenizer from a folder holding vocab.json + merges.txt (or tokenizer.json),
-    or from a diffusers model folder holding such a ``tokenizer/`` folder.
+    from a diffusers model folder holding such a ``tokenizer/`` folder, or from open_clip's
+    ``bpe_simple_vocab_16e6.txt.gz`` (padding with ``!``, id 0, as open_clip pads).
 
     The folder's ``tokenizer_config.json``, if any, sets the pad token (SD 1 pads with
     ``<|endoftext|>``, SD 2 with ``!``); the maximum length is always 77.
     """
     path = Path(paths.readable(os.fspath(path), "tokenizer"))
+    if path.is_file() and path.name.endswith(BPE_SUFFIX):
+        folder = folder_from_bpe(str(path), tempfile.mkdtemp(prefix="sdjax-tokenizer-"))
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_LENGTH, pad_token="!")
     folder = _tokenizer_dir(path)
     if folder is None:
         raise FileNotFoundError(

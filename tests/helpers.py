@@ -19,7 +19,7 @@ from PIL import Image
 
 from sdjax import configs
 from sdjax.data import caption, render_shape
-from sdjax.training.word_tokenizer import bytes_to_unicode
+from sdjax.tokenizer import bytes_to_unicode
 
 ROOT = Path(__file__).resolve().parents[1]
 

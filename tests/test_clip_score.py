@@ -2,8 +2,11 @@
 dict), its evaluation transform and tokenizer, run in a process of its own (``tests/eval_reference.py``)."""
 
 import json
+import os
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ from sdjax.checkpoints.errors import CheckpointError
 from sdjax.checkpoints.open_clip import load_clip
 from sdjax.evaluation import clip_score
 from sdjax.models.clip import CLIPConfig
-from tests.helpers import ROOT
+from tests.helpers import ROOT, readme_block, subprocess_env
 
 CONFIG = {"embed_dim": 24,
           "vision_cfg": {"image_size": 32, "layers": 2, "width": 48, "head_width": 16, "patch_size": 8},
@@ -80,3 +83,34 @@ def test_a_config_that_does_not_match_the_file_names_the_tensors(reference, tmp_
         load_clip(str(tmp_path / "cut.safetensors"), CLIPConfig.from_open_clip(CONFIG))
     with pytest.raises(ValueError, match="ViT image towers"):
         CLIPConfig.from_open_clip({"embed_dim": 8, "vision_cfg": {"layers": [3, 4, 6, 3], "width": 64}})
+
+
+def test_docs_clip_command_equals_open_clip(reference, tmp_path):
+    """docs/evaluation.md's ``sdjax-eval clip`` on a captioned folder (one entry's image corrupt:
+    skipped and counted), with open_clip's own vocabulary file: the token ids equal open_clip's and
+    the printed score is the mean of open_clip's cosines."""
+    from sdjax.tokenizer import load_tokenizer, tokenize
+
+    weights, pickle, images, ids, cosines = reference
+    bpe = next((Path(sys.prefix) / "eval-reference" / "open_clip").glob("bpe_simple_vocab_16e6.txt.gz"))
+    np.testing.assert_array_equal(tokenize(load_tokenizer(bpe), CAPTIONS), ids)
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    entries = []
+    for i, (image, caption) in enumerate(zip(images, CAPTIONS)):
+        Image.fromarray(image).save(folder / f"{i}.png")
+        entries.append({"file_name": f"{i}.png", "text": caption})
+    (folder / "bad.png").write_bytes(b"not an image")
+    entries.append({"file_name": "bad.png", "text": "a caption without its image"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    (tmp_path / "ViT-tiny.json").write_text(json.dumps(CONFIG))
+    [command] = readme_block("## CLIP score", "docs/evaluation.md")
+    names = {"samples/": folder, "open_clip_pytorch_model.bin": pickle, "bpe_simple_vocab_16e6.txt.gz": bpe}
+    argv = [str(names.get(a, a)) for a in shlex.split(command)] + ["--clip-config", str(tmp_path / "ViT-tiny.json")]
+    done = subprocess.run([os.path.join(os.path.dirname(sys.executable), argv[0]), *argv[1:]], capture_output=True,
+                          text=True, env=subprocess_env(2), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "skipped 1 images that do not decode: bad.png" in done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("CLIP score: ")
+    assert float(last.split()[-1]) == pytest.approx(float(np.mean(cosines.astype(np.float64))), abs=1e-5)

@@ -39,6 +39,7 @@ BLOCKS = {
     ("training.md", "## Your own captioned images"): ("tests/test_own_data.py",
                                                       'readme_block("## Your own captioned images", "docs/training.md")'),
     ("evaluation.md", "## FID"): ("tests/test_fid.py", 'readme_block("## FID", "docs/evaluation.md")'),
+    ("evaluation.md", "## CLIP score"): ("tests/test_clip_score.py", 'readme_block("## CLIP score", "docs/evaluation.md")'),
     ("training.md", "## Real Stable Diffusion configs"):
         "not run here: it needs a real SD 1.5 checkpoint; tests/test_configs.py trains its :tiny variant",
 }

@@ -1,7 +1,9 @@
-"""``sdjax-eval``: FID as pytorch-fid computes it, in JAX. Each command prints its figure on its last line.
+"""``sdjax-eval``: FID as pytorch-fid computes it and CLIP score as MLPerf does, in JAX. Each command
+prints its figure on its last line.
 
     sdjax-eval stats IMAGES_DIR OUT.npz --inception pt_inception-2015-12-05-6726825d.pth --allow-pickle
     sdjax-eval fid A B [--inception FILE]     # A, B: image folders or statistics .npz files
+    sdjax-eval clip IMAGES_DIR --clip open_clip_pytorch_model.bin --allow-pickle --tokenizer bpe_simple_vocab_16e6.txt.gz
 
 The Inception weights are pytorch-fid's file (a PyTorch pickle: read with ``--allow-pickle``, as
 ``torch.load(weights_only=True)``) or its conversion to .safetensors; nothing is downloaded.
@@ -9,6 +11,7 @@ The Inception weights are pytorch-fid's file (a PyTorch pickle: read with ``--al
 
 import argparse
 import os
+import sys
 import time
 from typing import Sequence
 
@@ -36,7 +39,61 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("a", help="an image folder or a statistics .npz")
     q.add_argument("b", help="an image folder or a statistics .npz")
     weights(q, required=False)
+    q = sub.add_parser("clip", help="the CLIP score of a captioned image folder (metadata.jsonl), as MLPerf")
+    q.add_argument("images", help="a folder of images with metadata.jsonl ({\"file_name\": ..., \"text\": ...} "
+                   "per line, the training folders' format)")
+    q.add_argument("--clip", required=True, help="open_clip weights (open_clip_pytorch_model.bin, or .safetensors)")
+    q.add_argument("--clip-config", help="open_clip's model config JSON (default: ViT-H-14, MLPerf's)")
+    q.add_argument("--tokenizer", required=True, help="open_clip's bpe_simple_vocab_16e6.txt.gz, or a CLIP tokenizer "
+                   "folder with the same vocabulary (vocab.json + merges.txt, e.g. SD 2's tokenizer/)")
+    q.add_argument("--torchmetrics", action="store_true", help="report torchmetrics' 100 * max(mean, 0) instead of "
+                   "MLPerf's mean cosine")
+    q.add_argument("--allow-pickle", action="store_true",
+                   help="read a .bin/.pt PyTorch pickle (torch.load(weights_only=True))")
+    q.add_argument("--batch-size", type=int, default=50, help="images per batch over the local devices")
     return p
+
+
+def _clip(args: argparse.Namespace) -> None:
+    import json
+
+    import numpy as np
+
+    from sdjax.checkpoints.open_clip import load_clip
+    from sdjax.data.image_folder import METADATA_FILE
+    from sdjax.evaluation import clip_score
+    from sdjax.evaluation.features import read_image
+    from sdjax.models.clip import CLIPConfig
+    from sdjax.tokenizer import load_tokenizer, tokenize
+
+    meta = os.path.join(args.images, METADATA_FILE)
+    if not os.path.isfile(meta):
+        raise FileNotFoundError(f"{meta}: no such file. The CLIP score pairs each image with its caption: put a "
+                                f'{METADATA_FILE} with lines {{"file_name": ..., "text": ...}} in the folder.')
+    with open(meta, encoding="utf-8") as f:
+        entries = [json.loads(line) for line in f if line.strip()]
+    if args.clip_config:
+        with open(args.clip_config, encoding="utf-8") as f:
+            config = CLIPConfig.from_open_clip(json.load(f))
+    else:
+        config = CLIPConfig()
+    tokenizer = load_tokenizer(args.tokenizer)
+    scorer = clip_score.CLIPScorer(load_clip(args.clip, config, allow_pickle=args.allow_pickle), config)
+    cosines, skipped = [], []
+    for start in range(0, len(entries), args.batch_size):
+        batch = [(e, read_image(os.path.join(args.images, e["file_name"]))) for e in entries[start:start + args.batch_size]]
+        skipped += [e["file_name"] for e, image in batch if image is None]
+        batch = [(e, image) for e, image in batch if image is not None]
+        if batch:
+            ids = tokenize(tokenizer, [e["text"] for e, _ in batch], config.text.max_position_embeddings)
+            cosines.append(scorer.cosines([image for _, image in batch], ids))
+        print(f"clip score: {min(start + args.batch_size, len(entries))}/{len(entries)} images", flush=True)
+    if skipped:
+        print(f"{args.images}: skipped {len(skipped)} images that do not decode: {', '.join(skipped[:5])}",
+              file=sys.stderr, flush=True)
+    if not cosines:
+        raise ValueError(f"{args.images}: none of its {len(entries)} images decode.")
+    print(f"CLIP score: {clip_score.score(np.concatenate(cosines), torchmetrics=args.torchmetrics)}", flush=True)
 
 
 def _statistics(path: str, args: argparse.Namespace, extractor: list):
@@ -69,7 +126,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         from sdjax.evaluation import fid
 
         extractor: list = []  # the Inception network, built on first need
-        if args.command == "stats":
+        if args.command == "clip":
+            _clip(args)
+        elif args.command == "stats":
             if os.path.exists(args.out):
                 raise FileExistsError(f"{args.out} exists; give a new file name (statistics are never overwritten).")
             if not args.out.endswith(".npz"):

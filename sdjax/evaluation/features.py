@@ -33,13 +33,19 @@ def image_files(folder: str) -> list[str]:
     return [str(f) for f in files]
 
 
-def _read(path: str) -> np.ndarray | None:
-    """An image as float32 (H, W, 3) in [0, 1] (torchvision's ``ToTensor``), or None if it does not decode."""
+def read_image(path: str) -> np.ndarray | None:
+    """An image as uint8 RGB (H, W, 3), or None if it does not decode."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), np.float32) / 255
+            return np.asarray(im.convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
+
+
+def _read(path: str) -> np.ndarray | None:
+    """An image as float32 (H, W, 3) in [0, 1] (torchvision's ``ToTensor``), or None if it does not decode."""
+    image = read_image(path)
+    return None if image is None else image.astype(np.float32) / 255
 
 
 @dataclasses.dataclass

@@ -13,20 +13,9 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from sdjax.tokenizer import bytes_to_unicode
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """OpenAI's GPT-2/CLIP reversible map from bytes to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def _merges(words: Iterable[str]) -> list[tuple[str, str]]:
