@@ -114,3 +114,16 @@ def test_docs_clip_command_equals_open_clip(reference, tmp_path):
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("CLIP score: ")
     assert float(last.split()[-1]) == pytest.approx(float(np.mean(cosines.astype(np.float64))), abs=1e-5)
+
+
+def test_clip_command_errors_name_the_problem(reference, tmp_path, capsys):
+    from sdjax.cli.evaluate import main
+
+    weights = reference[0]
+    (tmp_path / "no-meta").mkdir()
+    (tmp_path / "bad-meta").mkdir()
+    (tmp_path / "bad-meta" / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "ok"}\n{"file": "1.png"}\n')
+    for folder, message in [("no-meta", "metadata.jsonl: no such file"), ("bad-meta", "line 2: expected")]:
+        with pytest.raises(SystemExit) as e:
+            main(["clip", str(tmp_path / folder), "--clip", str(weights), "--tokenizer", str(tmp_path)])
+        assert e.value.code == 2 and message in capsys.readouterr().err, folder

@@ -11,7 +11,6 @@ The Inception weights are pytorch-fid's file (a PyTorch pickle: read with ``--al
 
 import argparse
 import os
-import sys
 import time
 from typing import Sequence
 
@@ -54,43 +53,63 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _captioned(folder: str) -> list[tuple[str, str]]:
+    """(file name, caption) of each line of ``folder/metadata.jsonl``; a malformed line is an error naming it."""
+    import json
+
+    from sdjax.data.image_folder import METADATA_FILE
+
+    meta = os.path.join(folder, METADATA_FILE)
+    if not os.path.isfile(meta):
+        raise FileNotFoundError(f"{meta}: no such file. The CLIP score pairs each image with its caption: put a "
+                                f'{METADATA_FILE} with lines {{"file_name": ..., "text": ...}} in the folder.')
+    entries = []
+    with open(meta, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                entries.append((str(entry["file_name"]), str(entry["text"])))
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f'{meta}, line {number}: expected {{"file_name": ..., "text": ...}}, got '
+                                 f"{line.strip()[:200]!r}.") from None
+    if not entries:
+        raise ValueError(f"{meta} lists no images.")
+    return entries
+
+
 def _clip(args: argparse.Namespace) -> None:
     import json
 
     import numpy as np
 
     from sdjax.checkpoints.open_clip import load_clip
-    from sdjax.data.image_folder import METADATA_FILE
     from sdjax.evaluation import clip_score
-    from sdjax.evaluation.features import read_image
+    from sdjax.evaluation.features import Skipped, read_image
     from sdjax.models.clip import CLIPConfig
     from sdjax.tokenizer import load_tokenizer, tokenize
 
-    meta = os.path.join(args.images, METADATA_FILE)
-    if not os.path.isfile(meta):
-        raise FileNotFoundError(f"{meta}: no such file. The CLIP score pairs each image with its caption: put a "
-                                f'{METADATA_FILE} with lines {{"file_name": ..., "text": ...}} in the folder.')
-    with open(meta, encoding="utf-8") as f:
-        entries = [json.loads(line) for line in f if line.strip()]
+    entries = _captioned(args.images)
     if args.clip_config:
         with open(args.clip_config, encoding="utf-8") as f:
             config = CLIPConfig.from_open_clip(json.load(f))
     else:
         config = CLIPConfig()
     tokenizer = load_tokenizer(args.tokenizer)
-    scorer = clip_score.CLIPScorer(load_clip(args.clip, config, allow_pickle=args.allow_pickle), config)
-    cosines, skipped = [], []
-    for start in range(0, len(entries), args.batch_size):
-        batch = [(e, read_image(os.path.join(args.images, e["file_name"]))) for e in entries[start:start + args.batch_size]]
-        skipped += [e["file_name"] for e, image in batch if image is None]
-        batch = [(e, image) for e, image in batch if image is not None]
+    scorer = clip_score.CLIPScorer(load_clip(args.clip, config, allow_pickle=args.allow_pickle), config,
+                                   batch_size=args.batch_size)
+    cosines, skipped = [], Skipped()
+    for start in range(0, len(entries), scorer.batch_size):
+        batch = [(text, read_image(os.path.join(args.images, name)))
+                 for name, text in entries[start:start + scorer.batch_size]]
+        skipped.files += [name for (name, _), (_, image) in zip(entries[start:], batch) if image is None]
+        batch = [(text, image) for text, image in batch if image is not None]
         if batch:
-            ids = tokenize(tokenizer, [e["text"] for e, _ in batch], config.text.max_position_embeddings)
+            ids = tokenize(tokenizer, [text for text, _ in batch], config.text.max_position_embeddings)
             cosines.append(scorer.cosines([image for _, image in batch], ids))
-        print(f"clip score: {min(start + args.batch_size, len(entries))}/{len(entries)} images", flush=True)
-    if skipped:
-        print(f"{args.images}: skipped {len(skipped)} images that do not decode: {', '.join(skipped[:5])}",
-              file=sys.stderr, flush=True)
+        print(f"clip score: {min(start + scorer.batch_size, len(entries))}/{len(entries)} images", flush=True)
+    skipped.report(args.images)
     if not cosines:
         raise ValueError(f"{args.images}: none of its {len(entries)} images decode.")
     print(f"CLIP score: {clip_score.score(np.concatenate(cosines), torchmetrics=args.torchmetrics)}", flush=True)

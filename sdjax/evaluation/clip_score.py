@@ -41,14 +41,15 @@ def preprocess(image_HWC: np.ndarray, size: int) -> np.ndarray:
 
 
 class CLIPScorer:
-    """``cosines(images, input_ids)``: each (image, caption) pair's cosine, jitted over the local devices."""
+    """``cosines(images, input_ids)``: each (image, caption) pair's cosine, in batches of ``batch_size``
+    (rounded up to a multiple of the local device count; the last one padded) split over the local devices."""
 
-    def __init__(self, params: Any, config: CLIPConfig = CLIPConfig()):
+    def __init__(self, params: Any, config: CLIPConfig = CLIPConfig(), batch_size: int = 50):
         self.config = config
         model = CLIPModel(config)
         devices = jax.local_devices()
+        self.batch_size = -(-batch_size // len(devices)) * len(devices)
         mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
-        self._count = len(devices)
         self._batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
         self._params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
@@ -59,17 +60,22 @@ class CLIPScorer:
         self._cosines = jax.jit(cosines, out_shardings=self._batch)
 
     def cosines(self, images: list[np.ndarray] | np.ndarray, input_ids_BL: np.ndarray) -> np.ndarray:
-        pixels = np.stack([preprocess(im, self.config.vision.image_size) for im in images])
         ids = np.asarray(input_ids_BL, np.int32)
-        n = pixels.shape[0]
-        if ids.shape[0] != n:
-            raise ValueError(f"CLIP score pairs images with captions: got {n} images and {ids.shape[0]} captions.")
-        pad = -n % self._count  # whole batches over the devices; the padding's cosines are dropped
-        if pad:
-            pixels = np.concatenate([pixels, np.zeros((pad, *pixels.shape[1:]), pixels.dtype)])
-            ids = np.concatenate([ids, np.repeat(ids[-1:], pad, axis=0)])
-        out = self._cosines(self._params, jax.device_put(pixels, self._batch), jax.device_put(ids, self._batch))
-        return np.asarray(jax.device_get(out))[:n]
+        if ids.shape[0] != len(images):
+            raise ValueError(f"CLIP score pairs images with captions: got {len(images)} images and {ids.shape[0]} "
+                             "captions.")
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            pixels = np.stack([preprocess(im, self.config.vision.image_size)
+                               for im in images[start:start + self.batch_size]])
+            batch_ids, n = ids[start:start + self.batch_size], pixels.shape[0]
+            pad = self.batch_size - n  # one compiled shape; the padding's cosines are dropped
+            if pad:
+                pixels = np.concatenate([pixels, np.zeros((pad, *pixels.shape[1:]), pixels.dtype)])
+                batch_ids = np.concatenate([batch_ids, np.repeat(batch_ids[-1:], pad, axis=0)])
+            got = self._cosines(self._params, jax.device_put(pixels, self._batch), jax.device_put(batch_ids, self._batch))
+            out.append(np.asarray(jax.device_get(got))[:n])
+        return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
 def score(cosines: np.ndarray, torchmetrics: bool = False) -> float:
