@@ -76,10 +76,12 @@ def _standard_normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.random.normal(key, shape, jnp.float32)
 
 
-def starting_noise(seed: int, count: int, shape: tuple[int, ...], stream: int = 0) -> np.ndarray:
-    """Standard-normal latents; image j's noise depends only on (seed, stream, j)."""
+def starting_noise(seed: int, count: int, shape: tuple[int, ...], stream: int = 0, first: int = 0) -> np.ndarray:
+    """Standard-normal latents of images ``first`` to ``first + count - 1``; image j's noise depends
+    only on (seed, stream, j)."""
     root = jax.random.fold_in(jax.random.key(seed), stream) if stream else jax.random.key(seed)
-    return np.stack([np.asarray(_standard_normal(jax.random.fold_in(root, j), tuple(shape))) for j in range(count)])
+    return np.stack([np.asarray(_standard_normal(jax.random.fold_in(root, j), tuple(shape)))
+                     for j in range(first, first + count)])
 
 
 def guided_model_fn(unet: UNet, unet_params: Any, ctx_2BLD: jax.Array, guidance_scale: jax.Array,
@@ -149,9 +151,9 @@ def _keep_known_region(sampler: Any, plan: Any, x0: jax.Array, noise: jax.Array,
 
 def generate_on(mesh: Mesh, nets: Networks, sampler_name: str, start_index: int, *args,
                 unroll: bool = False) -> jax.Array:
-    """``generate`` under ``mesh`` (a 1-D ``data`` mesh): activation constraints and fused
-    attention kernels (which run per device) split the batch over ``data``."""
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules((("batch", "data"),)):
+    """``generate`` under ``mesh``: activation constraints and fused attention kernels (which run per
+    device) split the batch over all of the mesh's axes (``data`` of an inference mesh)."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules((("batch", mesh.axis_names),)):
         return generate(nets, sampler_name, start_index, *args, unroll=unroll)
 
 

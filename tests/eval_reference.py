@@ -13,6 +13,9 @@ initialiser (which registers the ops).
     python tests/eval_reference.py clip CONFIG.json SEED OUT IMAGES_DIR CAPTIONS.txt
         # a random open_clip model (OUT.safetensors, OUT.bin), its token ids of the captions and the
         # cosine of each (image, caption) pair through open_clip's evaluation transform (OUT.npz)
+    python tests/eval_reference.py clip-model CONFIG.json SEED OUT  # a random open_clip model: OUT.safetensors, OUT.bin
+    python tests/eval_reference.py clip-cosines CONFIG.json WEIGHTS.safetensors IMAGES.npy CAPTIONS.txt OUT.npy
+        # float images in [0, 1] as MLPerf scores them: to uint8 by truncation, then open_clip's transform
 
 Several commands run in one process when joined by ``+``.
 """
@@ -103,6 +106,10 @@ def run(fid_score, inception, command: str, *args: str) -> None:
         np.savez_compressed(args[2], mu=mu, sigma=sigma)
     elif command == "clip":
         _clip(*args)
+    elif command == "clip-model":
+        _clip_model(*args)
+    elif command == "clip-cosines":
+        _clip_cosines(*args)
     elif command == "frechet":
         (m1, s1), (m2, s2) = (fid_score.compute_statistics_of_path(p, None, 1, 2048, "cpu") for p in args[:2])
         print(fid_score.calculate_frechet_distance(m1, s1, m2, s2))
@@ -110,33 +117,69 @@ def run(fid_score, inception, command: str, *args: str) -> None:
         raise SystemExit(f"unknown command {command}")
 
 
-def _clip(config_path: str, seed: str, out: str, images_dir: str, captions_path: str) -> None:
+def _open_clip_model(config_path: str):
     import json
 
-    import numpy as np
+    import open_clip
+
+    config = json.loads(open(config_path).read())
+    return config, open_clip.CLIP(config["embed_dim"], config["vision_cfg"], config["text_cfg"]).eval()
+
+
+def _cosines(model, pixels, captions_path: str):
     import open_clip
     import torch
     import torch.nn.functional as F
-    from PIL import Image
+
+    ids = open_clip.tokenize(open(captions_path).read().splitlines())
+    with torch.no_grad():
+        image = F.normalize(model.encode_image(pixels), dim=-1)
+        text = F.normalize(model.encode_text(ids), dim=-1)
+    return ids.numpy(), (image * text).sum(-1).numpy()
+
+
+def _clip_model(config_path: str, seed: str, out: str):
+    import torch
     from safetensors.torch import save_file
 
-    config = json.loads(open(config_path).read())
     torch.manual_seed(int(seed))
-    model = open_clip.CLIP(config["embed_dim"], config["vision_cfg"], config["text_cfg"]).eval()
+    config, model = _open_clip_model(config_path)
     with torch.no_grad():
         for p in model.parameters():  # away from the init's ones and zeros, so every tensor matters
             p.add_(torch.randn_like(p) * 0.05)
     state = model.state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, out + ".safetensors")
     torch.save(state, out + ".bin")
+    return config, model
+
+
+def _clip(config_path: str, seed: str, out: str, images_dir: str, captions_path: str) -> None:
+    import numpy as np
+    import open_clip
+    import torch
+    from PIL import Image
+
+    config, model = _clip_model(config_path, seed, out)
     preprocess = open_clip.image_transform(config["vision_cfg"]["image_size"], is_train=False)
     files = sorted(os.listdir(images_dir))
     pixels = torch.stack([preprocess(Image.open(os.path.join(images_dir, f))) for f in files])
-    ids = open_clip.tokenize(open(captions_path).read().splitlines())
-    with torch.no_grad():
-        image = F.normalize(model.encode_image(pixels), dim=-1)
-        text = F.normalize(model.encode_text(ids), dim=-1)
-    np.savez(out + ".npz", ids=ids.numpy(), cosines=(image * text).sum(-1).numpy())
+    ids, cosines = _cosines(model, pixels, captions_path)
+    np.savez(out + ".npz", ids=ids, cosines=cosines)
+
+
+def _clip_cosines(config_path: str, weights: str, images_path: str, captions_path: str, out: str) -> None:
+    import numpy as np
+    import open_clip
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    config, model = _open_clip_model(config_path)
+    model.load_state_dict(load_file(weights))
+    preprocess = open_clip.image_transform(config["vision_cfg"]["image_size"], is_train=False)
+    images = np.load(images_path)
+    pixels = torch.stack([preprocess(Image.fromarray((x * 255).astype(np.uint8))) for x in images])
+    np.save(out, _cosines(model, pixels, captions_path)[1])
 
 
 if __name__ == "__main__":

@@ -40,6 +40,9 @@ BLOCKS = {
                                                       'readme_block("## Your own captioned images", "docs/training.md")'),
     ("evaluation.md", "## FID"): ("tests/test_fid.py", 'readme_block("## FID", "docs/evaluation.md")'),
     ("evaluation.md", "## CLIP score"): ("tests/test_clip_score.py", 'readme_block("## CLIP score", "docs/evaluation.md")'),
+    ("evaluation.md", "## A model's FID and CLIP score, as MLPerf measures them"):
+        ("tests/test_evaluator.py", 'readme_block("## A model\'s FID and CLIP score", "docs/evaluation.md")'),
+    ("evaluation.md", "## In training"): ("tests/test_evaluator.py", 'readme_block("## In training", "docs/evaluation.md")'),
     ("training.md", "## Real Stable Diffusion configs"):
         "not run here: it needs a real SD 1.5 checkpoint; tests/test_configs.py trains its :tiny variant",
 }

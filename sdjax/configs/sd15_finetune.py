@@ -33,7 +33,7 @@ import ml_collections
 
 from sdjax import configs, sharding
 from sdjax.data import config_section
-from sdjax.training.schema import LatentTrainConfig, LoraConfig, SampleConfig, TokenizerConfig
+from sdjax.training.schema import EvalConfig, LatentTrainConfig, LoraConfig, SampleConfig, TokenizerConfig
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -52,6 +52,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.sample = configs.section(SampleConfig, num_steps=30, guidance_scale=7.5,
                                prompts=("a photo of a cat", "a painting of a lighthouse at sunset"))
     c.lora = configs.section(LoraConfig)  # lora.rank=N: train rank-N UNet adapters instead of the UNet
+    c.eval = configs.section(EvalConfig)  # eval.every=N with eval.captions and judges: FID / CLIP score
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "fsdp")))
     c.logical_axis_rules = sharding.LOGICAL_AXIS_RULES
     if variant == "tiny":

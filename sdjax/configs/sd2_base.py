@@ -14,6 +14,16 @@ place; ``sdjax-train encode`` writes the same layout from image shards, every ho
         --config.data.name=webdataset --config.data.moments_ext=npy \
         --config.data.files='/datasets/laion-400m/webdataset-moments-filtered/{00000..00831}.tar'
 
+MLPerf's evaluation, every 1,000 steps (512,000 images), the run ending at FID <= 90 and CLIP score
+>= 0.15, is on once the COCO captions and the judges are given (``docs/evaluation.md``):
+
+    sdjax-train latent --config sd2_base --workdir gs://BUCKET/runs/sd2 ... \
+        --config.eval.captions=/datasets/coco2014/val2014_30k.tsv \
+        --config.eval.ref_stats=/datasets/coco2014/val2014_30k_stats.npz \
+        --config.eval.inception=pt_inception-2015-12-05-6726825d.pth \
+        --config.eval.clip=open_clip_pytorch_model.bin --config.eval.clip_tokenizer=bpe_simple_vocab_16e6.txt.gz \
+        --config.eval.allow_pickle=True
+
 ``pretrained`` (an SD 2.x checkpoint: a diffusers folder, an sdjax export, or a single file with
 ``tokenizer.dir``) gives the frozen OpenCLIP ViT-H text encoder (penultimate layer) and the frozen
 kl-f8 autoencoder and the tokenizer; the UNet starts from a random initialisation with SD 2's
@@ -33,9 +43,10 @@ import ml_collections
 
 from sdjax import configs, presets, sharding
 from sdjax.data import config_section
-from sdjax.training.schema import LatentTrainConfig, SampleConfig, TokenizerConfig
+from sdjax.training.schema import EvalConfig, LatentTrainConfig, SampleConfig, TokenizerConfig
 
 GLOBAL_BATCH = 512
+EVAL_EVERY_IMAGES = 512_000
 BASE_LEARNING_RATE = 1.25e-7  # per image of the global batch
 
 
@@ -56,6 +67,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         dtype="bfloat16", caption_dropout=0.0, latent_scale=0.18215, scale_by_std=False, cache_latents=True,
         checkpoint_every=2000, max_to_keep=3, log_every=50, sample_every=0)
     c.sample = configs.section(SampleConfig, num_steps=50, guidance_scale=8.0, prompts=("a photo of a cat",))
+    # MLPerf's evaluation: every 512,000 images, FID and CLIP score of 30,000 COCO captions' images, the
+    # run done at FID <= 90 and CLIP >= 0.15 (on once eval.captions and the judges are set; see above).
+    c.eval = configs.section(EvalConfig, every=EVAL_EVERY_IMAGES // GLOBAL_BATCH, target_fid=90.0, target_clip=0.15)
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "fsdp")))
     c.logical_axis_rules = sharding.LOGICAL_AXIS_RULES
     if variant == "tiny":

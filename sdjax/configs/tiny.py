@@ -23,6 +23,7 @@ Sections:
                       cache_latents=True encodes the dataset once (into latent_cache_dir, default
                       <workdir>/latent_cache) and trains on the cached posteriors: no VAE in the step.
   sample              fixed prompts for the EMA sample grids (DDIM + classifier-free guidance).
+  eval                FID and CLIP score every eval.every steps from eval.captions (docs/evaluation.md).
   mesh                device mesh: shape (-1 = fill with all devices) and axis names.
   logical_axis_rules  logical axis name -> mesh axes; first applicable rule wins, indivisible dims replicate.
 """
@@ -31,7 +32,7 @@ import ml_collections
 
 from sdjax import configs, sharding
 from sdjax.data import COLOR_NAMES, SHAPES, config_section
-from sdjax.training.schema import (AutoencoderSource, LatentTrainConfig, SampleConfig, TextEncoderSource,
+from sdjax.training.schema import (AutoencoderSource, EvalConfig, LatentTrainConfig, SampleConfig, TextEncoderSource,
                                    TokenizerConfig)
 
 
@@ -64,6 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
         SampleConfig, num_steps=20, guidance_scale=3.0,
         prompts=("a red circle on a green background", "a blue square on a yellow background",
                  "a green triangle on a red background", "a yellow circle on a blue background"))
+    c.eval = configs.section(EvalConfig)  # eval.every=N with eval.captions and judges: FID / CLIP score
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "fsdp")))
     c.logical_axis_rules = sharding.LOGICAL_AXIS_RULES
     return c

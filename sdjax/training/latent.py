@@ -358,6 +358,41 @@ def make_sample_grid(run: LatentRun, seed: int = 0):
     return grid
 
 
+def make_evaluation(run: LatentRun):
+    """``evaluate(step, state, writer) -> reached``: the ``eval`` section's FID and CLIP score of the
+    EMA (or trained) weights' images, logged as ``eval/fid`` and ``eval/clip_score``; True when every
+    target set is reached. The judges and captions are read here, before training starts."""
+    from sdjax.evaluation import captions as captions_lib
+    from sdjax.evaluation.evaluator import Evaluator, Judges, Protocol
+
+    e = run.config.eval
+    judges = Judges.load(inception=e.inception, ref_stats=e.ref_stats, clip=e.clip, clip_config=e.clip_config,
+                         clip_tokenizer=e.clip_tokenizer, allow_pickle=e.allow_pickle)
+    captions = captions_lib.read(e.captions)[:e.limit or None]
+    protocol = Protocol(sampler=e.sampler, steps=e.steps, eta=e.eta, guidance_scale=e.guidance_scale,
+                        size=e.size or run.config.data.image_size, negative_prompt=e.negative_prompt, seed=e.seed,
+                        batch_size=e.batch_size)
+    evaluator = Evaluator(
+        generate.Networks(run.step.unet, run.step.vae, run.step.text_encoder), run.configs.scheduler,
+        lambda prompts: tokenize(run.tokenizer, prompts, run.seq_len), protocol, judges, run.program.mesh,
+        latent_channels=run.configs.vae.latent_channels, downsample_factor=run.configs.vae.downsample_factor,
+        native_size=run.config.data.image_size,
+        compiler_options=RUN_ONCE_COMPILER_OPTIONS if run.config.train.fast_compile else None)
+
+    def evaluate(step: int, state: TrainState, writer) -> bool:
+        result = evaluator(inference_params(run, state, gather=False), captions, state.extra["latent_scale"])
+        scalars = result.scalars()
+        writer.scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
+        reached = e.reached(scalars)
+        if jax.process_index() == 0:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in scalars.items())
+            print(f"eval at step {step} on {result.images} captions: {shown}" +
+                  ("; every target reached" if reached else ""), flush=True)
+        return reached
+
+    return evaluate
+
+
 def export(run: LatentRun, state: TrainState, path: str) -> None:
     """Writes the model in ``train.export_format`` (an sdjax export, a diffusers folder or a single
     file; each one ``StableDiffusion.from_pretrained(path)`` loads), with the EMA weights and the
@@ -406,7 +441,15 @@ def task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
     hooks = ()
     if train.sample_every and run.config.sample.prompts:
         grid = make_sample_grid(run)
-        hooks = (loop.Hook(train.sample_every, lambda step, state, writer: writer.image(step, "samples", grid(state))),)
+
+        def sample(step: int, state: TrainState, writer) -> None:
+            writer.image(step, "samples", grid(state))
+
+        hooks = (loop.Hook(train.sample_every, sample),)
+    if run.config.eval.on:
+        hooks += (loop.Hook(run.config.eval.every, make_evaluation(run)),)
+    elif run.config.eval.every and jax.process_index() == 0:
+        print("eval: off (eval.every is set but eval.captions is not)", flush=True)
     step_fn = bucket_steps(run) if run.config.data.buckets else (
         lambda state, batch: run.program.step(state, batch, run.frozen))
     return loop.Task(

@@ -21,9 +21,10 @@ from sdjax.training.schema import LoopConfig
 
 @dataclasses.dataclass(frozen=True)
 class Hook:
-    """``run(step, state, writer)`` every ``every`` steps and after the last one (never if 0)."""
+    """``run(step, state, writer)`` every ``every`` steps and after the last one (never if 0); a hook
+    that returns True ends the run there (checkpoint and export as after the last step)."""
     every: int
-    run: Callable[[int, TrainState, metrics.MetricsWriter], None]
+    run: Callable[[int, TrainState, metrics.MetricsWriter], bool | None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,12 +74,18 @@ def _run(task: Task, workdir: str, watch: preemption.Watch) -> TrainState:
             t_last, step_last = now, step
             writer.scalars(step, dict(m, steps_per_sec=steps_per_sec, images_per_sec=steps_per_sec * tc.batch_size))
             writer.progress(step, float(m["loss"]), steps_per_sec)
+        done = False
         for hook in task.hooks:
             if hook.every and (step % hook.every == 0 or last):
-                hook.run(step, state, writer)
-        preempted = watch.reached(step) and not last
-        if step % tc.checkpoint_every == 0 or last or preempted:
-            train_ckpt.save(manager, state, {"data": data.iterator_save_args(task.iterator)}, force=last or preempted)
+                done = hook.run(step, state, writer) is True or done
+        preempted = watch.reached(step) and not last and not done
+        if step % tc.checkpoint_every == 0 or last or preempted or done:
+            train_ckpt.save(manager, state, {"data": data.iterator_save_args(task.iterator)},
+                            force=last or preempted or done)
+        if done and not last:
+            if jax.process_index() == 0:
+                print(f"stopping at step {step} of {tc.steps}: a hook ended the run", flush=True)
+            break
         if preempted:
             task.iterator.close()
             manager.wait_until_finished()

@@ -104,6 +104,62 @@ class SampleConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """``config.eval``: FID and CLIP score of the EMA weights' images (the trained ones without EMA)
+    every ``every`` steps and after the last (when ``captions`` is set), drawn from them as MLPerf draws them
+    (``sdjax.evaluation.evaluator``); logged as ``eval/fid`` and ``eval/clip_score``. Training stops
+    at the first evaluation that reaches every target set (``target_fid``: FID at most; ``target_clip``:
+    CLIP score at least)."""
+    every: int = 0  # 0: never; without captions, never either
+    captions: str | None = None  # MLPerf's val2014_30k.tsv, or a captioned folder's metadata.jsonl
+    limit: int = 0  # the first N captions; 0: all
+    ref_stats: str | None = None  # FID: the reference statistics (.npz) ...
+    inception: str | None = None  # ... and pytorch-fid's Inception weights
+    clip: str | None = None  # CLIP score: open_clip weights ...
+    clip_tokenizer: str | None = None  # ... and CLIP's tokenizer (open_clip's bpe file or a folder)
+    clip_config: str | None = None  # open_clip's model config JSON; None: ViT-H-14
+    allow_pickle: bool = False  # read .pth/.bin judges (torch.load(weights_only=True))
+    sampler: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    guidance_scale: float = 8.0
+    size: int = 0  # the image side; 0: data.image_size
+    negative_prompt: str = ""
+    seed: int = 0
+    batch_size: int = 64  # images per compiled call over all devices
+    target_fid: float | None = None
+    target_clip: float | None = None
+
+    def __post_init__(self):
+        paths.expand_fields(self, "eval", ("captions", "ref_stats", "inception", "clip", "clip_tokenizer",
+                                           "clip_config"))
+        if self.every < 0 or self.limit < 0 or self.steps < 1 or self.batch_size < 1 or self.size < 0:
+            raise ValueError("eval.every, eval.limit and eval.size must be >= 0, eval.steps and eval.batch_size >= 1.")
+        if not self.on:
+            return
+        if bool(self.ref_stats) != bool(self.inception) or bool(self.clip) != bool(self.clip_tokenizer):
+            raise ValueError("eval: FID needs both eval.ref_stats and eval.inception; the CLIP score both eval.clip "
+                             "and eval.clip_tokenizer.")
+        if not self.ref_stats and not self.clip:
+            raise ValueError("eval.every > 0 but nothing to measure: set eval.ref_stats and eval.inception (FID), "
+                             "eval.clip and eval.clip_tokenizer (CLIP score), or both.")
+        if self.target_fid is not None and not self.ref_stats or self.target_clip is not None and not self.clip:
+            raise ValueError("eval: a target needs its metric (target_fid: eval.inception and eval.ref_stats; "
+                             "target_clip: eval.clip and eval.clip_tokenizer).")
+
+    @property
+    def on(self) -> bool:
+        """Evaluations run when both ``every`` and ``captions`` are set."""
+        return bool(self.every and self.captions)
+
+    def reached(self, scalars: dict[str, float]) -> bool:
+        """Whether measured ``scalars`` (fid, clip_score) meet every target set (False when none is)."""
+        targets = [(self.target_fid, "fid", -1), (self.target_clip, "clip_score", 1)]
+        checks = [sign * (scalars[name] - target) >= 0 for target, name, sign in targets if target is not None]
+        return bool(checks) and all(checks)
+
+
+@dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
     """``config.tokenizer``: ``dir`` (a CLIP tokenizer folder), else the pretrained checkpoint's, else a
     word-level one written into the workdir from ``words`` or (``from_captions``) the training captions."""
@@ -240,6 +296,7 @@ class LatentRunConfig:
     train: LatentTrainConfig
     data: Any  # sdjax.data.DataConfig: this host's, the global batch split over processes
     sample: SampleConfig
+    eval: EvalConfig
     model: ModelSource
     tokenizer: TokenizerConfig
     lora: LoraConfig
@@ -278,7 +335,8 @@ class LatentRunConfig:
             autoencoder=read_section(AutoencoderSource, config.get("autoencoder"), "autoencoder"),
             text_encoder=read_section(TextEncoderSource, config.get("text_encoder"), "text_encoder"))
         return cls(train=train, data=_data(config, train.batch_size),
-                   sample=read_section(SampleConfig, config.get("sample"), "sample"), model=model,
+                   sample=read_section(SampleConfig, config.get("sample"), "sample"),
+                   eval=read_section(EvalConfig, config.get("eval"), "eval"), model=model,
                    tokenizer=read_section(TokenizerConfig, config.get("tokenizer"), "tokenizer"),
                    lora=read_section(LoraConfig, config.get("lora"), "lora"), mesh=_mesh(config))
 
