@@ -127,6 +127,7 @@ class Evaluator:
         self.batch_size = -(-protocol.batch_size // devices) * devices
         self.plan = get_sampler(protocol.sampler).make_plan(scheduler_config, protocol.steps, eta=protocol.eta)
         self.rows = NamedSharding(mesh, P(tuple(mesh.axis_names)))  # the batch over every device
+        self._uncond_ids = tokenize_fn([protocol.negative_prompt] * self.batch_size)  # the same for every batch
         self._generate = jax.jit(lambda *a: generate.generate_on(mesh, nets, protocol.sampler, 0, *a),
                                  out_shardings=self.rows, compiler_options=compiler_options)
         here = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
@@ -154,7 +155,7 @@ class Evaluator:
         prompts = list(prompts) + [prompts[-1]] * (self.batch_size - n)
         ids = self.tokenize_fn(prompts)
         noise = generate.starting_noise(p.seed, self.batch_size, self.latent_shape, first=first)
-        inputs = generate.Inputs(ids, self.tokenize_fn([p.negative_prompt] * len(prompts)), noise)
+        inputs = generate.Inputs(ids, self._uncond_ids, noise)
         inputs = jax.device_put(inputs, jax.tree.map(lambda _: self.rows, inputs))
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(p.seed), generate.SAMPLER_STREAM), first)
         return self._generate(params, inputs, key, self.plan, jnp.float32(p.guidance_scale),
