@@ -4,6 +4,7 @@
     ./run bench --size tiny --only text2img,overhead
     ./run bench --only aot-txt2img --peers flax --topology v5e-8     # TPU compiler's estimates, no TPU needed
     ./run bench --only data                                           # webdataset shards -> 512 px batches (no peers)
+    ./run bench --only eval                       # Inception and CLIP ViT-H-14 beside pytorch-fid and open_clip
 
 Each runner is a subprocess in its own environment (peers in venvs under .bench-envs/, created
 on first use) that prints one JSON line; this script prints the table and writes all of it.
@@ -22,7 +23,7 @@ from typing import Any
 
 from benchmarks import envs, timing
 
-BENCHMARKS = ("text2img", "compile", "overhead", "train", "scaling", "aot", "aot-txt2img", "data")
+BENCHMARKS = ("text2img", "compile", "overhead", "train", "scaling", "aot", "aot-txt2img", "data", "eval")
 
 
 def defaults(gpu: bool) -> dict[str, Any]:
@@ -291,6 +292,9 @@ def main(argv=None) -> None:
     if "data" in only:  # sdjax's own reader, no peer: its table prints as it runs
         from benchmarks import data_path
         results["data"] = data_path.main([])
+    if "eval" in only:  # the evaluation's judges beside pytorch-fid and open_clip: its table prints as it runs
+        from benchmarks import eval_judges
+        results["eval"] = eval_judges.main([])
 
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     results["load_avg_end"] = list(os.getloadavg())

@@ -28,7 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import configs as configs_lib, generate, presets, sharding, sources as sources_lib
+from sdjax.evaluation import clip_score, features
+from sdjax.evaluation.evaluator import read_clip_config
+from sdjax.models.clip import CLIPConfig, CLIPModel
 from sdjax.models.configs import ModelConfigs, abstract_params
+from sdjax.models.inception import FIDInceptionV3
 from sdjax.models.layers import ATTENTION
 from sdjax.samplers import get_sampler
 from sdjax.training import latent
@@ -130,9 +134,10 @@ def compile_train(config, devices: list, per_chip_batch: int, preset: str | None
 
 
 def compile_txt2img(config, devices: list, per_chip_batch: int, preset: str | None, steps: int, dtype: str,
-                    attention: str = "auto", unroll: bool = False):
+                    attention: str = "auto", unroll: bool = False, size: int | None = None):
     """The txt2img program (text encoding, guided DDIM loop, decoding) compiled for ``devices``;
-    ``unroll``: the DDIM steps written out instead of one loop."""
+    ``unroll``: the DDIM steps written out instead of one loop; ``size``: the image side (None: the
+    model's native size)."""
     configs = ModelConfigs.from_dicts(sources_lib.model_dicts(_source(config), preset))
     mesh = sharding.data_mesh(devices)
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -141,11 +146,11 @@ def compile_txt2img(config, devices: list, per_chip_batch: int, preset: str | No
                                            platform=devices[0].platform)
     params = _sds(abstract_params(configs), jax.tree.map(lambda _: rep, abstract_params(configs)))
     B = per_chip_batch * len(devices)
-    size = configs.unet.sample_size * configs.vae.downsample_factor
+    size = size or configs.unet.sample_size * configs.vae.downsample_factor
+    side = size // configs.vae.downsample_factor
     L = configs.text_encoder.max_position_embeddings
     ids = jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=batch_sharding)
-    noise = jax.ShapeDtypeStruct((B, configs.unet.sample_size, configs.unet.sample_size, configs.unet.in_channels),
-                                 jnp.float32, sharding=batch_sharding)
+    noise = jax.ShapeDtypeStruct((B, side, side, configs.unet.in_channels), jnp.float32, sharding=batch_sharding)
     inputs = generate.Inputs(ids, ids, noise)
     plan = get_sampler("ddim").make_plan(configs.scheduler, steps)
     plan = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=rep), plan)
@@ -223,19 +228,86 @@ def loop_cost(one: dict, two: dict, steps: int) -> dict:
     return {k: one[k] + (steps - 1) * (two[k] - one[k]) for k in keys if k in one and k in two}
 
 
-def txt2img_report(config, devices: list, chip: Chip | None, args) -> dict:
-    """The real txt2img program's memory and compile time, and its cost for ``args.steps`` steps
-    from the 1- and 2-step programs with the steps written out (``loop_cost``)."""
+def txt2img_report(config, devices: list, chip: Chip | None, args, per_chip_batch: int | None = None,
+                   steps: int | None = None, size: int | None = None) -> dict:
+    """The real txt2img program's memory and compile time, and its cost for ``steps`` (default
+    ``args.steps``) steps from the 1- and 2-step programs with the steps written out (``loop_cost``)."""
+    per_chip_batch, steps = per_chip_batch or args.per_chip_batch, steps or args.steps
     t0 = time.perf_counter()
-    compiled, batch, size = compile_txt2img(config, devices, args.per_chip_batch, args.preset, args.steps,
-                                            args.dtype, args.attention)
-    r = report(compiled, args.per_chip_batch, chip, f"txt2img {size}x{size}, {args.steps} DDIM steps, global batch "
-               f"{batch}", time.perf_counter() - t0)
-    one, two = (_first(compile_txt2img(config, devices, args.per_chip_batch, args.preset, n, args.dtype,
-                                       args.attention, unroll=True)[0].cost_analysis()) for n in (1, 2))
-    r.update(cost_figures(loop_cost(one, two, args.steps), args.per_chip_batch, chip))
+    compiled, batch, size = compile_txt2img(config, devices, per_chip_batch, args.preset, steps, args.dtype,
+                                            args.attention, size=size)
+    r = report(compiled, per_chip_batch, chip, f"txt2img {size}x{size}, {steps} DDIM steps, global batch {batch}",
+               time.perf_counter() - t0)
+    one, two = (_first(compile_txt2img(config, devices, per_chip_batch, args.preset, n, args.dtype, args.attention,
+                                       unroll=True, size=size)[0].cost_analysis()) for n in (1, 2))
+    r.update(cost_figures(loop_cost(one, two, steps), per_chip_batch, chip))
     r["cost_from"] = "the 1- and 2-step programs, steps written out, extrapolated linearly"
     return r
+
+
+def compile_judges(devices: list, per_chip_batch: int, size: int, clip_config: CLIPConfig = CLIPConfig()):
+    """The evaluator's two judges compiled for ``devices`` as it runs them, on ``size``-px images:
+    pytorch-fid's Inception (features of the float images) and the CLIP model (image-caption cosines
+    of the preprocessed images); parameters replicated, the batch split over every device. Each as
+    (compiled, compile seconds)."""
+    mesh = sharding.data_mesh(devices)
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    B, key = per_chip_batch * len(devices), jax.random.key(0)
+
+    def compiled(fn, init, *inputs):
+        params = jax.eval_shape(lambda: init(key, *(jnp.zeros((1, *x.shape[1:]), x.dtype) for x in inputs)))["params"]
+        params = _sds(params, jax.tree.map(lambda _: rep, params))
+        t0 = time.perf_counter()
+        return jax.jit(fn, out_shardings=rows).lower(params, *inputs).compile(), time.perf_counter() - t0
+
+    images = jax.ShapeDtypeStruct((B, size, size, 3), jnp.float32, sharding=rows)
+    pixels = jax.ShapeDtypeStruct((B, clip_config.vision.image_size, clip_config.vision.image_size, 3), jnp.float32,
+                                  sharding=rows)
+    ids = jax.ShapeDtypeStruct((B, clip_config.text.max_position_embeddings), jnp.int32, sharding=rows)
+    return (compiled(features.inception_fn(), FIDInceptionV3().init, images),
+            compiled(clip_score.cosines_fn(clip_config), CLIPModel(clip_config).init, pixels, ids))
+
+
+MLPERF_EVAL_CAPTIONS = 30_000  # COCO-2014 validation captions
+
+
+def eval_report(config, devices: list, chip: Chip | None, args, train: dict | None) -> list[dict]:
+    """The config's in-training evaluation (``config.eval``): the generation program and both judges
+    (the CLIP one ``eval.clip_config``'s, default ViT-H-14) at the eval's per-chip batch, and a summary: seconds per evaluation of MLPerf's 30,000 captions
+    on these devices, and (with ``train``, the train step's report) its share of the run's time when
+    it runs every ``eval.every`` steps."""
+    run_config = LatentRunConfig.from_config(config)
+    e, chips = run_config.eval, len(devices)
+    per_chip = -(-e.batch_size // chips)
+    size = e.size or run_config.data.image_size
+    reports = [txt2img_report(config, devices, chip, args, per_chip, e.steps, size)]
+    reports[-1]["what"] = f"eval images: {reports[-1]['what']}, guidance {e.guidance_scale}"
+    clip_config = read_clip_config(e.clip_config)
+    side = clip_config.vision.image_size
+    names = (f"eval Inception features of {size}x{size} images", f"eval CLIP cosines ({side}x{side} image, caption)")
+    for what, (program, seconds) in zip(names, compile_judges(devices, per_chip, size, clip_config)):
+        reports.append(report(program, per_chip, chip, f"{what}, global batch {per_chip * chips}", seconds))
+    seconds = dict(zip(("generate", "inception", "clip"), (r.get("optimal_seconds") for r in reports)))
+    if not all(t and t > 0 for t in seconds.values()):
+        return reports  # the cost model gave no time for one of them (format_report says which)
+    train_rate = train.get("images_per_s_per_chip") if train else None
+    return reports + [eval_summary(seconds, per_chip * chips, chips, e.every * config.train.batch_size, train_rate)]
+
+
+def eval_summary(seconds_per_call: dict[str, float], global_batch: int, chips: int, every_images: int,
+                 train_images_per_s_per_chip: float | None, captions: int = MLPERF_EVAL_CAPTIONS) -> dict:
+    """One evaluation's time from its programs' times per call (``captions`` in calls of ``global_batch``,
+    the last padded) and, given the train step's rate, its share of a run that evaluates every
+    ``every_images`` training images."""
+    calls = -(-captions // global_batch)
+    out = {"what": "eval summary", "captions": captions, "global_batch": global_batch, "calls": calls,
+           "seconds_per_call": seconds_per_call, "seconds_per_eval": calls * sum(seconds_per_call.values())}
+    if train_images_per_s_per_chip and every_images:
+        train_s = every_images / (train_images_per_s_per_chip * chips)
+        out.update(every_images=every_images, train_seconds_between_evals=train_s,
+                   eval_share=out["seconds_per_eval"] / (out["seconds_per_eval"] + train_s))
+    return out
 
 
 def state_sizes(run: latent.LatentRun) -> dict:
@@ -247,7 +319,19 @@ def state_sizes(run: latent.LatentRun) -> dict:
             "trained_parameters": int(sum(x.size for x in jax.tree.leaves(state.params)))}
 
 
+def format_eval_summary(s: dict) -> str:
+    lines = [f"eval of {s['captions']:,} captions in {s['calls']} calls of {s['global_batch']} images "
+             f"(compiler-estimated): {s['seconds_per_eval']:.0f} s (per call: "
+             + ", ".join(f"{k} {v:.3f} s" for k, v in s["seconds_per_call"].items()) + ")"]
+    if "eval_share" in s:
+        lines.append(f"  every {s['every_images']:,} training images ({s['train_seconds_between_evals']:.0f} s of "
+                     f"training): {s['eval_share']:.1%} of the run's time")
+    return "\n".join(lines)
+
+
 def format_report(r: dict) -> str:
+    if r["what"] == "eval summary":
+        return format_eval_summary(r)
     h = r["hbm_gib"]
     lines = [f"{r['what']} (compiler-estimated, per chip; compiled in {r['compile_s']} s):",
              f"  HBM: arguments {h['arguments']:.2f} GiB + temporaries {h['temporaries']:.2f} GiB + outputs "
@@ -282,7 +366,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--topology", default="host", help=f"host, or a TPU slice: {', '.join(TOPOLOGIES)}")
     p.add_argument("--num-slices", type=int, default=1, help="multi-slice: this many slices (over DCN)")
     p.add_argument("--per-chip-batch", type=int, default=8)
-    p.add_argument("--what", choices=("train", "txt2img", "both"), default="train")
+    p.add_argument("--what", choices=("train", "txt2img", "both", "eval"), default="train",
+                   help="eval: the train step, and the config's in-training evaluation (generation, Inception, CLIP) "
+                        "with its cost per MLPerf evaluation and share of the run")
     p.add_argument("--steps", type=int, default=50, help="txt2img: DDIM steps")
     p.add_argument("--dtype", default="bfloat16", help="txt2img compute dtype")
     p.add_argument("--attention", choices=ATTENTION, default="auto",
@@ -306,7 +392,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     devices, chip = topology_devices(args.topology, args.num_slices)
     print(f"{args.topology}: {len(devices)} devices ({devices[0].device_kind})", flush=True)
     reports = []
-    if args.what in ("train", "both"):
+    if args.what in ("train", "both", "eval"):
         t0 = time.perf_counter()
         compiled, batch, run = compile_train(config, devices, args.per_chip_batch, args.preset)
         reports.append(report(compiled, args.per_chip_batch, chip, f"train step, global batch {batch}",
@@ -316,6 +402,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.what in ("txt2img", "both"):
         reports.append(txt2img_report(config, devices, chip, args))
         print(format_report(reports[-1]), flush=True)
+    if args.what == "eval":
+        for r in eval_report(config, devices, chip, args, reports[0]):
+            reports.append(r)
+            print(format_report(r), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"topology": args.topology, "config": args.config, "preset": args.preset, "reports": reports},

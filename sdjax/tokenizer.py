@@ -6,12 +6,13 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-from transformers import CLIPTokenizer
-
 from sdjax import paths
+
+if TYPE_CHECKING:  # transformers takes seconds to import; only CLIP tokenizers need it
+    from transformers import CLIPTokenizer
 
 MAX_LENGTH = 77
 _FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
@@ -57,7 +58,7 @@ def _tokenizer_dir(path: Path) -> Path | None:
     return None
 
 
-def load_tokenizer(path: str | Path) -> CLIPTokenizer:
+def load_tokenizer(path: str | Path) -> "CLIPTokenizer":
     """Load a CLIP tokenizer from a folder holding vocab.json + merges.txt (or tokenizer.json),
     from a diffusers model folder holding such a ``tokenizer/`` folder, or from open_clip's
     ``bpe_simple_vocab_16e6.txt.gz`` (padding with ``!``, id 0, as open_clip pads).
@@ -65,6 +66,8 @@ def load_tokenizer(path: str | Path) -> CLIPTokenizer:
     The folder's ``tokenizer_config.json``, if any, sets the pad token (SD 1 pads with
     ``<|endoftext|>``, SD 2 with ``!``); the maximum length is always 77.
     """
+    from transformers import CLIPTokenizer
+
     path = Path(paths.readable(os.fspath(path), "tokenizer"))
     if path.is_file() and path.name.endswith(BPE_SUFFIX):
         folder = folder_from_bpe(str(path), tempfile.mkdtemp(prefix="sdjax-tokenizer-"))
@@ -77,7 +80,7 @@ def load_tokenizer(path: str | Path) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=MAX_LENGTH)
 
 
-def tokenize(tokenizer: CLIPTokenizer, prompts: Sequence[str], max_length: int = MAX_LENGTH) -> np.ndarray:
+def tokenize(tokenizer: "CLIPTokenizer", prompts: Sequence[str], max_length: int = MAX_LENGTH) -> np.ndarray:
     """Token ids (B, max_length) int32: BOS, the prompt, EOS, then padding.
 
     A prompt longer than ``max_length`` tokens is cut, keeping its final EOS, with a warning
@@ -85,6 +88,8 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: Sequence[str], max_length: int =
     """
     if isinstance(prompts, str):
         raise TypeError("tokenize expects a list of prompts; wrap a single prompt as [prompt].")
+    if not prompts:  # a host holding none of a padded batch's captions (transformers refuses an empty list)
+        return np.zeros((0, max_length), np.int32)
     ids = tokenizer(list(prompts), padding=False, truncation=False)["input_ids"]
     out = np.full((len(ids), max_length), tokenizer.pad_token_id, np.int32)
     for b, (prompt, row) in enumerate(zip(prompts, ids)):

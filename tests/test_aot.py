@@ -45,6 +45,20 @@ def test_train_and_txt2img_report_for_a_v5e_slice(tmp_path, capsys):
     assert sample["cost_from"].startswith("the 1- and 2-step programs") and "cost from the 1- and 2-step" in text
 
 
+def test_eval_summary_counts_padded_calls_and_the_share_of_the_run():
+    """MLPerf's 30,000 captions in calls of 64 are 469 calls (the last one padded); at 0.5 + 0.1 + 0.2 s
+    per call that is 375.2 s, against 512,000 training images at 100 images/s on each of 4 chips
+    (1,280 s): 375.2 / 1,655.2 of the run."""
+    s = aot.eval_summary({"generate": 0.5, "inception": 0.1, "clip": 0.2}, 64, 4, 512_000, 100.0)
+    assert s["calls"] == 469 and s["seconds_per_eval"] == pytest.approx(375.2)
+    assert s["train_seconds_between_evals"] == pytest.approx(1280.0)
+    assert s["eval_share"] == pytest.approx(375.2 / 1655.2)
+    text = aot.format_report(s)
+    assert "eval of 30,000 captions in 469 calls of 64 images (compiler-estimated): 375 s" in text
+    assert "every 512,000 training images (1280 s of training): 22.7% of the run's time" in text
+    assert "eval_share" not in aot.eval_summary({"generate": 0.5}, 64, 4, 0, 100.0)  # no cadence: no share
+
+
 def test_loop_cost_counts_every_step():
     """XLA's cost analysis counts a scan's body once whatever its length (checked here on the host's
     compiler); ``loop_cost`` from the 1- and 2-step programs written out gives the written-out

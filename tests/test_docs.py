@@ -16,6 +16,7 @@ BLOCKS = {
     ("README.md", "## Text to image"): ("tests/test_cli_sample.py", 'readme_block("## Text to image")'),
     ("README.md", "## Fine-tune on your images"): ("tests/test_lora.py", 'readme_block("## Fine-tune on your images")'),
     ("README.md", "## Train on a pod"): ("tests/test_preemption.py", 'SDJAX_NUM_PROCESSES="2"'),  # its sdjax-train
+    ("README.md", "## Evaluate"): ("tests/test_evaluator.py", 'readme_block("## Evaluate")'),
     ("README.md", "## Models and formats"): ("tests/test_readme_inpaint_export.py",
                                             'readme_block("## Models and formats")'),
     ("checkpoints.md", "## Loading"): ("tests/test_stable_diffusion.py", 'params.main(["--preset", "sd15"])'),

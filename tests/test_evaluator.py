@@ -21,7 +21,7 @@ from sdjax.evaluation.captions import Caption
 from sdjax.evaluation.evaluator import Evaluator, Judges, Protocol
 from sdjax.stable_diffusion import StableDiffusion
 from tests import tiny_models
-from tests.helpers import ROOT, readme_block, subprocess_env
+from tests.helpers import ROOT, free_port, logs_tail, readme_block, subprocess_env
 
 CLIP_CONFIG = {"embed_dim": 24,
                "vision_cfg": {"image_size": 32, "layers": 2, "width": 48, "head_width": 16, "patch_size": 8},
@@ -63,21 +63,36 @@ def _write_tsv(path: Path, ids: list[str], captions: list[str]) -> Path:
 
 
 @pytest.mark.slow
-def test_docs_generate_command_equals_pytorch_fid_and_open_clip(judges, tmp_path):
-    """docs/evaluation.md's command on a tiny SD 1 folder, 5 captions of an MLPerf-style TSV in batches
-    of 4 on 4 devices (the last one padded): statistics, FID, CLIP score and PNGs as the references
-    compute them from the same captions' images drawn in one padded batch of 8."""
+def test_readme_generate_command_on_two_hosts_equals_pytorch_fid_and_open_clip(judges, tmp_path):
+    """The README's command (docs/evaluation.md's is the same) as a pod runs it, on two processes of two
+    devices each: a tiny SD 1 folder, 5 captions of an MLPerf-style TSV in global batches of 4 (the
+    last one padded, its one caption on process 0 and none on process 1). Statistics, FID, CLIP score
+    and PNGs as the references compute them from the same captions' images drawn in one process, in
+    one padded batch of 8."""
     model = tiny_models.save_pipeline(tmp_path / "sd1", "sd1", seed=0)
-    [command] = readme_block("## A model's FID and CLIP score", "docs/evaluation.md")
-    names = dict(judges, **{"sd2-base/": model, "val2014_30k.tsv": _write_tsv(tmp_path / "captions.tsv", IDS, CAPTIONS),
+    [command] = readme_block("## Evaluate")
+    assert command == ".venv/bin/" + readme_block("## A model's FID and CLIP score", "docs/evaluation.md")[0]
+    names = dict(judges, **{"CKPT": model, "val2014_30k.tsv": _write_tsv(tmp_path / "captions.tsv", IDS, CAPTIONS),
                             "samples/": tmp_path / "samples", "samples.npz": tmp_path / "samples.npz"})
     argv = [str(names.get(a, a)) for a in shlex.split(command)]
+    argv[0] = os.path.join(os.path.dirname(sys.executable), os.path.basename(argv[0]))
     argv += ["--clip-config", str(judges["clip.json"]), "--size", "32", "--steps", "3", "--batch-size", "4"]
-    done = subprocess.run([os.path.join(os.path.dirname(sys.executable), argv[0]), *argv[1:]], capture_output=True,
-                          text=True, env=subprocess_env(4), timeout=900)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    *_, count, fid_line, clip_line = done.stdout.strip().splitlines()
+    port, logs = free_port(), [(tmp_path / f"host{i}.out", tmp_path / f"host{i}.err") for i in range(2)]
+    files = [(open(out, "w"), open(err, "w")) for out, err in logs]
+    procs = [subprocess.Popen(argv, stdout=files[i][0], stderr=files[i][1], env=subprocess_env(
+        2, SDJAX_COORDINATOR=f"localhost:{port}", SDJAX_NUM_PROCESSES="2", SDJAX_PROCESS_ID=str(i))) for i in range(2)]
+    try:
+        codes = [p.wait(timeout=900) for p in procs]
+    finally:
+        for p, pair in zip(procs, files):
+            p.kill()
+            for f in pair:
+                f.close()
+    out = [o.read_text() for o, _ in logs]
+    assert codes == [0, 0], logs_tail([o + e.read_text() for o, (_, e) in zip(out, logs)])
+    *_, count, fid_line, clip_line = out[0].strip().splitlines()
     assert count == "measured 5 images" and fid_line.startswith("FID: ") and clip_line.startswith("CLIP score: ")
+    assert "FID: " not in out[1]  # one host reports
 
     # The same captions' images, drawn in one batch of 8 (3 padded) on 4 devices.
     sd = StableDiffusion.from_pretrained(str(model))

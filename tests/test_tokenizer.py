@@ -64,3 +64,9 @@ def test_missing_files_raise(tmp_path):
 def test_single_string_rejected(sd1_tokenizer):
     with pytest.raises(TypeError, match=r"\[prompt\]"):
         tokenize(sd1_tokenizer, "a cat")
+
+
+def test_no_prompts_give_no_rows(sd1_tokenizer):
+    """A host that holds none of a padded batch's captions tokenizes an empty list."""
+    ids = tokenize(sd1_tokenizer, [])
+    assert ids.shape == (0, 77) and ids.dtype == np.int32

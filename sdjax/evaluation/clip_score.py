@@ -8,7 +8,7 @@ a pair is their cosine, the set's score the mean over pairs (no x100, no clamp; 
 gives torchmetrics' ``100 * max(mean, 0)``).
 """
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,24 +40,29 @@ def preprocess(image_HWC: np.ndarray, size: int) -> np.ndarray:
     return (pixels - OPENAI_MEAN) / OPENAI_STD
 
 
+def cosines_fn(config: CLIPConfig) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+    """``f(params, pixels_BHWC, input_ids_BL)``: each (image, caption) pair's cosine."""
+    model = CLIPModel(config)
+
+    def cosines(params, pixels_BHWC, input_ids_BL):
+        image, text = model.apply({"params": params}, pixels_BHWC, input_ids_BL)
+        return jnp.sum(image * text, axis=-1)
+
+    return cosines
+
+
 class CLIPScorer:
     """``cosines(images, input_ids)``: each (image, caption) pair's cosine, in batches of ``batch_size``
     (rounded up to a multiple of the local device count; the last one padded) split over the local devices."""
 
     def __init__(self, params: Any, config: CLIPConfig = CLIPConfig(), batch_size: int = 50):
         self.config = config
-        model = CLIPModel(config)
         devices = jax.local_devices()
         self.batch_size = -(-batch_size // len(devices)) * len(devices)
         mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
         self._batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
         self._params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-
-        def cosines(p, pixels, ids):
-            image, text = model.apply({"params": p}, pixels, ids)
-            return jnp.sum(image * text, axis=-1)
-
-        self._cosines = jax.jit(cosines, out_shardings=self._batch)
+        self._cosines = jax.jit(cosines_fn(config), out_shardings=self._batch)
 
     def cosines(self, images: list[np.ndarray] | np.ndarray, input_ids_BL: np.ndarray) -> np.ndarray:
         ids = np.asarray(input_ids_BL, np.int32)

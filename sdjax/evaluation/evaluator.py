@@ -82,14 +82,19 @@ class Judges:
         def local(path: str | None, what: str) -> str | None:
             return paths.readable(path, what) if path else None
 
-        config = CLIPConfig()
-        if clip_config:
-            with open(local(clip_config, "clip_config"), encoding="utf-8") as f:
-                config = CLIPConfig.from_open_clip(json.load(f))
+        config = read_clip_config(clip_config)
         return cls(inception=load_inception(local(inception, "inception"), allow_pickle) if inception else None,
                    reference=Statistics.load(local(ref_stats, "ref_stats")) if ref_stats else None,
                    clip=load_clip(local(clip, "clip"), config, allow_pickle) if clip else None, clip_config=config,
                    clip_tokenizer=load_tokenizer(clip_tokenizer) if clip_tokenizer else None)
+
+
+def read_clip_config(path: str | None) -> CLIPConfig:
+    """The CLIP judge's architecture from open_clip's model config JSON (local or gs://); None: ViT-H-14."""
+    if not path:
+        return CLIPConfig()
+    with open(paths.readable(path, "clip_config"), encoding="utf-8") as f:
+        return CLIPConfig.from_open_clip(json.load(f))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ import dataclasses
 import os
 import pathlib
 import sys
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -61,6 +61,12 @@ class Skipped:
                   flush=True)
 
 
+def inception_fn() -> Callable[[Any, jax.Array], jax.Array]:
+    """``f(params, images_NHWC)``: the pool features the evaluator computes (f32)."""
+    model = FIDInceptionV3()
+    return lambda params, images_NHWC: model.apply({"params": params}, images_NHWC)
+
+
 class InceptionFeatures:
     """``features(images)``: images (N, H, W, 3) in [0, 1] -> (N, 2048) float32, in batches of
     ``batch_size`` (rounded up to a multiple of the local device count) split over the local devices;
@@ -73,8 +79,7 @@ class InceptionFeatures:
         self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self._params = jax.device_put(params, replicated)
-        model = FIDInceptionV3()
-        self._apply = jax.jit(lambda p, x: model.apply({"params": p}, x), out_shardings=self._sharding)
+        self._apply = jax.jit(inception_fn(), out_shardings=self._sharding)
 
     def __call__(self, images_NHWC: np.ndarray) -> np.ndarray:
         images_NHWC = np.asarray(images_NHWC, np.float32)
