@@ -346,7 +346,8 @@ def format_report(r: dict) -> str:
                      f"{r['images_per_s_per_chip']:.1f} images/s/chip"
                      + (f", roofline MFU {r['roofline_mfu']:.1%}" if "roofline_mfu" in r else "")
                      + (" (its FLOPs count what the custom kernels recompute: flash attention's backward "
-                        "recomputes the attention logits)" if "roofline_mfu" in r and r["custom_kernels"] else ""))
+                        "recomputes the attention logits)" if "roofline_mfu" in r and "tpu_custom_call" in
+                        r["custom_kernels"] and r["what"].startswith("train") else ""))
     else:
         lines.append(f"  optimal time per call: none from the compiler (optimal_seconds={r.get('optimal_seconds')})")
     if "cost_from" in r:
