@@ -113,3 +113,18 @@ def test_latent_cache_in_a_bucket_is_encoded_once_and_read_back(gcs, tmp_path, m
     assert len(build({"v": 1})) == n and len(asked) == 3
     build({"v": 2})  # stale: encoded anew
     assert len(asked) == 6
+
+
+def test_eval_captions_are_read_from_the_bucket(gcs, tmp_path):
+    """MLPerf's caption TSV and a folder's metadata.jsonl, each in a bucket, read as the local files are."""
+    from sdjax.evaluation import captions
+
+    bucket = gcs.bucket("captions")
+    (tmp_path / "val2014_30k.tsv").write_text("id\timage_id\tcaption\n391895\t9000\ta red circle\n")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "0001.png", "text": "a cat"}\n')
+    for name in ("val2014_30k.tsv", "metadata.jsonl"):
+        paths.upload(str(tmp_path / name), f"{bucket}/coco/{name}")
+    assert captions.read(f"{bucket}/coco/val2014_30k.tsv") == [captions.Caption("391895", "a red circle")]
+    assert captions.read(f"{bucket}/coco/metadata.jsonl") == [captions.Caption("0001.png", "a cat")]
+    with pytest.raises(FileNotFoundError, match="no such object"):
+        captions.read(f"{bucket}/coco/missing/metadata.jsonl")

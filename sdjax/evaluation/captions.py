@@ -20,13 +20,17 @@ class Caption:
 
 
 def from_metadata(folder: str) -> list[Caption]:
-    """Each line of ``folder/metadata.jsonl``; a malformed line is an error naming it."""
+    """Each line of ``folder/metadata.jsonl`` (local or gs://); a malformed line is an error naming it."""
     meta = os.path.join(folder, METADATA_FILE)
-    if not os.path.isfile(meta):
+    if paths.is_remote(meta):
+        local = paths.readable(meta, "captions")
+    elif os.path.isfile(meta):
+        local = meta
+    else:
         raise FileNotFoundError(f"{meta}: no such file. The CLIP score pairs each image with its caption: put a "
                                 f'{METADATA_FILE} with lines {{"file_name": ..., "text": ...}} in the folder.')
     entries = []
-    with open(meta, encoding="utf-8") as f:
+    with open(local, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -68,7 +72,8 @@ def from_tsv(path: str) -> list[Caption]:
 
 
 def read(path: str) -> list[Caption]:
-    """A caption TSV, or a captioned folder's ``metadata.jsonl`` (the file or its folder)."""
+    """A caption TSV, or a captioned folder's ``metadata.jsonl`` (the file, or a local folder holding it);
+    local or gs://."""
     if os.path.isdir(path) or os.path.basename(path) == METADATA_FILE:
         return from_metadata(path if os.path.isdir(path) else os.path.dirname(path) or ".")
     return from_tsv(path)
