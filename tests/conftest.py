@@ -1,15 +1,11 @@
-"""Test set-up: 8 fake CPU devices so sharded code runs on a CPU mesh; quick compiles."""
+"""Test set-up: 8 fake CPU devices so sharded code runs on a CPU mesh."""
 
 import atexit
 import os
 import shutil
 import tempfile
 
-# XLA's backend optimisation off (LLVM at -O0, as ``train.fast_compile`` does for a step): the tests
-# compile far more than they run, and the programs they run are tiny. The commands tests start inherit it
-# (``helpers.subprocess_env``); the demo and the installed-wheel tests run with the user's defaults.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0").strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
