@@ -44,6 +44,10 @@ BLOCKS = {
     ("evaluation.md", "## A model's FID and CLIP score, as MLPerf measures them"):
         ("tests/test_evaluator.py", 'readme_block("## A model\'s FID and CLIP score", "docs/evaluation.md")'),
     ("evaluation.md", "## In training"): ("tests/test_evaluator.py", 'readme_block("## In training", "docs/evaluation.md")'),
+    ("benchmarks.md", "## The evaluation: its judges on this CPU (measured) and MLPerf's evaluation on a v5p-8 "
+                      "(compiler-estimated)"):
+        "not run here: a full-size ViT-H-14 in two frameworks takes minutes; its parts (sdjax.evaluation's judges, "
+        "tests/eval_reference.py) are tested against the same references",
     ("training.md", "## Real Stable Diffusion configs"):
         "not run here: it needs a real SD 1.5 checkpoint; tests/test_configs.py trains its :tiny variant",
 }
