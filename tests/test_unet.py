@@ -9,8 +9,9 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from sdjax.checkpoints.convert import torch_to_flax
+from sdjax.models.configs import abstract_module_params, count_params, unet_inputs
 from sdjax.models.layers import unbox
-from sdjax.models.unet import UNet, UNetConfig
+from sdjax.models.unet import AddedCond, UNet, UNetConfig
 
 SD15_CONFIG = {  # runwayml/stable-diffusion-v1-5 unet/config.json
     "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.6.0", "act_fn": "silu",
@@ -47,9 +48,7 @@ TINY_SD2 = UNetConfig(
 
 
 def _param_count(cfg: UNetConfig) -> int:
-    shapes = jax.eval_shape(UNet(cfg).init, jax.random.key(0), jnp.zeros((1, 8, 8, cfg.in_channels)), 0,
-                            jnp.zeros((1, 1, cfg.cross_attention_dim)))
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(unbox(shapes)))
+    return count_params(abstract_module_params(UNet(cfg), unet_inputs(cfg)))
 
 
 def _inputs(cfg: UNetConfig, batch: int = 2, ctx_len: int = 7):
@@ -81,8 +80,24 @@ def test_output_matches_diffusers_unet2dconditionmodel(cfg):
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("d, count", [(SD15_CONFIG, 859_520_964), (SD21_CONFIG, 865_910_724)],
-                         ids=["sd15", "sd21"])
+SDXL_BASE_CONFIG = {  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, the keys that differ from SD's
+    **SD21_CONFIG, "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+    "cross_attention_dim": 2048, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "projection_class_embeddings_input_dim": 2816, "sample_size": 128, "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "upcast_attention": None}
+SDXL_REFINER_CONFIG = {  # stabilityai/stable-diffusion-xl-refiner-1.0 unet/config.json, likewise
+    **SDXL_BASE_CONFIG, "attention_head_dim": [6, 12, 24, 24], "block_out_channels": [384, 768, 1536, 1536],
+    "cross_attention_dim": 1280,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "projection_class_embeddings_input_dim": 2560, "transformer_layers_per_block": 4,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}
+
+
+# SDXL's counts: diffusers' UNet2DConditionModel built from the same config on torch's meta device.
+@pytest.mark.parametrize("d, count", [(SD15_CONFIG, 859_520_964), (SD21_CONFIG, 865_910_724),
+                                      (SDXL_BASE_CONFIG, 2_567_463_684), (SDXL_REFINER_CONFIG, 2_259_526_660)],
+                         ids=["sd15", "sd21", "sdxl", "sdxl_refiner"])
 def test_published_parameter_counts(d, count):
     assert _param_count(UNetConfig.from_diffusers_config(d)) == count
 
@@ -97,7 +112,7 @@ def test_config_round_trip_and_head_naming():
 
 
 @pytest.mark.parametrize("key, value", [
-    ("addition_embed_type", "text_time"), ("class_embed_type", "timestep"), ("dual_cross_attention", True),
+    ("addition_embed_type", "image"), ("class_embed_type", "timestep"), ("dual_cross_attention", True),
     ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"), ("norm_num_groups", None), ("no_such_option", 1)])
 def test_unsupported_features_are_named(key, value):
     with pytest.raises(ValueError, match=key):
@@ -137,3 +152,47 @@ def test_bf16_compute_and_remat():
     out = np.asarray(out, np.float32)
     assert np.isfinite(out).all()
     np.testing.assert_allclose(np.mean(out ** 2), plain[0], rtol=0.05)
+
+
+TINY_SDXL = UNetConfig(  # SDXL's layout: no attention at the top level, uneven transformer depth, text_time
+    sample_size=8, block_out_channels=(32, 64, 64), layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4, 8), cross_attention_dim=40, norm_num_groups=16, use_linear_projection=True,
+    transformer_layers_per_block=(1, 2, 3), addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=24 + 6 * 8)
+
+
+def test_sdxl_unet_matches_diffusers_with_text_time_conditioning():
+    """SDXL's UNet: the pooled text embedding and six micro-conditioning numbers reach the output as
+    in diffusers, and other numbers give another output."""
+    cfg = TINY_SDXL
+    torch.manual_seed(0)
+    ref = UNet2DConditionModel(**cfg.to_diffusers_config()).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.2 + (1.0 if name.endswith("weight") else 0.0))
+    x, t, ctx = _inputs(cfg)
+    rng = np.random.default_rng(1)
+    text = rng.standard_normal((2, 24), dtype=np.float32)
+    time_ids = np.array([[1024, 1024, 0, 0, 1024, 1024], [768, 1344, 64, 32, 1024, 896]], np.float32)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t), torch.from_numpy(ctx),
+                   added_cond_kwargs={"text_embeds": torch.from_numpy(text), "time_ids": torch.from_numpy(time_ids)}
+                   ).sample.permute(0, 2, 3, 1).numpy()
+
+    model = UNet(cfg)
+    added = AddedCond(text, time_ids)
+    target = unbox(jax.eval_shape(model.init, jax.random.key(0), x, t, ctx, added))["params"]
+    params = torch_to_flax({k: v.numpy() for k, v in ref.state_dict().items()}, target, what="unet")
+    apply = jax.jit(model.apply)
+    got = apply({"params": params}, x, t, ctx, added)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
+    other = apply({"params": params}, x, t, ctx, AddedCond(text, time_ids[::-1]))
+    assert np.abs(np.asarray(other) - np.asarray(got)).max() > 1e-2
+
+    with pytest.raises(ValueError, match="needs `added`"):
+        jax.eval_shape(model.init, jax.random.key(0), x, t, ctx)
+    with pytest.raises(ValueError, match="refiner: 5"):
+        jax.eval_shape(model.init, jax.random.key(0), x, t, ctx, AddedCond(text, time_ids[:, :5]))

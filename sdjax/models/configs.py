@@ -11,7 +11,7 @@ from sdjax.diffusion.schedule import SchedulerConfig
 from sdjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from sdjax.models.layers import unbox
 from sdjax.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
-from sdjax.models.unet import UNet, UNetConfig
+from sdjax.models.unet import AddedCond, UNet, UNetConfig
 
 NETWORKS = ("unet", "vae", "text_encoder")
 
@@ -46,10 +46,15 @@ def build_modules(configs: ModelConfigs, dtype: Any = jnp.float32, param_dtype: 
 
 def unet_inputs(config: UNetConfig) -> tuple:
     """Small dummy inputs that trace the UNet (for init and ``jax.eval_shape``): the smallest latent
-    its downsamplings allow, one timestep, a 77-token context."""
+    its downsamplings allow, one timestep, a 77-token context; for SDXL's UNet an added conditioning
+    as wide as its embedding's input (the weights' shapes do not depend on how that splits between
+    pooled text and micro-conditioning numbers)."""
     side = 2 ** (len(config.block_out_channels) - 1)
-    return (jnp.zeros((1, side, side, config.in_channels)), jnp.zeros((1,), jnp.int32),
-            jnp.zeros((1, 77, config.cross_attention_dim)))
+    inputs = (jnp.zeros((1, side, side, config.in_channels)), jnp.zeros((1,), jnp.int32),
+              jnp.zeros((1, 77, config.cross_attention_dim)))
+    if config.addition_embed_type:
+        inputs += (AddedCond(jnp.zeros((1, config.projection_class_embeddings_input_dim)), jnp.zeros((1, 0))),)
+    return inputs
 
 
 def vae_inputs(config: AutoencoderConfig) -> tuple:

@@ -1,6 +1,8 @@
 """The Stable Diffusion denoiser: a UNet with ResNet blocks and cross-attention to the text.
 
-Covers the SD 1.x and 2.x shapes of diffusers' ``UNet2DConditionModel``. Attribute names
+Covers the SD 1.x, 2.x and SDXL shapes of diffusers' ``UNet2DConditionModel``; SDXL's is the same
+network with more transformer layers per level and ``addition_embed_type="text_time"`` (the pooled
+text embedding and the micro-conditioning numbers added to the timestep embedding). Attribute names
 mirror diffusers (``down_blocks_0/attentions_1/transformer_blocks_0/attn2/to_q``) so that
 ``sdjax.checkpoints.convert.torch_to_flax(state_dict, params, what="unet")`` loads its
 state dicts directly.
@@ -13,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import flax.struct
 
 from sdjax.models.layers import (Dtype, Downsample, ResnetBlock, Upsample, constrain_image, constrain_seq, conv,
                                  dense, group_norm)
@@ -32,10 +35,7 @@ _FIXED_KEYS: dict[str, tuple[Any, ...]] = {
     "dual_cross_attention": (False,),
     "class_embed_type": (None,),
     "num_class_embeds": (None,),
-    "projection_class_embeddings_input_dim": (None,),
     "class_embeddings_concat": (False,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
     "reverse_transformer_layers_per_block": (None,),
@@ -87,10 +87,22 @@ class UNetConfig:
     use_linear_projection: bool = False
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
-    upcast_attention: bool = False
+    upcast_attention: bool | None = False
+    # SDXL: "text_time" adds MLP(pooled text embedding ++ sinusoidal embeddings of the micro-conditioning
+    # numbers, addition_time_embed_dim wide each) to the timestep embedding; its input width is
+    # projection_class_embeddings_input_dim.
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self):
         n = len(self.block_out_channels)
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"UNetConfig: addition_embed_type={self.addition_embed_type!r} is not supported; "
+                             "sdjax implements None (SD 1/2) and 'text_time' (SDXL).")
+        if self.addition_embed_type and not (self.addition_time_embed_dim and self.projection_class_embeddings_input_dim):
+            raise ValueError("UNetConfig: addition_embed_type='text_time' needs addition_time_embed_dim and "
+                             "projection_class_embeddings_input_dim.")
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
             raise ValueError(f"UNetConfig: down_block_types {self.down_block_types}, up_block_types "
                              f"{self.up_block_types} and block_out_channels {self.block_out_channels} "
@@ -148,7 +160,7 @@ class UNetConfig:
                 problems.append(f"unknown key {key}={value!r}")
         if problems:
             raise ValueError("UNet config uses features sdjax's UNet does not implement: " + "; ".join(problems)
-                             + ". Only SD 1.x / 2.x style UNet2DConditionModel configs are supported.")
+                             + ". Only SD 1.x / 2.x / SDXL style UNet2DConditionModel configs are supported.")
         return cls(**kwargs)
 
     def to_diffusers_config(self) -> dict:
@@ -182,6 +194,15 @@ def timestep_embedding(t_B: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shi
     sin, cos = jnp.sin(args_BH), jnp.cos(args_BH)
     emb_BD = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
     return jnp.pad(emb_BD, ((0, 0), (0, dim % 2)))
+
+
+@flax.struct.dataclass
+class AddedCond:
+    """SDXL's added conditioning (diffusers' ``added_cond_kwargs``): the pooled, projected text
+    embedding and the micro-conditioning numbers (base: original size, crop top-left, target size;
+    refiner: original size, crop top-left, aesthetic score)."""
+    text_embeds_BP: jax.Array
+    time_ids_BK: jax.Array
 
 
 class TimestepEmbedding(nn.Module):
@@ -294,7 +315,8 @@ class UNet(nn.Module):
     attention: str = "xla"
 
     @nn.compact
-    def __call__(self, x_BHWC: jax.Array, timesteps_B: jax.Array | float, ctx_BLD: jax.Array) -> jax.Array:
+    def __call__(self, x_BHWC: jax.Array, timesteps_B: jax.Array | float, ctx_BLD: jax.Array,
+                 added: AddedCond | None = None) -> jax.Array:
         c = self.config
         n = len(c.block_out_channels)
         B, H, W, _ = x_BHWC.shape
@@ -311,6 +333,8 @@ class UNet(nn.Module):
         t_B = jnp.broadcast_to(jnp.asarray(timesteps_B, jnp.float32), (B,))
         t_emb = timestep_embedding(t_B, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
         temb_BD = TimestepEmbedding(4 * c.block_out_channels[0], name="time_embedding", **kw)(t_emb)
+        if c.addition_embed_type:
+            temb_BD = temb_BD + self.text_time_embedding(added, B)
         ctx_BLD = constrain_seq(ctx_BLD)
 
         x_BHWC = constrain_image(conv(c.block_out_channels[0], 3, name="conv_in", **kw)(x_BHWC))
@@ -335,3 +359,23 @@ class UNet(nn.Module):
 
         x_BHWC = group_norm(c.norm_num_groups, c.norm_eps, name="conv_norm_out", **kw)(x_BHWC)
         return conv(c.out_channels, 3, name="conv_out", **kw)(nn.silu(x_BHWC))
+
+    def text_time_embedding(self, added: AddedCond | None, batch: int) -> jax.Array:
+        """``add_embedding``(pooled text ++ sinusoidal embeddings of each micro-conditioning number)."""
+        c = self.config
+        if added is None:
+            raise ValueError("UNet: this SDXL UNet (addition_embed_type='text_time') needs `added`: the pooled "
+                             "text embedding and the micro-conditioning numbers (sdjax.models.unet.AddedCond).")
+        text_BP, ids_BK = added.text_embeds_BP, added.time_ids_BK
+        width = text_BP.shape[-1] + ids_BK.shape[-1] * c.addition_time_embed_dim
+        if width != c.projection_class_embeddings_input_dim:
+            raise ValueError(f"UNet: pooled text width {text_BP.shape[-1]} + {ids_BK.shape[-1]} micro-conditioning "
+                             f"numbers x {c.addition_time_embed_dim} = {width}, but the config's "
+                             f"projection_class_embeddings_input_dim is {c.projection_class_embeddings_input_dim}: "
+                             "use the matching second text encoder (base: 6 numbers; refiner: 5).")
+        ids = jnp.broadcast_to(ids_BK, (batch, ids_BK.shape[-1])).reshape(-1)
+        time_BE = timestep_embedding(ids, c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
+        add_BP = jnp.concatenate([jnp.broadcast_to(text_BP, (batch, text_BP.shape[-1])).astype(jnp.float32),
+                                  time_BE.reshape(batch, -1)], axis=-1)
+        return TimestepEmbedding(4 * c.block_out_channels[0], name="add_embedding", dtype=self.dtype,
+                                 param_dtype=self.param_dtype)(add_BP.astype(self.dtype))
