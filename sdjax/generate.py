@@ -114,7 +114,7 @@ def generate(nets: Networks, sampler_name: str, start_index: int, params: dict[s
     """
     sampler = get_sampler(sampler_name)
     ctx = nets.text_encoder.apply({"params": params["text_encoder"]},
-                                  jnp.concatenate([inputs.uncond_ids, inputs.cond_ids]))
+                                  jnp.concatenate([inputs.uncond_ids, inputs.cond_ids])).context_BLD
 
     def encode(images_BHWC: jax.Array, noise_BhwC: jax.Array) -> jax.Array:
         post = nets.vae.apply({"params": params["vae"]}, images_BHWC, method=AutoencoderKL.encode)

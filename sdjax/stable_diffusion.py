@@ -30,7 +30,7 @@ class StableDiffusion:
         nets = sources.generation_networks(self.configs, self.dtype, self.param_dtype, self.attention,
                                            jax.devices()[0].platform)
         self.unet, self.vae, self.text_encoder = nets.unet, nets.vae, nets.text_encoder  # the VAE runs in f32
-        self._text = jax.jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids))
+        self._text = jax.jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids).context_BLD)
         self._unet = jax.jit(lambda p, x, t, c: self.unet.apply({"params": p}, x, t, c))
         self._enc = jax.jit(lambda p, x: self.vae.apply({"params": p}, x, method=AutoencoderKL.encode))
         self._dec = jax.jit(lambda p, z: self.vae.apply({"params": p}, z, method=AutoencoderKL.decode))

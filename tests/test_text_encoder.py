@@ -48,7 +48,7 @@ def test_sd1_last_layer_matches_transformers():
     ids = token_ids()
     with torch.no_grad():
         out = torch_model(torch.from_numpy(ids))
-    hidden = CLIPTextEncoder(config).apply({"params": params}, jnp.asarray(ids, jnp.int32))
+    hidden = CLIPTextEncoder(config).apply({"params": params}, jnp.asarray(ids, jnp.int32)).context_BLD
     np.testing.assert_allclose(hidden, out.last_hidden_state.numpy(), atol=1e-4, rtol=0)
     pooled = pooled_output(hidden, jnp.asarray(ids), config.eos_token_id)
     np.testing.assert_allclose(pooled, out.pooler_output.numpy(), atol=1e-4, rtol=0)
@@ -63,7 +63,7 @@ def test_sd2_penultimate_layer_matches_transformers():
     with torch.no_grad():
         out = torch_model(torch.from_numpy(ids), output_hidden_states=True)
         want = torch_model.final_layer_norm(out.hidden_states[-2]).numpy()
-    hidden = jax.jit(CLIPTextEncoder(config).apply)({"params": params}, jnp.asarray(ids, jnp.int32))
+    hidden = jax.jit(CLIPTextEncoder(config).apply)({"params": params}, jnp.asarray(ids, jnp.int32)).context_BLD
     np.testing.assert_allclose(hidden, want, atol=1e-4, rtol=0)
     # diffusers' SD 2 form (one layer fewer, last hidden state) is the same network.
     diffusers_form = TextEncoderConfig.from_transformers_config(config.to_transformers_config())
@@ -81,7 +81,7 @@ def test_no_layers_matches_transformers_and_ignores_the_other_words():
     ids = token_ids()
     with torch.no_grad():
         want = torch_model(torch.from_numpy(ids)).last_hidden_state.numpy()
-    hidden = CLIPTextEncoder(config).apply({"params": params}, jnp.asarray(ids, jnp.int32))
+    hidden = CLIPTextEncoder(config).apply({"params": params}, jnp.asarray(ids, jnp.int32)).context_BLD
     np.testing.assert_allclose(hidden, want, atol=1e-5, rtol=0)
     back = {k.removeprefix("text_model."): v for k, v in text_encoder_to_torch(params).items()}
     assert set(back) == set(sd) - {"embeddings.position_ids"}
@@ -90,7 +90,7 @@ def test_no_layers_matches_transformers_and_ignores_the_other_words():
     # A token's output depends on its word and position only: change every other word, it stays.
     other = ids.copy()
     other[:, 1:5] = (ids[:, 1:5] + 7) % 998
-    changed = CLIPTextEncoder(config).apply({"params": params}, jnp.asarray(other, jnp.int32))
+    changed = CLIPTextEncoder(config).apply({"params": params}, jnp.asarray(other, jnp.int32)).context_BLD
     np.testing.assert_array_equal(np.asarray(changed)[:, 5:], np.asarray(hidden)[:, 5:])
     with pytest.raises(ValueError, match="penultimate.*at least 1 layer"):
         TextEncoderConfig(**TINY, num_hidden_layers=0, output_layer="penultimate")
@@ -126,8 +126,50 @@ def test_bf16_compute_with_f32_params():
     model = CLIPTextEncoder(config, dtype=jnp.bfloat16, param_dtype=jnp.float32)
     boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.asarray(ids, jnp.int32))["params"]
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(layers.unbox(boxed)))
-    hidden = model.apply({"params": params}, jnp.asarray(ids, jnp.int32))
+    hidden = model.apply({"params": params}, jnp.asarray(ids, jnp.int32)).context_BLD
     assert hidden.dtype == jnp.bfloat16
     with torch.no_grad():
         want = torch_model(torch.from_numpy(ids)).last_hidden_state.numpy()
     np.testing.assert_allclose(np.asarray(hidden, np.float32), want, atol=0.1, rtol=0)
+
+
+def test_sdxl_encoders_give_the_penultimate_hidden_state_and_the_projected_pooled_output():
+    """SDXL's conditioning from each encoder: diffusers' ``hidden_states[-2]`` (no final LayerNorm) and,
+    from ``CLIPTextModelWithProjection``, ``text_embeds`` (the pooled output through text_projection)."""
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    torch_model = CLIPTextModelWithProjection(CLIPTextConfig(**TINY, num_hidden_layers=3, hidden_act="gelu",
+                                                             projection_dim=24)).eval()
+    with torch.no_grad():
+        for p in torch_model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    d = dict(torch_model.config.to_dict(), architectures=["CLIPTextModelWithProjection"])
+    config = TextEncoderConfig.from_transformers_config(d, output_layer="penultimate_hidden")
+    assert config.with_projection and config.num_layers_used == 3
+    sd = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+    params = text_encoder_from_torch(sd, config)
+    ids = token_ids()
+    with torch.no_grad():
+        out = torch_model(torch.from_numpy(ids), output_hidden_states=True)
+    got = jax.jit(CLIPTextEncoder(config).apply)({"params": params}, jnp.asarray(ids, jnp.int32))
+    np.testing.assert_allclose(got.context_BLD, out.hidden_states[-2].numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got.pooled_BP, out.text_embeds.numpy(), atol=1e-4, rtol=0)
+    assert got.pooled_BP.shape == (2, 24)
+    # The export writes transformers' names back, text_projection beside text_model, and its config
+    # builds the same class.
+    back = text_encoder_to_torch(params)
+    assert set(back) == set(sd) - {"text_model.embeddings.position_ids"}
+    assert TextEncoderConfig.from_transformers_config(config.to_transformers_config(),
+                                                      output_layer="penultimate_hidden") == config
+
+
+def test_sdxl_text_tower_param_counts():
+    """CLIP ViT-L (SDXL's text_encoder, all 12 layers) and OpenCLIP ViT-bigG with its projection
+    (text_encoder_2): 123,060,480 and 694,659,840 parameters, as transformers counts them."""
+    big_g = dict(hidden_size=1280, num_attention_heads=20, intermediate_size=5120, hidden_act="gelu",
+                 num_hidden_layers=32, projection_dim=1280, with_projection=True, output_layer="penultimate_hidden")
+    for kw, expected in ((dict(output_layer="penultimate_hidden"), 123_060_480), (big_g, 694_659_840)):
+        model = CLIPTextEncoder(TextEncoderConfig(**kw))
+        shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 77), jnp.int32))
+        assert count(shapes["params"]) == expected

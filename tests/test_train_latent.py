@@ -168,7 +168,7 @@ def test_loss_falls_and_export_loads(setup1, start, tmp_path):
     want = jax.jit(setup1.step.unet.apply)({"params": state.ema_params["unet"]}, x, t, ctx)
     np.testing.assert_allclose(sd.unet_apply(x, t, ctx), want, rtol=1e-5, atol=1e-6)
     ema_text = jax.jit(setup1.step.text_encoder.apply)({"params": state.ema_params["text_encoder"]},
-                                                     jnp.asarray(sd.tokenize(["a red circle on a green background"])))
+                                                     jnp.asarray(sd.tokenize(["a red circle on a green background"]))).context_BLD
     np.testing.assert_allclose(ctx[:1], ema_text, rtol=1e-5, atol=1e-6)
 
 

@@ -117,8 +117,8 @@ def torch_to_flax(state_dict: Mapping[str, Any], target: Mapping[str, Any], *, w
 
 
 def text_encoder_from_torch(state_dict: Mapping[str, Any], config: TextEncoderConfig) -> dict:
-    """Flax params of ``CLIPTextEncoder`` from a ``CLIPTextModel`` state dict (with or without the
-    ``text_model.`` prefix). For a penultimate-layer config, the layers past the ones used are dropped."""
+    """Flax params of ``CLIPTextEncoder`` from a ``CLIPTextModel`` (or ``CLIPTextModelWithProjection``)
+    state dict (with or without the ``text_model.`` prefix). For a penultimate-layer config, the layers past the ones used are dropped."""
     prefix = "text_model."
     sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
     unused = tuple(f"encoder.layers.{i}." for i in range(config.num_layers_used, config.num_hidden_layers))
@@ -128,5 +128,7 @@ def text_encoder_from_torch(state_dict: Mapping[str, Any], config: TextEncoderCo
 
 
 def text_encoder_to_torch(params: Mapping[str, Any], dtype: Any = None) -> dict[str, np.ndarray]:
-    """A ``CLIPTextModel`` state dict (``text_model.*``, the layout every transformers version reads)."""
-    return {f"text_model.{k}": v for k, v in flax_to_torch(params, dtype).items()}
+    """A ``CLIPTextModel`` state dict (``text_model.*``, the layout every transformers version reads);
+    ``CLIPTextModelWithProjection``'s ``text_projection`` sits beside ``text_model``."""
+    return {k if k.startswith("text_projection.") else f"text_model.{k}": v
+            for k, v in flax_to_torch(params, dtype).items()}

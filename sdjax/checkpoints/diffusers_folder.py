@@ -117,9 +117,7 @@ def write_pipeline(path: str, configs: dict[str, dict[str, Any]], states: dict[s
     with atomic.folder(path, is_diffusers_dir, "a diffusers folder (model_index.json)") as tmp:
         _write_component(os.path.join(tmp, "unet"), configs["unet"], states["unet"], "diffusion_pytorch_model")
         _write_component(os.path.join(tmp, "vae"), configs["vae"], states["vae"], "diffusion_pytorch_model")
-        _write_component(os.path.join(tmp, "text_encoder"),
-                         {**configs["text_encoder"], "architectures": ["CLIPTextModel"]},
-                         states["text_encoder"], "model")
+        _write_component(os.path.join(tmp, "text_encoder"), configs["text_encoder"], states["text_encoder"], "model")
         tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
         for name in ("vocab.json", "merges.txt"):
             source, dest = os.path.join(tokenizer_dir, name), os.path.join(tmp, "tokenizer", name)

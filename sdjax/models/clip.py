@@ -105,7 +105,7 @@ class CLIPVisionTransformer(nn.Module):
                              f"{pixels_BHWC.shape}.")
         x_BLD = CLIPVisionEmbeddings(c, name="embeddings", **kw)(pixels_BHWC)
         x_BLD = layers.layer_norm(c.layer_norm_eps, name="pre_layrnorm", **kw)(x_BLD).astype(self.dtype)
-        x_BLD = CLIPEncoder(c, causal=False, name="encoder", **kw)(x_BLD)
+        x_BLD = CLIPEncoder(c, causal=False, name="encoder", **kw)(x_BLD)[-1]
         return layers.layer_norm(c.layer_norm_eps, name="post_layernorm", **kw)(x_BLD[:, 0])
 
 
@@ -128,7 +128,7 @@ class CLIPModel(nn.Module):
 
     def text_embeds(self, input_ids_BL: jax.Array) -> jax.Array:
         """The end-of-text token's state (open_clip's ``argmax`` pooling: the largest id in each row)."""
-        hidden_BLD = self.text_model(input_ids_BL)
+        hidden_BLD = self.text_model(input_ids_BL).context_BLD
         return _unit(self.text_projection(pooled_output(hidden_BLD, input_ids_BL, eos_token_id=2)))
 
     def __call__(self, pixels_BHWC: jax.Array, input_ids_BL: jax.Array) -> tuple[jax.Array, jax.Array]:

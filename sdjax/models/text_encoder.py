@@ -8,6 +8,10 @@ SD 1.x conditions on the last layer of OpenAI's CLIP ViT-L/14 text tower; SD 2.x
 penultimate layer of OpenCLIP ViT-H/14. Both go through the final LayerNorm. diffusers
 stores SD 2's encoder with the last layer dropped (23 layers, last hidden state), which
 is the same network: ``output_layer="penultimate"`` builds only the layers it uses.
+SDXL conditions on the penultimate layer's output as it is, without the final LayerNorm
+(``output_layer="penultimate_hidden"``, diffusers' ``hidden_states[-2]``) of both its encoders, and on
+the pooled output of the second, OpenCLIP ViT-bigG/14 (transformers' ``CLIPTextModelWithProjection``:
+``with_projection``), for which every layer is built.
 With no layers at all (``num_hidden_layers=0``, as transformers allows) each token's output is
 its word and position embedding through the final LayerNorm, whatever the other words are.
 """
@@ -18,11 +22,13 @@ from typing import Any, Literal, Mapping
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import flax.struct
 
 from sdjax.models import layers
 
 Dtype = Any
 
+OUTPUT_LAYERS = ("last", "penultimate", "penultimate_hidden")
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -44,19 +50,20 @@ class TextEncoderConfig:
     pad_token_id: int = 1
     bos_token_id: int = 49406
     eos_token_id: int = 49407
-    output_layer: Literal["last", "penultimate"] = "last"
+    output_layer: Literal["last", "penultimate", "penultimate_hidden"] = "last"
+    with_projection: bool = False  # CLIPTextModelWithProjection: the pooled output through text_projection
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"TextEncoderConfig.hidden_act={self.hidden_act!r} is not supported; "
                              f"use one of {sorted(ACTIVATIONS)}.")
-        if self.output_layer not in ("last", "penultimate"):
-            raise ValueError(f"TextEncoderConfig.output_layer={self.output_layer!r}; use 'last' or 'penultimate'.")
+        if self.output_layer not in OUTPUT_LAYERS:
+            raise ValueError(f"TextEncoderConfig.output_layer={self.output_layer!r}; use one of {OUTPUT_LAYERS}.")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"TextEncoderConfig.hidden_size={self.hidden_size} is not divisible by "
                              f"num_attention_heads={self.num_attention_heads}.")
-        if self.num_layers_used < 0:
-            raise ValueError(f"TextEncoderConfig: output_layer='penultimate' needs at least 1 layer, "
+        if self.output_layer != "last" and self.num_hidden_layers < 1:
+            raise ValueError(f"TextEncoderConfig: output_layer={self.output_layer!r} needs at least 1 layer, "
                              f"got num_hidden_layers={self.num_hidden_layers}.")
 
     @property
@@ -66,9 +73,12 @@ class TextEncoderConfig:
 
     @classmethod
     def from_transformers_config(cls, d: Mapping[str, Any], **overrides: Any) -> "TextEncoderConfig":
-        """From a ``CLIPTextConfig`` dict (a diffusers ``text_encoder/config.json``); unknown keys are ignored."""
+        """From a ``CLIPTextConfig`` dict (a diffusers ``text_encoder/config.json``; its ``architectures``
+        says whether the model has a projection); unknown keys are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names}, **overrides)
+        kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs.setdefault("with_projection", "CLIPTextModelWithProjection" in (d.get("architectures") or ()))
+        return cls(**{**kwargs, **overrides})
 
     def to_transformers_config(self) -> dict:
         """A ``CLIPTextConfig`` dict for the network these parameters describe.
@@ -76,9 +86,11 @@ class TextEncoderConfig:
         A penultimate-layer encoder becomes, as in diffusers' SD 2, one with
         ``num_layers_used`` layers whose last hidden state is the same output.
         """
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "output_layer"}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if f.name not in ("output_layer", "with_projection")}
         d["num_hidden_layers"] = self.num_layers_used
         d["model_type"] = "clip_text_model"
+        d["architectures"] = ["CLIPTextModelWithProjection" if self.with_projection else "CLIPTextModel"]
         return d
 
 
@@ -152,37 +164,52 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    """The stack of blocks; ``config`` is a text config or any with the same fields (the image tower's)."""
+    """The stack of blocks; ``config`` is a text config or any with the same fields (the image tower's).
+    Returns the input and every block's output, as transformers' ``hidden_states``."""
     config: TextEncoderConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     causal: bool = True
 
     @nn.compact
-    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    def __call__(self, x_BLD: jax.Array) -> tuple[jax.Array, ...]:
+        hidden = [x_BLD]
         for i in range(self.config.num_layers_used):
-            x_BLD = CLIPEncoderLayer(self.config, dtype=self.dtype, param_dtype=self.param_dtype, causal=self.causal,
-                                     name=f"layers_{i}")(x_BLD)
-        return x_BLD
+            hidden.append(CLIPEncoderLayer(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
+                                           causal=self.causal, name=f"layers_{i}")(hidden[-1]))
+        return tuple(hidden)
+
+
+@flax.struct.dataclass
+class TextEncoding:
+    """What the text encoder gives the UNet: the per-token context (B, L, D) its cross-attention reads,
+    and the pooled embedding (B, P): the end-of-text token's final state, through ``text_projection``
+    for a ``with_projection`` encoder (SDXL's added conditioning)."""
+    context_BLD: jax.Array
+    pooled_BP: jax.Array
 
 
 class CLIPTextEncoder(nn.Module):
-    """Token ids (B, L) -> per-token hidden states (B, L, D), the UNet's cross-attention context."""
+    """Token ids (B, L) -> ``TextEncoding``: the UNet's cross-attention context and the pooled embedding."""
     config: TextEncoderConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids_BL: jax.Array) -> jax.Array:
+    def __call__(self, input_ids_BL: jax.Array) -> TextEncoding:
         c = self.config
         if input_ids_BL.ndim != 2 or input_ids_BL.shape[1] > c.max_position_embeddings:
             raise ValueError(f"CLIPTextEncoder expects token ids of shape (batch, length <= "
                              f"{c.max_position_embeddings}), got {input_ids_BL.shape}.")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x_BLD = layers.constrain_seq(CLIPTextEmbeddings(c, name="embeddings", **kw)(input_ids_BL))
-        x_BLD = CLIPEncoder(c, name="encoder", **kw)(x_BLD)
-        x_BLD = layers.layer_norm(c.layer_norm_eps, name="final_layer_norm", **kw)(x_BLD)
-        return layers.constrain_seq(x_BLD.astype(self.dtype))
+        hidden = CLIPEncoder(c, name="encoder", **kw)(x_BLD)
+        final_BLD = layers.layer_norm(c.layer_norm_eps, name="final_layer_norm", **kw)(hidden[-1]).astype(self.dtype)
+        pooled_BD = pooled_output(final_BLD, input_ids_BL, c.eos_token_id)
+        if c.with_projection:
+            pooled_BD = layers.dense(c.projection_dim, name="text_projection", use_bias=False, **kw)(pooled_BD)
+        context_BLD = hidden[-2].astype(self.dtype) if c.output_layer == "penultimate_hidden" else final_BLD
+        return TextEncoding(layers.constrain_seq(context_BLD), pooled_BD)
 
 
 def pooled_output(hidden_BLD: jax.Array, input_ids_BL: jax.Array, eos_token_id: int) -> jax.Array:

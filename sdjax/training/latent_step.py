@@ -69,7 +69,7 @@ def micro_loss(params: Any, frozen: dict, micro: dict, key: jax.Array, latent_sc
     ids = jnp.where(drop_B[:, None], frozen["empty_ids"][None], ids)
     z = jax.lax.stop_gradient(posterior(step.vae, frozen["vae"], micro).sample(k_vae) * latent_scale)
     text_params = params["text_encoder"] if step.train_text_encoder else frozen["text_encoder"]
-    ctx = step.text_encoder.apply({"params": text_params}, ids)
+    ctx = step.text_encoder.apply({"params": text_params}, ids).context_BLD
     t_B = jax.random.randint(k_t, (B,), 0, step.num_train_timesteps)
     noise = jax.random.normal(k_noise, z.shape, jnp.float32)
     ac = frozen["alphas_cumprod"]
