@@ -27,16 +27,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sdjax import sharding
 from sdjax.models.autoencoder import AutoencoderKL
 from sdjax.models.text_encoder import CLIPTextEncoder
-from sdjax.models.unet import UNet
+from sdjax.models.unet import AddedCond, UNet
 from sdjax.samplers import get_sampler
 
 
 @dataclasses.dataclass(frozen=True)
 class Networks:
-    """The three modules a generation runs (static: hashed into the compiled function)."""
+    """The modules a generation runs (static: hashed into the compiled function)."""
     unet: UNet
     vae: AutoencoderKL  # f32: the decoder stays in f32 when the rest runs in half precision
     text_encoder: CLIPTextEncoder
+    text_encoder_2: CLIPTextEncoder | None = None  # SDXL's OpenCLIP ViT-bigG
 
 
 @flax.struct.dataclass
@@ -49,6 +50,13 @@ class Inputs:
     posterior_noise: jax.Array | None = None  # (B, h, w, C): the init images' latent sample
     masks: jax.Array | None = None  # (B, H, W, 1) in {0, 1}, 1 = repaint: inpainting
     masked_posterior_noise: jax.Array | None = None  # (B, h, w, C): the masked images' latent sample (9-channel UNet)
+    # SDXL: the second tokenizer's ids, the micro-conditioning numbers of the prompt and of the negative
+    # prompt (B, 6), and 1 where the negative prompt conditions, 0 where its conditioning is zero (B,).
+    cond_ids_2: jax.Array | None = None
+    uncond_ids_2: jax.Array | None = None
+    time_ids: jax.Array | None = None
+    uncond_time_ids: jax.Array | None = None
+    uncond_keep: jax.Array | None = None
 
     def padded(self, multiple: int) -> "Inputs":
         """Every array padded along the batch (repeating the last row) to a multiple of ``multiple``."""
@@ -84,18 +92,29 @@ def starting_noise(seed: int, count: int, shape: tuple[int, ...], stream: int = 
                      for j in range(first, first + count)])
 
 
+def encode_text(nets: Networks, params: dict[str, Any], ids_BL: jax.Array, ids_2_BL: jax.Array | None
+                ) -> tuple[jax.Array, jax.Array]:
+    """(context, pooled): the text encoders' contexts concatenated on features (SD 1/2: one encoder;
+    SDXL: CLIP ViT-L's then ViT-bigG's), and the last encoder's pooled embedding."""
+    encodings = [nets.text_encoder.apply({"params": params["text_encoder"]}, ids_BL)]
+    if nets.text_encoder_2 is not None:
+        encodings.append(nets.text_encoder_2.apply({"params": params["text_encoder_2"]}, ids_2_BL))
+    return jnp.concatenate([e.context_BLD for e in encodings], axis=-1), encodings[-1].pooled_BP
+
+
 def guided_model_fn(unet: UNet, unet_params: Any, ctx_2BLD: jax.Array, guidance_scale: jax.Array,
-                    extra_BhwE: jax.Array | None = None) -> Callable:
+                    extra_BhwE: jax.Array | None = None, added: AddedCond | None = None) -> Callable:
     """Classifier-free guidance: ``model_fn(x, t)`` runs the UNet once on [x; x] against the
     context [uncond; cond] and returns uncond + guidance_scale * (cond - uncond), in f32.
-    ``extra_BhwE``: channels appended to x's (an inpainting UNet's mask and masked-image latents)."""
+    ``extra_BhwE``: channels appended to x's (an inpainting UNet's mask and masked-image latents);
+    ``added``: SDXL's added conditioning, [uncond; cond] too."""
     dtype = unet.dtype
     ctx = ctx_2BLD.astype(dtype)
 
     def model_fn(x_BhwC: jax.Array, t_B: jax.Array) -> jax.Array:
         x_in = x_BhwC if extra_BhwE is None else jnp.concatenate([x_BhwC, extra_BhwE.astype(x_BhwC.dtype)], axis=-1)
         x2 = jnp.concatenate([x_in, x_in]).astype(dtype)
-        out = unet.apply({"params": unet_params}, x2, jnp.concatenate([t_B, t_B]), ctx).astype(jnp.float32)
+        out = unet.apply({"params": unet_params}, x2, jnp.concatenate([t_B, t_B]), ctx, added).astype(jnp.float32)
         out_uncond, out_cond = jnp.split(out, 2)
         return out_uncond + guidance_scale * (out_cond - out_uncond)
 
@@ -107,14 +126,19 @@ def generate(nets: Networks, sampler_name: str, start_index: int, params: dict[s
              unroll: bool = False) -> jax.Array:
     """The whole generation: ids -> context -> guided sampling -> f32 decode -> [0, 1] images.
 
-    ``params`` = {"unet", "vae", "text_encoder"}; ``plan`` comes from the sampler's ``make_plan``;
+    ``params`` = {"unet", "vae", "text_encoder"} (SDXL: and "text_encoder_2"); ``plan`` comes from the sampler's ``make_plan``;
     ``start_index`` > 0 (Img2Img) starts from ``inputs.init_images`` noised to that step; with
     ``inputs.masks`` it inpaints (see the module docstring). ``unroll``: the sampler's steps written
     out instead of one loop (for cost analysis, which counts a loop's body once).
     """
     sampler = get_sampler(sampler_name)
-    ctx = nets.text_encoder.apply({"params": params["text_encoder"]},
-                                  jnp.concatenate([inputs.uncond_ids, inputs.cond_ids])).context_BLD
+    ids_2 = None if inputs.cond_ids_2 is None else jnp.concatenate([inputs.uncond_ids_2, inputs.cond_ids_2])
+    ctx, pooled = encode_text(nets, params, jnp.concatenate([inputs.uncond_ids, inputs.cond_ids]), ids_2)
+    added = None
+    if nets.unet.config.addition_embed_type:
+        keep_2B = jnp.concatenate([inputs.uncond_keep, jnp.ones_like(inputs.uncond_keep)])
+        ctx, pooled = ctx * keep_2B[:, None, None], pooled * keep_2B[:, None]
+        added = AddedCond(pooled, jnp.concatenate([inputs.uncond_time_ids, inputs.time_ids]))
 
     def encode(images_BHWC: jax.Array, noise_BhwC: jax.Array) -> jax.Array:
         post = nets.vae.apply({"params": params["vae"]}, images_BHWC, method=AutoencoderKL.encode)
@@ -133,7 +157,7 @@ def generate(nets: Networks, sampler_name: str, start_index: int, params: dict[s
         else:
             after_step = functools.partial(_keep_known_region, sampler, plan, x0, inputs.noise, mask_Bhw1)
         x0 = x0 if start_index > 0 else None  # strength 1 starts from pure noise
-    model_fn = guided_model_fn(nets.unet, params["unet"], ctx, guidance_scale, extra)
+    model_fn = guided_model_fn(nets.unet, params["unet"], ctx, guidance_scale, extra, added)
     latents = sampler.sample(model_fn, inputs.noise, key, plan, start_index=start_index, x0=x0, after_step=after_step,
                              unroll=unroll)
     images = nets.vae.apply({"params": params["vae"]}, latents / scaling_factor, method=AutoencoderKL.decode)

@@ -27,6 +27,8 @@ class Model:
     latent_channels: int
     unet_in_channels: int
     native_size: int
+    micro_conditioning: bool = False  # SDXL: the UNet reads the image's original size, crop and target size
+    force_zeros_for_empty_prompt: bool = False
 
     @property
     def is_inpainting(self) -> bool:
@@ -45,6 +47,9 @@ class Request:
     masks: np.ndarray | None  # (B, H, W, 1) in {0, 1}
     masked_posterior_noise: np.ndarray | None
     start_index: int  # 0, or Img2Img's first step (from strength)
+    time_ids: np.ndarray | None = None  # (B, 6) SDXL's micro-conditioning of the prompt
+    uncond_time_ids: np.ndarray | None = None  # (B, 6) and of the negative prompt
+    uncond_keep: np.ndarray | None = None  # (B,) 0 where the negative conditioning is zero (no negative prompt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +62,11 @@ class SamplingOptions:
     inpainting); ``seed``; ``init_latents`` (diffusers: ``latents``) (B, H/f, W/f, C) replaces the
     seed-drawn starting noise; ``strength`` in (0, 1]: how far Img2Img and inpainting noise the
     images (1: from pure noise); ``output``: "uint8" or "float" (in [0, 1]).
+
+    SDXL's micro-conditioning, as diffusers' SDXL pipelines take it, each (height, width) or (top, left)
+    pixels: ``original_size`` and ``target_size`` (default: the output size), ``crops_coords_top_left``
+    (default (0, 0)); the negative prompt's ``negative_*`` (used when both negative sizes are given,
+    else the prompt's). They are traced: other numbers never recompile.
     """
     steps: int = 50
     guidance_scale: float = 7.5
@@ -68,6 +78,12 @@ class SamplingOptions:
     init_latents: Any = None
     strength: float = 1.0
     output: str = "uint8"
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] = (0, 0)
+    negative_target_size: tuple[int, int] | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "SamplingOptions":
@@ -128,7 +144,36 @@ class SamplingOptions:
             masks = (_one_per_prompt(masks, n, "masks") >= 0.5).astype(np.float32)[..., None]  # as diffusers binarises
             if model.is_inpainting:
                 masked_noise = generate.starting_noise(self.seed, n, latent_shape, generate.MASKED_POSTERIOR_STREAM)
-        return Request(prompts, negative, noise, init, posterior_noise, masks, masked_noise, start)
+        time_ids = uncond_time_ids = keep = None
+        if model.micro_conditioning:
+            time_ids, uncond_time_ids = self._time_ids(n, height, width)
+            zero = negative_prompts is None and model.force_zeros_for_empty_prompt
+            keep = np.full((n,), 0.0 if zero else 1.0, np.float32)
+        else:
+            self._check_no_micro_conditioning()
+        return Request(prompts, negative, noise, init, posterior_noise, masks, masked_noise, start,
+                       time_ids, uncond_time_ids, keep)
+
+    _MICRO = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+              "negative_crops_coords_top_left", "negative_target_size")
+
+    def _time_ids(self, n: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """SDXL's six numbers for the prompt and the negative prompt, as diffusers' ``_get_add_time_ids``."""
+        for name in self._MICRO:
+            value = getattr(self, name)
+            if value is not None and (len(value) != 2 or not all(isinstance(v, (int, float, np.number)) for v in value)):
+                raise ValueError(f"{name} must be two numbers ((height, width) or (top, left)), got {value!r}.")
+        size = (height, width)
+        ids = (*(self.original_size or size), *self.crops_coords_top_left, *(self.target_size or size))
+        uncond = ids
+        if self.negative_original_size is not None and self.negative_target_size is not None:
+            uncond = (*self.negative_original_size, *self.negative_crops_coords_top_left, *self.negative_target_size)
+        return np.tile(np.asarray(ids, np.float32), (n, 1)), np.tile(np.asarray(uncond, np.float32), (n, 1))
+
+    def _check_no_micro_conditioning(self) -> None:
+        given = [name for name in self._MICRO if getattr(self, name) not in (None, (0, 0))]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only SDXL models read micro-conditioning; this model does not.")
 
     def _check_values(self, downsample_factor: int, height: int, width: int, editing: bool) -> None:
         get_sampler(self.sampler)

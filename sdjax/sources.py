@@ -107,8 +107,8 @@ def generation_networks(configs: ModelConfigs, dtype: Any = jnp.float32, param_d
     decoder in half precision is a known NaN source); ``attention`` resolved for ``platform`` (None:
     the default devices')."""
     platform = platform or jax.devices()[0].platform
+    text = [CLIPTextEncoder(c, dtype=dtype, param_dtype=param_dtype) for c in configs.text_encoders]
     return generate.Networks(
         UNet(configs.unet, dtype=dtype, param_dtype=param_dtype,
              attention=resolve_attention(attention, platform, dtype)),
-        AutoencoderKL(configs.vae, dtype=jnp.float32, param_dtype=param_dtype),
-        CLIPTextEncoder(configs.text_encoder, dtype=dtype, param_dtype=param_dtype))
+        AutoencoderKL(configs.vae, dtype=jnp.float32, param_dtype=param_dtype), *text)

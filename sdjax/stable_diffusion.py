@@ -25,12 +25,13 @@ class StableDiffusion:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention: str = "auto"  # the UNet's attention; auto: the fused kernel of the default devices' platform
+    tokenizer_2: Any = None  # SDXL's second tokenizer (text_encoder_2's)
 
     def __post_init__(self):
         nets = sources.generation_networks(self.configs, self.dtype, self.param_dtype, self.attention,
                                            jax.devices()[0].platform)
         self.unet, self.vae, self.text_encoder = nets.unet, nets.vae, nets.text_encoder  # the VAE runs in f32
-        self._text = jax.jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids).context_BLD)
+        self._text = jax.jit(lambda p, ids, ids_2: generate.encode_text(nets, p, ids, ids_2))
         self._unet = jax.jit(lambda p, x, t, c: self.unet.apply({"params": p}, x, t, c))
         self._enc = jax.jit(lambda p, x: self.vae.apply({"params": p}, x, method=AutoencoderKL.encode))
         self._dec = jax.jit(lambda p, z: self.vae.apply({"params": p}, z, method=AutoencoderKL.decode))
@@ -68,7 +69,8 @@ class StableDiffusion:
                                single_file_options=single_file_options)
         tokenizer_dir = tokenizer or loaded.tokenizer_dir
         tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
-        return cls(loaded.configs, loaded.params, tok, tokenizer_dir, dtype, param_dtype, attention)
+        tok_2 = load_tokenizer(loaded.tokenizer_2_dir) if loaded.tokenizer_2_dir else None
+        return cls(loaded.configs, loaded.params, tok, tokenizer_dir, dtype, param_dtype, attention, tok_2)
 
     def save_pretrained(self, path: str, format: str = "sdjax", dtype: Any = None) -> None:
         """Write the model: ``format="sdjax"`` (Orbax params + JSON configs + tokenizer, loads back
@@ -88,18 +90,27 @@ class StableDiffusion:
         return merged
 
     # ---- the networks ----------------------------------------------------------------------
-    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
-        if self.tokenizer is None:
-            raise ValueError("This model has no tokenizer: pass tokenizer=DIR to from_pretrained "
-                             "(a folder with vocab.json and merges.txt, e.g. a diffusers checkpoint's tokenizer/).")
-        return tokenize(self.tokenizer, list(prompts), self.configs.text_encoder.max_position_embeddings)
+    def tokenize(self, prompts: Sequence[str], encoder: int = 1) -> np.ndarray:
+        """Token ids (B, 77) for text encoder ``encoder`` (SDXL's second: 2)."""
+        tokenizer = self.tokenizer if encoder == 1 else self.tokenizer_2
+        if tokenizer is None:
+            folder = "tokenizer/" if encoder == 1 else "tokenizer_2/"
+            raise ValueError(f"This model has no tokenizer for text encoder {encoder}: load a diffusers folder with "
+                             f"{folder}, or pass tokenizer=DIR to from_pretrained (a folder with vocab.json and "
+                             "merges.txt).")
+        config = self.configs.text_encoder if encoder == 1 else self.configs.text_encoder_2
+        return tokenize(tokenizer, list(prompts), config.max_position_embeddings)
 
     def encode_prompt(self, prompts: Sequence[str]) -> jax.Array:
-        """Text context (B, 77, D) for a list of prompts."""
-        return self.encode_ids(self.tokenize(prompts))
+        """Text context (B, 77, D) for a list of prompts (SDXL: both encoders', concatenated)."""
+        return self.encode_ids(self.tokenize(prompts), self._ids_2(prompts))
 
-    def encode_ids(self, ids_BL: Any) -> jax.Array:
-        return self._text(self.params["text_encoder"], jnp.asarray(ids_BL, jnp.int32))
+    def encode_ids(self, ids_BL: Any, ids_2_BL: Any = None) -> jax.Array:
+        ids_2 = None if ids_2_BL is None else jnp.asarray(ids_2_BL, jnp.int32)
+        return self._text(self.params, jnp.asarray(ids_BL, jnp.int32), ids_2)[0]
+
+    def _ids_2(self, prompts: Sequence[str]) -> np.ndarray | None:
+        return self.tokenize(prompts, encoder=2) if self.configs.text_encoder_2 else None
 
     def unet_apply(self, latents_BhwC: jax.Array, timesteps: Any, ctx_BLD: jax.Array) -> jax.Array:
         """One UNet evaluation: model output (epsilon, v or x0) with the latents' shape."""
@@ -171,7 +182,9 @@ class StableDiffusion:
     def _model(self) -> options_lib.Model:
         return options_lib.Model(downsample_factor=self.downsample_factor,
                                  latent_channels=self.configs.vae.latent_channels,
-                                 unet_in_channels=self.configs.unet.in_channels, native_size=self.native_size)
+                                 unet_in_channels=self.configs.unet.in_channels, native_size=self.native_size,
+                                 micro_conditioning=self.configs.is_sdxl,
+                                 force_zeros_for_empty_prompt=self.configs.force_zeros_for_empty_prompt)
 
     def _generate(self, options: dict[str, Any], prompts, negative_prompts, images=None, masks=None) -> np.ndarray:
         if "negative_prompt" in options:  # diffusers' name
@@ -182,7 +195,9 @@ class StableDiffusion:
         request = opts.request(self._model, prompts, negative_prompts, images, masks)
         inputs = generate.Inputs(self.tokenize(request.prompts), self.tokenize(request.negative_prompts),
                                  request.noise, request.init_images, request.posterior_noise, request.masks,
-                                 request.masked_posterior_noise)
+                                 request.masked_posterior_noise, self._ids_2(request.prompts),
+                                 self._ids_2(request.negative_prompts), request.time_ids, request.uncond_time_ids,
+                                 request.uncond_keep)
         out = self.generator(self.params, inputs, sampler=opts.sampler, steps=opts.steps, eta=opts.eta,
                              guidance_scale=opts.guidance_scale, seed=opts.seed, scaling_factor=self.scaling_factor,
                              start_index=request.start_index)

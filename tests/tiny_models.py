@@ -88,3 +88,48 @@ def save_pipeline(folder: Path, style: str, seed: int = 0, inpainting: bool = Fa
                     safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return Path(folder)
+
+
+SDXL = dict(  # SDXL's layout at toy widths: no attention at the top level, uneven depth, two text encoders
+    unet=dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+              up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+              attention_head_dim=(2, 4, 8), transformer_layers_per_block=(1, 1, 2), cross_attention_dim=32 + 24,
+              norm_num_groups=16, use_linear_projection=True, addition_embed_type="text_time",
+              addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8),
+    vae=dict(STYLES["sd1"]["vae"], scaling_factor=0.13025, force_upcast=True),
+    text_encoder=dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+                      num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+                      bos_token_id=0, eos_token_id=2, pad_token_id=1),
+    text_encoder_2=dict(vocab_size=1000, hidden_size=24, intermediate_size=40, num_hidden_layers=3,
+                        num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu", projection_dim=16,
+                        bos_token_id=0, eos_token_id=2, pad_token_id=1),
+)
+
+
+def save_sdxl_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A tiny StableDiffusionXLPipeline (Euler "leading", zero negative conditioning for an absent
+    negative prompt, the second tokenizer padding with "!") saved as a diffusers folder."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet, vae = UNet2DConditionModel(**SDXL["unet"]), AutoencoderKL(**SDXL["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SDXL["text_encoder"]))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL["text_encoder_2"]))
+    for i, m in enumerate((unet, vae, text_encoder, text_encoder_2)):
+        randomize_norms(m, seed + 100 + i)
+        m.eval()
+    tokenizers = []
+    for name, config in (("tokenizer", None), ("tokenizer_2", {"pad_token": "!"})):
+        tokenizer = CLIPTokenizer.from_pretrained(
+            str(write_tokenizer(Path(folder).parent / f"{Path(folder).name}-{name}", config)))
+        tokenizer.model_max_length = 77
+        tokenizers.append(tokenizer)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return Path(folder)

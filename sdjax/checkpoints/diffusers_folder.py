@@ -20,6 +20,11 @@ def is_diffusers_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MODEL_INDEX))
 
 
+def networks(model_index: dict[str, Any]) -> tuple[str, ...]:
+    """The networks sdjax reads from a pipeline folder with this model_index.json (SDXL: a second text encoder)."""
+    return ("unet", "vae", "text_encoder") + (("text_encoder_2",) if model_index.get("text_encoder_2") else ())
+
+
 def read_json(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} is missing; the checkpoint folder is incomplete.")

@@ -36,6 +36,9 @@ def save(path: str, configs: ModelConfigs, params: dict[str, Any], tokenizer_dir
          format: str = "sdjax", dtype: Any = None) -> None:
     """Writes the model to ``path`` in ``format`` (see the module docstring)."""
     check_format(format)
+    if configs.text_encoder_2:
+        raise NotImplementedError("sdjax does not write SDXL models yet (their second text encoder and tokenizer "
+                                  "would be lost): keep the folder or single file you loaded.")
     if format == "sdjax":
         cast = params if dtype is None else jax.tree_util.tree_map(lambda a: np.asarray(a).astype(dtype), params)
         sdjax_format.save(path, configs.to_dicts(), cast, tokenizer_dir)

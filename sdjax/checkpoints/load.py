@@ -34,8 +34,9 @@ SUPPORTED_FORMATS = (
 class Loaded:
     """A checkpoint read into sdjax's terms."""
     configs: ModelConfigs
-    params: dict[str, Any]  # {"unet", "vae", "text_encoder"}
+    params: dict[str, Any]  # {"unet", "vae", "text_encoder"}, and SDXL's "text_encoder_2"
     tokenizer_dir: str | None  # the folder holding the checkpoint's tokenizer files, if it has one
+    tokenizer_2_dir: str | None = None  # SDXL's second tokenizer (OpenCLIP's: pads with "!")
 
 
 def detect_format(path: str) -> str:
@@ -54,11 +55,13 @@ def detect_format(path: str) -> str:
 
 def params_from_state_dicts(configs: ModelConfigs, states: dict[str, dict[str, np.ndarray]],
                             param_dtype: Any = jnp.float32, source: str = "") -> dict[str, Any]:
-    """Convert torch-named state dicts {"unet", "vae", "text_encoder"} to sdjax params."""
+    """Convert torch-named state dicts (``configs.networks``) to sdjax params."""
     target = abstract_params(configs, param_dtype)
     trees = {name: torch_to_flax(states[name], target[name], what=f"{source} {name}".strip())
              for name in ("unet", "vae")}
     trees["text_encoder"] = text_encoder_from_torch(states["text_encoder"], configs.text_encoder)
+    if configs.text_encoder_2:
+        trees["text_encoder_2"] = text_encoder_from_torch(states["text_encoder_2"], configs.text_encoder_2)
     return jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, np.float32), param_dtype), trees)
 
 
@@ -76,10 +79,12 @@ def load(path: str, *, param_dtype: Any = jnp.float32, prediction_type: str | No
         params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, param_dtype), params)
     elif fmt == "diffusers":
         states, raw = {}, {}
-        for name in ("unet", "vae", "text_encoder"):
+        index = diffusers_folder.read_json(os.path.join(path, diffusers_folder.MODEL_INDEX))
+        for name in diffusers_folder.networks(index):
             raw[name], states[name] = diffusers_folder.read_component(
                 path, name, variant=variant, allow_pickle=allow_pickle)
         raw["scheduler"] = diffusers_folder.read_scheduler_config(path) or {}
+        raw["force_zeros_for_empty_prompt"] = index.get("force_zeros_for_empty_prompt", False)
         configs = ModelConfigs.from_dicts(raw)
         params = params_from_state_dicts(configs, states, param_dtype, source=path)
     else:
@@ -91,9 +96,9 @@ def load(path: str, *, param_dtype: Any = jnp.float32, prediction_type: str | No
     if prediction_type is not None:
         configs = dataclasses.replace(
             configs, scheduler=dataclasses.replace(configs.scheduler, prediction_type=prediction_type))
-    if tokenizer_dir is not None and not os.path.isdir(tokenizer_dir):
-        tokenizer_dir = None
-    return Loaded(configs, params, tokenizer_dir)
+    tokenizer_dirs = [d if d is not None and os.path.isdir(d) else None
+                      for d in (tokenizer_dir, tokenizer_dir and os.path.join(path, "tokenizer_2"))]
+    return Loaded(configs, params, *tokenizer_dirs)
 
 
 def load_vae(path: str) -> tuple[AutoencoderConfig, Any]:

@@ -18,30 +18,67 @@ NETWORKS = ("unet", "vae", "text_encoder")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfigs:
+    """Every network's config and the noise schedule. SDXL is the same set plus ``text_encoder_2``
+    (OpenCLIP ViT-bigG with its projection), read with a UNet whose ``addition_embed_type`` is
+    "text_time"; both its encoders give the UNet their penultimate hidden state, as diffusers'
+    SDXL pipelines read them. ``force_zeros_for_empty_prompt``: no negative prompt means a zero
+    negative conditioning (SDXL base), not the empty prompt's."""
     unet: UNetConfig
     vae: AutoencoderConfig
     text_encoder: TextEncoderConfig
     scheduler: SchedulerConfig
+    text_encoder_2: TextEncoderConfig | None = None
+    force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def networks(self) -> tuple[str, ...]:
+        return NETWORKS + (("text_encoder_2",) if self.text_encoder_2 else ())
+
+    @property
+    def text_encoders(self) -> tuple[TextEncoderConfig, ...]:
+        """The encoders whose contexts, concatenated on features, the UNet attends to."""
+        return (self.text_encoder,) + ((self.text_encoder_2,) if self.text_encoder_2 else ())
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.unet.addition_embed_type == "text_time"
 
     @classmethod
     def from_dicts(cls, d: dict[str, Any]) -> "ModelConfigs":
+        unet = UNetConfig.from_diffusers_config(dict(d["unet"]))
+        text = {"output_layer": "penultimate_hidden"} if unet.addition_embed_type == "text_time" else {}
+        if unet.addition_embed_type and not d.get("text_encoder_2"):
+            raise ValueError("An SDXL UNet (addition_embed_type='text_time') conditions on a second text "
+                             "encoder's pooled output: the model needs text_encoder_2.")
         return cls(
-            unet=UNetConfig.from_diffusers_config(dict(d["unet"])),
+            unet=unet,
             vae=AutoencoderConfig.from_diffusers_config(dict(d["vae"])),
-            text_encoder=TextEncoderConfig.from_transformers_config(dict(d["text_encoder"])),
+            text_encoder=TextEncoderConfig.from_transformers_config(dict(d["text_encoder"]), **text),
             scheduler=SchedulerConfig.from_diffusers_config(dict(d.get("scheduler") or {})),
+            text_encoder_2=(TextEncoderConfig.from_transformers_config(dict(d["text_encoder_2"]), **text)
+                            if d.get("text_encoder_2") else None),
+            force_zeros_for_empty_prompt=bool(d.get("force_zeros_for_empty_prompt", False)),
         )
 
     def to_dicts(self) -> dict[str, Any]:
-        return dict(unet=self.unet.to_diffusers_config(), vae=self.vae.to_diffusers_config(),
-                    text_encoder=self.text_encoder.to_transformers_config(),
-                    scheduler=self.scheduler.to_diffusers_config())
+        d = dict(unet=self.unet.to_diffusers_config(), vae=self.vae.to_diffusers_config(),
+                 text_encoder=self.text_encoder.to_transformers_config(),
+                 scheduler=self.scheduler.to_diffusers_config())
+        if self.text_encoder_2:
+            d.update(text_encoder_2=self.text_encoder_2.to_transformers_config(),
+                     force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt)
+        return d
 
 
-def build_modules(configs: ModelConfigs, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
-    """The three Flax modules for ``configs``: (unet, vae, text_encoder)."""
+def build_modules(configs: ModelConfigs, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
+                  ) -> dict[str, Any]:
+    """The Flax module of each of ``configs.networks``."""
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    return (UNet(configs.unet, **kw), AutoencoderKL(configs.vae, **kw), CLIPTextEncoder(configs.text_encoder, **kw))
+    modules = dict(unet=UNet(configs.unet, **kw), vae=AutoencoderKL(configs.vae, **kw),
+                   text_encoder=CLIPTextEncoder(configs.text_encoder, **kw))
+    if configs.text_encoder_2:
+        modules["text_encoder_2"] = CLIPTextEncoder(configs.text_encoder_2, **kw)
+    return modules
 
 
 def unet_inputs(config: UNetConfig) -> tuple:
@@ -68,8 +105,11 @@ def text_encoder_inputs(config: TextEncoderConfig) -> tuple:
 
 def init_inputs(configs: ModelConfigs) -> dict[str, tuple]:
     """Small dummy inputs that trace each network (for init and ``jax.eval_shape``)."""
-    return dict(unet=unet_inputs(configs.unet), vae=vae_inputs(configs.vae),
-                text_encoder=text_encoder_inputs(configs.text_encoder))
+    inputs = dict(unet=unet_inputs(configs.unet), vae=vae_inputs(configs.vae),
+                  text_encoder=text_encoder_inputs(configs.text_encoder))
+    if configs.text_encoder_2:
+        inputs["text_encoder_2"] = text_encoder_inputs(configs.text_encoder_2)
+    return inputs
 
 
 def abstract_module_params(module: Any, inputs: tuple) -> Any:
@@ -79,7 +119,7 @@ def abstract_module_params(module: Any, inputs: tuple) -> Any:
 
 def abstract_params(configs: ModelConfigs, param_dtype: Any = jnp.float32) -> dict[str, Any]:
     """Parameter shapes of every network (no memory is allocated)."""
-    modules = dict(zip(NETWORKS, build_modules(configs, param_dtype=param_dtype)))
+    modules = build_modules(configs, param_dtype=param_dtype)
     inputs = init_inputs(configs)
     return {name: abstract_module_params(m, inputs[name]) for name, m in modules.items()}
 
