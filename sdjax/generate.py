@@ -36,22 +36,23 @@ class Networks:
     """The modules a generation runs (static: hashed into the compiled function)."""
     unet: UNet
     vae: AutoencoderKL  # f32: the decoder stays in f32 when the rest runs in half precision
-    text_encoder: CLIPTextEncoder
+    text_encoder: CLIPTextEncoder | None  # None: SDXL's refiner
     text_encoder_2: CLIPTextEncoder | None = None  # SDXL's OpenCLIP ViT-bigG
 
 
 @flax.struct.dataclass
 class Inputs:
     """The per-image arrays of one generation call, each with the batch as its leading axis."""
-    cond_ids: jax.Array  # (B, L) prompt token ids
-    uncond_ids: jax.Array  # (B, L) negative-prompt token ids
+    cond_ids: jax.Array | None  # (B, L) prompt token ids (None: a model without the first text encoder)
+    uncond_ids: jax.Array | None  # (B, L) negative-prompt token ids
     noise: jax.Array  # (B, h, w, C) starting latents
     init_images: jax.Array | None = None  # (B, H, W, 3) in [-1, 1]: Img2Img and inpainting
     posterior_noise: jax.Array | None = None  # (B, h, w, C): the init images' latent sample
     masks: jax.Array | None = None  # (B, H, W, 1) in {0, 1}, 1 = repaint: inpainting
     masked_posterior_noise: jax.Array | None = None  # (B, h, w, C): the masked images' latent sample (9-channel UNet)
     # SDXL: the second tokenizer's ids, the micro-conditioning numbers of the prompt and of the negative
-    # prompt (B, 6), and 1 where the negative prompt conditions, 0 where its conditioning is zero (B,).
+    # prompt (B, 6; refiner: 5), and 1 where the negative prompt conditions, 0 where its conditioning is
+    # zero (B,).
     cond_ids_2: jax.Array | None = None
     uncond_ids_2: jax.Array | None = None
     time_ids: jax.Array | None = None
@@ -92,11 +93,14 @@ def starting_noise(seed: int, count: int, shape: tuple[int, ...], stream: int = 
                      for j in range(first, first + count)])
 
 
-def encode_text(nets: Networks, params: dict[str, Any], ids_BL: jax.Array, ids_2_BL: jax.Array | None
+def encode_text(nets: Networks, params: dict[str, Any], ids_BL: jax.Array | None, ids_2_BL: jax.Array | None
                 ) -> tuple[jax.Array, jax.Array]:
     """(context, pooled): the text encoders' contexts concatenated on features (SD 1/2: one encoder;
-    SDXL: CLIP ViT-L's then ViT-bigG's), and the last encoder's pooled embedding."""
-    encodings = [nets.text_encoder.apply({"params": params["text_encoder"]}, ids_BL)]
+    SDXL: CLIP ViT-L's then ViT-bigG's; SDXL's refiner: ViT-bigG's), and the last encoder's pooled
+    embedding."""
+    encodings = []
+    if nets.text_encoder is not None:
+        encodings.append(nets.text_encoder.apply({"params": params["text_encoder"]}, ids_BL))
     if nets.text_encoder_2 is not None:
         encodings.append(nets.text_encoder_2.apply({"params": params["text_encoder_2"]}, ids_2_BL))
     return jnp.concatenate([e.context_BLD for e in encodings], axis=-1), encodings[-1].pooled_BP
@@ -132,8 +136,9 @@ def generate(nets: Networks, sampler_name: str, start_index: int, params: dict[s
     out instead of one loop (for cost analysis, which counts a loop's body once).
     """
     sampler = get_sampler(sampler_name)
-    ids_2 = None if inputs.cond_ids_2 is None else jnp.concatenate([inputs.uncond_ids_2, inputs.cond_ids_2])
-    ctx, pooled = encode_text(nets, params, jnp.concatenate([inputs.uncond_ids, inputs.cond_ids]), ids_2)
+    both = lambda uncond, cond: None if cond is None else jnp.concatenate([uncond, cond])  # noqa: E731
+    ctx, pooled = encode_text(nets, params, both(inputs.uncond_ids, inputs.cond_ids),
+                              both(inputs.uncond_ids_2, inputs.cond_ids_2))
     added = None
     if nets.unet.config.addition_embed_type:
         keep_2B = jnp.concatenate([inputs.uncond_keep, jnp.ones_like(inputs.uncond_keep)])
@@ -206,7 +211,7 @@ class Generator:
         posterior is sampled as mean + std * ``inputs.posterior_noise``, then noised to plan step
         ``start_index``. Inpainting when ``inputs.masks`` is set too."""
         plan = get_sampler(sampler).make_plan(self.scheduler_config, steps, eta=eta)
-        n = inputs.cond_ids.shape[0]
+        n = inputs.noise.shape[0]
         inputs = inputs.padded(self.mesh.devices.size)
         key = jax.random.fold_in(jax.random.key(seed), SAMPLER_STREAM)
         out = self._fn(sampler, start_index, inputs)(params, inputs, key, plan, jnp.float32(guidance_scale),

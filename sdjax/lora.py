@@ -1,7 +1,7 @@
 """LoRA adapters merged into a model's weights (``StableDiffusion.with_lora``).
 
 The update ``W += scale * alpha / rank * up @ down`` is merged into every adapted layer of the UNet
-and the text encoder (attention q/k/v/out, transformer proj_in/proj_out, feed-forward, resnet
+and the text encoders (attention q/k/v/out, transformer proj_in/proj_out, feed-forward, resnet
 convs: LoCon): sampling costs nothing extra, and since the parameters are arguments of the compiled
 functions, a model with a LoRA merged at any scale reuses them without recompiling. Reading and
 writing LoRA files: ``sdjax.checkpoints.lora``; training adapters: ``sdjax.training.lora``.
@@ -15,19 +15,27 @@ from flax import traverse_util
 
 from sdjax.checkpoints.convert import torch_key
 from sdjax.checkpoints.errors import CheckpointError
-from sdjax.checkpoints.lora import NETWORKS, Adapter, kohya_name
+from sdjax.checkpoints.lora import NETWORKS, Adapter, kohya_names
+from sdjax.checkpoints.name_tables import UNetLayout, unet_table
 
 
 def _layer_index(params: dict[str, Any]) -> dict[tuple[str, str], tuple[str, ...]]:
-    """(network, module name) -> Flax path of the layer's kernel, under PyTorch and kohya spellings."""
+    """(network, module name) -> Flax path of the layer's kernel, under PyTorch and kohya spellings; the
+    UNet's also under kohya's spelling of the original (LDM / sgm) module names, as kohya's SDXL
+    LoRAs name them."""
     index = {}
     for network in NETWORKS:
-        for path in traverse_util.flatten_dict(params[network]):
-            if path[-1] != "kernel":
-                continue
-            module = torch_key(path)[:-len(".weight")]
+        if network not in params:
+            continue
+        modules = {torch_key(path)[:-len(".weight")]: path
+                   for path in traverse_util.flatten_dict(params[network]) if path[-1] == "kernel"}
+        for module, path in modules.items():
             index[(network, module)] = path
-            index[(network, kohya_name(network, module))] = path
+            index.update({(network, name): path for name in kohya_names(network, module)})
+        if network == "unet":
+            table = unet_table(UNetLayout.from_diffusers(list(modules)))
+            for module, original in table.original_names(list(modules), "UNet").items():
+                index[(network, "lora_unet_" + original.replace(".", "_"))] = modules[module]
     return index
 
 
@@ -45,8 +53,12 @@ def _delta(adapter: Adapter, kernel_shape: tuple[int, ...]) -> np.ndarray:
 
 def merge(params: dict[str, Any], adapters: list[Adapter], scale: float = 1.0, what: str = "LoRA") -> dict[str, Any]:
     """A copy of ``params`` ({"unet", "text_encoder", ...}) with every adapter merged at ``scale``."""
+    absent = sorted({a.network for a in adapters} - set(params))
+    if absent:
+        raise CheckpointError(f"{what} adapts {', '.join(absent)}, which this model does not have (an SDXL LoRA "
+                              "on an SD 1.x/2.x model, or one for the base on SDXL's refiner?).")
     index = _layer_index(params)
-    flat = {network: traverse_util.flatten_dict(params[network]) for network in NETWORKS}
+    flat = {network: traverse_util.flatten_dict(params[network]) for network in NETWORKS if network in params}
     missing, mismatched, updates = [], [], {}
     for a in adapters:
         path = index.get((a.network, a.module))
@@ -70,7 +82,7 @@ def merge(params: dict[str, Any], adapters: list[Adapter], scale: float = 1.0, w
                          "round:\n    " + "\n    ".join(mismatched[:20]))
         raise CheckpointError("\n".join(lines))
     out = dict(params)
-    for network in NETWORKS:
+    for network in flat:
         changed = {path: jnp.asarray(np.asarray(flat[network][path], np.float32) + delta, flat[network][path].dtype)
                    for (net, path), delta in updates.items() if net == network}
         if changed:

@@ -29,6 +29,7 @@ class Model:
     native_size: int
     micro_conditioning: bool = False  # SDXL: the UNet reads the image's original size, crop and target size
     force_zeros_for_empty_prompt: bool = False
+    requires_aesthetics_score: bool = False  # SDXL refiner: an aesthetic score instead of the target size
 
     @property
     def is_inpainting(self) -> bool:
@@ -65,8 +66,11 @@ class SamplingOptions:
 
     SDXL's micro-conditioning, as diffusers' SDXL pipelines take it, each (height, width) or (top, left)
     pixels: ``original_size`` and ``target_size`` (default: the output size), ``crops_coords_top_left``
-    (default (0, 0)); the negative prompt's ``negative_*`` (used when both negative sizes are given,
-    else the prompt's). They are traced: other numbers never recompile.
+    (default (0, 0)); the refiner's ``aesthetic_score`` (6.0) in place of the target size; the negative
+    prompt's ``negative_*``, each the prompt's own unless given (``negative_aesthetic_score``: 2.5).
+    diffusers' pipelines differ at the edges: its Text2Img reads the negative numbers only when both
+    negative sizes are given, and its refiner's negative crop defaults to (0, 0). They are traced:
+    other numbers never recompile.
     """
     steps: int = 50
     guidance_scale: float = 7.5
@@ -82,8 +86,10 @@ class SamplingOptions:
     crops_coords_top_left: tuple[int, int] = (0, 0)
     target_size: tuple[int, int] | None = None
     negative_original_size: tuple[int, int] | None = None
-    negative_crops_coords_top_left: tuple[int, int] = (0, 0)
+    negative_crops_coords_top_left: tuple[int, int] | None = None
     negative_target_size: tuple[int, int] | None = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "SamplingOptions":
@@ -146,7 +152,7 @@ class SamplingOptions:
                 masked_noise = generate.starting_noise(self.seed, n, latent_shape, generate.MASKED_POSTERIOR_STREAM)
         time_ids = uncond_time_ids = keep = None
         if model.micro_conditioning:
-            time_ids, uncond_time_ids = self._time_ids(n, height, width)
+            time_ids, uncond_time_ids = self._time_ids(n, height, width, model.requires_aesthetics_score)
             zero = negative_prompts is None and model.force_zeros_for_empty_prompt
             keep = np.full((n,), 0.0 if zero else 1.0, np.float32)
         else:
@@ -157,21 +163,24 @@ class SamplingOptions:
     _MICRO = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
               "negative_crops_coords_top_left", "negative_target_size")
 
-    def _time_ids(self, n: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """SDXL's six numbers for the prompt and the negative prompt, as diffusers' ``_get_add_time_ids``."""
+    def _time_ids(self, n: int, height: int, width: int, aesthetic: bool) -> tuple[np.ndarray, np.ndarray]:
+        """SDXL's numbers for the prompt and the negative prompt, as diffusers' ``_get_add_time_ids``: original
+        size, crop top-left, then the target size (base) or the aesthetic score (refiner)."""
         for name in self._MICRO:
             value = getattr(self, name)
             if value is not None and (len(value) != 2 or not all(isinstance(v, (int, float, np.number)) for v in value)):
                 raise ValueError(f"{name} must be two numbers ((height, width) or (top, left)), got {value!r}.")
-        size = (height, width)
-        ids = (*(self.original_size or size), *self.crops_coords_top_left, *(self.target_size or size))
-        uncond = ids
-        if self.negative_original_size is not None and self.negative_target_size is not None:
-            uncond = (*self.negative_original_size, *self.negative_crops_coords_top_left, *self.negative_target_size)
+        original, target = self.original_size or (height, width), self.target_size or (height, width)
+        ids = (*original, *self.crops_coords_top_left, *((self.aesthetic_score,) if aesthetic else target))
+        negative_last = (self.negative_aesthetic_score,) if aesthetic else (self.negative_target_size or target)
+        uncond = (*(self.negative_original_size or original),
+                  *(self.negative_crops_coords_top_left or self.crops_coords_top_left), *negative_last)
         return np.tile(np.asarray(ids, np.float32), (n, 1)), np.tile(np.asarray(uncond, np.float32), (n, 1))
 
     def _check_no_micro_conditioning(self) -> None:
-        given = [name for name in self._MICRO if getattr(self, name) not in (None, (0, 0))]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        given = [name for name in self._MICRO + ("aesthetic_score", "negative_aesthetic_score")
+                 if getattr(self, name) != defaults[name]]
         if given:
             raise ValueError(f"{', '.join(given)}: only SDXL models read micro-conditioning; this model does not.")
 

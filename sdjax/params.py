@@ -1,6 +1,6 @@
 """Print the parameter count of each network of a model, from ``jax.eval_shape`` (no memory).
 
-    python -m sdjax.params --preset sd15          # or sd21: the published architectures
+    python -m sdjax.params --preset sd15          # or sd21, sdxl, sdxl_refiner: the published architectures
     python -m sdjax.params --config tiny          # a config that holds its whole model
 """
 

@@ -47,8 +47,43 @@ def sd21() -> dict:
     return cfg
 
 
+_CLIP_BIG_G = dict(  # OpenCLIP ViT-bigG/14's text tower with its projection (SDXL's text_encoder_2)
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=1280,
+    architectures=["CLIPTextModelWithProjection"],
+)
 
-PRESETS = {"sd15": sd15, "sd21": sd21}
+
+def sdxl() -> dict:
+    """SDXL 1.0 base: CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 (both read at their penultimate layer, bigG's
+    pooled projection and six micro-conditioning numbers added to the timestep embedding), 1024x1024."""
+    cfg = sd15()
+    cfg["unet"].update(sample_size=128, block_out_channels=(320, 640, 1280),
+                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                       up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                       attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+                       transformer_layers_per_block=(1, 2, 10), addition_embed_type="text_time",
+                       addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    cfg["vae"].update(scaling_factor=0.13025)
+    cfg.update(text_encoder_2=copy.deepcopy(_CLIP_BIG_G), force_zeros_for_empty_prompt=True)
+    return cfg
+
+
+def sdxl_refiner() -> dict:
+    """SDXL 1.0 refiner: OpenCLIP ViT-bigG/14 alone, five micro-conditioning numbers (an aesthetic score
+    in place of the target size), 1024x1024."""
+    cfg = sdxl()
+    del cfg["text_encoder"]
+    cfg["unet"].update(block_out_channels=(384, 768, 1536, 1536),
+                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                       attention_head_dim=(6, 12, 24, 24), cross_attention_dim=1280, transformer_layers_per_block=4,
+                       projection_class_embeddings_input_dim=2560)
+    cfg.update(force_zeros_for_empty_prompt=False, requires_aesthetics_score=True)
+    return cfg
+
+
+PRESETS = {"sd15": sd15, "sd21": sd21, "sdxl": sdxl, "sdxl_refiner": sdxl_refiner}
 
 
 def get(name: str) -> dict:

@@ -52,10 +52,18 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         if coordinator_address is None or process_id is None:
             raise ValueError(f"A {num_processes}-process run needs a coordinator address (host:port) and this "
                              "process's id: set SDJAX_COORDINATOR and SDJAX_PROCESS_ID.")
-        if "cpu" in (jax.config.jax_platforms or env.get("JAX_PLATFORMS", "")):  # CPU collectives need gloo.
+        cpu = "cpu" in (jax.config.jax_platforms or env.get("JAX_PLATFORMS", ""))
+        if cpu:  # CPU collectives need gloo.
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                    process_id=process_id)
+        if cpu:
+            # Gloo connects the processes at their first collective over a set of devices and waits at most
+            # 30 s for the others; connect now, when every process has just joined, not at the first train
+            # step, which compiling and loading can put minutes apart on a busy host.
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("sdjax: processes joined")
 
 
 def resolve_mesh_shape(shape: Sequence[int], axes: Sequence[str], num_devices: int) -> tuple[int, ...]:

@@ -48,12 +48,13 @@ def with_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     """Network config dicts with a config's ``model.*`` entries applied: ``model.unet`` replaces the
     UNet's config, other entries update their network's. A UNet attends to the text encoder's width
     unless told otherwise."""
-    out = {name: dict(value) for name, value in base.items()}
+    out = {name: dict(value) if isinstance(value, dict) else value for name, value in base.items()}
     for name, values in overrides.items():
         if name not in out:
             raise ValueError(f"model.{name}: not a network; valid: {', '.join(sorted(out))}.")
         out[name] = dict(values) if name == "unet" else dict(out[name], **values)
-    out["unet"].setdefault("cross_attention_dim", out["text_encoder"]["hidden_size"])
+    if "text_encoder" in out:
+        out["unet"].setdefault("cross_attention_dim", out["text_encoder"]["hidden_size"])
     return out
 
 
@@ -107,8 +108,9 @@ def generation_networks(configs: ModelConfigs, dtype: Any = jnp.float32, param_d
     decoder in half precision is a known NaN source); ``attention`` resolved for ``platform`` (None:
     the default devices')."""
     platform = platform or jax.devices()[0].platform
-    text = [CLIPTextEncoder(c, dtype=dtype, param_dtype=param_dtype) for c in configs.text_encoders]
+    text = {name: CLIPTextEncoder(getattr(configs, name), dtype=dtype, param_dtype=param_dtype) if getattr(configs, name)
+            else None for name in ("text_encoder", "text_encoder_2")}
     return generate.Networks(
         UNet(configs.unet, dtype=dtype, param_dtype=param_dtype,
              attention=resolve_attention(attention, platform, dtype)),
-        AutoencoderKL(configs.vae, dtype=jnp.float32, param_dtype=param_dtype), *text)
+        AutoencoderKL(configs.vae, dtype=jnp.float32, param_dtype=param_dtype), **text)

@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import os
 from typing import Any, Sequence
 
 import jax
@@ -26,6 +27,7 @@ class StableDiffusion:
     param_dtype: Any = jnp.float32
     attention: str = "auto"  # the UNet's attention; auto: the fused kernel of the default devices' platform
     tokenizer_2: Any = None  # SDXL's second tokenizer (text_encoder_2's)
+    tokenizer_2_dir: str | None = None
 
     def __post_init__(self):
         nets = sources.generation_networks(self.configs, self.dtype, self.param_dtype, self.attention,
@@ -56,7 +58,8 @@ class StableDiffusion:
         ``gs://`` one, or a hub id (``org/name``, ``org/name/FILE.safetensors``, ``@REVISION`` or
         ``revision=``) resolved through huggingface_hub's cache (``sdjax.checkpoints.hub``).
 
-        ``tokenizer``: a folder with the CLIP tokenizer files, needed for single files (they carry none).
+        ``tokenizer``: a folder with the CLIP tokenizer files, needed for single files (they carry none);
+        for SDXL, a diffusers SDXL folder (its ``tokenizer/`` and ``tokenizer_2/``).
         ``prediction_type``: "epsilon" or "v_prediction"; single files cannot tell (SD 2.x 768-v models
         are v-prediction), folders read it from scheduler/scheduler_config.json.
         ``single_file_options``: what a single file's tensors cannot say, passed to
@@ -68,9 +71,13 @@ class StableDiffusion:
                                allow_pickle=allow_pickle, variant=variant, revision=revision,
                                single_file_options=single_file_options)
         tokenizer_dir = tokenizer or loaded.tokenizer_dir
-        tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
-        tok_2 = load_tokenizer(loaded.tokenizer_2_dir) if loaded.tokenizer_2_dir else None
-        return cls(loaded.configs, loaded.params, tok, tokenizer_dir, dtype, param_dtype, attention, tok_2)
+        tokenizer_2_dir = loaded.tokenizer_2_dir
+        if tokenizer and os.path.isdir(os.path.join(tokenizer, "tokenizer_2")):  # an SDXL folder's tokenizers
+            tokenizer_2_dir = os.path.join(tokenizer, "tokenizer_2")
+        tok = load_tokenizer(tokenizer_dir) if tokenizer_dir and loaded.configs.text_encoder else None
+        tok_2 = load_tokenizer(tokenizer_2_dir) if tokenizer_2_dir and loaded.configs.text_encoder_2 else None
+        return cls(loaded.configs, loaded.params, tok, tokenizer_dir, dtype, param_dtype, attention, tok_2,
+                   tokenizer_2_dir)
 
     def save_pretrained(self, path: str, format: str = "sdjax", dtype: Any = None) -> None:
         """Write the model: ``format="sdjax"`` (Orbax params + JSON configs + tokenizer, loads back
@@ -78,7 +85,8 @@ class StableDiffusion:
         ``"single_file"`` (one ``.safetensors`` in the original CompVis/Stability layout for A1111,
         ComfyUI and diffusers' ``from_single_file``). ``dtype`` (``jnp.float16``, ``jnp.bfloat16``)
         writes a half-precision copy."""
-        export.save(path, self.configs, self.params, self.tokenizer_dir, format=format, dtype=dtype)
+        export.save(path, self.configs, self.params, self.tokenizer_dir, format=format, dtype=dtype,
+                    tokenizer_2_dir=self.tokenizer_2_dir)
 
     def with_lora(self, path: str, scale: float = 1.0) -> "StableDiffusion":
         """A copy with the LoRA adapter at ``path`` merged into its weights at ``scale`` (this model is
@@ -103,11 +111,14 @@ class StableDiffusion:
 
     def encode_prompt(self, prompts: Sequence[str]) -> jax.Array:
         """Text context (B, 77, D) for a list of prompts (SDXL: both encoders', concatenated)."""
-        return self.encode_ids(self.tokenize(prompts), self._ids_2(prompts))
+        return self.encode_ids(self._ids_1(prompts), self._ids_2(prompts))
 
     def encode_ids(self, ids_BL: Any, ids_2_BL: Any = None) -> jax.Array:
-        ids_2 = None if ids_2_BL is None else jnp.asarray(ids_2_BL, jnp.int32)
-        return self._text(self.params, jnp.asarray(ids_BL, jnp.int32), ids_2)[0]
+        ids, ids_2 = (None if x is None else jnp.asarray(x, jnp.int32) for x in (ids_BL, ids_2_BL))
+        return self._text(self.params, ids, ids_2)[0]
+
+    def _ids_1(self, prompts: Sequence[str]) -> np.ndarray | None:
+        return self.tokenize(prompts) if self.configs.text_encoder else None
 
     def _ids_2(self, prompts: Sequence[str]) -> np.ndarray | None:
         return self.tokenize(prompts, encoder=2) if self.configs.text_encoder_2 else None
@@ -184,7 +195,8 @@ class StableDiffusion:
                                  latent_channels=self.configs.vae.latent_channels,
                                  unet_in_channels=self.configs.unet.in_channels, native_size=self.native_size,
                                  micro_conditioning=self.configs.is_sdxl,
-                                 force_zeros_for_empty_prompt=self.configs.force_zeros_for_empty_prompt)
+                                 force_zeros_for_empty_prompt=self.configs.force_zeros_for_empty_prompt,
+                                 requires_aesthetics_score=self.configs.requires_aesthetics_score)
 
     def _generate(self, options: dict[str, Any], prompts, negative_prompts, images=None, masks=None) -> np.ndarray:
         if "negative_prompt" in options:  # diffusers' name
@@ -193,7 +205,7 @@ class StableDiffusion:
             negative_prompts = options.pop("negative_prompt")
         opts = options_lib.SamplingOptions.from_kwargs(**options)
         request = opts.request(self._model, prompts, negative_prompts, images, masks)
-        inputs = generate.Inputs(self.tokenize(request.prompts), self.tokenize(request.negative_prompts),
+        inputs = generate.Inputs(self._ids_1(request.prompts), self._ids_1(request.negative_prompts),
                                  request.noise, request.init_images, request.posterior_noise, request.masks,
                                  request.masked_posterior_noise, self._ids_2(request.prompts),
                                  self._ids_2(request.negative_prompts), request.time_ids, request.uncond_time_ids,

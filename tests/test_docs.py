@@ -28,6 +28,7 @@ BLOCKS = {
     ("pods.md", "## Precomputed latents"): ("tests/test_configs.py", '"encode", "--out"'),
     ("pods.md", "## Image folders and TFDS datasets"): ("tests/test_train_latent.py", 'SDJAX_NUM_PROCESSES="2"'),
     ("sampling.md", "## From Python"): ("tests/test_cli_sample.py", '"docs/sampling.md"'),
+    ("sampling.md", "## SDXL"): ("tests/test_sdxl.py", 'readme_block("## SDXL", "docs/sampling.md")'),
     ("sampling.md", "## Inpainting"): ("tests/test_readme_inpaint_export.py",
                                        'readme_block("## Inpainting", "docs/sampling.md")'),
     # the tiny config on v5e-8; the SD 1.5 / SD 2 lines compile for minutes (their figures: docs/benchmarks.md)

@@ -130,10 +130,15 @@ def test_with_lora_leaves_the_model_alone_and_does_not_recompile(base, peft_lora
 
 def test_loras_that_do_not_fit_are_refused_by_name(sd, peft_lora, tmp_path):
     tensors = load_file(str(peft_lora))
-    sdxl = dict(tensors, **{"text_encoder_2.encoder.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((2, 8), np.float32)})
+    sdxl = dict(tensors, **{f"text_encoder_2.encoder.layers.0.self_attn.q_proj.lora_{x}.weight": np.zeros((8, 8), np.float32)
+                            for x in "AB"})
     save_file(sdxl, str(tmp_path / "sdxl.safetensors"))
-    with pytest.raises(CheckpointError, match="LoRA for SDXL"):
+    with pytest.raises(CheckpointError, match="adapts text_encoder_2, which this model does not have"):
         sd.with_lora(tmp_path / "sdxl.safetensors")
+    flux = dict(tensors, **{"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": np.zeros((2, 8), np.float32)})
+    save_file(flux, str(tmp_path / "flux.safetensors"))
+    with pytest.raises(CheckpointError, match="LoRA for Flux"):
+        sd.with_lora(tmp_path / "flux.safetensors")
     odd = dict(tensors, **{"unet.some.thing.weight": np.zeros(3, np.float32)})
     save_file(odd, str(tmp_path / "odd.safetensors"))
     with pytest.raises(CheckpointError, match=r"(?s)1 key\(s\) fit no LoRA layout.*unet.some.thing.weight"):
@@ -147,10 +152,10 @@ def test_loras_that_do_not_fit_are_refused_by_name(sd, peft_lora, tmp_path):
     save_file(wide, str(tmp_path / "wide.safetensors"))
     with pytest.raises(CheckpointError, match="shape mismatches"):
         sd.with_lora(tmp_path / "wide.safetensors")
-    ldm = {"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": np.zeros((2, 32), np.float32),
-           "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": np.zeros((32, 2), np.float32)}
+    ldm = {"lora_unet_input_blocks_1_7_proj_in.lora_down.weight": np.zeros((2, 32), np.float32),
+           "lora_unet_input_blocks_1_7_proj_in.lora_up.weight": np.zeros((32, 2), np.float32)}
     save_file(ldm, str(tmp_path / "ldm.safetensors"))
-    with pytest.raises(CheckpointError, match="original LDM modules"):
+    with pytest.raises(CheckpointError, match="(?s)layers the model does not have.*input_blocks_1_7"):
         sd.with_lora(tmp_path / "ldm.safetensors")
     with pytest.raises(FileNotFoundError, match="no such LoRA file"):
         sd.with_lora(tmp_path / "missing.safetensors")

@@ -1,11 +1,15 @@
 """SDXL: a tiny random StableDiffusionXLPipeline built and saved by diffusers, loaded by sdjax, its
 images equal to diffusers' from the same starting latents."""
 
+import dataclasses
+import re
+
 import numpy as np
 import pytest
 import torch
+from flax import traverse_util
 
-from sdjax import generate
+from sdjax import generate, options, presets
 from sdjax.stable_diffusion import StableDiffusion
 from tests import tiny_models
 
@@ -24,8 +28,36 @@ def test_diffusers_folder_loads_as_sdxl(folder):
     assert c.scheduler.timestep_spacing == "leading" and sd.native_size == 32
     assert sd.tokenize(["a"], encoder=2)[0, 3] == sd.tokenizer_2.convert_tokens_to_ids("!")  # pads with "!"
     assert sd.tokenize(["a"])[0, 3] == sd.tokenizer.eos_token_id
-    with pytest.raises(NotImplementedError, match="SDXL"):
-        sd.save_pretrained("unused", format="diffusers")
+
+
+def test_sdjax_and_diffusers_exports_round_trip_bit_for_bit(folder, tmp_path):
+    """The sdjax export loads back equal (configs, every parameter, both tokenizers); the diffusers
+    export holds the original folder's tensors bit for bit and is an SDXL pipeline to diffusers."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.numpy import load_file
+
+    sd = StableDiffusion.from_pretrained(folder)
+    sd.save_pretrained(tmp_path / "sdjax")
+    back = StableDiffusion.from_pretrained(tmp_path / "sdjax")
+    assert back.configs == sd.configs
+    a, b = traverse_util.flatten_dict(sd.params, sep="/"), traverse_util.flatten_dict(back.params, sep="/")
+    assert a.keys() == b.keys() and any(k.startswith("text_encoder_2/") for k in a)
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+    for encoder in (1, 2):
+        np.testing.assert_array_equal(back.tokenize(["a cat"], encoder), sd.tokenize(["a cat"], encoder))
+
+    sd.save_pretrained(tmp_path / "diffusers", format="diffusers")
+    for component, file in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                            ("text_encoder", "model"), ("text_encoder_2", "model")):
+        # transformers 5.6+ writes CLIPTextModel without its text_model. level; sdjax writes it (every version reads it)
+        want, got = ({k.removeprefix("text_model."): v for k, v in load_file(str(f / component / f"{file}.safetensors")).items()
+                      if not k.endswith("position_ids")} for f in (folder, tmp_path / "diffusers"))
+        assert got.keys() == want.keys(), component
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=f"{component} {k}")
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "diffusers")
+    assert pipe.config.force_zeros_for_empty_prompt and pipe.tokenizer_2.pad_token == "!"
 
 
 @pytest.mark.parametrize("case", ["euler", "ddim_negative_prompt_and_micro", "negative_micro"])
@@ -69,3 +101,229 @@ def test_micro_conditioning_changes_the_image_and_is_refused_by_sd1(folder):
     assert np.abs(a - b).max() > 1e-3
     with pytest.raises(ValueError, match="must be two numbers"):
         sd.txt2img("a cat", steps=2, original_size=(256,))
+    sd1 = options.Model(downsample_factor=8, latent_channels=4, unet_in_channels=4, native_size=512)
+    with pytest.raises(ValueError, match="original_size, aesthetic_score: only SDXL models"):
+        options.SamplingOptions(original_size=(256, 256), aesthetic_score=5.0).request(sd1, "a cat")
+
+
+@pytest.fixture(scope="module")
+def refiner(tmp_path_factory):
+    return tiny_models.save_sdxl_pipeline(tmp_path_factory.mktemp("sdxl") / "refiner", seed=1, refiner=True)
+
+
+@pytest.mark.parametrize("model", ["base", "refiner"])
+def test_img2img_equals_diffusers(folder, refiner, model, monkeypatch):
+    """Img2Img through StableDiffusionXLImg2ImgPipeline: the base with a negative prompt, and the refiner
+    (its second text encoder alone, an aesthetic score in place of the target size) with other scores."""
+    import diffusers.models.autoencoders.vae as vae_module
+    import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img as img2img_module
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    path = folder if model == "base" else refiner
+    sd = StableDiffusion.from_pretrained(path)
+    assert (sd.configs.text_encoder is None) == (model == "refiner") == sd.configs.requires_aesthetics_score
+    n, shape, seed, strength = 2, (16, 16, 4), 5, 0.6
+    init = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    noise = generate.starting_noise(21, n, shape)
+    kw = dict(num_inference_steps=5, guidance_scale=4.0, negative_prompt=["blurry", "dark"])
+    if model == "refiner":
+        kw.update(aesthetic_score=7.0, negative_aesthetic_score=2.0, original_size=(64, 64))
+    ours = sd.img2img(init, ["a red circle", "a cat"], strength=strength, sampler="euler", seed=seed,
+                      init_latents=noise, output="float", **kw)
+    # diffusers draws the posterior sample and the start noise with torch; hand it ours.
+    posterior = generate.starting_noise(seed, n, shape, generate.POSTERIOR_STREAM)
+    as_torch = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # noqa: E731
+    monkeypatch.setattr(vae_module, "randn_tensor", lambda *a, **k: as_torch(posterior))
+    monkeypatch.setattr(img2img_module, "randn_tensor", lambda *a, **k: as_torch(noise))
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(path)
+    ref = pipe(["a red circle", "a cat"], image=init.astype(np.float32) / 255.0, strength=strength,
+               output_type="np", **kw).images
+    assert np.abs(ours - ref).mean() <= 3e-4, np.abs(ours - ref).mean()
+    assert np.abs(ref - init / 255.0).mean() > 0.01  # it did change the image
+    if model == "refiner":
+        with pytest.raises(ValueError, match="no tokenizer for text encoder 1"):
+            sd.tokenize(["a cat"])
+
+
+def test_docs_sdxl_command_reads_sdxl_and_its_micro_conditioning(folder, tmp_path):
+    """docs/sampling.md's SDXL command through the console script (shortened by flags appended after it):
+    the image it writes is the Python API's for the same seed and micro-conditioning."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from tests.helpers import readme_block, subprocess_env
+
+    (command,) = readme_block("## SDXL", "docs/sampling.md")
+    args = [str(folder) if a == "CKPT" else a for a in shlex.split(command)]
+    args[0] = os.path.join(os.path.dirname(sys.executable), "sdjax-txt2img")
+    args += ["--steps", "3", "--n-samples", "1", "--seed", "4", "--out", str(tmp_path / "out"), "--skip-grid"]
+    done = subprocess.run(args, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (png,) = (tmp_path / "out").glob("*.png")
+    sd = StableDiffusion.from_pretrained(folder)
+    want = sd.txt2img(["an astronaut riding a horse"], steps=3, sampler="euler", guidance_scale=5.0, seed=4,
+                      original_size=(1024, 1024), crops_coords_top_left=(0, 0))
+    got = np.asarray(Image.open(png))
+    assert np.abs(got.astype(int) - want[0].astype(int)).max() <= 1  # uint8 rounding of two processes' floats
+    assert '"original_size": [' in png.with_suffix(".json").read_text()
+
+
+@pytest.mark.parametrize("model", ["base", "refiner"])
+def test_single_file_export_reads_back_through_diffusers_converters_and_sdjax(folder, refiner, model, tmp_path):
+    """The original single-file layout (sgm's UNet with label_emb, CLIP-L at conditioner.embedders.0,
+    ViT-bigG with fused in_proj and its transposed projection at embedders.1, the refiner's at 0):
+    diffusers' single-file converters turn sdjax's export back into the folder's tensors bit for bit,
+    and sdjax reads the file as the model it came from."""
+    import json
+
+    import safetensors.torch
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
+    from safetensors.numpy import load_file
+    from transformers import CLIPTextModelWithProjection
+
+    path = folder if model == "base" else refiner
+    sd = StableDiffusion.from_pretrained(path)
+    out = tmp_path / "model.safetensors"
+    sd.save_pretrained(out, format="single_file")
+    ckpt = safetensors.torch.load_file(str(out))
+    big_g = "conditioner.embedders.1.model." if model == "base" else "conditioner.embedders.0.model."
+    assert "model.diffusion_model.label_emb.0.0.weight" in ckpt and big_g + "text_projection" in ckpt
+    config = lambda name: json.loads((path / name / "config.json").read_text())  # noqa: E731
+    want = {name: load_file(str(path / name / f"{stem}.safetensors"))
+            for name, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                               ("text_encoder_2", "model"), ("text_encoder", "model")) if (path / name).is_dir()}
+    got = {"unet": convert_ldm_unet_checkpoint(ckpt, config("unet")), "vae": convert_ldm_vae_checkpoint(ckpt, config("vae")),
+           "text_encoder_2": convert_open_clip_checkpoint(
+               CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2"), ckpt, prefix=big_g)}
+    if model == "base":
+        got["text_encoder"] = convert_ldm_clip_checkpoint(ckpt, "conditioner.embedders.0.transformer.")
+    for name in want:
+        # transformers 5.6+ writes CLIPTextModel without its text_model. level: compare the names below it
+        w = {k.removeprefix("text_model."): v for k, v in want[name].items() if not k.endswith("position_ids")}
+        g = {k.removeprefix("text_model."): v.numpy() for k, v in got[name].items() if not k.endswith("position_ids")}
+        assert g.keys() == w.keys(), name
+        for k in w:
+            np.testing.assert_array_equal(g[k], w[k], err_msg=f"{name} {k}")
+
+    options = dict(image_size=32, norm_num_groups=8, unet_heads=(2, 4, 8), text_heads=4)
+    single = StableDiffusion.from_pretrained(out, tokenizer=str(path), single_file_options=options)
+    np.testing.assert_array_equal(single.tokenize(["a cat"], 2), sd.tokenize(["a cat"], 2))  # from path/tokenizer_2
+    c, want_c = single.configs, sd.configs
+    assert (c.unet, c.vae, c.is_sdxl, c.requires_aesthetics_score) == (
+        want_c.unet, want_c.vae, True, model == "refiner")
+    # The file holds no token ids (a loaded one has the real CLIP vocabularies', not the tiny model's own),
+    # nor CLIP-L's unused projection width.
+    for name in ("text_encoder", "text_encoder_2"):
+        got, want = getattr(c, name), getattr(want_c, name)
+        if want is None:
+            assert got is None
+            continue
+        unread = dict(bos_token_id=want.bos_token_id, eos_token_id=want.eos_token_id, pad_token_id=want.pad_token_id)
+        if not want.with_projection:
+            unread["projection_dim"] = want.projection_dim
+        assert dataclasses.replace(got, **unread) == want, name
+    a, b = traverse_util.flatten_dict(single.params, sep="/"), traverse_util.flatten_dict(sd.params, sep="/")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "linear_1"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+@pytest.fixture(scope="module")
+def peft_lora(folder, tmp_path_factory):
+    """A random LoRA on the UNet (with its add_embedding) and both text encoders, saved by diffusers."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    torch.manual_seed(0)
+    configs = {"unet": LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=UNET_TARGETS),
+               "text_encoder": LoraConfig(r=2, lora_alpha=3, init_lora_weights=False, target_modules=TEXT_TARGETS),
+               "text_encoder_2": LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=TEXT_TARGETS)}
+    for name, config in configs.items():
+        inject_adapter_in_model(config, getattr(pipe, name))
+    out = tmp_path_factory.mktemp("sdxl-lora") / "peft"
+    StableDiffusionXLPipeline.save_lora_weights(
+        out, safe_serialization=True,
+        **{f"{name}_lora_layers": get_peft_model_state_dict(getattr(pipe, name)) for name in configs},
+        **{f"{name}_lora_adapter_metadata": config.to_dict() for name, config in configs.items()})
+    return out / "pytorch_lora_weights.safetensors"
+
+
+def to_kohya_sgm(peft_file, out_file):
+    """The same adapters as kohya writes SDXL's: the UNet under the original (sgm) module names,
+    lora_te1_ / lora_te2_, lora_down / lora_up and an alpha per layer."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+    from sdjax.checkpoints.name_tables import UNetLayout, unet_table
+
+    with safe_open(str(peft_file), "np") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    tensors = {}
+    with safe_open(str(peft_file), "np") as f:
+        for key in f.keys():
+            tensors[key] = f.get_tensor(key)
+    unet_modules = sorted({k.split(".", 1)[1].rsplit(".lora_", 1)[0] for k in tensors if k.startswith("unet.")})
+    originals = unet_table(UNetLayout.from_diffusers(unet_modules)).original_names(unet_modules, "UNet")
+    out = {}
+    for key, value in tensors.items():
+        network, rest = key.split(".", 1)
+        module, part = rest.rsplit(".lora_", 1)
+        name = {"unet": lambda m: "lora_unet_" + originals[m].replace(".", "_"),
+                "text_encoder": lambda m: "lora_te1_text_model_" + m.removeprefix("text_model.").replace(".", "_"),
+                "text_encoder_2": lambda m: "lora_te2_text_model_" + m.removeprefix("text_model.").replace(".", "_"),
+                }[network](module)
+        out[f"{name}.lora_{'down' if part.startswith('A') else 'up'}.weight"] = value
+        out[f"{name}.alpha"] = np.asarray(meta[f"{network}.lora_alpha"], np.float32)
+    save_file(out, str(out_file))
+    return out_file
+
+
+@pytest.mark.parametrize("layout", ["peft", "kohya_sgm"])
+def test_lora_on_unet_and_both_text_encoders_equals_diffusers(folder, peft_lora, layout, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    sd = StableDiffusion.from_pretrained(folder)
+    lora = peft_lora if layout == "peft" else to_kohya_sgm(peft_lora, tmp_path / "kohya.safetensors")
+    if layout == "kohya_sgm":
+        from safetensors.numpy import load_file
+        keys = list(load_file(str(lora)))
+        assert any(k.startswith("lora_unet_input_blocks_") for k in keys) and any("lora_te2_" in k for k in keys)
+    prompts = ["a red circle", "a green triangle"]
+    noise = generate.starting_noise(5, 2, (16, 16, 4))
+    kw = dict(num_inference_steps=4, guidance_scale=5.0, height=32, width=32)
+    ours = sd.with_lora(lora, scale=0.7).txt2img(prompts, sampler="euler", init_latents=noise, output="float", **kw)
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="x")
+    pipe.set_adapters(["x"], adapter_weights=[0.7])
+    ref = pipe(prompts, latents=torch.from_numpy(np.ascontiguousarray(noise.transpose(0, 3, 1, 2))),
+               output_type="np", **kw).images
+    assert np.abs(ours - ref).mean() <= 3e-4, np.abs(ours - ref).mean()
+    plain = sd.txt2img(prompts, sampler="euler", init_latents=noise, output="float", **kw)
+    assert np.abs(ref - plain).mean() > 0.01  # the LoRA changes the images
+
+
+def test_presets_count_the_published_sdxl_networks(capsys):
+    """``python -m sdjax.params --preset sdxl`` / ``sdxl_refiner``: the counts of diffusers' networks built
+    from the published configs (UNet, ViT-L, ViT-bigG with projection, the SD VAE)."""
+    from sdjax import params
+
+    params.main(["--preset", "sdxl"])
+    out = capsys.readouterr().out
+    for name, n in (("unet", "2,567,463,684"), ("text_encoder", "123,060,480"), ("text_encoder_2", "694,659,840"),
+                    ("vae", "83,653,863")):
+        assert re.search(rf"^{name}\s+{n}$", out, re.M), out
+    counts = params.param_counts(presets.get("sdxl_refiner"))
+    assert counts["unet"] == 2_259_526_660 and "text_encoder" not in counts

@@ -178,7 +178,7 @@ def test_detect_version_rejects_other_checkpoints(keys, message):
 
 def test_split_original_names_unknown_and_missing_keys(sd):
     state = safetensors.numpy.load_file(sd["path"])
-    with pytest.raises(CheckpointError, match=r"model\.diffusion_model\.label_emb\.0\.0\.weight"):
-        split_original({**state, "model.diffusion_model.label_emb.0.0.weight": np.zeros((2, 2), np.float32)})
+    with pytest.raises(CheckpointError, match=r"model\.diffusion_model\.extra_emb\.0\.0\.weight"):
+        split_original({**state, "model.diffusion_model.extra_emb.0.0.weight": np.zeros((2, 2), np.float32)})
     with pytest.raises(CheckpointError, match=r"no VAE weights \(first_stage_model\.\*\)"):
         split_original({k: v for k, v in state.items() if not k.startswith("first_stage_model.")})

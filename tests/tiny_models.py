@@ -95,7 +95,7 @@ SDXL = dict(  # SDXL's layout at toy widths: no attention at the top level, unev
               down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
               up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
               attention_head_dim=(2, 4, 8), transformer_layers_per_block=(1, 1, 2), cross_attention_dim=32 + 24,
-              norm_num_groups=16, use_linear_projection=True, addition_embed_type="text_time",
+              norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time",
               addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8),
     vae=dict(STYLES["sd1"]["vae"], scaling_factor=0.13025, force_upcast=True),
     text_encoder=dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=3,
@@ -107,19 +107,27 @@ SDXL = dict(  # SDXL's layout at toy widths: no attention at the top level, unev
 )
 
 
-def save_sdxl_pipeline(folder: Path, seed: int = 0) -> Path:
+def save_sdxl_pipeline(folder: Path, seed: int = 0, refiner: bool = False) -> Path:
     """A tiny StableDiffusionXLPipeline (Euler "leading", zero negative conditioning for an absent
-    negative prompt, the second tokenizer padding with "!") saved as a diffusers folder."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    negative prompt, the second tokenizer padding with "!") saved as a diffusers folder; ``refiner``:
+    the refiner's StableDiffusionXLImg2ImgPipeline instead (the second text encoder alone, an aesthetic
+    score in the micro-conditioning, the empty prompt's negative conditioning)."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(seed)
-    unet, vae = UNet2DConditionModel(**SDXL["unet"]), AutoencoderKL(**SDXL["vae"])
-    text_encoder = CLIPTextModel(CLIPTextConfig(**SDXL["text_encoder"]))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL["text_encoder_2"]))
+    text_2 = SDXL["text_encoder_2"]
+    unet_config = SDXL["unet"] if not refiner else dict(
+        SDXL["unet"], cross_attention_dim=text_2["hidden_size"],
+        projection_class_embeddings_input_dim=text_2["projection_dim"] + 5 * SDXL["unet"]["addition_time_embed_dim"])
+    unet, vae = UNet2DConditionModel(**unet_config), AutoencoderKL(**SDXL["vae"])
+    text_encoder = None if refiner else CLIPTextModel(CLIPTextConfig(**SDXL["text_encoder"]))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_2))
     for i, m in enumerate((unet, vae, text_encoder, text_encoder_2)):
-        randomize_norms(m, seed + 100 + i)
-        m.eval()
+        if m is not None:
+            randomize_norms(m, seed + 100 + i)
+            m.eval()
     tokenizers = []
     for name, config in (("tokenizer", None), ("tokenizer_2", {"pad_token": "!"})):
         tokenizer = CLIPTokenizer.from_pretrained(
@@ -128,8 +136,12 @@ def save_sdxl_pipeline(folder: Path, seed: int = 0) -> Path:
         tokenizers.append(tokenizer)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                     tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler,
-                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+    parts = dict(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizers[0],
+                 tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler, add_watermarker=False)
+    if refiner:
+        pipe = StableDiffusionXLImg2ImgPipeline(**dict(parts, tokenizer=None), requires_aesthetics_score=True,
+                                                force_zeros_for_empty_prompt=False)
+    else:
+        pipe = StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return Path(folder)

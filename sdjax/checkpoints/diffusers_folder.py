@@ -21,8 +21,10 @@ def is_diffusers_dir(path: str) -> bool:
 
 
 def networks(model_index: dict[str, Any]) -> tuple[str, ...]:
-    """The networks sdjax reads from a pipeline folder with this model_index.json (SDXL: a second text encoder)."""
-    return ("unet", "vae", "text_encoder") + (("text_encoder_2",) if model_index.get("text_encoder_2") else ())
+    """The networks sdjax reads from a pipeline folder with this model_index.json (SDXL: a second text
+    encoder; SDXL's refiner: that one alone, its ``text_encoder`` entry null)."""
+    present = [name for name in ("text_encoder", "text_encoder_2") if (model_index.get(name) or [None])[0]]
+    return ("unet", "vae", *present)
 
 
 def read_json(path: str) -> dict[str, Any]:
@@ -76,8 +78,9 @@ def read_scheduler_config(path: str) -> dict[str, Any] | None:
 
 # ---- writing (the diffusers export) ---------------------------------------------------------------------
 
-# The pipeline class diffusers builds for a UNet with this many input channels.
+# The pipeline class diffusers builds for a UNet with this many input channels (SD 1/2, SDXL).
 PIPELINE_CLASSES = {4: "StableDiffusionPipeline", 9: "StableDiffusionInpaintPipeline"}
+SDXL_PIPELINE_CLASSES = {4: "StableDiffusionXLPipeline", 9: "StableDiffusionXLInpaintPipeline"}
 SCHEDULER_CLASS = "DDIMScheduler"  # sdjax keeps the schedule, not the sampler; every sampler reads it
 # Written into every config: diffusers gates its fixes for old (pre-0.9) folders on it and some pipelines
 # require it. The files are laid out as this diffusers version writes them.
@@ -112,29 +115,46 @@ def write_vae(path: str, config: dict[str, Any], state: dict[str, np.ndarray]) -
 
 
 def write_pipeline(path: str, configs: dict[str, dict[str, Any]], states: dict[str, dict[str, np.ndarray]],
-                   tokenizer: Any, tokenizer_dir: str) -> None:
-    """Writes a diffusers pipeline folder that ``StableDiffusionPipeline.from_pretrained`` (or the inpainting
-    pipeline, for a 9-channel UNet) loads. ``configs``: diffusers/transformers config dicts of
-    ``unet``, ``vae``, ``text_encoder``, ``scheduler``; ``states``: PyTorch-layout state dicts; the
-    tokenizer is saved by transformers, plus its source files (vocab.json, merges.txt) from
-    ``tokenizer_dir``, which older transformers' slow ``CLIPTokenizer`` needs."""
-    pipeline = PIPELINE_CLASSES.get(configs["unet"]["in_channels"], PIPELINE_CLASSES[4])
+                   tokenizers: dict[str, tuple[Any, str]]) -> None:
+    """Writes a diffusers pipeline folder that ``StableDiffusionPipeline.from_pretrained`` (the inpainting
+    pipeline for a 9-channel UNet; SDXL's with ``text_encoder_2``) loads. ``configs``: diffusers/transformers
+    config dicts of ``unet``, ``vae``, ``text_encoder`` (, ``text_encoder_2``), ``scheduler``; ``states``:
+    PyTorch-layout state dicts; ``tokenizers``: {"tokenizer" (, "tokenizer_2"): (tokenizer, its folder)},
+    each saved by transformers plus its source files (vocab.json, merges.txt), which older transformers'
+    slow ``CLIPTokenizer`` needs."""
+    sdxl = "text_encoder_2" in configs
+    pipeline = (SDXL_PIPELINE_CLASSES if sdxl else PIPELINE_CLASSES).get(configs["unet"]["in_channels"],
+                                                                         PIPELINE_CLASSES[4])
+    if configs.get("requires_aesthetics_score"):
+        pipeline = "StableDiffusionXLImg2ImgPipeline"  # the refiner's
+    texts = tuple(name for name in ("text_encoder", "text_encoder_2") if name in configs)
     with atomic.folder(path, is_diffusers_dir, "a diffusers folder (model_index.json)") as tmp:
         _write_component(os.path.join(tmp, "unet"), configs["unet"], states["unet"], "diffusion_pytorch_model")
         _write_component(os.path.join(tmp, "vae"), configs["vae"], states["vae"], "diffusion_pytorch_model")
-        _write_component(os.path.join(tmp, "text_encoder"), configs["text_encoder"], states["text_encoder"], "model")
-        tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-        for name in ("vocab.json", "merges.txt"):
-            source, dest = os.path.join(tokenizer_dir, name), os.path.join(tmp, "tokenizer", name)
-            if os.path.isfile(source) and not os.path.exists(dest):
-                shutil.copyfile(source, dest)
+        for name in texts:
+            _write_component(os.path.join(tmp, name), configs[name], states[name], "model")
+        for name, (tokenizer, tokenizer_dir) in tokenizers.items():
+            tokenizer.save_pretrained(os.path.join(tmp, name))
+            for file in ("vocab.json", "merges.txt"):
+                source, dest = os.path.join(tokenizer_dir, file), os.path.join(tmp, name, file)
+                if os.path.isfile(source) and not os.path.exists(dest):
+                    shutil.copyfile(source, dest)
         os.makedirs(os.path.join(tmp, "scheduler"))
         _write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"),
                     {"_class_name": SCHEDULER_CLASS, "_diffusers_version": DIFFUSERS_VERSION, **configs["scheduler"]})
-        _write_json(os.path.join(tmp, MODEL_INDEX), {
-            "_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION,
-            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", SCHEDULER_CLASS],
-            "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
-        })
+        index = {"_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION,
+                 "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                 "scheduler": ["diffusers", SCHEDULER_CLASS]}
+        for name in texts:
+            index[name] = ["transformers", configs[name]["architectures"][0]]
+            index[name.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
+        if sdxl:
+            for name in ("text_encoder", "tokenizer"):
+                index.setdefault(name, [None, None])
+            index.update(image_encoder=[None, None], feature_extractor=[None, None],
+                         force_zeros_for_empty_prompt=configs["force_zeros_for_empty_prompt"])
+            if configs["requires_aesthetics_score"]:  # a config key of the img2img pipeline alone
+                index["requires_aesthetics_score"] = True
+        else:
+            index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+        _write_json(os.path.join(tmp, MODEL_INDEX), index)

@@ -27,40 +27,49 @@ from sdjax.models.configs import ModelConfigs
 from sdjax.tokenizer import load_tokenizer
 
 def torch_state_dicts(params: dict[str, Any], dtype: Any = None) -> dict[str, dict[str, np.ndarray]]:
-    """PyTorch-layout (diffusers / transformers names) state dicts of ``{"unet", "vae", "text_encoder"}``."""
-    return {"unet": flax_to_torch(params["unet"], dtype), "vae": flax_to_torch(params["vae"], dtype),
-            "text_encoder": text_encoder_to_torch(params["text_encoder"], dtype)}
+    """PyTorch-layout (diffusers / transformers names) state dicts of ``{"unet", "vae", "text_encoder"}``
+    (and SDXL's ``text_encoder_2``)."""
+    out = {"unet": flax_to_torch(params["unet"], dtype), "vae": flax_to_torch(params["vae"], dtype)}
+    out.update({name: text_encoder_to_torch(params[name], dtype)
+                for name in ("text_encoder", "text_encoder_2") if name in params})
+    return out
 
 
 def save(path: str, configs: ModelConfigs, params: dict[str, Any], tokenizer_dir: str | None = None, *,
-         format: str = "sdjax", dtype: Any = None) -> None:
-    """Writes the model to ``path`` in ``format`` (see the module docstring)."""
+         format: str = "sdjax", dtype: Any = None, tokenizer_2_dir: str | None = None) -> None:
+    """Writes the model to ``path`` in ``format`` (see the module docstring); ``tokenizer_2_dir``: SDXL's
+    second tokenizer."""
     check_format(format)
-    if configs.text_encoder_2:
-        raise NotImplementedError("sdjax does not write SDXL models yet (their second text encoder and tokenizer "
-                                  "would be lost): keep the folder or single file you loaded.")
     if format == "sdjax":
         cast = params if dtype is None else jax.tree_util.tree_map(lambda a: np.asarray(a).astype(dtype), params)
-        sdjax_format.save(path, configs.to_dicts(), cast, tokenizer_dir)
+        sdjax_format.save(path, configs.to_dicts(), cast, tokenizer_dir, tokenizer_2_dir)
         return
     params = jax.device_get(params)
     if format == "diffusers":
-        if tokenizer_dir is None:
-            raise ValueError("a diffusers folder needs the model's tokenizer and this model has none: load it with "
-                             "tokenizer=DIR (a folder with vocab.json and merges.txt).")
-        dicts, tokenizer = configs.to_dicts(), load_tokenizer(tokenizer_dir)
-        text = dicts["text_encoder"]
-        tokenizer.model_max_length = text["max_position_embeddings"]  # diffusers pads prompts to this length
-        if max(text["bos_token_id"], text["eos_token_id"], text["pad_token_id"]) >= text["vocab_size"]:
-            # a text encoder trained on its own small vocabulary: its special tokens are the tokenizer's
-            text.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
-        diffusers_folder.write_pipeline(path, dicts, torch_state_dicts(params, dtype), tokenizer, tokenizer_dir)
+        dicts = configs.to_dicts()
+        tokenizers = {}
+        for name, folder, text in (("tokenizer", tokenizer_dir, dicts.get("text_encoder")),
+                                   ("tokenizer_2", tokenizer_2_dir, dicts.get("text_encoder_2"))):
+            if text is None:
+                continue
+            if folder is None:
+                raise ValueError(f"a diffusers folder needs the model's {name} and this model has none: load it "
+                                 "with tokenizer=DIR (a folder with vocab.json and merges.txt), or from a folder "
+                                 f"that has {name}/.")
+            tokenizer = load_tokenizer(folder)
+            tokenizer.model_max_length = text["max_position_embeddings"]  # diffusers pads prompts to this length
+            if max(text["bos_token_id"], text["eos_token_id"], text["pad_token_id"]) >= text["vocab_size"]:
+                # a text encoder trained on its own small vocabulary: its special tokens are the tokenizer's
+                text.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+            tokenizers[name] = (tokenizer, folder)
+        diffusers_folder.write_pipeline(path, dicts, torch_state_dicts(params, dtype), tokenizers)
         return
     if not str(path).endswith(".safetensors"):
         raise ValueError(f"{path}: a single-file export is one .safetensors file; name it e.g. model.safetensors.")
-    state = single_file.join_original(torch_state_dicts(params, dtype),
-                                      single_file.version_of(configs.text_encoder.hidden_act))
+    version = single_file.version_of(configs.text_encoder.hidden_act if configs.text_encoder else "",
+                                     sdxl=configs.is_sdxl, refiner=configs.text_encoder is None)
+    state = single_file.join_original(torch_state_dicts(params, dtype), version)
     with atomic.file(path) as tmp:
         save_file(state, tmp, metadata={"format": "pt"})
 

@@ -59,9 +59,8 @@ def params_from_state_dicts(configs: ModelConfigs, states: dict[str, dict[str, n
     target = abstract_params(configs, param_dtype)
     trees = {name: torch_to_flax(states[name], target[name], what=f"{source} {name}".strip())
              for name in ("unet", "vae")}
-    trees["text_encoder"] = text_encoder_from_torch(states["text_encoder"], configs.text_encoder)
-    if configs.text_encoder_2:
-        trees["text_encoder_2"] = text_encoder_from_torch(states["text_encoder_2"], configs.text_encoder_2)
+    trees.update({name: text_encoder_from_torch(states[name], getattr(configs, name))
+                  for name in ("text_encoder", "text_encoder_2") if getattr(configs, name)})
     return jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, np.float32), param_dtype), trees)
 
 
@@ -84,7 +83,8 @@ def load(path: str, *, param_dtype: Any = jnp.float32, prediction_type: str | No
             raw[name], states[name] = diffusers_folder.read_component(
                 path, name, variant=variant, allow_pickle=allow_pickle)
         raw["scheduler"] = diffusers_folder.read_scheduler_config(path) or {}
-        raw["force_zeros_for_empty_prompt"] = index.get("force_zeros_for_empty_prompt", False)
+        for key in ("force_zeros_for_empty_prompt", "requires_aesthetics_score"):
+            raw[key] = index.get(key, False)
         configs = ModelConfigs.from_dicts(raw)
         params = params_from_state_dicts(configs, states, param_dtype, source=path)
     else:

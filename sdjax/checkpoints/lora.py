@@ -7,7 +7,9 @@ Layouts read (one ``.safetensors`` file; a folder holding ``pytorch_lora_weights
                        otherwise alpha = rank
     older diffusers    unet.<module>.lora.down.weight / lora.up.weight, attn processors'
                        ``processor.to_q_lora.down.weight``; optional ``<module>.alpha``
-    kohya / A1111      lora_unet_<module with _>.lora_down.weight / lora_up.weight / alpha, lora_te_...
+    kohya / A1111      lora_unet_<module with _>.lora_down.weight / lora_up.weight / alpha, lora_te_...;
+                       the UNet's modules in diffusers' names or the original (LDM / sgm) ones, SDXL's
+                       text encoders as lora_te1_ and lora_te2_
 
 ``save`` writes the diffusers/PEFT layout (with diffusers' rank/alpha metadata, what
 ``load_lora_weights`` reads) or kohya's. Merging adapters into a model's weights: ``sdjax.lora``.
@@ -28,24 +30,21 @@ from sdjax.checkpoints import atomic, hub
 from sdjax.checkpoints.errors import CheckpointError
 from sdjax.checkpoints.formats import LORA_LAYOUTS
 
-NETWORKS = ("unet", "text_encoder")
+NETWORKS = ("unet", "text_encoder", "text_encoder_2")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
-_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
+_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                   "lora_te2_": "text_encoder_2"}
 # Pairs (down, up) of each layout's key suffixes.
 _PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight"),
           (".lora_down.weight", ".lora_up.weight"))
-_OTHER_ARCHITECTURES = (("text_encoder_2.", "SDXL"), ("lora_te2_", "SDXL"), ("lora_te1_", "SDXL"),
-                        ("add_embedding", "SDXL"), ("transformer_blocks.0.ff_context", "SD 3 / Flux"),
-                        ("single_transformer_blocks", "Flux"))
-# SD 1.x/2.x LoRAs named after the original LDM modules rather than diffusers': not mapped yet.
-_LDM_NAMED = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+_OTHER_ARCHITECTURES = (("transformer_blocks.0.ff_context", "SD 3 / Flux"), ("single_transformer_blocks", "Flux"))
 
 
 @dataclasses.dataclass(frozen=True)
 class Adapter:
     """One low-rank update of one layer, in PyTorch layout."""
-    network: str  # "unet" | "text_encoder"
+    network: str  # "unet" | "text_encoder" | "text_encoder_2"
     module: str  # the layer's PyTorch module name, e.g. "down_blocks.0.attentions.0.proj_in"
     down: np.ndarray  # (r, in) or (r, in, kh, kw)
     up: np.ndarray  # (out, r) or (out, r, 1, 1)
@@ -114,11 +113,7 @@ def read(path: str) -> list[Adapter]:
     for marker, arch in _OTHER_ARCHITECTURES:
         if any(marker in k for k in tensors):
             raise CheckpointError(f"{path} is a LoRA for {arch} (keys like *{marker}*), not for Stable Diffusion "
-                                  "1.x/2.x; it cannot be applied to this model.")
-    if any(k.startswith(_LDM_NAMED) for k in tensors):
-        raise CheckpointError(f"{path} names its UNet layers after the original LDM modules (lora_unet_input_blocks_*, "
-                              "...); sdjax reads LoRAs named after diffusers' modules (lora_unet_down_blocks_*, or "
-                              "the diffusers/PEFT layout). Convert it with kohya's tools or diffusers first.")
+                                  "1.x/2.x/XL; it cannot be applied to this model.")
     peft = _peft_alphas(metadata)
     tensors = {re.sub(r"processor\.(to_[qkv]|to_out)_lora\.", lambda m: m.group(1).replace("to_out", "to_out.0")
                       + ".lora.", k): v for k, v in tensors.items()}
@@ -155,9 +150,18 @@ def read(path: str) -> list[Adapter]:
         raise CheckpointError(f"{path} holds no LoRA weights.")
     return adapters
 
+_KOHYA_NETWORK_PREFIXES = {"unet": ("lora_unet_",), "text_encoder": ("lora_te_text_model_", "lora_te1_text_model_"),
+                           "text_encoder_2": ("lora_te2_text_model_",)}
+
+
+def kohya_names(network: str, module: str) -> tuple[str, ...]:
+    """kohya's names of a layer: ``lora_unet_``, ``lora_te_text_model_`` (SDXL: ``lora_te1_text_model_``,
+    ``lora_te2_text_model_``) + the module name with ``_``; the first is the one ``save`` writes."""
+    return tuple(prefix + module.replace(".", "_") for prefix in _KOHYA_NETWORK_PREFIXES[network])
+
+
 def kohya_name(network: str, module: str) -> str:
-    """kohya's name of a layer: ``lora_unet_`` or ``lora_te_text_model_`` + the module name with ``_``."""
-    return ("lora_unet_" if network == "unet" else "lora_te_text_model_") + module.replace(".", "_")
+    return kohya_names(network, module)[0]
 
 
 def save(folder: str, adapters: list[Adapter], layout: str = "peft") -> str:

@@ -48,10 +48,13 @@ class Table:
     ``conv_as_linear``: diffusers modules whose ``weight`` is a linear (O, I) matrix where the
     original stores a 1x1 conv (O, I, 1, 1). ``fused``: original keys holding the diffusers keys
     listed beside them, concatenated along the first axis (OpenCLIP's ``in_proj`` = q, k, v).
+    ``transposed``: diffusers keys whose matrix is the original's transposed (OpenCLIP's
+    ``text_projection``, applied as ``x @ P``, against a linear layer's weight).
     """
     pairs: tuple[tuple[str, str], ...]
     conv_as_linear: frozenset[str] = frozenset()
     fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    transposed: frozenset[str] = frozenset()
 
     def to_diffusers(self, state: Mapping[str, np.ndarray], what: str, prefix: str = "") -> dict[str, np.ndarray]:
         """Original names -> diffusers names; keys the table does not cover raise, all listed (as
@@ -64,6 +67,7 @@ class Table:
                     raise CheckpointError(f"{what}: {fused} of shape {value.shape} does not split in {len(parts)}.")
                 split.update(zip(parts, np.split(value, len(parts), axis=0)))
         out = {**self._rename(state, dict(self.pairs), what, prefix), **split}
+        out.update({key: np.ascontiguousarray(out[key].T) for key in self.transposed if key in out})
         for key in [k for k in out if k.rsplit(".", 1)[0] in self.conv_as_linear and k.endswith(".weight")]:
             value = out[key]
             if value.ndim > 2:
@@ -75,6 +79,7 @@ class Table:
     def to_original(self, state: Mapping[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
         """Diffusers names -> original names; the inverse of ``to_diffusers``."""
         state = dict(state)
+        state.update({key: np.ascontiguousarray(state[key].T) for key in self.transposed if key in state})
         for key in [k for k in state if k.rsplit(".", 1)[0] in self.conv_as_linear and k.endswith(".weight")]:
             if state[key].ndim == 2:
                 state[key] = state[key][:, :, None, None]
@@ -83,6 +88,11 @@ class Table:
             if all(p in state for p in parts):
                 fused_out[fused] = np.concatenate([state.pop(p) for p in parts])
         return {**self._rename(state, {d: o for o, d in self.pairs}, what), **fused_out}
+
+    def original_names(self, names: Sequence[str], what: str) -> dict[str, str]:
+        """diffusers module (or tensor) names -> the original ones."""
+        renamed = self._rename({n: n for n in names}, {d: o for o, d in self.pairs}, what)
+        return {name: original for original, name in renamed.items()}
 
     @staticmethod
     def _rename(state: Mapping[str, np.ndarray], names: dict[str, str], what: str, prefix: str = ""
@@ -106,10 +116,12 @@ class Table:
 
 @dataclasses.dataclass(frozen=True)
 class UNetLayout:
-    """What the UNet's block indices depend on: resnets per down level, which levels attend."""
+    """What the UNet's block indices depend on: resnets per down level, which levels attend, and
+    whether it has SDXL's added embedding (``label_emb``, diffusers' ``add_embedding``)."""
     layers_per_block: int
     down_attention: tuple[bool, ...]  # per level, outermost first
     up_attention: tuple[bool, ...]  # per up level, innermost first (diffusers' order)
+    added_embedding: bool = False
 
     @classmethod
     def from_original(cls, keys: Sequence[str]) -> "UNetLayout":
@@ -123,7 +135,7 @@ class UNetLayout:
         down = tuple(any(k.startswith(f"input_blocks.{1 + level * per}.1.") for k in keys) for level in range(levels))
         up = tuple(any(k.startswith(f"output_blocks.{level * per}.1.") and ".1.conv." not in k for k in keys)
                    for level in range(levels))
-        return cls(layers, down, up)
+        return cls(layers, down, up, any(k.startswith("label_emb.") for k in keys))
 
     @classmethod
     def from_diffusers(cls, keys: Sequence[str]) -> "UNetLayout":
@@ -132,7 +144,8 @@ class UNetLayout:
         levels = indices(keys, r"down_blocks\.(\d+)\.")
         has = lambda side, level: any(k.startswith(f"{side}.{level}.attentions.") for k in keys)  # noqa: E731
         return cls(len(indices(keys, r"down_blocks\.0\.resnets\.(\d+)\.")),
-                   tuple(has("down_blocks", level) for level in levels), tuple(has("up_blocks", level) for level in levels))
+                   tuple(has("down_blocks", level) for level in levels), tuple(has("up_blocks", level) for level in levels),
+                   any(k.startswith("add_embedding.") for k in keys))
 
 
 def unet_table(layout: UNetLayout) -> Table:
@@ -140,6 +153,8 @@ def unet_table(layout: UNetLayout) -> Table:
     levels, per = len(layout.down_attention), layout.layers_per_block + 1
     pairs = [("time_embed.0", "time_embedding.linear_1"), ("time_embed.2", "time_embedding.linear_2"),
              ("input_blocks.0.0", "conv_in"), ("out.0", "conv_norm_out"), ("out.2", "conv_out")]
+    if layout.added_embedding:
+        pairs += [("label_emb.0.0", "add_embedding.linear_1"), ("label_emb.0.2", "add_embedding.linear_2")]
 
     def resnet(original: str, diffusers: str) -> list[tuple[str, str]]:
         return [(f"{original}.{o}", f"{diffusers}.{d}") for o, d in RESNET]
@@ -217,9 +232,10 @@ def vae_table(layout: VAELayout) -> Table:
 
 # ---- OpenCLIP text towers ---------------------------------------------------------------------------------
 
-def open_clip_table(layers: int) -> Table:
+def open_clip_table(layers: int, projection: bool = False) -> Table:
     """An OpenCLIP text tower's first ``layers`` resblocks against ``CLIPTextModel`` names, q/k/v
-    fused in OpenCLIP's ``attn.in_proj``."""
+    fused in OpenCLIP's ``attn.in_proj``; with ``projection``, its ``text_projection`` against
+    ``CLIPTextModelWithProjection``'s (SDXL's ViT-bigG)."""
     pairs = list(OPEN_CLIP_TOP)
     fused = []
     for n in range(layers):
@@ -227,4 +243,8 @@ def open_clip_table(layers: int) -> Table:
         pairs += [(f"{block}.{o}", f"{layer}.{d}") for o, d in OPEN_CLIP_BLOCK]
         for leaf in ("weight", "bias"):
             fused.append((f"{block}.attn.in_proj_{leaf}", tuple(f"{layer}.self_attn.{x}_proj.{leaf}" for x in "qkv")))
-    return Table(tuple(pairs), fused=tuple(fused))
+    transposed = frozenset()
+    if projection:
+        pairs.append(("text_projection", "text_projection.weight"))
+        transposed = frozenset({"text_projection.weight"})
+    return Table(tuple(pairs), fused=tuple(fused), transposed=transposed)

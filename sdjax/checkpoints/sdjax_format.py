@@ -5,6 +5,7 @@ A whole model (``save`` / ``read_configs`` + ``load_params``)::
     sdjax.json      format marker and the configs of every component
     params/         Orbax checkpoint: {"unet": ..., "vae": ..., "text_encoder": ...}
     tokenizer/      the CLIP tokenizer files (when the model has one)
+    tokenizer_2/    SDXL's second tokenizer
 
 An autoencoder alone (``save_vae`` / ``read_vae``), what phase 1 hands to phase 2::
 
@@ -89,12 +90,14 @@ def _restore_params(path: str) -> Any:
                               "It is corrupt or incomplete; export the model again.") from e
 
 
-def save(path: str, configs: dict[str, Any], params: dict[str, Any], tokenizer_dir: str | None = None) -> None:
+def save(path: str, configs: dict[str, Any], params: dict[str, Any], tokenizer_dir: str | None = None,
+         tokenizer_2_dir: str | None = None) -> None:
     """Write configs and params to ``path`` (created; an existing sdjax export there is replaced)."""
     meta = {"format": "sdjax", "version": FORMAT_VERSION, "configs": configs}
     with _atomic_export(path, MARKER, meta, params) as tmp:
-        if tokenizer_dir is not None:
-            shutil.copytree(tokenizer_dir, os.path.join(tmp, "tokenizer"))
+        for name, folder in (("tokenizer", tokenizer_dir), ("tokenizer_2", tokenizer_2_dir)):
+            if folder is not None:
+                shutil.copytree(folder, os.path.join(tmp, name))
 
 
 def read_configs(path: str) -> dict[str, Any]:

@@ -1,10 +1,12 @@
-"""Original single-file Stable Diffusion checkpoints (CompVis SD 1.x, Stability SD 2.x) -> diffusers names.
+"""Original single-file Stable Diffusion checkpoints (CompVis SD 1.x, Stability SD 2.x, SDXL) -> diffusers names.
 
 An original checkpoint holds the whole latent diffusion model in one state dict:
 
-    model.diffusion_model.*   the UNet (LDM ``openaimodel`` names)
+    model.diffusion_model.*   the UNet (LDM ``openaimodel`` names; SDXL's ``label_emb`` too)
     first_stage_model.*       the autoencoder (LDM ``Encoder``/``Decoder`` names)
     cond_stage_model.*        the text encoder: HF CLIP-L (SD 1) or OpenCLIP ViT-H (SD 2)
+    conditioner.embedders.*   SDXL's: HF CLIP-L at ``0.transformer`` and OpenCLIP ViT-bigG at
+                              ``1.model`` (the refiner: ViT-bigG alone, at ``0.model``)
 
 ``split_original`` renames each part to the layout of the corresponding diffusers /
 transformers weights file (``unet/``, ``vae/``, ``text_encoder/`` of a diffusers folder),
@@ -26,16 +28,21 @@ import numpy as np
 from sdjax.checkpoints.errors import CheckpointError
 from sdjax.checkpoints.name_tables import UNetLayout, VAELayout, indices, open_clip_table, unet_table, vae_table
 
-Version = Literal["v1", "v2"]
+Version = Literal["v1", "v2", "xl", "xl_refiner"]
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1: transformers CLIPTextModel
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2: OpenCLIP text tower
+XL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL base: CLIP ViT-L
+XL_OPEN_CLIP_PREFIXES = {"xl": "conditioner.embedders.1.model.",  # SDXL: OpenCLIP ViT-bigG
+                         "xl_refiner": "conditioner.embedders.0.model."}
 
 SD1_UNET_HEADS = 8  # SD 1 (num_heads: 8 in v1-inference.yaml)
 SD2_HEAD_DIM = 64  # SD 2 UNet (num_head_channels: 64) and both CLIP text towers
 VAE_SCALING_FACTOR = 0.18215  # scale_factor of every SD 1.x / 2.x config
+XL_VAE_SCALING_FACTOR = 0.13025  # SDXL's
+XL_TIME_IDS = {"xl": 6, "xl_refiner": 5}  # micro-conditioning numbers: sizes and crop; the refiner's aesthetic score
 
 # OpenCLIP tensors SD 2 does not use: the contrastive head.
 _OPEN_CLIP_UNUSED = ("text_projection", "logit_scale")
@@ -47,8 +54,12 @@ def _prefix_summary(keys: Sequence[str], depth: int = 2, limit: int = 8) -> str:
 
 
 def detect_version(keys: Sequence[str]) -> Version:
-    """The SD version of an original checkpoint: "v1" (CLIP-L text encoder) or "v2" (OpenCLIP ViT-H)."""
+    """The SD version of an original checkpoint: "v1" (CLIP-L text encoder), "v2" (OpenCLIP ViT-H),
+    "xl" (CLIP-L and OpenCLIP ViT-bigG) or "xl_refiner" (ViT-bigG alone)."""
     keys = list(keys)
+    for version, prefix in XL_OPEN_CLIP_PREFIXES.items():
+        if any(k.startswith(prefix) for k in keys):
+            return version
     has_v1 = any(k.startswith(CLIP_PREFIX) for k in keys)
     has_v2 = any(k.startswith(OPEN_CLIP_PREFIX) for k in keys)
     if has_v1 != has_v2:
@@ -58,14 +69,16 @@ def detect_version(keys: Sequence[str]) -> Version:
                               "text encoder weights; it is not a Stable Diffusion 1.x or 2.x checkpoint.")
     found = _prefix_summary(keys)
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        hint = "It looks like SDXL (conditioner.embedders.*), which this loader does not support."
+        hint = ("It looks like SDXL (conditioner.embedders.*) but holds no OpenCLIP ViT-bigG text encoder "
+                f"({XL_OPEN_CLIP_PREFIXES['xl']}* or {XL_OPEN_CLIP_PREFIXES['xl_refiner']}*).")
     elif keys and all(k.startswith(("down_blocks.", "up_blocks.", "mid_block.", "conv_", "time_embedding."))
                       for k in keys):
         hint = "It looks like a diffusers UNet weights file; load the whole diffusers folder instead."
     else:
         hint = "Expected a CompVis SD 1.x or Stability SD 2.x .safetensors/.ckpt file."
-    raise CheckpointError(f"not a Stable Diffusion 1.x/2.x single-file checkpoint: no {CLIP_PREFIX}* (SD 1) or "
-                          f"{OPEN_CLIP_PREFIX}* (SD 2) text encoder keys. Found: {found}. {hint}")
+    raise CheckpointError(f"not a Stable Diffusion 1.x/2.x/XL single-file checkpoint: no {CLIP_PREFIX}* (SD 1), "
+                          f"{OPEN_CLIP_PREFIX}* (SD 2) or conditioner.embedders.* (SDXL) text encoder keys. "
+                          f"Found: {found}. {hint}")
 
 
 def _strip(state_dict: Mapping[str, Any], prefix: str, what: str) -> dict[str, np.ndarray]:
@@ -110,18 +123,36 @@ def convert_open_clip(clip: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return open_clip_table(blocks[-1]).to_diffusers(used, "text encoder", OPEN_CLIP_PREFIX)
 
 
+def convert_big_g(clip: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """SDXL's OpenCLIP ViT-bigG (``prefix`` removed) -> ``CLIPTextModelWithProjection`` names: every layer
+    (its pooled output conditions SDXL), the projection transposed; the logit scale is not used."""
+    blocks = indices(list(clip), r"transformer\.resblocks\.(\d+)\.")
+    if not blocks:
+        raise CheckpointError(f"SDXL's second text encoder has no {prefix}transformer.resblocks.* layers.")
+    used = {k: v for k, v in clip.items() if k != "logit_scale"}
+    return open_clip_table(len(blocks), projection=True).to_diffusers(used, "text encoder 2", prefix)
+
+
 def split_original(state_dict: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
-    """Split an original SD 1.x/2.x checkpoint into ``{"unet", "vae", "text_encoder"}`` diffusers state dicts.
+    """Split an original SD 1.x/2.x/XL checkpoint into ``{"unet", "vae", "text_encoder"}`` (SDXL: and
+    ``text_encoder_2``; its refiner: without ``text_encoder``) diffusers state dicts.
 
     Values keep their dtype (numpy arrays; views where no copy is needed). Keys outside
-    the three models (noise-schedule buffers, ``model_ema.*``) are ignored.
+    the models (noise-schedule buffers, ``model_ema.*``) are ignored.
     """
     version = detect_version(list(state_dict))
-    text = (convert_clip(_strip(state_dict, CLIP_PREFIX, "text encoder")) if version == "v1"
-            else convert_open_clip(_strip(state_dict, OPEN_CLIP_PREFIX, "text encoder")))
-    return {"unet": convert_unet(_strip(state_dict, UNET_PREFIX, "UNet")),
-            "vae": convert_vae(_strip(state_dict, VAE_PREFIX, "VAE")),
-            "text_encoder": text}
+    parts = {"unet": convert_unet(_strip(state_dict, UNET_PREFIX, "UNet")),
+             "vae": convert_vae(_strip(state_dict, VAE_PREFIX, "VAE"))}
+    if version == "v1":
+        parts["text_encoder"] = convert_clip(_strip(state_dict, CLIP_PREFIX, "text encoder"))
+    elif version == "v2":
+        parts["text_encoder"] = convert_open_clip(_strip(state_dict, OPEN_CLIP_PREFIX, "text encoder"))
+    else:
+        if version == "xl":
+            parts["text_encoder"] = convert_clip(_strip(state_dict, XL_CLIP_PREFIX, "text encoder"))
+        prefix = XL_OPEN_CLIP_PREFIXES[version]
+        parts["text_encoder_2"] = convert_big_g(_strip(state_dict, prefix, "text encoder 2"), prefix)
+    return parts
 
 
 def _shape(part: Mapping[str, np.ndarray], key: str, what: str) -> tuple[int, ...]:
@@ -131,7 +162,7 @@ def _shape(part: Mapping[str, np.ndarray], key: str, what: str) -> tuple[int, ..
 
 
 def _heads_per_level(channels: list[int], version: Version, heads: int | Sequence[int] | None) -> int | list[int]:
-    if heads is None:
+    if heads is None:  # SD 1: 8 heads; SD 2 and SDXL: 64 channels per head
         heads = SD1_UNET_HEADS if version == "v1" else [c // SD2_HEAD_DIM for c in channels]
     per_level = [heads] * len(channels) if isinstance(heads, int) else list(heads)
     if len(per_level) != len(channels) or any(h <= 0 or c % h for c, h in zip(channels, per_level)):
@@ -141,8 +172,10 @@ def _heads_per_level(channels: list[int], version: Version, heads: int | Sequenc
 
 
 def infer_unet_config(unet: Mapping[str, np.ndarray], version: Version, *, heads: int | Sequence[int] | None,
-                      sample_size: int, norm_num_groups: int) -> dict[str, Any]:
-    """A ``UNet2DConditionModel`` config.json dict for a converted (diffusers-named) SD UNet."""
+                      sample_size: int, norm_num_groups: int, pooled_dim: int | None = None) -> dict[str, Any]:
+    """A ``UNet2DConditionModel`` config.json dict for a converted (diffusers-named) SD UNet; ``pooled_dim``:
+    SDXL's second text encoder's projection width (the rest of its added embedding's input is
+    ``XL_TIME_IDS`` sinusoidal embeddings)."""
     what = "UNet"
     keys = list(unet)
     levels = indices(keys, r"down_blocks\.(\d+)\.")
@@ -153,10 +186,23 @@ def infer_unet_config(unet: Mapping[str, np.ndarray], version: Version, *, heads
     if not attn_levels:
         raise CheckpointError("UNet has no cross-attention; not a Stable Diffusion UNet.")
     first = f"down_blocks.{attn_levels[0]}.attentions.0"
-    depth = {len(indices(keys, rf"down_blocks\.{b}\.attentions\.0\.transformer_blocks\.(\d+)\.")) for b in attn_levels}
-    if len(depth) != 1:
-        raise CheckpointError(f"UNet attention depth differs across levels ({sorted(depth)}); not SD 1.x/2.x.")
-    return {
+    # Transformer blocks per level (SDXL's differ; the mid block's is the last level's): a level without
+    # attention says 1 unless every attending level agrees.
+    blocks = lambda attention: len(indices(keys, rf"{attention}\.transformer_blocks\.(\d+)\."))  # noqa: E731
+    depths = {b: blocks(f"down_blocks\\.{b}\\.attentions\\.0") for b in attn_levels}
+    depths[levels[-1]] = blocks(r"mid_block\.attentions\.0")
+    same = len(set(depths.values())) == 1
+    depth = next(iter(depths.values())) if same else [depths.get(b, 1) for b in levels]
+    added = {}
+    if "add_embedding.linear_1.weight" in unet:
+        width = _shape(unet, "add_embedding.linear_1.weight", what)[1]
+        count = XL_TIME_IDS.get(version, 6)
+        if pooled_dim is None or (width - pooled_dim) % count or width <= pooled_dim:
+            raise CheckpointError(f"UNet: its added embedding reads {width} numbers, which is not the second text "
+                                  f"encoder's {pooled_dim} plus {count} micro-conditioning embeddings.")
+        added = {"addition_embed_type": "text_time", "addition_time_embed_dim": (width - pooled_dim) // count,
+                 "projection_class_embeddings_input_dim": width}
+    return {**added,
         "_class_name": "UNet2DConditionModel",
         "sample_size": sample_size,
         "in_channels": _shape(unet, "conv_in.weight", what)[1],
@@ -176,7 +222,7 @@ def infer_unet_config(unet: Mapping[str, np.ndarray], version: Version, *, heads
         "norm_num_groups": norm_num_groups,
         "norm_eps": 1e-5,
         "cross_attention_dim": _shape(unet, f"{first}.transformer_blocks.0.attn2.to_k.weight", what)[1],
-        "transformer_layers_per_block": depth.pop(),
+        "transformer_layers_per_block": depth,
         "attention_head_dim": _heads_per_level(channels, version, heads),
         "use_linear_projection": len(_shape(unet, f"{first}.proj_in.weight", what)) == 2,
         "dual_cross_attention": False,
@@ -206,13 +252,20 @@ def infer_vae_config(vae: Mapping[str, np.ndarray], *, sample_size: int, norm_nu
     }
 
 
-def infer_text_config(text: Mapping[str, np.ndarray], version: Version, *, heads: int | None) -> dict[str, Any]:
-    """A transformers ``CLIPTextConfig`` dict for a converted (``text_model.*``) SD text encoder."""
+def infer_text_config(text: Mapping[str, np.ndarray], version: Version, *, heads: int | None,
+                      openai: bool | None = None) -> dict[str, Any]:
+    """A transformers ``CLIPTextConfig`` dict for a converted (``text_model.*``) SD text encoder; ``openai``:
+    OpenAI's CLIP-L (quick_gelu) rather than an OpenCLIP tower (gelu), by default SD 1's."""
     what = "text encoder"
     vocab, hidden = _shape(text, "text_model.embeddings.token_embedding.weight", what)
     heads = hidden // SD2_HEAD_DIM if heads is None else heads
     if heads <= 0 or hidden % heads:
         raise CheckpointError(f"text encoder: {heads} heads do not divide hidden size {hidden}; pass text_heads=.")
+    projection = {}
+    if "text_projection.weight" in text:
+        projection = {"architectures": ["CLIPTextModelWithProjection"],
+                      "projection_dim": _shape(text, "text_projection.weight", what)[0]}
+    openai = version == "v1" if openai is None else openai
     return {
         "architectures": ["CLIPTextModel"],
         "model_type": "clip_text_model",
@@ -222,34 +275,43 @@ def infer_text_config(text: Mapping[str, np.ndarray], version: Version, *, heads
         "num_hidden_layers": len(indices(list(text), r"text_model\.encoder\.layers\.(\d+)\.")),
         "num_attention_heads": heads,
         "max_position_embeddings": _shape(text, "text_model.embeddings.position_embedding.weight", what)[0],
-        "hidden_act": "quick_gelu" if version == "v1" else "gelu",
+        "hidden_act": "quick_gelu" if openai else "gelu",
         "layer_norm_eps": 1e-5,
+        **projection,
     }
 
 
-def infer_configs(state_dict: Mapping[str, Any], *, image_size: int = 512, norm_num_groups: int = 32,
+def infer_configs(state_dict: Mapping[str, Any], *, image_size: int | None = None, norm_num_groups: int = 32,
                   unet_heads: int | Sequence[int] | None = None, text_heads: int | None = None,
-                  parts: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> dict[str, dict[str, Any]]:
-    """diffusers-style ``{"unet", "vae", "text_encoder"}`` configs for an original SD 1.x/2.x checkpoint.
+                  parts: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> dict[str, Any]:
+    """diffusers-style ``{"unet", "vae", "text_encoder"}`` configs (SDXL: and ``text_encoder_2`` and its
+    pipeline's flags) for an original SD 1.x/2.x/XL checkpoint.
 
-    Inferred from shapes: channels, levels, layers per block, which levels attend, cross-attention
-    width, linear vs conv transformer projections (SD 2 vs SD 1), text width/depth/MLP/vocab/positions.
-    Fixed by SD convention unless overridden: UNet heads (SD 1: 8 per level; SD 2: channels / 64),
-    text heads (hidden / 64), text activation (SD 1 quick_gelu, SD 2 gelu). Not in the weights at all:
-    ``image_size`` (512; 768 for SD 2 768-v), ``norm_num_groups`` (32 in every SD release), and the
-    prediction type, which the caller must pass to the scheduler. ``parts``: ``split_original(state_dict)``
-    when the caller already has it.
+    Inferred from shapes: channels, levels, layers per block, which levels attend and how deep,
+    cross-attention width, linear vs conv transformer projections (SD 2 vs SD 1), SDXL's added
+    embedding, text width/depth/MLP/vocab/positions/projection. Fixed by SD convention unless
+    overridden: UNet heads (SD 1: 8 per level; SD 2, SDXL: channels / 64), text heads (hidden / 64),
+    text activation (CLIP-L quick_gelu, OpenCLIP gelu), SDXL's VAE scale 0.13025. Not in the weights at
+    all: ``image_size`` (512, SDXL 1024; 768 for SD 2 768-v), ``norm_num_groups`` (32 in every SD
+    release), and the prediction type, which the caller must pass to the scheduler. ``parts``:
+    ``split_original(state_dict)`` when the caller already has it.
     """
     version = detect_version(list(state_dict))
     parts = split_original(state_dict) if parts is None else parts
+    xl = version in XL_OPEN_CLIP_PREFIXES
+    image_size = image_size or (1024 if xl else 512)
     vae = infer_vae_config(parts["vae"], sample_size=image_size, norm_num_groups=norm_num_groups)
     latent_size = image_size // 2 ** (len(vae["block_out_channels"]) - 1)
-    return {
-        "unet": infer_unet_config(parts["unet"], version, heads=unet_heads, sample_size=latent_size,
-                                  norm_num_groups=norm_num_groups),
-        "vae": vae,
-        "text_encoder": infer_text_config(parts["text_encoder"], version, heads=text_heads),
-    }
+    texts = {name: infer_text_config(parts[name], version, heads=text_heads, openai=name == "text_encoder" if xl else None)
+             for name in ("text_encoder", "text_encoder_2") if name in parts}
+    pooled = texts["text_encoder_2"]["projection_dim"] if xl else None
+    configs = {"unet": infer_unet_config(parts["unet"], version, heads=unet_heads, sample_size=latent_size,
+                                         norm_num_groups=norm_num_groups, pooled_dim=pooled),
+               "vae": vae, **texts}
+    if xl:
+        vae["scaling_factor"] = XL_VAE_SCALING_FACTOR
+        configs.update(force_zeros_for_empty_prompt=version == "xl", requires_aesthetics_score=version == "xl_refiner")
+    return configs
 
 
 # ---- the inverse: diffusers names -> one original checkpoint (the single-file export) ----------------
@@ -298,16 +360,35 @@ def open_clip_to_original(text: Mapping[str, np.ndarray]) -> dict[str, np.ndarra
     return out
 
 
-def version_of(hidden_act: str) -> Version:
-    """The original layout a text encoder belongs to: CLIP-L (quick_gelu, SD 1) or OpenCLIP (gelu, SD 2)."""
+def big_g_to_original(text: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``CLIPTextModelWithProjection`` names -> SDXL's OpenCLIP ViT-bigG names (without the prefix), q/k/v
+    fused, the projection transposed, and CLIP's ln(100) logit scale, which the originals carry."""
+    layers = len(indices(list(text), r"text_model\.encoder\.layers\.(\d+)\."))
+    out = open_clip_table(layers, projection=True).to_original(text, "text encoder 2 (transformers names)")
+    out["logit_scale"] = np.asarray(np.log(100.0), dtype=out["token_embedding.weight"].dtype)
+    return out
+
+
+def version_of(hidden_act: str, sdxl: bool = False, refiner: bool = False) -> Version:
+    """The original layout a model belongs to: SDXL's (its refiner's), else by its text encoder's
+    activation, CLIP-L (quick_gelu, SD 1) or OpenCLIP (gelu, SD 2)."""
+    if sdxl:
+        return "xl_refiner" if refiner else "xl"
     return "v1" if hidden_act == "quick_gelu" else "v2"
 
 
 def join_original(states: Mapping[str, Mapping[str, np.ndarray]], version: Version) -> dict[str, np.ndarray]:
-    """One original SD 1.x (``version="v1"``) or 2.x (``"v2"``) state dict from diffusers-named
-    ``{"unet", "vae", "text_encoder"}`` state dicts; ``split_original`` reads it back."""
-    text = (({CLIP_PREFIX + k: v for k, v in clip_to_original(states["text_encoder"]).items()}) if version == "v1"
-            else {OPEN_CLIP_PREFIX + k: v for k, v in open_clip_to_original(states["text_encoder"]).items()})
+    """One original SD 1.x (``version="v1"``), 2.x (``"v2"``) or XL (``"xl"``, ``"xl_refiner"``) state
+    dict from diffusers-named ``{"unet", "vae", "text_encoder", "text_encoder_2"}`` state dicts;
+    ``split_original`` reads it back."""
+    if version in XL_OPEN_CLIP_PREFIXES:
+        text = {XL_OPEN_CLIP_PREFIXES[version] + k: v for k, v in big_g_to_original(states["text_encoder_2"]).items()}
+        if version == "xl":
+            text.update({XL_CLIP_PREFIX + k: v for k, v in clip_to_original(states["text_encoder"]).items()})
+    elif version == "v1":
+        text = {CLIP_PREFIX + k: v for k, v in clip_to_original(states["text_encoder"]).items()}
+    else:
+        text = {OPEN_CLIP_PREFIX + k: v for k, v in open_clip_to_original(states["text_encoder"]).items()}
     return {**{UNET_PREFIX + k: v for k, v in unet_to_original(states["unet"]).items()},
             **{VAE_PREFIX + k: v for k, v in vae_to_original(states["vae"]).items()},
             **text}

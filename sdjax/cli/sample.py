@@ -33,6 +33,15 @@ GRID_MAX_SIDE = 4096
 
 
 MODES = {"txt2img": "Text2Img", "img2img": "Img2Img", "inpaint": "Inpainting"}
+MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size", "aesthetic_score")
+
+
+def size_arg(value: str) -> tuple[int, int]:
+    """``H,W`` (or ``HxW``) as two integers."""
+    parts = re.split(r"[,x]", value.strip())
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{value!r}: give two integers, e.g. 1024,1024")
+    return int(parts[0]), int(parts[1])
 
 
 def build_parser(mode: str) -> argparse.ArgumentParser:
@@ -44,7 +53,8 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt (may be empty: \"\")")
     src.add_argument("--from-file", "--from_file", help="a text file with one prompt per line")
-    p.add_argument("--negative-prompt", default="", help="replaces the empty unconditional prompt")
+    p.add_argument("--negative-prompt", default=None,
+                   help="replaces the empty unconditional prompt (SDXL base without one: a zero negative conditioning)")
     p.add_argument("--n-samples", "--n_samples", type=int, default=4, help="images per prompt in one batch")
     p.add_argument("--n-iter", "--n_iter", type=int, default=1, help="batches per prompt")
     p.add_argument("--steps", "--ddim_steps", type=int, default=50)
@@ -67,6 +77,13 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
                    help="override (single files cannot tell; SD 2.x 768-v models are v_prediction)")
     p.add_argument("--allow-pickle", action="store_true", help="allow PyTorch pickles (.ckpt/.bin)")
     p.add_argument("--compile-cache", default=None, help="folder for JAX's persistent compilation cache")
+    sdxl = p.add_argument_group("SDXL micro-conditioning (diffusers' arguments of the same names)")
+    sdxl.add_argument("--original-size", type=size_arg, default=None, metavar="H,W",
+                      help="the size the model is told the image had (default: the output size)")
+    sdxl.add_argument("--crops-coords-top-left", type=size_arg, default=None, metavar="TOP,LEFT",
+                      help="the crop offset the model is told of (default 0,0)")
+    sdxl.add_argument("--target-size", type=size_arg, default=None, metavar="H,W", help="default: the output size")
+    sdxl.add_argument("--aesthetic-score", type=float, default=None, help="the refiner's (default 6.0)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="merge a LoRA (.safetensors: diffusers/PEFT or kohya layout) at SCALE (default 1); repeatable")
     if mode != "txt2img":
@@ -282,6 +299,7 @@ def _sample(args: argparse.Namespace, prompts: list[str], mode: str) -> list[str
         mask = init_mask(args.mask, args.init_img, args.H, args.W, max(8, sd.downsample_factor))
     else:
         H, W = args.H or sd.native_size, args.W or sd.native_size
+    micro = {name: getattr(args, name) for name in MICRO_CONDITIONING if getattr(args, name) is not None}
     writer = OutputWriter(args.out)
     grid = None if args.skip_grid else Grid(args.n_samples, H, W)
     batches = [(p, it) for it in range(args.n_iter) for p in prompts]
@@ -290,8 +308,9 @@ def _sample(args: argparse.Namespace, prompts: list[str], mode: str) -> list[str
     written, start = [], time.perf_counter()
     for b, (prompt, it) in enumerate(batches):
         seed = args.seed if args.fixed_code else args.seed + b
-        kw = dict(negative_prompts=[args.negative_prompt] * args.n_samples, steps=args.steps,
-                  guidance_scale=args.scale, eta=args.eta, sampler=args.sampler, height=H, width=W, seed=seed)
+        negative = None if args.negative_prompt is None else [args.negative_prompt] * args.n_samples
+        kw = dict(negative_prompts=negative, steps=args.steps, guidance_scale=args.scale, eta=args.eta,
+                  sampler=args.sampler, height=H, width=W, seed=seed, **micro)
         t0 = time.perf_counter()
         if mode == "inpaint":
             images = sd.inpaint(init, mask, [prompt] * args.n_samples, strength=args.strength, **kw)
@@ -305,7 +324,7 @@ def _sample(args: argparse.Namespace, prompts: list[str], mode: str) -> list[str
             meta = dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, index_in_batch=j,
                         batch_size=args.n_samples, steps=args.steps, sampler=args.sampler, scale=args.scale,
                         eta=args.eta, height=H, width=W, dtype=args.dtype, checkpoint=_where(args.checkpoint),
-                        loras=[[_where(p), s] for p, s in args.lora])
+                        loras=[[_where(p), s] for p, s in args.lora], **micro)
             if mode != "txt2img":
                 meta.update(init_img=os.path.abspath(args.init_img), strength=args.strength)
             if mode == "inpaint":

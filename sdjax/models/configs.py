@@ -21,23 +21,26 @@ class ModelConfigs:
     """Every network's config and the noise schedule. SDXL is the same set plus ``text_encoder_2``
     (OpenCLIP ViT-bigG with its projection), read with a UNet whose ``addition_embed_type`` is
     "text_time"; both its encoders give the UNet their penultimate hidden state, as diffusers'
-    SDXL pipelines read them. ``force_zeros_for_empty_prompt``: no negative prompt means a zero
-    negative conditioning (SDXL base), not the empty prompt's."""
+    SDXL pipelines read them; SDXL's refiner has ``text_encoder_2`` alone (``text_encoder`` None).
+    ``force_zeros_for_empty_prompt``: no negative prompt means a zero negative conditioning (SDXL
+    base), not the empty prompt's. ``requires_aesthetics_score``: the micro-conditioning ends in an
+    aesthetic score instead of the target size (SDXL refiner)."""
     unet: UNetConfig
     vae: AutoencoderConfig
-    text_encoder: TextEncoderConfig
+    text_encoder: TextEncoderConfig | None
     scheduler: SchedulerConfig
     text_encoder_2: TextEncoderConfig | None = None
     force_zeros_for_empty_prompt: bool = False
+    requires_aesthetics_score: bool = False
 
     @property
     def networks(self) -> tuple[str, ...]:
-        return NETWORKS + (("text_encoder_2",) if self.text_encoder_2 else ())
+        return ("unet", "vae") + tuple(n for n in ("text_encoder", "text_encoder_2") if getattr(self, n))
 
     @property
     def text_encoders(self) -> tuple[TextEncoderConfig, ...]:
         """The encoders whose contexts, concatenated on features, the UNet attends to."""
-        return (self.text_encoder,) + ((self.text_encoder_2,) if self.text_encoder_2 else ())
+        return tuple(c for c in (self.text_encoder, self.text_encoder_2) if c)
 
     @property
     def is_sdxl(self) -> bool:
@@ -50,23 +53,27 @@ class ModelConfigs:
         if unet.addition_embed_type and not d.get("text_encoder_2"):
             raise ValueError("An SDXL UNet (addition_embed_type='text_time') conditions on a second text "
                              "encoder's pooled output: the model needs text_encoder_2.")
+        if not d.get("text_encoder") and not unet.addition_embed_type:
+            raise ValueError("The model has no text encoder: SD 1/2 models need text_encoder.")
+        encoders = {name: TextEncoderConfig.from_transformers_config(dict(d[name]), **text) if d.get(name) else None
+                    for name in ("text_encoder", "text_encoder_2")}
         return cls(
             unet=unet,
             vae=AutoencoderConfig.from_diffusers_config(dict(d["vae"])),
-            text_encoder=TextEncoderConfig.from_transformers_config(dict(d["text_encoder"]), **text),
             scheduler=SchedulerConfig.from_diffusers_config(dict(d.get("scheduler") or {})),
-            text_encoder_2=(TextEncoderConfig.from_transformers_config(dict(d["text_encoder_2"]), **text)
-                            if d.get("text_encoder_2") else None),
             force_zeros_for_empty_prompt=bool(d.get("force_zeros_for_empty_prompt", False)),
+            requires_aesthetics_score=bool(d.get("requires_aesthetics_score", False)),
+            **encoders,
         )
 
     def to_dicts(self) -> dict[str, Any]:
         d = dict(unet=self.unet.to_diffusers_config(), vae=self.vae.to_diffusers_config(),
-                 text_encoder=self.text_encoder.to_transformers_config(),
                  scheduler=self.scheduler.to_diffusers_config())
-        if self.text_encoder_2:
-            d.update(text_encoder_2=self.text_encoder_2.to_transformers_config(),
-                     force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt)
+        d.update({name: getattr(self, name).to_transformers_config()
+                  for name in ("text_encoder", "text_encoder_2") if getattr(self, name)})
+        if self.is_sdxl:
+            d.update(force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
+                     requires_aesthetics_score=self.requires_aesthetics_score)
         return d
 
 
@@ -74,10 +81,9 @@ def build_modules(configs: ModelConfigs, dtype: Any = jnp.float32, param_dtype: 
                   ) -> dict[str, Any]:
     """The Flax module of each of ``configs.networks``."""
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    modules = dict(unet=UNet(configs.unet, **kw), vae=AutoencoderKL(configs.vae, **kw),
-                   text_encoder=CLIPTextEncoder(configs.text_encoder, **kw))
-    if configs.text_encoder_2:
-        modules["text_encoder_2"] = CLIPTextEncoder(configs.text_encoder_2, **kw)
+    modules = dict(unet=UNet(configs.unet, **kw), vae=AutoencoderKL(configs.vae, **kw))
+    modules.update({name: CLIPTextEncoder(getattr(configs, name), **kw)
+                    for name in ("text_encoder", "text_encoder_2") if getattr(configs, name)})
     return modules
 
 
@@ -105,10 +111,9 @@ def text_encoder_inputs(config: TextEncoderConfig) -> tuple:
 
 def init_inputs(configs: ModelConfigs) -> dict[str, tuple]:
     """Small dummy inputs that trace each network (for init and ``jax.eval_shape``)."""
-    inputs = dict(unet=unet_inputs(configs.unet), vae=vae_inputs(configs.vae),
-                  text_encoder=text_encoder_inputs(configs.text_encoder))
-    if configs.text_encoder_2:
-        inputs["text_encoder_2"] = text_encoder_inputs(configs.text_encoder_2)
+    inputs = dict(unet=unet_inputs(configs.unet), vae=vae_inputs(configs.vae))
+    inputs.update({name: text_encoder_inputs(getattr(configs, name))
+                   for name in ("text_encoder", "text_encoder_2") if getattr(configs, name)})
     return inputs
 
 
