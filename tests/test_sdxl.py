@@ -327,3 +327,20 @@ def test_presets_count_the_published_sdxl_networks(capsys):
         assert re.search(rf"^{name}\s+{n}$", out, re.M), out
     counts = params.param_counts(presets.get("sdxl_refiner"))
     assert counts["unet"] == 2_259_526_660 and "text_encoder" not in counts
+
+
+def test_sdxl_generation_sharded_over_eight_devices_equals_one(folder):
+    """The batch split over the 8 CPU devices gives the images one device gives (SDXL's extra inputs are
+    split with it)."""
+    import jax
+    from jax.sharding import Mesh
+
+    sd = StableDiffusion.from_pretrained(folder)
+    assert len(jax.devices()) == 8
+    prompts = ["a red circle", "a cat", "a dog"]
+    kw = dict(steps=2, sampler="euler", seed=3, output="float", original_size=(48, 64), negative_prompt="blurry")
+    eight = sd.txt2img(prompts, **kw)
+    sd.generator = generate.Generator(sd.generator.nets, sd.configs.scheduler,
+                                      mesh=Mesh(np.asarray(jax.devices()[:1]), ("data",)))
+    one = sd.txt2img(prompts, **kw)
+    np.testing.assert_allclose(eight, one, atol=1e-5)
