@@ -34,7 +34,7 @@ class StableDiffusion:
                                            jax.devices()[0].platform)
         self.unet, self.vae, self.text_encoder = nets.unet, nets.vae, nets.text_encoder  # the VAE runs in f32
         self._text = jax.jit(lambda p, ids, ids_2: generate.encode_text(nets, p, ids, ids_2))
-        self._unet = jax.jit(lambda p, x, t, c: self.unet.apply({"params": p}, x, t, c))
+        self._unet = jax.jit(lambda p, x, t, c, added: self.unet.apply({"params": p}, x, t, c, added))
         self._enc = jax.jit(lambda p, x: self.vae.apply({"params": p}, x, method=AutoencoderKL.encode))
         self._dec = jax.jit(lambda p, z: self.vae.apply({"params": p}, z, method=AutoencoderKL.decode))
         self.generator = generate.Generator(nets, self.configs.scheduler)
@@ -123,10 +123,13 @@ class StableDiffusion:
     def _ids_2(self, prompts: Sequence[str]) -> np.ndarray | None:
         return self.tokenize(prompts, encoder=2) if self.configs.text_encoder_2 else None
 
-    def unet_apply(self, latents_BhwC: jax.Array, timesteps: Any, ctx_BLD: jax.Array) -> jax.Array:
-        """One UNet evaluation: model output (epsilon, v or x0) with the latents' shape."""
+    def unet_apply(self, latents_BhwC: jax.Array, timesteps: Any, ctx_BLD: jax.Array,
+                   added: Any = None) -> jax.Array:
+        """One UNet evaluation: model output (epsilon, v or x0) with the latents' shape; ``added``: SDXL's
+        pooled text embedding and micro-conditioning numbers (``sdjax.models.unet.AddedCond``)."""
         t = jnp.broadcast_to(jnp.asarray(timesteps), (latents_BhwC.shape[0],))
-        return self._unet(self.params["unet"], jnp.asarray(latents_BhwC, self.dtype), t, jnp.asarray(ctx_BLD, self.dtype))
+        return self._unet(self.params["unet"], jnp.asarray(latents_BhwC, self.dtype), t, jnp.asarray(ctx_BLD, self.dtype),
+                          added)
 
     def vae_encode(self, images_BHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Images in [-1, 1] -> (mean, logvar) of the unscaled latent posterior."""

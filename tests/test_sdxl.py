@@ -28,6 +28,15 @@ def test_diffusers_folder_loads_as_sdxl(folder):
     assert c.scheduler.timestep_spacing == "leading" and sd.native_size == 32
     assert sd.tokenize(["a"], encoder=2)[0, 3] == sd.tokenizer_2.convert_tokens_to_ids("!")  # pads with "!"
     assert sd.tokenize(["a"])[0, 3] == sd.tokenizer.eos_token_id
+    # One UNet call takes SDXL's added conditioning, and says so when it is missing.
+    from sdjax.models.unet import AddedCond
+
+    x, ctx = np.zeros((1, 16, 16, 4), np.float32), sd.encode_prompt(["a cat"])
+    assert ctx.shape == (1, 77, 32 + 24)
+    added = AddedCond(np.zeros((1, 16), np.float32), np.asarray([[32, 32, 0, 0, 32, 32]], np.float32))
+    assert sd.unet_apply(x, 500, ctx, added).shape == x.shape
+    with pytest.raises(ValueError, match="needs `added`"):
+        sd.unet_apply(x, 500, ctx)
 
 
 def test_sdjax_and_diffusers_exports_round_trip_bit_for_bit(folder, tmp_path):
