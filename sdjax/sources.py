@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from sdjax import generate, presets
 from sdjax.checkpoints import load as load_lib
 from sdjax.models.autoencoder import AutoencoderKL
-from sdjax.models.configs import NETWORKS, ModelConfigs, abstract_params
+from sdjax.models.configs import NETWORKS, TEXT_ENCODERS, ModelConfigs, abstract_params
 from sdjax.models.layers import resolve_attention
 from sdjax.models.text_encoder import CLIPTextEncoder
 from sdjax.models.unet import UNet
@@ -109,7 +109,7 @@ def generation_networks(configs: ModelConfigs, dtype: Any = jnp.float32, param_d
     the default devices')."""
     platform = platform or jax.devices()[0].platform
     text = {name: CLIPTextEncoder(getattr(configs, name), dtype=dtype, param_dtype=param_dtype) if getattr(configs, name)
-            else None for name in ("text_encoder", "text_encoder_2")}
+            else None for name in TEXT_ENCODERS}
     return generate.Networks(
         UNet(configs.unet, dtype=dtype, param_dtype=param_dtype,
              attention=resolve_attention(attention, platform, dtype)),

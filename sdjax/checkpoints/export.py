@@ -23,7 +23,7 @@ from sdjax.checkpoints import atomic, diffusers_folder, sdjax_format, single_fil
 from sdjax.checkpoints.convert import flax_to_torch, text_encoder_to_torch
 from sdjax.checkpoints.formats import VAE_FORMATS, check_format
 from sdjax.models.autoencoder import AutoencoderConfig
-from sdjax.models.configs import ModelConfigs
+from sdjax.models.configs import TEXT_ENCODERS, ModelConfigs
 from sdjax.tokenizer import load_tokenizer
 
 def torch_state_dicts(params: dict[str, Any], dtype: Any = None) -> dict[str, dict[str, np.ndarray]]:
@@ -31,7 +31,7 @@ def torch_state_dicts(params: dict[str, Any], dtype: Any = None) -> dict[str, di
     (and SDXL's ``text_encoder_2``)."""
     out = {"unet": flax_to_torch(params["unet"], dtype), "vae": flax_to_torch(params["vae"], dtype)}
     out.update({name: text_encoder_to_torch(params[name], dtype)
-                for name in ("text_encoder", "text_encoder_2") if name in params})
+                for name in TEXT_ENCODERS if name in params})
     return out
 
 

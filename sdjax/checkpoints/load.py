@@ -60,7 +60,7 @@ def params_from_state_dicts(configs: ModelConfigs, states: dict[str, dict[str, n
     trees = {name: torch_to_flax(states[name], target[name], what=f"{source} {name}".strip())
              for name in ("unet", "vae")}
     trees.update({name: text_encoder_from_torch(states[name], getattr(configs, name))
-                  for name in ("text_encoder", "text_encoder_2") if getattr(configs, name)})
+                  for name in configs.text_encoder_names})
     return jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, np.float32), param_dtype), trees)
 
 

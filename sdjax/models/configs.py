@@ -14,6 +14,7 @@ from sdjax.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
 from sdjax.models.unet import AddedCond, UNet, UNetConfig
 
 NETWORKS = ("unet", "vae", "text_encoder")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # the UNet attends to their contexts, concatenated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,13 +35,13 @@ class ModelConfigs:
     requires_aesthetics_score: bool = False
 
     @property
-    def networks(self) -> tuple[str, ...]:
-        return ("unet", "vae") + tuple(n for n in ("text_encoder", "text_encoder_2") if getattr(self, n))
+    def text_encoder_names(self) -> tuple[str, ...]:
+        """The text encoders the model has (SD 1/2: one; SDXL: two; its refiner: the second)."""
+        return tuple(name for name in TEXT_ENCODERS if getattr(self, name))
 
     @property
-    def text_encoders(self) -> tuple[TextEncoderConfig, ...]:
-        """The encoders whose contexts, concatenated on features, the UNet attends to."""
-        return tuple(c for c in (self.text_encoder, self.text_encoder_2) if c)
+    def networks(self) -> tuple[str, ...]:
+        return ("unet", "vae") + self.text_encoder_names
 
     @property
     def is_sdxl(self) -> bool:
@@ -56,7 +57,7 @@ class ModelConfigs:
         if not d.get("text_encoder") and not unet.addition_embed_type:
             raise ValueError("The model has no text encoder: SD 1/2 models need text_encoder.")
         encoders = {name: TextEncoderConfig.from_transformers_config(dict(d[name]), **text) if d.get(name) else None
-                    for name in ("text_encoder", "text_encoder_2")}
+                    for name in TEXT_ENCODERS}
         return cls(
             unet=unet,
             vae=AutoencoderConfig.from_diffusers_config(dict(d["vae"])),
@@ -70,7 +71,7 @@ class ModelConfigs:
         d = dict(unet=self.unet.to_diffusers_config(), vae=self.vae.to_diffusers_config(),
                  scheduler=self.scheduler.to_diffusers_config())
         d.update({name: getattr(self, name).to_transformers_config()
-                  for name in ("text_encoder", "text_encoder_2") if getattr(self, name)})
+                  for name in self.text_encoder_names})
         if self.is_sdxl:
             d.update(force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
                      requires_aesthetics_score=self.requires_aesthetics_score)
@@ -83,7 +84,7 @@ def build_modules(configs: ModelConfigs, dtype: Any = jnp.float32, param_dtype: 
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     modules = dict(unet=UNet(configs.unet, **kw), vae=AutoencoderKL(configs.vae, **kw))
     modules.update({name: CLIPTextEncoder(getattr(configs, name), **kw)
-                    for name in ("text_encoder", "text_encoder_2") if getattr(configs, name)})
+                    for name in configs.text_encoder_names})
     return modules
 
 
@@ -113,7 +114,7 @@ def init_inputs(configs: ModelConfigs) -> dict[str, tuple]:
     """Small dummy inputs that trace each network (for init and ``jax.eval_shape``)."""
     inputs = dict(unet=unet_inputs(configs.unet), vae=vae_inputs(configs.vae))
     inputs.update({name: text_encoder_inputs(getattr(configs, name))
-                   for name in ("text_encoder", "text_encoder_2") if getattr(configs, name)})
+                   for name in configs.text_encoder_names})
     return inputs
 
 
