@@ -2,12 +2,14 @@
 
 ``generate`` is that function, pure and jittable: the Stable Diffusion API and the trainers'
 sample grids both call it. ``Generator`` compiles it once per (batch, size, steps, sampler,
-start step) with the batch sharded over every device of a 1-D ``data`` mesh
+``Span``) with the batch sharded over every device of a 1-D ``data`` mesh
 (``sharding.data_mesh``); a batch that does not divide the device count is padded, then
 trimmed. Inpainting follows diffusers' ``StableDiffusionInpaintPipeline``: a 9-channel UNet reads
 the mask and the masked image's latents beside the noisy latents; a plain 4-channel UNet has the
-known region's latents, noised to the current step, blended back in after every step. ``guidance_scale``, ``eta`` and the latent scale are traced, so changing them never
-recompiles.
+known region's latents, noised to the current step, blended back in after every step. A span of
+the steps with latents out and latents in is SDXL's base and refiner as an ensemble of experts
+(diffusers' ``denoising_end`` / ``denoising_start``). ``guidance_scale``, ``guidance_rescale``,
+``eta`` and the latent scale are traced, so changing them never recompiles.
 
 The user's inputs are checked, and the starting noise drawn, by ``sdjax.options`` before they
 reach this module.
@@ -58,21 +60,28 @@ class Inputs:
     time_ids: jax.Array | None = None
     uncond_time_ids: jax.Array | None = None
     uncond_keep: jax.Array | None = None
+    # (B, h, w, C) latents to start from in place of encoding init_images: an earlier call's
+    # output="latent" (SDXL's refiner continuing the base's denoising), or latents a user encoded.
+    start_latents: jax.Array | None = None
 
     def padded(self, multiple: int) -> "Inputs":
         """Every array padded along the batch (repeating the last row) to a multiple of ``multiple``."""
-        return jax.tree.map(lambda x: pad_batch(np.asarray(x), multiple), self)
+        return jax.tree.map(lambda x: pad_batch(x, multiple), self)
 
     def shardings(self, mesh: Mesh) -> "Inputs":
         """The batch axis of every array split over the mesh's ``data`` axis."""
         return jax.tree.map(lambda _: NamedSharding(mesh, P("data")), self)
 
 
-def pad_batch(x: np.ndarray, multiple: int) -> np.ndarray:
+def pad_batch(x: Any, multiple: int) -> Any:
+    """``x`` padded along its first axis to a multiple of ``multiple``: on the device for a jax.Array (a
+    previous call's latents stay there), else as a numpy array."""
+    xp = jnp if isinstance(x, jax.Array) else np
+    x = xp.asarray(x)
     pad = (-x.shape[0]) % multiple
     if pad == 0:
         return x
-    return np.concatenate([x, np.repeat(x[-1:], pad, axis=0)], axis=0)
+    return xp.concatenate([x, xp.repeat(x[-1:], pad, axis=0)], axis=0)
 
 
 # Independent random streams derived from one seed.
@@ -93,25 +102,27 @@ def starting_noise(seed: int, count: int, shape: tuple[int, ...], stream: int = 
                      for j in range(first, first + count)])
 
 
-def encode_text(nets: Networks, params: dict[str, Any], ids_BL: jax.Array | None, ids_2_BL: jax.Array | None
-                ) -> tuple[jax.Array, jax.Array]:
+def encode_text(nets: Networks, params: dict[str, Any], ids_BL: jax.Array | None, ids_2_BL: jax.Array | None,
+                clip_skip: int = 0) -> tuple[jax.Array, jax.Array]:
     """(context, pooled): the text encoders' contexts concatenated on features (SD 1/2: one encoder;
     SDXL: CLIP ViT-L's then ViT-bigG's; SDXL's refiner: ViT-bigG's), and the last encoder's pooled
-    embedding."""
+    embedding. ``clip_skip``: the context from that many layers before the usual one (diffusers' count)."""
     encodings = []
     if nets.text_encoder is not None:
-        encodings.append(nets.text_encoder.apply({"params": params["text_encoder"]}, ids_BL))
+        encodings.append(nets.text_encoder.apply({"params": params["text_encoder"]}, ids_BL, clip_skip))
     if nets.text_encoder_2 is not None:
-        encodings.append(nets.text_encoder_2.apply({"params": params["text_encoder_2"]}, ids_2_BL))
+        encodings.append(nets.text_encoder_2.apply({"params": params["text_encoder_2"]}, ids_2_BL, clip_skip))
     return jnp.concatenate([e.context_BLD for e in encodings], axis=-1), encodings[-1].pooled_BP
 
 
 def guided_model_fn(unet: UNet, unet_params: Any, ctx_2BLD: jax.Array, guidance_scale: jax.Array,
-                    extra_BhwE: jax.Array | None = None, added: AddedCond | None = None) -> Callable:
+                    extra_BhwE: jax.Array | None = None, added: AddedCond | None = None,
+                    guidance_rescale: jax.Array | None = None) -> Callable:
     """Classifier-free guidance: ``model_fn(x, t)`` runs the UNet once on [x; x] against the
     context [uncond; cond] and returns uncond + guidance_scale * (cond - uncond), in f32.
     ``extra_BhwE``: channels appended to x's (an inpainting UNet's mask and masked-image latents);
-    ``added``: SDXL's added conditioning, [uncond; cond] too."""
+    ``added``: SDXL's added conditioning, [uncond; cond] too. ``guidance_rescale`` > 0 mixes in the
+    guided output rescaled to the conditional one's standard deviation (``rescale_guidance``)."""
     dtype = unet.dtype
     ctx = ctx_2BLD.astype(dtype)
 
@@ -120,25 +131,43 @@ def guided_model_fn(unet: UNet, unet_params: Any, ctx_2BLD: jax.Array, guidance_
         x2 = jnp.concatenate([x_in, x_in]).astype(dtype)
         out = unet.apply({"params": unet_params}, x2, jnp.concatenate([t_B, t_B]), ctx, added).astype(jnp.float32)
         out_uncond, out_cond = jnp.split(out, 2)
-        return out_uncond + guidance_scale * (out_cond - out_uncond)
+        guided = out_uncond + guidance_scale * (out_cond - out_uncond)
+        return guided if guidance_rescale is None else rescale_guidance(guided, out_cond, guidance_rescale)
 
     return model_fn
 
 
+def rescale_guidance(guided: jax.Array, cond: jax.Array, rescale: jax.Array) -> jax.Array:
+    """Lin et al. 2023 (sec. 3.4), as diffusers' ``rescale_noise_cfg``: ``rescale`` of the guided output
+    scaled to the conditional output's per-image standard deviation, plus (1 - ``rescale``) of it as it is.
+    0 leaves it untouched."""
+    axes = tuple(range(1, guided.ndim))
+    ratio = jnp.std(cond, axis=axes, keepdims=True, ddof=1) / jnp.std(guided, axis=axes, keepdims=True, ddof=1)
+    return jnp.where(rescale > 0, rescale * guided * ratio + (1.0 - rescale) * guided, guided)
+
+
 def generate(nets: Networks, sampler_name: str, start_index: int, params: dict[str, Any], inputs: Inputs,
              key: jax.Array, plan: Any, guidance_scale: jax.Array, scaling_factor: jax.Array,
-             unroll: bool = False) -> jax.Array:
+             guidance_rescale: jax.Array | None = None, *, unroll: bool = False, stop_index: int | None = None,
+             add_noise: bool = True, decode: bool = True, clip_skip: int = 0) -> jax.Array:
     """The whole generation: ids -> context -> guided sampling -> f32 decode -> [0, 1] images.
 
     ``params`` = {"unet", "vae", "text_encoder"} (SDXL: and "text_encoder_2"); ``plan`` comes from the sampler's ``make_plan``;
-    ``start_index`` > 0 (Img2Img) starts from ``inputs.init_images`` noised to that step; with
-    ``inputs.masks`` it inpaints (see the module docstring). ``unroll``: the sampler's steps written
-    out instead of one loop (for cost analysis, which counts a loop's body once).
+    ``start_index`` > 0 (Img2Img) starts from ``inputs.init_images`` (or ``inputs.start_latents``)
+    noised to that step, or, with ``add_noise=False``, from them as they are; with ``inputs.masks`` it
+    inpaints (see the module docstring). ``stop_index``: the step to stop before (default: after the
+    last); ``decode=False`` returns the latents (B, h, w, C) in place of images. ``unroll``: the
+    sampler's steps written out instead of one loop (for cost analysis, which counts a loop's body once).
     """
     sampler = get_sampler(sampler_name)
-    both = lambda uncond, cond: None if cond is None else jnp.concatenate([uncond, cond])  # noqa: E731
-    ctx, pooled = encode_text(nets, params, both(inputs.uncond_ids, inputs.cond_ids),
-                              both(inputs.uncond_ids_2, inputs.cond_ids_2))
+    if clip_skip == 0:
+        both = lambda uncond, cond: None if cond is None else jnp.concatenate([uncond, cond])  # noqa: E731
+        ctx, pooled = encode_text(nets, params, both(inputs.uncond_ids, inputs.cond_ids),
+                                  both(inputs.uncond_ids_2, inputs.cond_ids_2))
+    else:  # as diffusers' pipelines: the prompt's context skips layers, the negative prompt's does not
+        halves = (encode_text(nets, params, inputs.uncond_ids, inputs.uncond_ids_2),
+                  encode_text(nets, params, inputs.cond_ids, inputs.cond_ids_2, clip_skip))
+        ctx, pooled = (jnp.concatenate(parts) for parts in zip(*halves))
     added = None
     if nets.unet.config.addition_embed_type:
         keep_2B = jnp.concatenate([inputs.uncond_keep, jnp.ones_like(inputs.uncond_keep)])
@@ -151,7 +180,9 @@ def generate(nets: Networks, sampler_name: str, start_index: int, params: dict[s
 
     extra, after_step, x0 = None, None, None
     inpainting_unet = nets.unet.config.in_channels != inputs.noise.shape[-1]
-    if inputs.init_images is not None and (inputs.masks is None or start_index > 0 or not inpainting_unet):
+    if inputs.start_latents is not None:
+        x0 = inputs.start_latents.astype(jnp.float32)
+    elif inputs.init_images is not None and (inputs.masks is None or start_index > 0 or not inpainting_unet):
         x0 = encode(inputs.init_images, inputs.posterior_noise)
     if inputs.masks is not None:
         f = inputs.masks.shape[1] // inputs.noise.shape[1]
@@ -162,9 +193,11 @@ def generate(nets: Networks, sampler_name: str, start_index: int, params: dict[s
         else:
             after_step = functools.partial(_keep_known_region, sampler, plan, x0, inputs.noise, mask_Bhw1)
         x0 = x0 if start_index > 0 else None  # strength 1 starts from pure noise
-    model_fn = guided_model_fn(nets.unet, params["unet"], ctx, guidance_scale, extra, added)
-    latents = sampler.sample(model_fn, inputs.noise, key, plan, start_index=start_index, x0=x0, after_step=after_step,
-                             unroll=unroll)
+    model_fn = guided_model_fn(nets.unet, params["unet"], ctx, guidance_scale, extra, added, guidance_rescale)
+    latents = sampler.sample(model_fn, inputs.noise, key, plan, start_index=start_index, stop_index=stop_index, x0=x0,
+                             add_noise=add_noise, after_step=after_step, unroll=unroll)
+    if not decode:
+        return latents
     images = nets.vae.apply({"params": params["vae"]}, latents / scaling_factor, method=AutoencoderKL.decode)
     return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
 
@@ -178,16 +211,28 @@ def _keep_known_region(sampler: Any, plan: Any, x0: jax.Array, noise: jax.Array,
     return (1.0 - mask_Bhw1) * known + mask_Bhw1 * x
 
 
-def generate_on(mesh: Mesh, nets: Networks, sampler_name: str, start_index: int, *args,
-                unroll: bool = False) -> jax.Array:
+def generate_on(mesh: Mesh, nets: Networks, sampler_name: str, start_index: int, *args, **static: Any) -> jax.Array:
     """``generate`` under ``mesh``: activation constraints and fused attention kernels (which run per
-    device) split the batch over all of the mesh's axes (``data`` of an inference mesh)."""
+    device) split the batch over all of the mesh's axes (``data`` of an inference mesh). ``static``:
+    generate's keyword-only arguments."""
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules((("batch", mesh.axis_names),)):
-        return generate(nets, sampler_name, start_index, *args, unroll=unroll)
+        return generate(nets, sampler_name, start_index, *args, **static)
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    """What of the sampling one call runs (static: one compilation each): plan steps ``start`` to
+    ``stop`` - 1 (None: to the last), the start noised (``add_noise``) or as given, decoded to images
+    or returned as latents, the text context ``clip_skip`` layers early."""
+    start: int = 0
+    stop: int | None = None
+    add_noise: bool = True
+    decode: bool = True
+    clip_skip: int = 0
 
 
 class Generator:
-    """Compiled generation for one model; one compilation per (batch, size, steps, sampler, start)."""
+    """Compiled generation for one model; one compilation per (batch, size, steps, sampler, span)."""
 
     def __init__(self, nets: Networks, scheduler_config, mesh: Mesh | None = None):
         self.nets = nets
@@ -195,25 +240,32 @@ class Generator:
         self.scheduler_config = scheduler_config
         self._compiled: dict[tuple, Callable] = {}
 
-    def _fn(self, sampler: str, start_index: int, inputs: Inputs) -> Callable:
-        key = (sampler, start_index, inputs.init_images is not None, inputs.masks is not None)
+    def _fn(self, sampler: str, span: Span, inputs: Inputs) -> Callable:
+        present = tuple(x is not None for x in (inputs.init_images, inputs.masks, inputs.start_latents))
+        key = (sampler, span, present)
         if key not in self._compiled:
             rep = NamedSharding(self.mesh, P())
             self._compiled[key] = jax.jit(
-                functools.partial(generate_on, self.mesh, self.nets, sampler, start_index),
-                in_shardings=(rep, inputs.shardings(self.mesh), rep, rep, rep, rep),
+                functools.partial(generate_on, self.mesh, self.nets, sampler, span.start, stop_index=span.stop,
+                                  add_noise=span.add_noise, decode=span.decode, clip_skip=span.clip_skip),
+                in_shardings=(rep, inputs.shardings(self.mesh), rep, rep, rep, rep, rep),
                 out_shardings=NamedSharding(self.mesh, P("data")))
         return self._compiled[key]
 
     def __call__(self, params: dict[str, Any], inputs: Inputs, *, sampler: str, steps: int, eta: float,
-                 guidance_scale: float, seed: int, scaling_factor: float, start_index: int = 0) -> np.ndarray:
-        """[0, 1] float images (B, H, W, 3). Img2Img when ``inputs.init_images`` is set: its latent
+                 guidance_scale: float, seed: int, scaling_factor: float, span: Span = Span(),
+                 guidance_rescale: float = 0.0) -> Any:
+        """[0, 1] float images (B, H, W, 3) as numpy, or with ``span.decode=False`` the latents (B, h, w, C)
+        as a jax.Array left on the devices. Img2Img when ``inputs.init_images`` is set: its latent
         posterior is sampled as mean + std * ``inputs.posterior_noise``, then noised to plan step
-        ``start_index``. Inpainting when ``inputs.masks`` is set too."""
+        ``span.start``. Inpainting when ``inputs.masks`` is set too."""
         plan = get_sampler(sampler).make_plan(self.scheduler_config, steps, eta=eta)
         n = inputs.noise.shape[0]
         inputs = inputs.padded(self.mesh.devices.size)
+        inputs = jax.device_put(inputs, inputs.shardings(self.mesh))  # a no-op for arrays already split so
         key = jax.random.fold_in(jax.random.key(seed), SAMPLER_STREAM)
-        out = self._fn(sampler, start_index, inputs)(params, inputs, key, plan, jnp.float32(guidance_scale),
-                                                     jnp.float32(scaling_factor))
+        out = self._fn(sampler, span, inputs)(params, inputs, key, plan, jnp.float32(guidance_scale),
+                                              jnp.float32(scaling_factor), jnp.float32(guidance_rescale))
+        if not span.decode:
+            return out if out.shape[0] == n else out[:n]
         return np.asarray(out)[:n]

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from sdjax import generate, images as images_lib
-from sdjax.samplers import get_sampler, img2img_start
+from sdjax.samplers import denoising_span, get_sampler, img2img_start
 
 # diffusers' pipeline argument -> the sdjax option it means the same as (StableDiffusion's methods also
 # take diffusers' negative_prompt for negative_prompts).
@@ -30,6 +30,7 @@ class Model:
     micro_conditioning: bool = False  # SDXL: the UNet reads the image's original size, crop and target size
     force_zeros_for_empty_prompt: bool = False
     requires_aesthetics_score: bool = False  # SDXL refiner: an aesthetic score instead of the target size
+    scheduler: Any = None  # its SchedulerConfig: where denoising_start / denoising_end fall among the steps
 
     @property
     def is_inpainting(self) -> bool:
@@ -47,10 +48,12 @@ class Request:
     posterior_noise: np.ndarray | None
     masks: np.ndarray | None  # (B, H, W, 1) in {0, 1}
     masked_posterior_noise: np.ndarray | None
-    start_index: int  # 0, or Img2Img's first step (from strength)
+    start_index: int  # 0, or Img2Img's first step (from strength or denoising_start)
     time_ids: np.ndarray | None = None  # (B, 6) SDXL's micro-conditioning of the prompt
     uncond_time_ids: np.ndarray | None = None  # (B, 6) and of the negative prompt
     uncond_keep: np.ndarray | None = None  # (B,) 0 where the negative conditioning is zero (no negative prompt)
+    start_latents: Any = None  # (B, h, w, C) latents given in place of init images
+    span: generate.Span = generate.Span()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +65,15 @@ class SamplingOptions:
     ``height``/``width``: None is the model's native size (Text2Img) or the images' own (Img2Img,
     inpainting); ``seed``; ``init_latents`` (diffusers: ``latents``) (B, H/f, W/f, C) replaces the
     seed-drawn starting noise; ``strength`` in (0, 1]: how far Img2Img and inpainting noise the
-    images (1: from pure noise); ``output``: "uint8" or "float" (in [0, 1]).
+    images (1: from pure noise); ``output``: "uint8", "float" (in [0, 1]) or "latent" (the latents
+    (B, H/f, W/f, C) as a jax.Array, not decoded, for a next call to continue from).
+
+    ``denoising_end`` in (0, 1): stop where that fraction of the noise schedule is done (with
+    ``output="latent"``: SDXL's base in diffusers' ensemble of experts); ``denoising_start``: Img2Img
+    that starts there, on latents or images as they are, not noised (the refiner continuing the base's
+    latents). ``guidance_rescale`` in [0, 1]: diffusers' rescaling of the guided prediction (Lin et al.
+    2023); ``clip_skip``: the prompt's text context from that many encoder layers before the model's
+    own (as diffusers, the negative prompt's stays the model's own).
 
     SDXL's micro-conditioning, as diffusers' SDXL pipelines take it, each (height, width) or (top, left)
     pixels: ``original_size`` and ``target_size`` (default: the output size), ``crops_coords_top_left``
@@ -90,6 +101,10 @@ class SamplingOptions:
     negative_target_size: tuple[int, int] | None = None
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
+    denoising_start: float | None = None
+    denoising_end: float | None = None
+    guidance_rescale: float = 0.0
+    clip_skip: int = 0
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "SamplingOptions":
@@ -108,21 +123,39 @@ class SamplingOptions:
     def request(self, model: Model, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None,
                 images: Any = None, masks: Any = None) -> Request:
         """Checks everything against ``model`` and draws the starting noise (see ``generate``'s streams)."""
-        if self.output not in ("uint8", "float"):
-            raise ValueError(f"output must be 'uint8' or 'float', got {self.output!r}.")
+        if self.output not in ("uint8", "float", "latent"):
+            raise ValueError(f"output must be 'uint8', 'float' or 'latent', got {self.output!r}.")
         if masks is None and model.is_inpainting:
             raise ValueError("this is an inpainting model (its UNet reads a mask and a masked image): call "
                              "inpaint(images, masks, prompts) (command line: sdjax-inpaint).")
         if masks is not None and model.unet_in_channels not in (model.latent_channels, 2 * model.latent_channels + 1):
             raise ValueError(f"this UNet reads {model.unet_in_channels} channels: neither a plain "
                              f"({model.latent_channels}) nor an inpainting ({2 * model.latent_channels + 1}) model.")
+        if masks is not None and (self.denoising_start is not None or self.denoising_end is not None):
+            raise ValueError("denoising_start / denoising_end are for txt2img and img2img; inpainting runs every step.")
+        if images is None and self.denoising_start is not None:
+            raise ValueError("denoising_start continues from latents or images: call img2img(latents, prompts, "
+                             "denoising_start=...) with txt2img(..., denoising_end=..., output='latent')'s latents.")
+        start_latents = None
+        if is_latents(images, model.latent_channels):
+            if masks is not None:
+                raise ValueError(f"inpainting reads images, not latents (an array with {model.latent_channels} "
+                                 "channels); pass the images.")
+            start_latents, images = images, None
         init = None if images is None else images_lib.as_image_array(images)
         height, width = self.height, self.width
+        if start_latents is not None:
+            f = model.downsample_factor
+            latent_size = (np.shape(start_latents)[1] * f, np.shape(start_latents)[2] * f)
+            if (height or latent_size[0], width or latent_size[1]) != latent_size:
+                raise ValueError(f"the latents are for {latent_size[1]}x{latent_size[0]} images but height x width "
+                                 f"is {width}x{height}; leave height and width out.")
+            height, width = latent_size
         if height is None:
             height = model.native_size if init is None else init.shape[1]
         if width is None:
             width = model.native_size if init is None else init.shape[2]
-        self._check_values(model.downsample_factor, height, width, init is not None)
+        self._check_values(model.downsample_factor, height, width, init is not None or start_latents is not None)
         prompts, negative = _prompts(prompts, negative_prompts)
         n, f, c = len(prompts), model.downsample_factor, model.latent_channels
         latent_shape = (height // f, width // f, c)
@@ -135,6 +168,9 @@ class SamplingOptions:
                                  f"{n} prompts at {height}x{width}; got {noise.shape}.")
         posterior_noise = masked_noise = None
         start = 0
+        if start_latents is not None:
+            start_latents = _one_per_prompt(start_latents, n, "latents")
+            start = img2img_start(self.steps, self.strength)
         if init is not None:
             if init.shape[1:3] != (height, width):
                 raise ValueError(f"init images are {init.shape[2]}x{init.shape[1]} but height x width is "
@@ -157,8 +193,22 @@ class SamplingOptions:
             keep = np.full((n,), 0.0 if zero else 1.0, np.float32)
         else:
             self._check_no_micro_conditioning()
-        return Request(prompts, negative, noise, init, posterior_noise, masks, masked_noise, start,
-                       time_ids, uncond_time_ids, keep)
+        span = self._span(model, start)
+        return Request(prompts, negative, noise, init, posterior_noise, masks, masked_noise, span.start,
+                       time_ids, uncond_time_ids, keep, start_latents, span)
+
+    def _span(self, model: Model, start: int) -> generate.Span:
+        if not isinstance(self.clip_skip, (int, np.integer)) or self.clip_skip < 0:
+            raise ValueError(f"clip_skip must be an integer >= 0, got {self.clip_skip!r}.")
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {self.guidance_rescale}.")
+        stop = None
+        if self.denoising_start is not None or self.denoising_end is not None:
+            timesteps = get_sampler(self.sampler).make_plan(model.scheduler, self.steps, eta=self.eta).timesteps
+            start, stop = denoising_span(np.asarray(timesteps), model.scheduler.num_train_timesteps, start,
+                                         self.denoising_start, self.denoising_end)
+        return generate.Span(start, stop, add_noise=self.denoising_start is None, decode=self.output != "latent",
+                             clip_skip=int(self.clip_skip))
 
     _MICRO = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
               "negative_crops_coords_top_left", "negative_target_size")
@@ -197,6 +247,13 @@ class SamplingOptions:
             raise ValueError(f"eta must be >= 0, got {self.eta}.")
         if editing and not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {self.strength}.")
+
+
+def is_latents(images: Any, latent_channels: int) -> bool:
+    """Latents (B, h, w, C) given where images may be (as diffusers' img2img reads a 4-channel input):
+    a 4-D array (numpy or jax) whose last axis is the latent channel count (images have 3)."""
+    return (latent_channels != 3 and not images_lib.is_pil(images) and not isinstance(images, (list, tuple))
+            and np.ndim(images) == 4 and np.shape(images)[-1] == latent_channels)
 
 
 def _prompts(prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None) -> tuple[list[str], list[str]]:

@@ -154,23 +154,41 @@ class StableDiffusion:
         return self.configs.unet.sample_size * self.downsample_factor
 
     # ---- generation ------------------------------------------------------------------------
-    def txt2img(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None,
-                **options: Any) -> np.ndarray:
+    def txt2img(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None, *,
+                refiner: "StableDiffusion | None" = None, high_noise_frac: float = 0.8, **options: Any) -> Any:
         """Images (B, H, W, 3) for ``prompts``: uint8, or float in [0, 1] with ``output="float"``.
 
         ``options``: the fields of ``sdjax.options.SamplingOptions`` (``steps``, ``guidance_scale``,
         ``eta``, ``sampler``, ``height``, ``width`` (default: the model's native size, 512 for SD 1.x,
-        768 for SD 2.x 768-v), ``seed``, ``init_latents`` (B, H/f, W/f, C) replacing the seed-drawn
-        starting noise, ``output``), or diffusers' names for them (``num_inference_steps``,
-        ``latents``, ``negative_prompt``).
+        768 for SD 2.x 768-v, 1024 for SDXL), ``seed``, ``init_latents`` (B, H/f, W/f, C) replacing the
+        seed-drawn starting noise, ``output``, SDXL's micro-conditioning), or diffusers' names for them
+        (``num_inference_steps``, ``latents``, ``negative_prompt``).
+
+        ``refiner``: an SDXL refiner that takes over at ``high_noise_frac`` of the noise schedule, as
+        diffusers' ensemble of experts (this model runs with ``denoising_end=high_noise_frac`` and
+        hands its latents, on the device, to ``refiner.img2img(latents, ...,
+        denoising_start=high_noise_frac)``); both take the same options.
         """
-        return self._generate(options, prompts, negative_prompts)
+        if refiner is None:
+            return self._generate(options, prompts, negative_prompts)
+        if not (self.configs.is_sdxl and refiner.configs.is_sdxl):
+            raise ValueError("refiner= hands an SDXL base's latents to an SDXL refiner; these models are not both SDXL.")
+        for name in ("denoising_start", "denoising_end"):
+            if name in options:
+                raise TypeError(f"{name} is set by high_noise_frac when a refiner is given; give high_noise_frac.")
+        latents = self._generate(dict(options, denoising_end=high_noise_frac, output="latent"), prompts,
+                                 negative_prompts)
+        rest = {k: v for k, v in options.items() if k not in ("init_latents", "latents", "height", "width", "strength")}
+        return refiner.img2img(latents, prompts, negative_prompts=negative_prompts, denoising_start=high_noise_frac,
+                               **rest)
 
     def img2img(self, init_images: Any, prompts: str | Sequence[str], strength: float = 0.75,
                 negative_prompts: str | Sequence[str] | None = None, **options: Any) -> np.ndarray:
         """Img2Img: encode ``init_images`` (uint8, float in [0, 1], or PIL images), noise them to the
         step that ``strength`` selects, and run the remaining steps. The size is the images' own;
-        ``options`` as for ``txt2img``."""
+        ``options`` as for ``txt2img``. ``init_images`` may instead be latents (B, H/f, W/f, C), as
+        ``txt2img(..., output="latent")`` returns them; with ``denoising_start`` they are continued as
+        they are (SDXL's refiner after the base's ``denoising_end``)."""
         return self._generate(dict(options, strength=strength), prompts, negative_prompts, init_images)
 
     def inpaint(self, images: Any, masks: Any, prompts: str | Sequence[str],
@@ -199,7 +217,8 @@ class StableDiffusion:
                                  unet_in_channels=self.configs.unet.in_channels, native_size=self.native_size,
                                  micro_conditioning=self.configs.is_sdxl,
                                  force_zeros_for_empty_prompt=self.configs.force_zeros_for_empty_prompt,
-                                 requires_aesthetics_score=self.configs.requires_aesthetics_score)
+                                 requires_aesthetics_score=self.configs.requires_aesthetics_score,
+                                 scheduler=self.configs.scheduler)
 
     def _generate(self, options: dict[str, Any], prompts, negative_prompts, images=None, masks=None) -> np.ndarray:
         if "negative_prompt" in options:  # diffusers' name
@@ -212,8 +231,8 @@ class StableDiffusion:
                                  request.noise, request.init_images, request.posterior_noise, request.masks,
                                  request.masked_posterior_noise, self._ids_2(request.prompts),
                                  self._ids_2(request.negative_prompts), request.time_ids, request.uncond_time_ids,
-                                 request.uncond_keep)
+                                 request.uncond_keep, request.start_latents)
         out = self.generator(self.params, inputs, sampler=opts.sampler, steps=opts.steps, eta=opts.eta,
                              guidance_scale=opts.guidance_scale, seed=opts.seed, scaling_factor=self.scaling_factor,
-                             start_index=request.start_index)
+                             span=request.span, guidance_rescale=opts.guidance_rescale)
         return images_lib.to_uint8(out) if opts.output == "uint8" else out

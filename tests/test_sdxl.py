@@ -69,13 +69,14 @@ def test_sdjax_and_diffusers_exports_round_trip_bit_for_bit(folder, tmp_path):
     assert pipe.config.force_zeros_for_empty_prompt and pipe.tokenizer_2.pad_token == "!"
 
 
-@pytest.mark.parametrize("case", ["euler", "ddim_negative_prompt_and_micro", "negative_micro"])
+@pytest.mark.parametrize("case", ["euler", "ddim_negative_prompt_and_micro", "negative_micro_clip_skip_rescale"])
 def test_txt2img_equals_diffusers(folder, case):
     """Euler with no negative prompt (a zero negative conditioning); DDIM with negative prompts and other
-    micro-conditioning numbers; other negative micro-conditioning: against StableDiffusionXLPipeline
-    from the same latents. The last with one prompt: diffusers repeats the [negative, positive] pair of
-    time ids per image, which pairs them with the wrong rows when several images have a negative
-    micro-conditioning of their own; sdjax gives every image's negative row the negative numbers."""
+    micro-conditioning numbers; other negative micro-conditioning with clip_skip and guidance_rescale:
+    against StableDiffusionXLPipeline from the same latents. The last with one prompt: diffusers repeats
+    the [negative, positive] pair of time ids per image, which pairs them with the wrong rows when
+    several images have a negative micro-conditioning of their own; sdjax gives every image's negative
+    row the negative numbers."""
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
     sd = StableDiffusion.from_pretrained(folder)
@@ -90,9 +91,10 @@ def test_txt2img_equals_diffusers(folder, case):
     if case == "ddim_negative_prompt_and_micro":
         kw.update(negative_prompt=["blurry", "a square"], original_size=(64, 48), crops_coords_top_left=(8, 4),
                   target_size=(32, 40))
-    if case == "negative_micro":
+    if case == "negative_micro_clip_skip_rescale":
         prompts = prompts[:1]
-        kw.update(negative_original_size=(16, 16), negative_crops_coords_top_left=(4, 4), negative_target_size=(32, 24))
+        kw.update(negative_original_size=(16, 16), negative_crops_coords_top_left=(4, 4), negative_target_size=(32, 24),
+                  clip_skip=1, guidance_rescale=0.7, negative_prompt="dark")
     noise = generate.starting_noise(3, len(prompts), (16, 16, 4))
     ours = sd.txt2img(prompts, sampler=sampler, init_latents=noise, output="float", **kw)
     ref = pipe(prompts, latents=torch.from_numpy(np.ascontiguousarray(noise.transpose(0, 3, 1, 2))),
@@ -152,6 +154,46 @@ def test_img2img_equals_diffusers(folder, refiner, model, monkeypatch):
     if model == "refiner":
         with pytest.raises(ValueError, match="no tokenizer for text encoder 1"):
             sd.tokenize(["a cat"])
+
+
+def test_base_then_refiner_equals_diffusers_ensemble_of_experts(folder, refiner):
+    """diffusers' ensemble of experts: the base stops at denoising_end and returns latents, the refiner
+    continues them from denoising_start. sdjax's one call (refiner=, high_noise_frac=) and its two calls
+    equal StableDiffusionXLPipeline then StableDiffusionXLImg2ImgPipeline from the same start latents: 10
+    leading Euler steps cut at 0.7 (timesteps 901..301 on the base, 201, 101, 1 on the refiner)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    base, ref = StableDiffusion.from_pretrained(folder), StableDiffusion.from_pretrained(refiner)
+    prompts, n = ["a red circle on a blue background", "a green triangle"], 2
+    noise = generate.starting_noise(8, n, (16, 16, 4))
+    kw = dict(num_inference_steps=10, guidance_scale=5.0, negative_prompt=["blurry", "dark"])
+    ours = base.txt2img(prompts, refiner=ref, high_noise_frac=0.7, sampler="euler", init_latents=noise,
+                        output="float", **kw)
+
+    as_torch = lambda x: torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))  # noqa: E731
+    handoff = StableDiffusionXLPipeline.from_pretrained(folder)(
+        prompts, latents=as_torch(noise), denoising_end=0.7, output_type="latent", height=32, width=32, **kw).images
+    ref_images = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner)(
+        prompts, image=handoff, denoising_start=0.7, output_type="np", **kw).images
+    assert ours.shape == ref_images.shape == (n, 32, 32, 3)
+    assert np.abs(ours - ref_images).mean() <= 3e-4, np.abs(ours - ref_images).mean()
+
+    # The two calls: the base's latents (left on the device) are diffusers' handoff; the refiner's images ours.
+    latents = base.txt2img(prompts, sampler="euler", init_latents=noise, denoising_end=0.7, output="latent", **kw)
+    assert latents.shape == (n, 16, 16, 4) and not isinstance(latents, np.ndarray)
+    want = handoff.numpy().transpose(0, 2, 3, 1)
+    assert np.abs(np.asarray(latents) - want).mean() <= 1e-3 * np.abs(want).mean(), np.abs(np.asarray(latents) - want).mean()
+    again = ref.img2img(latents, prompts, sampler="euler", denoising_start=0.7, output="float", **kw)
+    np.testing.assert_array_equal(again, ours)
+    # The whole schedule from the base alone is another image; cuts that leave no step are refused.
+    whole = base.txt2img(prompts, sampler="euler", init_latents=noise, output="float", **kw)
+    assert np.abs(whole - ours).mean() > 1e-3
+    with pytest.raises(ValueError, match="leave no step"):
+        ref.img2img(latents, prompts, sampler="euler", denoising_start=0.9999, **kw)
+    with pytest.raises(ValueError, match="denoising_start continues from latents"):
+        base.txt2img(prompts, denoising_start=0.7)
+    with pytest.raises(ValueError, match="must be a float in"):
+        base.txt2img(prompts, denoising_end=1)
 
 
 def test_docs_sdxl_command_reads_sdxl_and_its_micro_conditioning(folder, tmp_path):

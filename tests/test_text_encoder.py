@@ -52,6 +52,16 @@ def test_sd1_last_layer_matches_transformers():
     np.testing.assert_allclose(hidden, out.last_hidden_state.numpy(), atol=1e-4, rtol=0)
     pooled = pooled_output(hidden, jnp.asarray(ids), config.eos_token_id)
     np.testing.assert_allclose(pooled, out.pooler_output.numpy(), atol=1e-4, rtol=0)
+    # clip_skip as diffusers' StableDiffusionPipeline reads it: hidden_states[-(clip_skip + 1)] through
+    # the final LayerNorm; the pooled output stays the last layer's.
+    with torch.no_grad():
+        states = torch_model(torch.from_numpy(ids), output_hidden_states=True).hidden_states
+        want = torch_model.final_layer_norm(states[-3]).numpy()
+    got = CLIPTextEncoder(config).apply({"params": params}, jnp.asarray(ids, jnp.int32), 2)
+    np.testing.assert_allclose(got.context_BLD, want, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got.pooled_BP, out.pooler_output.numpy(), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match=r"clip_skip must be an int in \[0, 3\]"):
+        CLIPTextEncoder(config).apply({"params": params}, jnp.asarray(ids, jnp.int32), 4)
 
 
 def test_sd2_penultimate_layer_matches_transformers():
@@ -156,6 +166,10 @@ def test_sdxl_encoders_give_the_penultimate_hidden_state_and_the_projected_poole
     np.testing.assert_allclose(got.context_BLD, out.hidden_states[-2].numpy(), atol=1e-4, rtol=0)
     np.testing.assert_allclose(got.pooled_BP, out.text_embeds.numpy(), atol=1e-4, rtol=0)
     assert got.pooled_BP.shape == (2, 24)
+    # clip_skip as diffusers' SDXL pipelines read it: hidden_states[-(clip_skip + 2)], no LayerNorm.
+    skipped = CLIPTextEncoder(config).apply({"params": params}, jnp.asarray(ids, jnp.int32), 1)
+    np.testing.assert_allclose(skipped.context_BLD, out.hidden_states[-3].numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(skipped.pooled_BP, out.text_embeds.numpy(), atol=1e-4, rtol=0)
     # The export writes transformers' names back, text_projection beside text_model, and its config
     # builds the same class.
     back = text_encoder_to_torch(params)

@@ -196,19 +196,30 @@ class CLIPTextEncoder(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids_BL: jax.Array) -> TextEncoding:
+    def __call__(self, input_ids_BL: jax.Array, clip_skip: int = 0) -> TextEncoding:
+        """``clip_skip`` (a Python int): the context from that many layers before the configured one,
+        as diffusers' pipelines count it (through the final LayerNorm unless the configured output is
+        ``penultimate_hidden``, SDXL's); the pooled embedding stays the last layer's."""
         c = self.config
         if input_ids_BL.ndim != 2 or input_ids_BL.shape[1] > c.max_position_embeddings:
             raise ValueError(f"CLIPTextEncoder expects token ids of shape (batch, length <= "
                              f"{c.max_position_embeddings}), got {input_ids_BL.shape}.")
+        hidden_output = c.output_layer == "penultimate_hidden"
+        if not isinstance(clip_skip, int) or not 0 <= clip_skip <= c.num_layers_used - hidden_output:
+            raise ValueError(f"clip_skip must be an int in [0, {c.num_layers_used - hidden_output}] for this "
+                             f"{c.num_layers_used}-layer text encoder, got {clip_skip!r}.")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x_BLD = layers.constrain_seq(CLIPTextEmbeddings(c, name="embeddings", **kw)(input_ids_BL))
         hidden = CLIPEncoder(c, name="encoder", **kw)(x_BLD)
-        final_BLD = layers.layer_norm(c.layer_norm_eps, name="final_layer_norm", **kw)(hidden[-1]).astype(self.dtype)
+        final_norm = layers.layer_norm(c.layer_norm_eps, name="final_layer_norm", **kw)
+        final_BLD = final_norm(hidden[-1]).astype(self.dtype)
         pooled_BD = pooled_output(final_BLD, input_ids_BL, c.eos_token_id)
         if c.with_projection:
             pooled_BD = layers.dense(c.projection_dim, name="text_projection", use_bias=False, **kw)(pooled_BD)
-        context_BLD = hidden[-2].astype(self.dtype) if c.output_layer == "penultimate_hidden" else final_BLD
+        if hidden_output:
+            context_BLD = hidden[-2 - clip_skip].astype(self.dtype)
+        else:
+            context_BLD = final_BLD if clip_skip == 0 else final_norm(hidden[-1 - clip_skip]).astype(self.dtype)
         return TextEncoding(layers.constrain_seq(context_BLD), pooled_BD)
 
 

@@ -4,7 +4,7 @@
 import functools
 
 from sdjax.samplers import ddim, dpm_solver, euler
-from sdjax.samplers.base import Sampler, img2img_start
+from sdjax.samplers.base import Sampler, denoising_span, img2img_start
 
 SAMPLERS: dict[str, Sampler] = {
     "ddim": Sampler("ddim", ddim.make_plan, ddim.advance, ddim.noise_to),
@@ -23,4 +23,4 @@ def get_sampler(name: str) -> Sampler:
     return SAMPLERS[name]
 
 
-__all__ = ["SAMPLERS", "Sampler", "get_sampler", "img2img_start"]
+__all__ = ["SAMPLERS", "Sampler", "denoising_span", "get_sampler", "img2img_start"]

@@ -49,29 +49,35 @@ class Sampler:
     memory: Callable[[jax.Array], Any] = _no_memory
 
     def sample(self, model_fn: ModelFn, noise: jax.Array, key: jax.Array, plan: Any, *, start_index: int = 0,
-               x0: jax.Array | None = None, after_step: AfterStep | None = None, unroll: bool = False) -> jax.Array:
-        """Runs plan steps start_index .. N-1 in one scan and returns the last x.
+               stop_index: int | None = None, x0: jax.Array | None = None, add_noise: bool = True,
+               after_step: AfterStep | None = None, unroll: bool = False) -> jax.Array:
+        """Runs plan steps start_index .. stop_index - 1 (default: to the last) in one scan and returns the last x.
 
         `noise` is standard normal: scaled by init_sigma (txt2img), or, when `x0` is given (img2img),
-        the start is noise_to(x0, noise, plan, start_index). Step i draws its randomness from
-        fold_in(key, i). `after_step(x, i)`, if given, rewrites x after each step i (inpainting).
-        `unroll`: the steps written out instead of one loop (XLA's cost analysis counts a loop's body once).
+        the start is noise_to(x0, noise, plan, start_index); with ``add_noise=False`` the start is `x0`
+        itself (latents an earlier call stopped at ``stop_index``: diffusers' ``denoising_start``).
+        Step i draws its randomness from fold_in(key, i). `after_step(x, i)`, if given, rewrites x
+        after each step i (inpainting). `unroll`: the steps written out instead of one loop (XLA's cost
+        analysis counts a loop's body once).
         """
         num_steps = plan.timesteps.shape[0]
+        stop_index = num_steps if stop_index is None else stop_index
         if not isinstance(start_index, (int, np.integer)) or not 0 <= start_index < num_steps:
             raise ValueError(f"start_index must be a Python int in [0, {num_steps}), got {start_index!r}.")
+        if not isinstance(stop_index, (int, np.integer)) or not start_index < stop_index <= num_steps:
+            raise ValueError(f"stop_index must be a Python int in ({start_index}, {num_steps}], got {stop_index!r}.")
         if x0 is None:
-            if start_index != 0:
-                raise ValueError("start_index > 0 needs x0 (the clean latent to noise); pass x0= for img2img.")
+            if start_index != 0 or not add_noise:
+                raise ValueError("start_index > 0 or add_noise=False needs x0 (the latent to start from); pass x0=.")
             x = noise.astype(jnp.float32) * self.init_sigma(plan)
         else:
-            x = self.noise_to(x0, noise, plan, start_index)
+            x = self.noise_to(x0, noise, plan, start_index) if add_noise else x0.astype(jnp.float32)
 
         def body(carry, i):
             x, memory = self.advance(plan, model_fn, carry[0], i, jax.random.fold_in(key, i), carry[1])
             return (x if after_step is None else after_step(x, i), memory), None
 
-        (x, _), _ = jax.lax.scan(body, (x, self.memory(x)), jnp.arange(start_index, num_steps), unroll=unroll)
+        (x, _), _ = jax.lax.scan(body, (x, self.memory(x)), jnp.arange(start_index, stop_index), unroll=unroll)
         return x
 
 
@@ -84,6 +90,28 @@ def img2img_start(num_steps: int, strength: float) -> int:
     if start >= num_steps:
         raise ValueError(f"strength={strength} with num_steps={num_steps} leaves no denoising step; raise either.")
     return start
+
+
+def denoising_span(timesteps: np.ndarray, num_train_timesteps: int, start_index: int,
+                   denoising_start: float | None, denoising_end: float | None) -> tuple[int, int]:
+    """(first, stop) plan steps for diffusers' ``denoising_start`` / ``denoising_end`` (SDXL's base and
+    refiner as an ensemble of experts): ``denoising_end`` keeps the steps whose timestep is at least
+    round(T - end * T), as diffusers' SDXL pipelines do, and ``denoising_start`` runs the steps below
+    round(T - start * T), replacing ``start_index`` (img2img's strength)."""
+    t = np.asarray(timesteps, np.float64)
+    for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+        if value is not None and not (isinstance(value, (float, np.floating)) and 0.0 < value < 1.0):
+            raise ValueError(f"{name} must be a float in (0, 1) (the fraction of the noise schedule), got {value!r}.")
+    if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+        raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}.")
+    cutoff = lambda fraction: int(round(num_train_timesteps - fraction * num_train_timesteps))  # noqa: E731
+    if denoising_start is not None:
+        start_index = len(t) - int((t < cutoff(denoising_start)).sum())
+    stop = len(t) if denoising_end is None else start_index + int((t[start_index:] >= cutoff(denoising_end)).sum())
+    if start_index >= len(t) or stop <= start_index:
+        raise ValueError(f"denoising_start={denoising_start}, denoising_end={denoising_end} with {len(t)} steps "
+                         "leave no step to run; give more steps or move them apart.")
+    return start_index, stop
 
 
 def check_steps(config: SchedulerConfig, num_steps: int) -> None:
