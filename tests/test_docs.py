@@ -14,6 +14,7 @@ BLOCKS = {
     ("README.md", "## Quick start"): ("tests/test_demo.py", '"sdjax-demo"'),  # .ci/run is ./run test
     ("README.md", "## Install"): ("tests/test_install.py", '"pip", "install"'),  # the wheel, in a fresh venv
     ("README.md", "## Text to image"): ("tests/test_cli_sample.py", 'readme_block("## Text to image")'),
+    ("README.md", "## SDXL with its refiner"): ("tests/test_sdxl.py", 'readme_block("## SDXL with its refiner")'),
     ("README.md", "## Fine-tune on your images"): ("tests/test_lora.py", 'readme_block("## Fine-tune on your images")'),
     ("README.md", "## Train on a pod"): ("tests/test_preemption.py", 'SDJAX_NUM_PROCESSES="2"'),  # its sdjax-train
     ("README.md", "## Evaluate"): ("tests/test_evaluator.py", 'readme_block("## Evaluate")'),

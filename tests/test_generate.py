@@ -80,14 +80,16 @@ def test_seed_reproducible_and_sharding_invariant(folder, sd):
     np.testing.assert_allclose(single, a, atol=1e-5)
 
 
-def test_guidance_scale_and_eta_do_not_recompile(sd):
+def test_guidance_scale_rescale_and_eta_do_not_recompile(sd):
     kw = dict(steps=2, height=SIZE, width=SIZE, sampler="ddim", output="float")
     a = sd.txt2img(["a cat"], guidance_scale=1.0, **kw)
-    compiled = sd.generator._compiled[("ddim", 0, False, False)]
+    keys = set(sd.generator._compiled)
+    compiled = sd.generator._compiled[("ddim", generate.Span(), (False, False, False))]
     before = compiled._cache_size()
     b = sd.txt2img(["a cat"], guidance_scale=9.0, eta=0.5, **kw)
-    assert np.abs(a - b).mean() > 1e-4
-    assert compiled._cache_size() == before
+    c = sd.txt2img(["a cat"], guidance_scale=9.0, eta=0.5, guidance_rescale=0.7, **kw)
+    assert np.abs(a - b).mean() > 1e-4 and np.abs(b - c).mean() > 1e-4
+    assert compiled._cache_size() == before and set(sd.generator._compiled) == keys
 
 
 @pytest.mark.parametrize("kwargs, match", [

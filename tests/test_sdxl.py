@@ -223,6 +223,37 @@ def test_docs_sdxl_command_reads_sdxl_and_its_micro_conditioning(folder, tmp_pat
     assert '"original_size": [' in png.with_suffix(".json").read_text()
 
 
+def test_readme_refiner_command_equals_the_one_call(folder, refiner, tmp_path):
+    """The README's base + refiner command through the console script (shortened by flags appended after
+    it): its image is the Python API's txt2img(refiner=, high_noise_frac=) for the same seed, and the
+    sidecar records the refiner."""
+    import json
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from tests.helpers import readme_block, subprocess_env
+
+    (command,) = readme_block("## SDXL with its refiner")
+    args = [{"BASE": str(folder), "REFINER": str(refiner)}.get(a, a) for a in shlex.split(command)]
+    args[0] = os.path.join(os.path.dirname(sys.executable), "sdjax-txt2img")
+    args += ["--steps", "5", "--n-samples", "1", "--seed", "2", "--out", str(tmp_path / "out"), "--skip-grid"]
+    done = subprocess.run(args, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (png,) = (tmp_path / "out").glob("*.png")
+    prompt = "a majestic lion jumping from a big stone at night"
+    want = StableDiffusion.from_pretrained(folder).txt2img(
+        [prompt], refiner=StableDiffusion.from_pretrained(refiner), high_noise_frac=0.8, steps=5, sampler="euler",
+        guidance_scale=5.0, seed=2)
+    got = np.asarray(Image.open(png))
+    assert np.abs(got.astype(int) - want[0].astype(int)).max() <= 1  # uint8 rounding of two processes' floats
+    meta = json.loads(png.with_suffix(".json").read_text())
+    assert meta["refiner"] == os.path.abspath(refiner) and meta["high_noise_frac"] == 0.8
+
+
 @pytest.mark.parametrize("model", ["base", "refiner"])
 def test_single_file_export_reads_back_through_diffusers_converters_and_sdjax(folder, refiner, model, tmp_path):
     """The original single-file layout (sgm's UNet with label_emb, CLIP-L at conditioner.embedders.0,

@@ -33,7 +33,9 @@ GRID_MAX_SIDE = 4096
 
 
 MODES = {"txt2img": "Text2Img", "img2img": "Img2Img", "inpaint": "Inpainting"}
+# Options recorded in the sidecar when given: SDXL's micro-conditioning, then the text and guidance tweaks.
 MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size", "aesthetic_score")
+TWEAKS = ("clip_skip", "guidance_rescale")
 
 
 def size_arg(value: str) -> tuple[int, int]:
@@ -84,6 +86,15 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
                       help="the crop offset the model is told of (default 0,0)")
     sdxl.add_argument("--target-size", type=size_arg, default=None, metavar="H,W", help="default: the output size")
     sdxl.add_argument("--aesthetic-score", type=float, default=None, help="the refiner's (default 6.0)")
+    if mode == "txt2img":
+        sdxl.add_argument("--refiner", default=None, metavar="CKPT",
+                          help="an SDXL refiner that finishes the base's denoising (diffusers' ensemble of experts)")
+        sdxl.add_argument("--high-noise-frac", type=float, default=0.8,
+                          help="with --refiner: the fraction of the noise schedule the base runs (default 0.8)")
+    p.add_argument("--clip-skip", type=int, default=None,
+                   help="take the prompt's text context that many encoder layers early (diffusers' clip_skip)")
+    p.add_argument("--guidance-rescale", type=float, default=None,
+                   help="in [0, 1]: rescale the guided prediction to the conditional one's spread (diffusers')")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="merge a LoRA (.safetensors: diffusers/PEFT or kohya layout) at SCALE (default 1); repeatable")
     if mode != "txt2img":
@@ -126,6 +137,12 @@ def check_args(args: argparse.Namespace, mode: str) -> list[str]:
                              f"but --dtype {args.dtype} was given; pass one of them.")
         args.dtype = PRECISIONS[args.precision]
     args.dtype = args.dtype or "float32"
+    refiner = getattr(args, "refiner", None)
+    if refiner is not None:
+        if not hub.is_hub_id(refiner) and not paths.exists(paths.check(refiner, "--refiner")):
+            raise SystemExit(f"error: --refiner {refiner}: no such file or directory.")
+        if not 0.0 < args.high_noise_frac < 1.0:
+            raise SystemExit(f"error: --high-noise-frac must be in (0, 1), got {args.high_noise_frac}.")
     if mode != "txt2img":
         for flag, path in (("--init-img", args.init_img), ("--mask", getattr(args, "mask", None))):
             if path is not None and not os.path.isfile(path):
@@ -291,6 +308,11 @@ def _sample(args: argparse.Namespace, prompts: list[str], mode: str) -> list[str
                                          prediction_type=args.prediction_type, allow_pickle=args.allow_pickle)
     for path, scale in args.lora:
         sd = sd.with_lora(path, scale)
+    refine = {}
+    if getattr(args, "refiner", None):
+        refine = dict(refiner=StableDiffusion.from_pretrained(args.refiner, dtype=getattr(jnp, args.dtype),
+                                                              tokenizer=args.tokenizer),
+                      high_noise_frac=args.high_noise_frac)
     init = mask = None
     if mode != "txt2img":
         init = init_image(args.init_img, args.H, args.W, max(8, sd.downsample_factor))
@@ -299,7 +321,7 @@ def _sample(args: argparse.Namespace, prompts: list[str], mode: str) -> list[str
         mask = init_mask(args.mask, args.init_img, args.H, args.W, max(8, sd.downsample_factor))
     else:
         H, W = args.H or sd.native_size, args.W or sd.native_size
-    micro = {name: getattr(args, name) for name in MICRO_CONDITIONING if getattr(args, name) is not None}
+    micro = {name: getattr(args, name) for name in MICRO_CONDITIONING + TWEAKS if getattr(args, name) is not None}
     writer = OutputWriter(args.out)
     grid = None if args.skip_grid else Grid(args.n_samples, H, W)
     batches = [(p, it) for it in range(args.n_iter) for p in prompts]
@@ -317,7 +339,7 @@ def _sample(args: argparse.Namespace, prompts: list[str], mode: str) -> list[str
         elif mode == "img2img":
             images = sd.img2img(init, [prompt] * args.n_samples, strength=args.strength, **kw)
         else:
-            images = sd.txt2img([prompt] * args.n_samples, **kw)
+            images = sd.txt2img([prompt] * args.n_samples, **refine, **kw)
         if b == 0:
             print(f"first batch (compile + run): {time.perf_counter() - t0:.1f}s")
         for j, im in enumerate(images):
@@ -329,6 +351,8 @@ def _sample(args: argparse.Namespace, prompts: list[str], mode: str) -> list[str
                 meta.update(init_img=os.path.abspath(args.init_img), strength=args.strength)
             if mode == "inpaint":
                 meta.update(mask=os.path.abspath(args.mask))
+            if refine:
+                meta.update(refiner=_where(args.refiner), high_noise_frac=args.high_noise_frac)
             written.append(writer.write(im, meta))
             if grid is not None:
                 grid.add(im)
