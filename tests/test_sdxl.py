@@ -196,6 +196,49 @@ def test_base_then_refiner_equals_diffusers_ensemble_of_experts(folder, refiner)
         base.txt2img(prompts, denoising_end=1)
 
 
+@pytest.fixture(scope="module")
+def inpainting(tmp_path_factory):
+    return tiny_models.save_sdxl_pipeline(tmp_path_factory.mktemp("sdxl") / "inpainting", seed=2, inpainting=True)
+
+
+@pytest.mark.parametrize("model", ["inpainting", "base"])
+def test_inpaint_equals_diffusers(folder, inpainting, model, monkeypatch):
+    """StableDiffusionXLInpaintPipeline: a 9-channel SDXL inpainting UNet (mask and masked-image latents
+    beside the noisy latents), and the base's 4-channel UNet with the known region blended back after
+    every step; negative prompts and other micro-conditioning, Euler, from the same draws."""
+    import diffusers.models.autoencoders.vae as vae_module
+    import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint as inpaint_module
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    path = inpainting if model == "inpainting" else folder
+    sd = StableDiffusion.from_pretrained(path)
+    assert sd.is_inpainting_model == (model == "inpainting")
+    n, shape, seed = 2, (16, 16, 4), 6
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    masks = np.zeros((n, 32, 32), np.float32)
+    masks[0, 8:24, 4:20], masks[1, :, 16:] = 1.0, 1.0
+    noise = generate.starting_noise(seed, n, shape)
+    prompts = ["a red circle", "a cat"]
+    kw = dict(num_inference_steps=6, guidance_scale=5.0, negative_prompt=["blurry", "dark"], original_size=(64, 64),
+              crops_coords_top_left=(4, 0))
+    ours = sd.inpaint(images, masks, prompts, strength=1.0, sampler="euler", seed=seed, init_latents=noise,
+                      output="float", **kw)
+    # diffusers encodes the image (the 4-channel UNet's known region), then the masked image.
+    streams = [generate.MASKED_POSTERIOR_STREAM] if model == "inpainting" else [generate.POSTERIOR_STREAM] * 2
+    draws = iter([generate.starting_noise(seed, n, shape, stream) for stream in streams])
+    as_torch = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # noqa: E731
+    monkeypatch.setattr(vae_module, "randn_tensor", lambda *a, **k: as_torch(next(draws)))
+    monkeypatch.setattr(inpaint_module, "randn_tensor", lambda *a, **k: as_torch(noise))
+    ref = StableDiffusionXLInpaintPipeline.from_pretrained(path)(
+        prompts, image=images.astype(np.float32) / 255.0, mask_image=torch.from_numpy(masks[:, None]), strength=1.0,
+        height=32, width=32, latents=as_torch(noise), output_type="np", **kw).images
+    assert ours.shape == ref.shape == (n, 32, 32, 3)
+    assert np.abs(ours - ref).mean() <= 3e-4, np.abs(ours - ref).mean()
+    keep = masks[..., None] < 0.5
+    assert np.abs(ref - images / 255.0)[np.broadcast_to(~keep, ref.shape)].mean() > 0.05  # the hole was repainted
+
+
 def test_docs_sdxl_command_reads_sdxl_and_its_micro_conditioning(folder, tmp_path):
     """docs/sampling.md's SDXL command through the console script (shortened by flags appended after it):
     the image it writes is the Python API's for the same seed and micro-conditioning."""
@@ -254,10 +297,12 @@ def test_readme_refiner_command_equals_the_one_call(folder, refiner, tmp_path):
     assert meta["refiner"] == os.path.abspath(refiner) and meta["high_noise_frac"] == 0.8
 
 
-@pytest.mark.parametrize("model", ["base", "refiner"])
-def test_single_file_export_reads_back_through_diffusers_converters_and_sdjax(folder, refiner, model, tmp_path):
+@pytest.mark.parametrize("model", ["base", "refiner", "inpainting"])
+def test_single_file_export_reads_back_through_diffusers_converters_and_sdjax(folder, refiner, inpainting, model,
+                                                                              tmp_path):
     """The original single-file layout (sgm's UNet with label_emb, CLIP-L at conditioner.embedders.0,
-    ViT-bigG with fused in_proj and its transposed projection at embedders.1, the refiner's at 0):
+    ViT-bigG with fused in_proj and its transposed projection at embedders.1, the refiner's at 0; the
+    inpainting model's 9-channel conv_in):
     diffusers' single-file converters turn sdjax's export back into the folder's tensors bit for bit,
     and sdjax reads the file as the model it came from."""
     import json
@@ -268,12 +313,12 @@ def test_single_file_export_reads_back_through_diffusers_converters_and_sdjax(fo
     from safetensors.numpy import load_file
     from transformers import CLIPTextModelWithProjection
 
-    path = folder if model == "base" else refiner
+    path = {"base": folder, "refiner": refiner, "inpainting": inpainting}[model]
     sd = StableDiffusion.from_pretrained(path)
     out = tmp_path / "model.safetensors"
     sd.save_pretrained(out, format="single_file")
     ckpt = safetensors.torch.load_file(str(out))
-    big_g = "conditioner.embedders.1.model." if model == "base" else "conditioner.embedders.0.model."
+    big_g = "conditioner.embedders.0.model." if model == "refiner" else "conditioner.embedders.1.model."
     assert "model.diffusion_model.label_emb.0.0.weight" in ckpt and big_g + "text_projection" in ckpt
     config = lambda name: json.loads((path / name / "config.json").read_text())  # noqa: E731
     want = {name: load_file(str(path / name / f"{stem}.safetensors"))
@@ -282,7 +327,7 @@ def test_single_file_export_reads_back_through_diffusers_converters_and_sdjax(fo
     got = {"unet": convert_ldm_unet_checkpoint(ckpt, config("unet")), "vae": convert_ldm_vae_checkpoint(ckpt, config("vae")),
            "text_encoder_2": convert_open_clip_checkpoint(
                CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2"), ckpt, prefix=big_g)}
-    if model == "base":
+    if model != "refiner":
         got["text_encoder"] = convert_ldm_clip_checkpoint(ckpt, "conditioner.embedders.0.transformer.")
     for name in want:
         # transformers 5.6+ writes CLIPTextModel without its text_model. level: compare the names below it

@@ -107,13 +107,14 @@ SDXL = dict(  # SDXL's layout at toy widths: no attention at the top level, unev
 )
 
 
-def save_sdxl_pipeline(folder: Path, seed: int = 0, refiner: bool = False) -> Path:
+def save_sdxl_pipeline(folder: Path, seed: int = 0, refiner: bool = False, inpainting: bool = False) -> Path:
     """A tiny StableDiffusionXLPipeline (Euler "leading", zero negative conditioning for an absent
     negative prompt, the second tokenizer padding with "!") saved as a diffusers folder; ``refiner``:
     the refiner's StableDiffusionXLImg2ImgPipeline instead (the second text encoder alone, an aesthetic
-    score in the micro-conditioning, the empty prompt's negative conditioning)."""
+    score in the micro-conditioning, the empty prompt's negative conditioning); ``inpainting``: a
+    StableDiffusionXLInpaintPipeline with a 9-channel UNet (mask and masked-image latents)."""
     from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
+                           StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(seed)
@@ -121,6 +122,8 @@ def save_sdxl_pipeline(folder: Path, seed: int = 0, refiner: bool = False) -> Pa
     unet_config = SDXL["unet"] if not refiner else dict(
         SDXL["unet"], cross_attention_dim=text_2["hidden_size"],
         projection_class_embeddings_input_dim=text_2["projection_dim"] + 5 * SDXL["unet"]["addition_time_embed_dim"])
+    if inpainting:
+        unet_config = dict(unet_config, in_channels=9)
     unet, vae = UNet2DConditionModel(**unet_config), AutoencoderKL(**SDXL["vae"])
     text_encoder = None if refiner else CLIPTextModel(CLIPTextConfig(**SDXL["text_encoder"]))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_2))
@@ -141,6 +144,8 @@ def save_sdxl_pipeline(folder: Path, seed: int = 0, refiner: bool = False) -> Pa
     if refiner:
         pipe = StableDiffusionXLImg2ImgPipeline(**dict(parts, tokenizer=None), requires_aesthetics_score=True,
                                                 force_zeros_for_empty_prompt=False)
+    elif inpainting:
+        pipe = StableDiffusionXLInpaintPipeline(**parts, force_zeros_for_empty_prompt=True)
     else:
         pipe = StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True)
     pipe.save_pretrained(str(folder), safe_serialization=True)
