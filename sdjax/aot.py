@@ -4,6 +4,7 @@ slice (or this host's own devices) on any host, with the compiler's per-chip num
     python -m sdjax.aot --config sd15_finetune --preset sd15 --topology v5p-8 --per-chip-batch 8
     python -m sdjax.aot --config sd2_base --preset sd21 --topology v6e-8 --what both --out report.json
     python -m sdjax.aot --config tiny --topology host          # this host's devices (CPU, GPU)
+    python -m sdjax.aot --preset sdxl --what txt2img --topology v5p-8 --sampler euler --steps 30 --per-chip-batch 4
 
 TPU topologies need libtpu (``pip install ".[tpu]"``), which compiles for a slice without one:
 ``jax.experimental.topologies`` describes the slice's devices, the step is lowered with abstract
@@ -133,12 +134,37 @@ def compile_train(config, devices: list, per_chip_batch: int, preset: str | None
     return run.program.step.lower(state, batch, run.frozen).compile(), B, run
 
 
-def compile_txt2img(config, devices: list, per_chip_batch: int, preset: str | None, steps: int, dtype: str,
-                    attention: str = "auto", unroll: bool = False, size: int | None = None):
-    """The txt2img program (text encoding, guided DDIM loop, decoding) compiled for ``devices``;
-    ``unroll``: the DDIM steps written out instead of one loop; ``size``: the image side (None: the
-    model's native size)."""
-    configs = ModelConfigs.from_dicts(sources_lib.model_dicts(_source(config), preset))
+def txt2img_configs(config, preset: str | None) -> ModelConfigs:
+    """The networks a txt2img report compiles: the config's model (a preset's architecture with its
+    ``model.*``), or with no config the preset's alone."""
+    if config is None:
+        if not preset:
+            raise ValueError("--what txt2img needs --config or --preset (e.g. --preset sdxl).")
+        return ModelConfigs.from_dicts(presets.get(preset))
+    return ModelConfigs.from_dicts(sources_lib.model_dicts(_source(config), preset))
+
+
+def abstract_inputs(configs: ModelConfigs, batch: int, size: int, batch_sharding: Any) -> generate.Inputs:
+    """Txt2img's per-image inputs as shapes: the prompt's and negative prompt's token ids for each text
+    encoder, the starting noise, and SDXL's micro-conditioning numbers and zero-conditioning flag."""
+    sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)  # noqa: E731
+    side = size // configs.vae.downsample_factor
+    ids = {name: sds((batch, getattr(configs, name).max_position_embeddings), jnp.int32)
+           for name in configs.text_encoder_names}
+    noise = sds((batch, side, side, configs.vae.latent_channels), jnp.float32)
+    first, second = ids.get("text_encoder"), ids.get("text_encoder_2")
+    if not configs.is_sdxl:
+        return generate.Inputs(first, first, noise)
+    time_ids = sds((batch, 5 if configs.requires_aesthetics_score else 6), jnp.float32)
+    return generate.Inputs(first, first, noise, cond_ids_2=second, uncond_ids_2=second, time_ids=time_ids,
+                           uncond_time_ids=time_ids, uncond_keep=sds((batch,), jnp.float32))
+
+
+def compile_txt2img(configs: ModelConfigs, devices: list, per_chip_batch: int, steps: int, dtype: str,
+                    attention: str = "auto", unroll: bool = False, size: int | None = None, sampler: str = "ddim"):
+    """The txt2img program (text encoding, guided sampling loop, decoding) compiled for ``devices``:
+    (compiled, global batch, image side). ``unroll``: the sampler's steps written out instead of one
+    loop; ``size``: the image side (None: the model's native size)."""
     mesh = sharding.data_mesh(devices)
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -147,16 +173,12 @@ def compile_txt2img(config, devices: list, per_chip_batch: int, preset: str | No
     params = _sds(abstract_params(configs), jax.tree.map(lambda _: rep, abstract_params(configs)))
     B = per_chip_batch * len(devices)
     size = size or configs.unet.sample_size * configs.vae.downsample_factor
-    side = size // configs.vae.downsample_factor
-    L = configs.text_encoder.max_position_embeddings
-    ids = jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=batch_sharding)
-    noise = jax.ShapeDtypeStruct((B, side, side, configs.unet.in_channels), jnp.float32, sharding=batch_sharding)
-    inputs = generate.Inputs(ids, ids, noise)
-    plan = get_sampler("ddim").make_plan(configs.scheduler, steps)
+    inputs = abstract_inputs(configs, B, size, batch_sharding)
+    plan = get_sampler(sampler).make_plan(configs.scheduler, steps)
     plan = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=rep), plan)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
-    fn = jax.jit(lambda *a: generate.generate_on(mesh, nets, "ddim", 0, *a, unroll=unroll),
+    fn = jax.jit(lambda *a: generate.generate_on(mesh, nets, sampler, 0, *a, unroll=unroll),
                  out_shardings=batch_sharding)
     return fn.lower(params, inputs, key, plan, scalar, scalar).compile(), B, size
 
@@ -228,18 +250,19 @@ def loop_cost(one: dict, two: dict, steps: int) -> dict:
     return {k: one[k] + (steps - 1) * (two[k] - one[k]) for k in keys if k in one and k in two}
 
 
-def txt2img_report(config, devices: list, chip: Chip | None, args, per_chip_batch: int | None = None,
-                   steps: int | None = None, size: int | None = None) -> dict:
+def txt2img_report(configs: ModelConfigs, devices: list, chip: Chip | None, args, per_chip_batch: int | None = None,
+                   steps: int | None = None, size: int | None = None, sampler: str | None = None) -> dict:
     """The real txt2img program's memory and compile time, and its cost for ``steps`` (default
     ``args.steps``) steps from the 1- and 2-step programs with the steps written out (``loop_cost``)."""
     per_chip_batch, steps = per_chip_batch or args.per_chip_batch, steps or args.steps
+    sampler, size = sampler or args.sampler, size or args.size
     t0 = time.perf_counter()
-    compiled, batch, size = compile_txt2img(config, devices, per_chip_batch, args.preset, steps, args.dtype,
-                                            args.attention, size=size)
-    r = report(compiled, per_chip_batch, chip, f"txt2img {size}x{size}, {steps} DDIM steps, global batch {batch}",
+    compiled, batch, size = compile_txt2img(configs, devices, per_chip_batch, steps, args.dtype, args.attention,
+                                            size=size, sampler=sampler)
+    r = report(compiled, per_chip_batch, chip, f"txt2img {size}x{size}, {steps} {sampler} steps, global batch {batch}",
                time.perf_counter() - t0)
-    one, two = (_first(compile_txt2img(config, devices, per_chip_batch, args.preset, n, args.dtype, args.attention,
-                                       unroll=True, size=size)[0].cost_analysis()) for n in (1, 2))
+    one, two = (_first(compile_txt2img(configs, devices, per_chip_batch, n, args.dtype, args.attention,
+                                       unroll=True, size=size, sampler=sampler)[0].cost_analysis()) for n in (1, 2))
     r.update(cost_figures(loop_cost(one, two, steps), per_chip_batch, chip))
     r["cost_from"] = "the 1- and 2-step programs, steps written out, extrapolated linearly"
     return r
@@ -281,7 +304,8 @@ def eval_report(config, devices: list, chip: Chip | None, args, train: dict | No
     e, chips = run_config.eval, len(devices)
     per_chip = -(-e.batch_size // chips)
     size = e.size or run_config.data.image_size
-    reports = [txt2img_report(config, devices, chip, args, per_chip, e.steps, size)]
+    reports = [txt2img_report(txt2img_configs(config, args.preset), devices, chip, args, per_chip, e.steps, size,
+                              e.sampler)]
     reports[-1]["what"] = f"eval images: {reports[-1]['what']}, guidance {e.guidance_scale}"
     clip_config = read_clip_config(e.clip_config)
     side = clip_config.vision.image_size
@@ -361,7 +385,8 @@ def format_report(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="a latent-diffusion config's name or path, optionally :VARIANT")
+    p.add_argument("--config", help="a latent-diffusion config's name or path, optionally :VARIANT (txt2img: or "
+                                    "none, with --preset)")
     p.add_argument("--preset", choices=sorted(presets.PRESETS), help="the architecture, for configs that read it from "
                                                                "`pretrained`")
     p.add_argument("--topology", default="host", help=f"host, or a TPU slice: {', '.join(TOPOLOGIES)}")
@@ -370,7 +395,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--what", choices=("train", "txt2img", "both", "eval"), default="train",
                    help="eval: the train step, and the config's in-training evaluation (generation, Inception, CLIP) "
                         "with its cost per MLPerf evaluation and share of the run")
-    p.add_argument("--steps", type=int, default=50, help="txt2img: DDIM steps")
+    p.add_argument("--steps", type=int, default=50, help="txt2img: sampler steps")
+    p.add_argument("--sampler", default="ddim", help="txt2img: the sampler (ddim, dpm++2m, euler, euler_a)")
+    p.add_argument("--size", type=int, default=None, help="txt2img: the image side (default: the model's native)")
     p.add_argument("--dtype", default="bfloat16", help="txt2img compute dtype")
     p.add_argument("--attention", choices=ATTENTION, default="auto",
                    help="txt2img attention (train: --set train.attention=...); auto: the platform's fused kernel")
@@ -378,7 +405,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="config override, e.g. train.remat=True (repeatable)")
     p.add_argument("--out", help="write the report as JSON here")
     args = p.parse_args(argv)
-    config = configs_lib.load(args.config)
+    if args.config is None and (args.what != "txt2img" or not args.preset):
+        p.error("--config is needed (--what txt2img takes --preset alone, e.g. --preset sdxl)")
+    config = None if args.config is None else configs_lib.load(args.config)
+    if config is None and args.set:
+        p.error("--set overrides a config's values: give --config")
     for kv in args.set:
         key, value = kv.split("=", 1)
         configs_lib.check_override(config, key)
@@ -401,7 +432,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         reports[-1].update(state_sizes(run))
         print(format_report(reports[-1]), flush=True)
     if args.what in ("txt2img", "both"):
-        reports.append(txt2img_report(config, devices, chip, args))
+        reports.append(txt2img_report(txt2img_configs(config, args.preset), devices, chip, args))
         print(format_report(reports[-1]), flush=True)
     if args.what == "eval":
         for r in eval_report(config, devices, chip, args, reports[0]):

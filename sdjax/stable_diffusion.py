@@ -220,6 +220,14 @@ class StableDiffusion:
                                  requires_aesthetics_score=self.configs.requires_aesthetics_score,
                                  scheduler=self.configs.scheduler)
 
+    def inputs(self, request: options_lib.Request) -> generate.Inputs:
+        """The compiled generation's per-image arrays for a checked request (the prompts tokenized)."""
+        return generate.Inputs(self._ids_1(request.prompts), self._ids_1(request.negative_prompts),
+                               request.noise, request.init_images, request.posterior_noise, request.masks,
+                               request.masked_posterior_noise, self._ids_2(request.prompts),
+                               self._ids_2(request.negative_prompts), request.time_ids, request.uncond_time_ids,
+                               request.uncond_keep, request.start_latents)
+
     def _generate(self, options: dict[str, Any], prompts, negative_prompts, images=None, masks=None) -> np.ndarray:
         if "negative_prompt" in options:  # diffusers' name
             if negative_prompts is not None:
@@ -227,11 +235,7 @@ class StableDiffusion:
             negative_prompts = options.pop("negative_prompt")
         opts = options_lib.SamplingOptions.from_kwargs(**options)
         request = opts.request(self._model, prompts, negative_prompts, images, masks)
-        inputs = generate.Inputs(self._ids_1(request.prompts), self._ids_1(request.negative_prompts),
-                                 request.noise, request.init_images, request.posterior_noise, request.masks,
-                                 request.masked_posterior_noise, self._ids_2(request.prompts),
-                                 self._ids_2(request.negative_prompts), request.time_ids, request.uncond_time_ids,
-                                 request.uncond_keep, request.start_latents)
+        inputs = self.inputs(request)
         out = self.generator(self.params, inputs, sampler=opts.sampler, steps=opts.steps, eta=opts.eta,
                              guidance_scale=opts.guidance_scale, seed=opts.seed, scaling_factor=self.scaling_factor,
                              span=request.span, guidance_rescale=opts.guidance_rescale)

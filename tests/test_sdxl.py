@@ -442,6 +442,35 @@ def test_lora_on_unet_and_both_text_encoders_equals_diffusers(folder, peft_lora,
     assert np.abs(ref - plain).mean() > 0.01  # the LoRA changes the images
 
 
+def test_aot_txt2img_program_is_the_one_the_api_runs(folder):
+    """sdjax.aot compiles SDXL's txt2img from shapes alone (both tokenizers' ids, the micro-conditioning,
+    the zero-conditioning flag); run on the tiny model's parameters, that program gives the API's images."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from sdjax import aot, sharding
+    from sdjax.samplers import get_sampler
+
+    sd = StableDiffusion.from_pretrained(folder)
+    devices = jax.devices()
+    compiled, batch, size = aot.compile_txt2img(sd.configs, devices, 1, 3, "float32", size=32, sampler="euler")
+    prompts = [f"a shape number {i}" for i in range(batch)]
+    opts = options.SamplingOptions(steps=3, sampler="euler", guidance_scale=5.0, seed=1, output="float",
+                                   original_size=(64, 48))
+    inputs = sd.inputs(opts.request(sd._model, prompts, "blurry"))
+    mesh = sharding.data_mesh(devices)
+    put = lambda tree, spec: jax.device_put(tree, NamedSharding(mesh, spec))  # noqa: E731
+    plan = get_sampler("euler").make_plan(sd.configs.scheduler, 3)
+    key = jax.random.fold_in(jax.random.key(1), generate.SAMPLER_STREAM)
+    got = compiled(put(sd.params, P()), put(inputs, P("data")), put(key, P()), put(plan, P()),
+                   put(jnp.float32(5.0), P()), put(jnp.float32(sd.scaling_factor), P()))
+    want = sd.txt2img(prompts, negative_prompts="blurry", steps=3, sampler="euler", guidance_scale=5.0, seed=1,
+                      output="float", original_size=(64, 48))
+    assert size == 32 and got.shape == want.shape == (batch, 32, 32, 3)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+
+
 def test_presets_count_the_published_sdxl_networks(capsys):
     """``python -m sdjax.params --preset sdxl`` / ``sdxl_refiner``: the counts of diffusers' networks built
     from the published configs (UNet, ViT-L, ViT-bigG with projection, the SD VAE)."""
