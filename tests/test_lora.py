@@ -117,7 +117,7 @@ def test_with_lora_leaves_the_model_alone_and_does_not_recompile(base, peft_lora
     before = jax.tree.map(np.asarray, sd.params)
     kw = dict(steps=2, height=SIZE, width=SIZE, output="float")
     plain = sd.txt2img(PROMPTS, **kw)
-    compiled = sd.generator._compiled[("ddim", 0, False, False)]
+    compiled = sd.generator._compiled[("ddim", generate.Span(), (False, False, False))]
     size = compiled._cache_size()
     twice = sd.with_lora(peft_lora, scale=0.5).with_lora(peft_lora, scale=0.5)  # chained
     once = sd.with_lora(peft_lora, scale=1.0)
