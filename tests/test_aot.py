@@ -33,7 +33,7 @@ def test_train_and_txt2img_report_for_a_v5e_slice(tmp_path, capsys):
     assert "v5e-8: 8 devices" in text and "compiler-estimated" in text
     assert json.loads(out.read_text())["reports"] == json.loads(json.dumps(reports))
     train, sample = reports
-    assert train["what"] == "train step, global batch 16" and sample["what"].startswith("txt2img 32x32, 2 DDIM")
+    assert train["what"] == "train step, global batch 16" and sample["what"].startswith("txt2img 32x32, 2 ddim steps")
     for r in reports:
         h = r["hbm_gib"]
         assert r["fits"] and 0 < h["total"] < 16
