@@ -40,7 +40,7 @@ class Model:
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """A checked call: prompts and the per-image arrays, and the sampling start step."""
+    """A checked call: prompts and the per-image arrays, and the span of sampler steps to run."""
     prompts: list[str]
     negative_prompts: list[str]
     noise: np.ndarray  # (B, h, w, C) starting latents
@@ -48,12 +48,11 @@ class Request:
     posterior_noise: np.ndarray | None
     masks: np.ndarray | None  # (B, H, W, 1) in {0, 1}
     masked_posterior_noise: np.ndarray | None
-    start_index: int  # 0, or Img2Img's first step (from strength or denoising_start)
     time_ids: np.ndarray | None = None  # (B, 6) SDXL's micro-conditioning of the prompt
     uncond_time_ids: np.ndarray | None = None  # (B, 6) and of the negative prompt
     uncond_keep: np.ndarray | None = None  # (B,) 0 where the negative conditioning is zero (no negative prompt)
     start_latents: Any = None  # (B, h, w, C) latents given in place of init images
-    span: generate.Span = generate.Span()
+    span: generate.Span = generate.Span()  # the steps to run (img2img's start from strength or denoising_start)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,8 +193,8 @@ class SamplingOptions:
         else:
             self._check_no_micro_conditioning()
         span = self._span(model, start)
-        return Request(prompts, negative, noise, init, posterior_noise, masks, masked_noise, span.start,
-                       time_ids, uncond_time_ids, keep, start_latents, span)
+        return Request(prompts, negative, noise, init, posterior_noise, masks, masked_noise, time_ids,
+                       uncond_time_ids, keep, start_latents, span)
 
     def _span(self, model: Model, start: int) -> generate.Span:
         if not isinstance(self.clip_skip, (int, np.integer)) or self.clip_skip < 0:
