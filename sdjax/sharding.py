@@ -7,6 +7,7 @@ still free wins); for parameters a rule is also skipped when the dimension is no
 divisible by the mesh axes' size, so odd-sized parameters fall back to replication.
 """
 
+import itertools
 import math
 import os
 from typing import Any, Sequence
@@ -59,11 +60,27 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                                    process_id=process_id)
         if cpu:
             # Gloo connects the processes at their first collective over a set of devices and waits at most
-            # 30 s for the others; connect now, when every process has just joined, not at the first train
-            # step, which compiling and loading can put minutes apart on a busy host.
+            # 30 s for the others; connect now, when every process has just joined.
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("sdjax: processes joined")
+
+
+_barriers = itertools.count()
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+    """Returns once every process has reached this point (at once on one process).
+
+    The coordination service's barrier, not a device collective: it waits up to ``timeout_s`` for a
+    process that is still compiling or writing, where a collective on CPU (Gloo) gives a late peer
+    30 s. Every process must call the same barriers in the same order.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the client JAX's own multi-host utilities and Orbax wait on
+
+    distributed.global_state.client.wait_at_barrier(f"sdjax/{next(_barriers)}/{name}", timeout_in_ms=timeout_s * 1000)
 
 
 def resolve_mesh_shape(shape: Sequence[int], axes: Sequence[str], num_devices: int) -> tuple[int, ...]:

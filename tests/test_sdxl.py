@@ -69,6 +69,34 @@ def test_sdjax_and_diffusers_exports_round_trip_bit_for_bit(folder, tmp_path):
     assert pipe.config.force_zeros_for_empty_prompt and pipe.tokenizer_2.pad_token == "!"
 
 
+def test_fp16_variant_folder_loads_with_variant_and_says_so_without(folder, tmp_path):
+    """diffusers' ``save_pretrained(variant="fp16")`` of the half-precision pipeline (the files the hub's
+    SDXL repositories carry as *.fp16.safetensors): read with variant="fp16" (API and --variant), every
+    parameter equals the float32 folder's rounded to float16; without it, the error names the variant."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdjax.checkpoints.errors import CheckpointError
+    from sdjax.cli import convert
+
+    StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch.float16).save_pretrained(
+        tmp_path / "fp16", variant="fp16")
+    assert (tmp_path / "fp16" / "text_encoder_2" / "model.fp16.safetensors").is_file()
+    half = StableDiffusion.from_pretrained(tmp_path / "fp16", variant="fp16")
+    full = StableDiffusion.from_pretrained(folder)
+    assert half.configs == full.configs
+    a, b = traverse_util.flatten_dict(half.params, sep="/"), traverse_util.flatten_dict(full.params, sep="/")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == np.float32, k
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]).astype(np.float16).astype(np.float32), err_msg=k)
+    with pytest.raises(CheckpointError, match=r"holds the 'fp16' variant: pass variant='fp16' \(--variant fp16"):
+        StableDiffusion.from_pretrained(tmp_path / "fp16")
+    convert.main([str(tmp_path / "fp16"), str(tmp_path / "out"), "--to", "sdjax", "--variant", "fp16"])
+    back = traverse_util.flatten_dict(StableDiffusion.from_pretrained(tmp_path / "out").params, sep="/")
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(back[k]), np.asarray(a[k]), err_msg=k)
+
+
 @pytest.mark.parametrize("case", ["euler", "ddim_negative_prompt_and_micro", "negative_micro_clip_skip_rescale"])
 def test_txt2img_equals_diffusers(folder, case):
     """Euler with no negative prompt (a zero negative conditioning); DDIM with negative prompts and other
@@ -161,20 +189,13 @@ def test_base_then_refiner_equals_diffusers_ensemble_of_experts(folder, refiner)
     continues them from denoising_start. sdjax's one call (refiner=, high_noise_frac=) and its two calls
     equal StableDiffusionXLPipeline then StableDiffusionXLImg2ImgPipeline from the same start latents: 10
     leading Euler steps cut at 0.7 (timesteps 901..301 on the base, 201, 101, 1 on the refiner)."""
-    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
-
     base, ref = StableDiffusion.from_pretrained(folder), StableDiffusion.from_pretrained(refiner)
     prompts, n = ["a red circle on a blue background", "a green triangle"], 2
     noise = generate.starting_noise(8, n, (16, 16, 4))
     kw = dict(num_inference_steps=10, guidance_scale=5.0, negative_prompt=["blurry", "dark"])
     ours = base.txt2img(prompts, refiner=ref, high_noise_frac=0.7, sampler="euler", init_latents=noise,
                         output="float", **kw)
-
-    as_torch = lambda x: torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))  # noqa: E731
-    handoff = StableDiffusionXLPipeline.from_pretrained(folder)(
-        prompts, latents=as_torch(noise), denoising_end=0.7, output_type="latent", height=32, width=32, **kw).images
-    ref_images = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner)(
-        prompts, image=handoff, denoising_start=0.7, output_type="np", **kw).images
+    handoff, ref_images = _diffusers_ensemble(folder, refiner, prompts, noise, kw, sampler="euler")
     assert ours.shape == ref_images.shape == (n, 32, 32, 3)
     assert np.abs(ours - ref_images).mean() <= 3e-4, np.abs(ours - ref_images).mean()
 
@@ -194,6 +215,38 @@ def test_base_then_refiner_equals_diffusers_ensemble_of_experts(folder, refiner)
         base.txt2img(prompts, denoising_start=0.7)
     with pytest.raises(ValueError, match="must be a float in"):
         base.txt2img(prompts, denoising_end=1)
+
+
+def _diffusers_ensemble(folder, refiner, prompts, noise, kw, sampler):
+    """diffusers' base (to ``denoising_end``=0.7, latents out) then refiner (from ``denoising_start``=0.7),
+    both with ``sampler``'s scheduler built from the base's scheduler config: (handoff latents, images)."""
+    from diffusers import (DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
+                           StableDiffusionXLPipeline)
+
+    scheduler = {"euler": EulerDiscreteScheduler, "dpm++2m": DPMSolverMultistepScheduler}[sampler]
+    base = StableDiffusionXLPipeline.from_pretrained(folder)
+    base.scheduler = scheduler.from_config(base.scheduler.config)
+    handoff = base(prompts, latents=torch.from_numpy(np.ascontiguousarray(np.asarray(noise).transpose(0, 3, 1, 2))),
+                   denoising_end=0.7, output_type="latent", height=32, width=32, **kw).images
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner)
+    pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+    return handoff, pipe(prompts, image=handoff, denoising_start=0.7, output_type="np", **kw).images
+
+
+def test_base_then_refiner_with_dpm_solver_equals_diffusers(folder, refiner):
+    """The handoff with DPM-Solver++(2M), whose steps depend on the previous one: the base's last step
+    before the cut stays second order and lands on the cut's noise level (not on zero); the refiner
+    starts its own history (a first-order first step) and ends first order, as diffusers' schedulers do."""
+    base, ref = StableDiffusion.from_pretrained(folder), StableDiffusion.from_pretrained(refiner)
+    prompts, noise = ["a red circle on a blue background", "a green triangle"], generate.starting_noise(9, 2, (16, 16, 4))
+    kw = dict(num_inference_steps=10, guidance_scale=5.0, negative_prompt=["blurry", "dark"])
+    ours = base.txt2img(prompts, refiner=ref, high_noise_frac=0.7, sampler="dpm++2m", init_latents=noise,
+                        output="float", **kw)
+    _, want = _diffusers_ensemble(folder, refiner, prompts, noise, kw, sampler="dpm++2m")
+    assert np.abs(ours - want).mean() <= 3e-4, np.abs(ours - want).mean()
+    euler = base.txt2img(prompts, refiner=ref, high_noise_frac=0.7, sampler="euler", init_latents=noise,
+                         output="float", **kw)
+    assert np.abs(euler - ours).mean() > 1e-3  # the sampler reached both models
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model's prediction type, for single files (SD 2.x 768-v models: v_prediction)")
     p.add_argument("--allow-pickle", action="store_true", help="read .ckpt/.bin PyTorch pickles "
                    "(torch.load(weights_only=True))")
+    p.add_argument("--variant", default=None, help="a diffusers folder's weights variant to read, e.g. fp16")
     return p
 
 
@@ -38,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         start = time.time()
         sd = StableDiffusion.from_pretrained(args.src, tokenizer=args.tokenizer, prediction_type=args.prediction_type,
-                                             allow_pickle=args.allow_pickle)
+                                             allow_pickle=args.allow_pickle, variant=args.variant)
         print(f"read {args.src} ({time.time() - start:.1f} s); writing {args.to} to {args.dst}", flush=True)
         sd.save_pretrained(args.dst, format=args.to, dtype=getattr(jnp, args.dtype) if args.dtype else None)
         print(f"wrote {args.dst} ({time.time() - start:.1f} s)", flush=True)

@@ -78,6 +78,8 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
                    help="override (single files cannot tell; SD 2.x 768-v models are v_prediction)")
     p.add_argument("--allow-pickle", action="store_true", help="allow PyTorch pickles (.ckpt/.bin)")
+    p.add_argument("--variant", default=None, help="a diffusers folder's weights variant, e.g. fp16 "
+                   "(reads *.fp16.safetensors; the parameters are float32 in memory)")
     p.add_argument("--compile-cache", default=None, help="folder for JAX's persistent compilation cache")
     sdxl = p.add_argument_group("SDXL micro-conditioning (diffusers' arguments of the same names)")
     sdxl.add_argument("--original-size", type=size_arg, default=None, metavar="H,W",
@@ -305,13 +307,14 @@ def _sample(args: argparse.Namespace, prompts: list[str], mode: str) -> list[str
     from sdjax.stable_diffusion import StableDiffusion
 
     sd = StableDiffusion.from_pretrained(args.checkpoint, dtype=getattr(jnp, args.dtype), tokenizer=args.tokenizer,
-                                         prediction_type=args.prediction_type, allow_pickle=args.allow_pickle)
+                                         prediction_type=args.prediction_type, allow_pickle=args.allow_pickle,
+                                         variant=args.variant)
     for path, scale in args.lora:
         sd = sd.with_lora(path, scale)
     refine = {}
     if getattr(args, "refiner", None):
         refine = dict(refiner=StableDiffusion.from_pretrained(args.refiner, dtype=getattr(jnp, args.dtype),
-                                                              tokenizer=args.tokenizer),
+                                                              tokenizer=args.tokenizer, variant=args.variant),
                       high_noise_frac=args.high_noise_frac)
     init = mask = None
     if mode != "txt2img":

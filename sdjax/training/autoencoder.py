@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sdjax import images as images_lib, metrics
+from sdjax import images as images_lib, metrics, sharding
 from sdjax.checkpoints import export as export_lib, load as load_lib
 from sdjax.data import make_dataset, prepare_on_all_hosts, splits
 from sdjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
@@ -185,7 +185,7 @@ def export(run: AutoencoderRun, state: TrainState, path: str, images: np.ndarray
     config = dataclasses.replace(run.vae_config, scaling_factor=scale)
     if jax.process_index() == 0:
         export_lib.save_vae(path, config, params, format=run.config.train.export_format)
-    multihost_utils.sync_global_devices("sdjax vae export written")
+    sharding.barrier("autoencoder export written")
     return config
 
 
@@ -207,7 +207,7 @@ def task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
             print(f"step {step}: held-out PSNR {value:.2f} dB", flush=True)
 
     return loop.Task(
-        train=train, step_fn=lambda state, batch: run.program.step(state, batch, run.frozen),
+        train=train, step_fn=run.program.ahead_of_time(run.frozen),
         restore_target=run.program.restore_target(), init_state=functools.partial(init_state, run), iterator=iterator,
         device_batch=run.program.device_batch, hooks=(loop.Hook(train.eval_every, evaluate_hook),),
         export=(lambda state: export(run, state, train.export_dir, held_out)) if train.export_dir else None)

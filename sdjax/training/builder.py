@@ -50,6 +50,37 @@ class TrainProgram:
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, P())
 
+    def ahead_of_time(self, frozen: Any) -> "CompiledSteps":
+        """``step(state, batch)`` with ``frozen`` bound, compiled before its first run (see ``CompiledSteps``)."""
+        return CompiledSteps(self.step, frozen)
+
+
+class CompiledSteps:
+    """The jitted step compiled ahead of time, once per batch shape, and called with ``frozen`` bound.
+
+    After each compilation every process waits for the others at a barrier (``sharding.barrier``),
+    so a new program's first collective never starts while a peer is still compiling it (on CPU a
+    collective gives a late process 30 s). ``compile`` takes abstract arguments (``ShapeDtypeStruct``
+    with shardings), so a run can compile all its shapes before its first step.
+    """
+
+    def __init__(self, jitted: Callable, frozen: Any):
+        self.jitted, self.frozen, self.programs = jitted, frozen, {}
+
+    @staticmethod
+    def _key(batch: dict) -> tuple:
+        return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(batch.items()))
+
+    def compile(self, state: Any, batch: dict) -> None:
+        key = self._key(batch)
+        if key not in self.programs:
+            self.programs[key] = self.jitted.lower(state, batch, self.frozen).compile()
+            sharding.barrier("train step compiled")
+
+    def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        self.compile(state, batch)
+        return self.programs[self._key(batch)](state, batch, self.frozen)
+
 
 def make_mesh(config: MeshConfig, batch_size: int, devices: Sequence[jax.Device] | None = None,
               micro_batches: int = 1) -> tuple[Mesh, tuple]:

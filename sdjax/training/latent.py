@@ -120,7 +120,7 @@ def _tokenizer_dir(config: LatentRunConfig, workdir: str, dataset: Any, pretrain
     folder = os.path.join(workdir, "tokenizer")
     if jax.process_index() == 0:
         write_word_tokenizer(folder, words)
-    multihost_utils.sync_global_devices("sdjax tokenizer written")
+    sharding.barrier("tokenizer written")
     return folder
 
 
@@ -404,7 +404,7 @@ def export(run: LatentRun, state: TrainState, path: str) -> None:
             paths.makedirs(path)
             lora_files.save(path, lora.trained_adapters(adapters, run.step.lora_targets, run.config.lora.export_alpha),
                             run.config.lora.layout)
-        multihost_utils.sync_global_devices("sdjax LoRA export written")
+        sharding.barrier("LoRA export written")
         return
     params = inference_params(run, state)
     scale = run.configured_latent_scale  # the configured value itself, not its f32 copy in the state
@@ -413,7 +413,7 @@ def export(run: LatentRun, state: TrainState, path: str) -> None:
     configs = dataclasses.replace(run.configs, vae=dataclasses.replace(run.configs.vae, scaling_factor=scale))
     if jax.process_index() == 0:
         export_lib.save(path, configs, params, run.tokenizer_dir, format=run.config.train.export_format)
-    multihost_utils.sync_global_devices("sdjax export written")
+    sharding.barrier("export written")
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -423,15 +423,15 @@ def bucket_steps(run: LatentRun):
     first one runs (so a pod never stops mid-run to compile), each batch sent to its bucket's program."""
     data, train = run.config.data, run.config.train
     sizes = buckets_lib.parse(data.buckets, data.image_size)
-    state, sharding = run.program.restore_target(), run.program.batch_sharding
-    compiled = {}
+    state, on_mesh = run.program.restore_target(), run.program.batch_sharding
+    steps = run.program.ahead_of_time(run.frozen)
     for h, w in sizes:
-        batch = {"image": jax.ShapeDtypeStruct((train.batch_size, h, w, 3), jnp.float32, sharding=sharding),
-                 "input_ids": jax.ShapeDtypeStruct((train.batch_size, run.seq_len), jnp.int32, sharding=sharding)}
-        compiled[(h, w)] = run.program.step.lower(state, batch, run.frozen).compile()
+        steps.compile(state, {"image": jax.ShapeDtypeStruct((train.batch_size, h, w, 3), jnp.float32, sharding=on_mesh),
+                              "input_ids": jax.ShapeDtypeStruct((train.batch_size, run.seq_len), jnp.int32,
+                                                                sharding=on_mesh)})
     if jax.process_index() == 0:
         print(f"compiled the step for {len(sizes)} buckets: {', '.join(f'{h}x{w}' for h, w in sizes)}", flush=True)
-    return lambda state, batch: compiled[tuple(batch["image"].shape[1:3])](state, batch, run.frozen)
+    return steps
 
 
 def task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
@@ -450,8 +450,7 @@ def task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
         hooks += (loop.Hook(run.config.eval.every, make_evaluation(run)),)
     elif run.config.eval.every and jax.process_index() == 0:
         print("eval: off (eval.every is set but eval.captions is not)", flush=True)
-    step_fn = bucket_steps(run) if run.config.data.buckets else (
-        lambda state, batch: run.program.step(state, batch, run.frozen))
+    step_fn = bucket_steps(run) if run.config.data.buckets else run.program.ahead_of_time(run.frozen)
     return loop.Task(
         train=train, step_fn=step_fn,
         restore_target=run.program.restore_target(), init_state=functools.partial(init_state, run),
