@@ -13,7 +13,7 @@ from sdjax import configs
 from sdjax.stable_diffusion import StableDiffusion
 from sdjax.training import latent
 from tests import tiny_models
-from tests.helpers import subprocess_env, write_image_folder
+from tests.helpers import free_port, logs_tail, subprocess_env, write_image_folder
 
 BIN = os.path.dirname(sys.executable)
 
@@ -24,6 +24,22 @@ def _train(args: list[str], cwd) -> str:
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout + r.stderr
+
+
+def _train_on_two_processes(args: list[str], cwd) -> list[str]:
+    """The same ``sdjax-train`` command as processes 0 and 1 of a two-process run; what each printed."""
+    port = free_port()
+    procs = [subprocess.Popen([os.path.join(BIN, "sdjax-train")] + [str(a) for a in args], cwd=cwd, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env=subprocess_env(SDJAX_COORDINATOR=f"localhost:{port}", SDJAX_NUM_PROCESSES="2",
+                                                 SDJAX_PROCESS_ID=str(i))) for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], logs_tail(logs)
+    return logs
 
 
 def _flat(tree) -> dict:
@@ -121,9 +137,10 @@ def test_bad_input_stops_before_compiling(tmp_path):
 
 @pytest.mark.slow
 def test_encode_webdataset_to_mlperf_latent_shards_then_sd2_base_trains_on_them(tmp_path):
-    """``sdjax-train encode``: image shards -> latent shards in MLPerf's layout (moments channels first),
-    equal to diffusers' PyTorch encoder on the centre crops; a re-run skips the shards already done;
-    ``sd2_base:tiny`` then trains on the latent shards read in place (``data.moments_ext=npy``)."""
+    """``sdjax-train encode`` on two processes, as on a pod: each encodes its own image shard into a
+    latent shard in MLPerf's layout (moments channels first), equal to diffusers' PyTorch encoder on
+    the centre crops; a re-run skips the shards already done; ``sd2_base:tiny`` then trains on the
+    latent shards read in place (``data.moments_ext=npy``)."""
     import io
     import tarfile
 
@@ -136,8 +153,10 @@ def test_encode_webdataset_to_mlperf_latent_shards_then_sd2_base_trains_on_them(
     write_webdataset(tmp_path / "wds", 2, 5)  # shard 0 holds two bad samples, shard 1 is truncated
     common = ["--config", "sd2_base:tiny", f"--config.pretrained={folder}", "--config.data.name=webdataset",
               f"--config.data.files={tmp_path}/wds/{{00000..00001}}.tar"]
-    out = _train(["encode", "--out", tmp_path / "latents"] + common, tmp_path)
-    assert "skipped 00000.tar:0000099990: undecodable image" in out
+    logs = _train_on_two_processes(["encode", "--out", tmp_path / "latents"] + common, tmp_path)
+    for host, log in enumerate(logs):  # host i of 2 takes shards i::2
+        assert f"encode: 1/1 shards of host {host}: {tmp_path}/latents/0000{host}.tar" in log, log[-2000:]
+    assert "skipped 00000.tar:0000099990: undecodable image" in logs[0]
 
     _, vae, _ = tiny_models.build_torch_models("sd2", seed=1)
     for shard in ("00000.tar", "00001.tar"):
