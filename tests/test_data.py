@@ -253,6 +253,58 @@ def test_image_folder_skips_bad_entries_and_reports_them(tmp_path, capsys):
     assert data.builder(config).info.config_name != first and len(_take(config)) == 5
 
 
+def test_image_folder_buckets_batch_each_aspect_ratio_apart_over_hosts_and_resume(tmp_path, capsys):
+    """data.buckets on an image folder: 8 square and 9 wide images in two buckets; every global batch
+    is one bucket's images, cropped to its size; two hosts read the rows of one host's global
+    batches; a restored position continues the same batches."""
+    from tests.helpers import write_image_folder
+
+    folder = write_image_folder(tmp_path / "images", 17)  # odd i: 40x40 PNGs; even i: 32x48 (h x w) JPEGs
+    one = data.DataConfig(name="captioned_images", data_dir=str(tmp_path / "tfds"), manual_dir=str(folder),
+                          image_size=32, batch_size=4, buckets="32x32,24x40", shard_index=0, shard_count=1)
+    data.prepare(one)
+    capsys.readouterr()
+    batches = _take(one, 8)
+    out = capsys.readouterr().out
+    assert "data.buckets: 17 images sized in" in out
+    assert "32x32: 8, 24x40: 9; 16 per epoch in global batches of 4" in out
+    for b in batches:  # each batch: one bucket's size, and only images of that aspect ratio
+        want = {(24, 40): (32, 48), (32, 32): (40, 40)}[b["image"].shape[1:3]]
+        assert [tuple(o) for o in b["original_size"]] == [want] * 4
+    for epoch in (batches[:4], batches[4:]):  # 2 square and 2 wide batches; the 9th wide image waits
+        assert sorted(b["image"].shape[1] for b in epoch) == [24, 24, 32, 32]
+
+    hosts = [_take(dataclasses.replace(one, batch_size=2, shard_index=i, shard_count=2), 8) for i in range(2)]
+    for whole, h0, h1 in zip(batches, *hosts):
+        np.testing.assert_array_equal(np.concatenate([h0["image"], h1["image"]]), whole["image"])
+        np.testing.assert_array_equal(np.concatenate([h0["text"], h1["text"]]), whole["text"])
+
+    it = data.make_dataset(one)
+    for _ in range(3):
+        next(it)
+    again = data.make_dataset(one)
+    again.set_state(it.get_state())
+    _assert_batches_equal([next(again) for _ in range(5)], batches[3:])
+
+    with pytest.raises(ValueError, match="no bucket holds a whole global batch of 12 images"):
+        data.make_dataset(dataclasses.replace(one, batch_size=12))
+
+
+def test_bucket_order_is_whole_batches_of_one_bucket_each_image_once_per_epoch():
+    from sdjax.data.pipeline import _BucketOrder
+
+    bucket_of = np.repeat([0, 1, 2], [10, 7, 2])  # bucket 2 never fills a batch of 3
+    order = _BucketOrder(bucket_of, 3, seed=5, num_epochs=None)
+    assert order._epoch_length == 3 * 3 + 2 * 3
+    epochs = [np.asarray([order[e * 15 + r][0] for r in range(15)]) for e in range(3)]
+    for idx in epochs:
+        assert len(set(idx.tolist())) == 15 and not set(idx.tolist()) & {17, 18}
+        assert all(len(set(bucket_of[idx[b:b + 3]])) == 1 for b in range(0, 15, 3))
+    assert not np.array_equal(epochs[0], epochs[1])  # a new order each epoch
+    np.testing.assert_array_equal(epochs[0], [_BucketOrder(bucket_of, 3, 5, None)[r][0] for r in range(15)])
+    assert len(_BucketOrder(bucket_of, 3, 5, 2)) == 30
+
+
 class NestedCaptionsForTest(tfds.core.GeneratorBasedBuilder):
     """A COCO-like layout: several captions per image under a nested key."""
 

@@ -4,6 +4,7 @@ line: both phases train, checkpoint, resume and export (as diffusers folders), a
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -50,6 +51,9 @@ def test_readme_own_image_commands_train_resume_export_and_sample(tmp_path):
 
     out = _run(argv(ldm, 4), tmp_path)
     assert "step 4/4" in out and (tmp_path / "runs" / "my-ldm" / "checkpoints" / "4").is_dir()
+    # data.buckets: the square PNGs and the wide JPEGs in their buckets, none tall; a step per bucket.
+    assert re.search(r"data.buckets: \d+ images sized in [\d.]+ s; 40x24: 0, 32x32: 10, 24x40: 10;", out), out[-3000:]
+    assert "compiled the step for 3 buckets: 40x24, 32x32, 24x40" in out
     out = _run(argv(ldm, 6), tmp_path)
     assert "step 5/6" in out and "step 1/6" not in out
     assert sorted(p.name for p in (tmp_path / "runs" / "my-ldm" / "samples").glob("*.png")) == [

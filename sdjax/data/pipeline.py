@@ -13,6 +13,8 @@ with `tfds` data sources.
 import dataclasses
 import functools
 import hashlib
+import sys
+import time
 from collections.abc import Callable, Sequence
 
 from absl import flags
@@ -72,7 +74,7 @@ class DataConfig:
     caption_ext: str = "txt"
     interleave: int = 4
     shuffle_buffer: int = 1000
-    # Aspect-ratio buckets (webdataset): "auto", or "HxW,HxW,..." (sdjax.data.buckets); None: squares.
+    # Aspect-ratio buckets: "auto", or "HxW,HxW,..." (sdjax.data.buckets); None: squares.
     buckets: str | None = None
     # webdataset of precomputed latents (MLPerf's layout, or `sdjax-train encode`'s): the member holding each
     # sample's autoencoder moments, an .npy of (2C, h, w); None: the samples hold images.
@@ -101,9 +103,6 @@ class DataConfig:
             raise ValueError("data.moments_ext reads precomputed latents from webdataset shards (data.name=webdataset), "
                              "as encoded: without data.buckets, random_crop or random_flip.")
         if self.buckets is not None:
-            if self.name != WEBDATASET_NAME:
-                raise ValueError("data.buckets groups a webdataset stream by aspect ratio: set data.name=webdataset "
-                                 "(image folders and TFDS datasets train on square crops).")
             buckets_lib.parse(self.buckets, self.image_size)
         if self.interleave < 1 or self.shuffle_buffer < 1:
             raise ValueError("data.interleave and data.shuffle_buffer must be >= 1.")
@@ -292,13 +291,14 @@ def example(image: np.ndarray, text: str, original_size: tuple[int, int], rng: n
 
 
 def preprocess(row: dict, rng: np.random.Generator, config: DataConfig,
-               tokenize: Callable[[str], Sequence[int]] | None) -> dict:
-    """One TFDS row as a training example (``example``): of several captions, one at random."""
+               tokenize: Callable[[str], Sequence[int]] | None, size: tuple[int, int] | None = None) -> dict:
+    """One TFDS row as a training example (``example``, cropped to ``size``, default the square):
+    of several captions, one at random."""
     image, text = _lookup(row, config.image_key), _lookup(row, config.text_key)
     if not isinstance(text, (bytes, str)):
         text = text[rng.integers(len(text))]
     text = text.decode("utf-8") if isinstance(text, bytes) else text
-    out = example(image, text, image.shape[:2], rng, config, tokenize)
+    out = example(image, text, image.shape[:2], rng, config, tokenize, size)
     out.update({k: np.int32(row[k]) for k in config.label_keys})
     return out
 
@@ -325,7 +325,97 @@ def make_dataset(config: DataConfig, tokenize: Callable[[str], Sequence[int]] | 
     ds = grain.MapDataset.source(b.as_data_source(split=config.split))
     if len(ds) == 0:
         raise ValueError(f"{config.name}[{config.split}] is empty.")
+    if config.buckets:
+        return bucket_batches(ds, config, tokenize)
     return global_batches(ds, config, functools.partial(preprocess, config=config, tokenize=tokenize), drop_remainder)
+
+
+# ---- aspect-ratio buckets of a dataset read by index -------------------------------------------------
+
+
+class _BucketOrder(grain.MapDataset):
+    """The global stream of a bucketed dataset: element k is (source index, bucket), and every run of
+    ``global_batch`` consecutive elements (one global batch) shares a bucket.
+
+    Epoch e (from ``seed``): each bucket's examples in a random order, cut into global batches (a
+    bucket's last incomplete batch waits for the next epoch's order), the batches of every bucket in
+    a random order. The order depends only on the seed, so every host computes the same one and a
+    resumed run continues it."""
+
+    def __init__(self, bucket_of: np.ndarray, global_batch: int, seed: int, num_epochs: int | None):
+        super().__init__()
+        self._bucket_of, self._b, self._seed = np.asarray(bucket_of), global_batch, seed
+        counts = np.bincount(self._bucket_of)
+        self._epoch_length = int(sum(c // global_batch for c in counts)) * global_batch
+        self._epochs = num_epochs
+
+    def __len__(self) -> int:
+        return self._epoch_length * self._epochs if self._epochs else sys.maxsize
+
+    @functools.lru_cache(maxsize=2)
+    def epoch(self, e: int) -> np.ndarray:
+        """Epoch ``e``'s source indices in stream order."""
+        rng = np.random.default_rng([self._seed, e, 11])
+        batches = []
+        for k in range(int(self._bucket_of.max()) + 1):
+            members = rng.permutation(np.flatnonzero(self._bucket_of == k))
+            full = len(members) // self._b * self._b
+            batches += list(members[:full].reshape(-1, self._b))
+        return np.concatenate([batches[i] for i in rng.permutation(len(batches))]) if batches else np.zeros(0, int)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        e, r = divmod(index, self._epoch_length)
+        i = int(self.epoch(e)[r])
+        return i, int(self._bucket_of[i])
+
+    def __str__(self) -> str:
+        return f"_BucketOrder(global_batch={self._b}, epoch_length={self._epoch_length})"
+
+
+def _image_sizes(ds: grain.MapDataset, config: DataConfig) -> np.ndarray:
+    """(height, width) of every example, read once (in ``config.num_threads`` threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def size(i: int) -> tuple[int, int]:
+        return tuple(np.shape(_lookup(ds[i], config.image_key))[:2])
+
+    with ThreadPoolExecutor(max(1, config.num_threads)) as pool:
+        return np.asarray(list(pool.map(size, range(len(ds)))), np.int64).reshape(-1, 2)
+
+
+def bucket_batches(ds: grain.MapDataset, config: DataConfig,
+                   tokenize: Callable[[str], Sequence[int]] | None = None) -> "GlobalBatchIterator":
+    """``data.buckets`` for a dataset read by index (an image folder, a TFDS dataset): every image
+    goes to the bucket of nearest aspect ratio (``sdjax.data.buckets``), each global batch is one
+    bucket's, resized to cover it and cropped (``_BucketOrder`` gives the order). Each host decodes
+    every image once at the start to learn its size; the log gives each bucket's count."""
+    t0 = time.perf_counter()
+    sizes = buckets_lib.parse(config.buckets, config.image_size)
+    hw = _image_sizes(ds, config)
+    bucket_of = np.asarray([buckets_lib.nearest(sizes, int(h), int(w)) for h, w in hw])
+    global_batch = config.batch_size * config.shard()[1]
+    order = _BucketOrder(bucket_of, global_batch, config.seed, config.num_epochs)
+    counts = np.bincount(bucket_of, minlength=len(sizes))
+    if jax.process_index() == 0:
+        print(f"data.buckets: {len(ds)} images sized in {time.perf_counter() - t0:.1f} s; "
+              + ", ".join(f"{h}x{w}: {n}" for (h, w), n in zip(sizes, counts))
+              + f"; {order._epoch_length} per epoch in global batches of {global_batch}", flush=True)
+    if order._epoch_length == 0:
+        raise ValueError(f"data.buckets: no bucket holds a whole global batch of {global_batch} images "
+                         f"({', '.join(f'{h}x{w}: {n}' for (h, w), n in zip(sizes, counts))}); use fewer buckets or a "
+                         "smaller train.batch_size.")
+
+    stream = order.seed(config.seed).random_map(
+        functools.partial(_bucketed, source=ds, config=config, tokenize=tokenize, sizes=sizes))
+    return GlobalBatchIterator(stream, config, drop_remainder=True)
+
+
+def _bucketed(element: tuple[int, int], rng: np.random.Generator, source: grain.MapDataset, config: DataConfig,
+              tokenize: Callable[[str], Sequence[int]] | None, sizes: Sequence[tuple[int, int]]) -> dict:
+    i, k = element
+    return preprocess(source[i], rng, config, tokenize, sizes[k])
 
 
 # ---- global batches -----------------------------------------------------------------------------

@@ -324,6 +324,9 @@ class LatentRunConfig:
             raise ValueError("train.cache_latents encodes each image once, so random crops and flips would be frozen "
                              "into the cache: set data.random_crop=False and data.random_flip=False, or turn caching "
                              "off.")
+        if self.train.cache_latents and self.data.buckets:
+            raise ValueError("train.cache_latents encodes every image at one size; data.buckets trains each at its "
+                             "bucket's: turn one of them off.")
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "LatentRunConfig":
