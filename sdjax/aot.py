@@ -261,8 +261,15 @@ def txt2img_report(configs: ModelConfigs, devices: list, chip: Chip | None, args
                                             size=size, sampler=sampler)
     r = report(compiled, per_chip_batch, chip, f"txt2img {size}x{size}, {steps} {sampler} steps, global batch {batch}",
                time.perf_counter() - t0)
-    one, two = (_first(compile_txt2img(configs, devices, per_chip_batch, n, args.dtype, args.attention,
-                                       unroll=True, size=size, sampler=sampler)[0].cost_analysis()) for n in (1, 2))
+    print(f"compiled the {steps}-step txt2img program in {time.perf_counter() - t0:.0f} s; now the 1- and 2-step "
+          "programs with the steps written out, for its cost", flush=True)
+    costs = []
+    for n in (1, 2):
+        t1 = time.perf_counter()
+        costs.append(_first(compile_txt2img(configs, devices, per_chip_batch, n, args.dtype, args.attention,
+                                            unroll=True, size=size, sampler=sampler)[0].cost_analysis()))
+        print(f"compiled the {n}-step program in {time.perf_counter() - t1:.0f} s", flush=True)
+    one, two = costs
     r.update(cost_figures(loop_cost(one, two, steps), per_chip_batch, chip))
     r["cost_from"] = "the 1- and 2-step programs, steps written out, extrapolated linearly"
     return r

@@ -183,7 +183,3 @@ def top_level_json(path: str) -> str:
         else:
             open(target, "wb").close()
     return shadow
-
-
-def remove_local(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -34,7 +34,7 @@ def folder(path: str, is_same_kind: Callable[[str], bool], kind: str) -> Iterato
             try:
                 _refuse_other(path, is_same_kind, kind, shadow)
             finally:
-                paths.remove_local(shadow)
+                shutil.rmtree(shadow, ignore_errors=True)
         tmp = tempfile.mkdtemp(prefix="sdjax-export-")
         try:
             yield tmp
