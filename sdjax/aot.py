@@ -261,8 +261,9 @@ def txt2img_report(configs: ModelConfigs, devices: list, chip: Chip | None, args
                                             size=size, sampler=sampler)
     r = report(compiled, per_chip_batch, chip, f"txt2img {size}x{size}, {steps} {sampler} steps, global batch {batch}",
                time.perf_counter() - t0)
-    print(f"compiled the {steps}-step txt2img program in {time.perf_counter() - t0:.0f} s; now the 1- and 2-step "
-          "programs with the steps written out, for its cost", flush=True)
+    print(f"compiled the {steps}-step txt2img program in {time.perf_counter() - t0:.0f} s "
+          f"({r['hbm_gib']['total']:.2f} GiB per chip); now the 1- and 2-step programs with the steps written out, "
+          "for its cost", flush=True)
     costs = []
     for n in (1, 2):
         t1 = time.perf_counter()
