@@ -183,3 +183,13 @@ def test_bad_config_is_reported_before_compiling(tmp_path):
     config.data.image_size = 7
     with pytest.raises(ValueError, match="image_size=7"):
         ae.build(config, devices=jax.devices()[:1])
+
+
+def test_the_autoencoder_phase_refuses_what_only_the_latent_phase_reads(tmp_path):
+    from sdjax.training.schema import AutoencoderRunConfig
+
+    c = tiny_config(str(tmp_path))
+    AutoencoderRunConfig.from_config(c)  # the tiny config itself is fine
+    c.data.buckets = "16x16,8x24"
+    with pytest.raises(ValueError, match="data.buckets is the latent phase's"):
+        AutoencoderRunConfig.from_config(c)

@@ -358,6 +358,9 @@ class AutoencoderRunConfig:
         if self.data.name == "webdataset":
             raise ValueError("The autoencoder phase evaluates on a held-out split, which webdataset shards do not "
                              "have: train it on an image folder or a TFDS dataset (data.name).")
+        if self.data.buckets:
+            raise ValueError("data.buckets is the latent phase's: the autoencoder trains on square crops of "
+                             "data.image_size. Unset data.buckets for this phase.")
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "AutoencoderRunConfig":
