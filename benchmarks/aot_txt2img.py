@@ -8,6 +8,14 @@ out (512 by default, SD 1.5's); bf16 UNet and text encoder, f32 VAE (sdjax's txt
 DDIM arithmetic, guidance 7.5, batch split over the slice's devices, parameters replicated. ``--unroll`` writes the DDIM loop out step by step
 (XLA's cost analysis counts a loop's body once, whatever its trip count). Prints the compiler's
 per-chip memory and cost as one JSON line. ``--impl flax`` imports no sdjax.
+
+An SDXL model JSON (one with ``text_encoder_2``) gets diffusers-Flax's SDXL pipeline instead, with
+Euler, as the peer of ``python -m sdjax.aot --preset sdxl --what txt2img`` (docs/benchmarks.md):
+
+    python -c "import json, sdjax.presets as p; json.dump(p.get('sdxl'), open('sdxl.json', 'w'), default=list)"
+    python -c "from benchmarks import envs; envs.python('.bench-envs', 'diffusers-flax', tpu=True)"
+    .bench-envs/diffusers-flax/bin/python -m benchmarks.aot_txt2img --impl flax --model sdxl.json \\
+        --topology v5:2x2x1 --chip-config megacore --bounds 2,2,1 --per-chip-batch 4 --size 1024 --steps 30
 """
 
 import argparse
@@ -73,6 +81,48 @@ def flax_program(model: dict, mesh, steps: int, unroll: bool, B: int, size: int 
     return jax.jit(fn, out_shardings=batch), (params, ids, ids, prng)
 
 
+def flax_sdxl_program(model: dict, mesh, steps: int, unroll: bool, B: int, size: int = 1024):
+    """(jitted fn, abstract args) of diffusers-Flax 0.39's FlaxStableDiffusionXLPipeline._generate: both
+    text encoders on prompt and negative-prompt ids (B, 2, 77), Euler (its Flax Euler spaces the
+    timesteps "leading", as sdjax's SDXL preset), the guided UNet loop, the f32 VAE decoder. Its
+    heads split as diffusers' own SDXL Flax example sets them (``split_head_dim=True``)."""
+    from diffusers import (
+        FlaxAutoencoderKL,
+        FlaxEulerDiscreteScheduler,
+        FlaxStableDiffusionXLPipeline,
+        FlaxUNet2DConditionModel,
+    )
+    from diffusers.pipelines.stable_diffusion_xl import pipeline_flax_stable_diffusion_xl
+    from transformers import CLIPTextConfig, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection
+
+    pipeline_flax_stable_diffusion_xl.DEBUG = unroll  # its Python loop instead of fori_loop
+    rep, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    unet = FlaxUNet2DConditionModel.from_config(model["unet"], dtype=jnp.bfloat16, split_head_dim=True)
+    vae = FlaxAutoencoderKL.from_config(model["vae"], dtype=jnp.float32)
+    text = FlaxCLIPTextModel(CLIPTextConfig(**model["text_encoder"]), dtype=jnp.bfloat16, _do_init=False)
+    text_2 = FlaxCLIPTextModelWithProjection(CLIPTextConfig(**model["text_encoder_2"]), dtype=jnp.bfloat16,
+                                             _do_init=False)
+    scheduler = FlaxEulerDiscreteScheduler.from_config(model["scheduler"])
+    pipe = FlaxStableDiffusionXLPipeline(text_encoder=text, text_encoder_2=text_2, vae=vae, tokenizer=None,
+                                         tokenizer_2=None, unet=unet, scheduler=scheduler, dtype=jnp.bfloat16)
+    L, key = model["text_encoder"]["max_position_embeddings"], jax.random.key(0)
+    params = {
+        "unet": jax.eval_shape(unet.init_weights, key),  # builds SDXL's added conditioning itself
+        "vae": jax.eval_shape(vae.init_weights, key),
+        "text_encoder": jax.eval_shape(lambda k: text.init_weights(k, (1, L)), key),
+        "text_encoder_2": jax.eval_shape(lambda k: text_2.init_weights(k, (1, L)), key),
+    }
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), params)
+    state = scheduler.create_state()
+    ids = jax.ShapeDtypeStruct((B, 2, L), jnp.int32, sharding=batch)  # both tokenizers' ids, stacked
+    prng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
+
+    def fn(params, ids, neg_ids, prng):
+        return pipe._generate(ids, dict(params, scheduler=state), prng, steps, size, size, 7.5, None, neg_ids)
+
+    return jax.jit(fn, out_shardings=batch), (params, ids, ids, prng)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--impl", choices=("sdjax", "flax"), required=True)
@@ -88,7 +138,12 @@ def main(argv=None) -> None:
     with open(a.model) as f:
         model = json.load(f)
     B = a.per_chip_batch * len(devices)
-    build = sdjax_program if a.impl == "sdjax" else flax_program
+    if a.impl == "sdjax":
+        if "text_encoder_2" in model:
+            p.error("--impl sdjax compiles SD 1.x/2.x; for SDXL run: python -m sdjax.aot --preset sdxl --what txt2img")
+        build = sdjax_program
+    else:
+        build = flax_sdxl_program if "text_encoder_2" in model else flax_program
     fn, args = build(model, mesh, a.steps, a.unroll, B, a.size)
     figures, _ = tpu_slice.compile_figures(fn.lower(*args))
     timing.emit(dict(
