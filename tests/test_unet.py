@@ -144,8 +144,12 @@ def test_bf16_compute_and_remat():
         return jnp.mean(UNet(cfg, remat=remat).apply(p, x, 5.0, ctx) ** 2)
 
     plain, remat = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, r) for r in (False, True))
-    np.testing.assert_allclose(remat[0], plain[0], rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), remat[1], plain[1])
+    # Recomputing the forward pass lets XLA order sums differently (how, depends on the host's CPU
+    # and XLA's flags): gradients are held to 1e-4 of their leaf's largest; a wrong recomputation
+    # would be off by the gradient's own size.
+    np.testing.assert_allclose(remat[0], plain[0], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max()),
+                 remat[1], plain[1])
 
     out = jax.jit(UNet(cfg, dtype=jnp.bfloat16).apply)(params, x, 5.0, ctx)
     assert out.dtype == jnp.bfloat16 and out.shape == x.shape
