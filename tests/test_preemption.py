@@ -1,6 +1,6 @@
 """Preemption and crashes on a pod's road: webdataset shards and the workdir in a bucket (the
-Cloud Storage emulator), SIGKILL and SIGTERM mid-run, and the resumed run equal bit for bit to an
-uninterrupted one, on one process and on two."""
+Cloud Storage emulator), SIGKILL mid-run on one process and SIGTERM to one of two, and the resumed
+run equal bit for bit to an uninterrupted one."""
 
 import os
 import re
@@ -73,14 +73,15 @@ def _assert_same_run(root: str, got: str, want: str, steps: int) -> None:
 
 
 @pytest.mark.slow
-def test_one_process_killed_then_preempted_in_a_bucket_resumes_bitwise(gcs, tmp_path, monkeypatch):
-    """SIGKILL (a crash) and then SIGTERM (a preemption) to one process training from shards in a
-    bucket, in three aspect-ratio buckets, with its workdir there: after each, the same command
-    resumes; the end equals an uninterrupted run's state and export bit for bit."""
+def test_one_process_killed_in_a_bucket_resumes_bitwise(gcs, tmp_path, monkeypatch):
+    """SIGKILL (a crash) to one process training from shards in a bucket, in three aspect-ratio
+    buckets, with its workdir there: the same command resumes from the last checkpoint, and the end
+    equals an uninterrupted run's state and export bit for bit. (SIGTERM, a preemption: the
+    two-process test below.)"""
     monkeypatch.setenv("SDJAX_CACHE", str(tmp_path / "cache"))
     root, steps = _shards(gcs, tmp_path, "one", 3), 10
     env = _env(gcs, tmp_path, 2)
-    logs = {name: tmp_path / f"{name}.log" for name in ("straight", "killed", "preempted", "finished")}
+    logs = {name: tmp_path / f"{name}.log" for name in ("straight", "killed", "finished")}
 
     def start(run: str, log: str) -> subprocess.Popen:
         # Three aspect-ratio buckets for the shards' 32x32, 32x48 and 48x32 images; the log names each compile.
@@ -101,16 +102,10 @@ def test_one_process_killed_then_preempted_in_a_bucket_resumes_bitwise(gcs, tmp_
         runs[1].send_signal(signal.SIGKILL)
         runs[1].wait(timeout=60)
         assert not paths.exists(f"{root}/victim/checkpoints/{steps}"), "the run ended before it was killed"
-        preempted = start("victim", "preempted")
-        resumed_at = int(_wait_for(logs["preempted"], r"resumed from step (\d+)", [preempted]).group(1))
-        preempted.send_signal(signal.SIGTERM)
-        assert preempted.wait(timeout=600) == PREEMPTED_EXIT, logs["preempted"].read_text()[-3000:]
-        saved = int(re.search(r"preempted at step (\d+): saved", logs["preempted"].read_text()).group(1))
-        assert 4 <= resumed_at < saved < steps
-        assert paths.exists(f"{root}/victim/checkpoints/{saved}/commit_success.txt")
         finished = start("victim", "finished")
         assert finished.wait(timeout=600) == 0, logs["finished"].read_text()[-3000:]
-        assert f"resumed from step {saved}" in logs["finished"].read_text()
+        resumed_at = int(re.search(r"resumed from step (\d+)", logs["finished"].read_text()).group(1))
+        assert 4 <= resumed_at < steps
         assert runs[0].wait(timeout=600) == 0, logs["straight"].read_text()[-3000:]
     finally:
         for p in runs:
