@@ -10,7 +10,9 @@ DDIM arithmetic, guidance 7.5, batch split over the slice's devices, parameters 
 per-chip memory and cost as one JSON line. ``--impl flax`` imports no sdjax.
 
 An SDXL model JSON (one with ``text_encoder_2``) gets diffusers-Flax's SDXL pipeline instead, with
-Euler, as the peer of ``python -m sdjax.aot --preset sdxl --what txt2img`` (docs/benchmarks.md):
+Euler, as a peer of ``python -m sdjax.aot --preset sdxl --what txt2img`` (docs/benchmarks.md); ``--impl
+maxdiffusion`` compiles the other peer, MaxDiffusion's ``generate_sdxl`` (its environment:
+``benchmarks/envs.py``, its source on PYTHONPATH). Neither imports sdjax:
 
     python -c "import json, sdjax.presets as p; json.dump(p.get('sdxl'), open('sdxl.json', 'w'), default=list)"
     python -c "from benchmarks import envs; envs.python('.bench-envs', 'diffusers-flax', tpu=True)"
@@ -19,7 +21,12 @@ Euler, as the peer of ``python -m sdjax.aot --preset sdxl --what txt2img`` (docs
 """
 
 import argparse
+import functools
 import json
+import os
+import tempfile
+import types
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -123,14 +130,113 @@ def flax_sdxl_program(model: dict, mesh, steps: int, unroll: bool, B: int, size:
     return jax.jit(fn, out_shardings=batch), (params, ids, ids, prng)
 
 
+class _Tokenizer:
+    """Stands in for CLIPTokenizer (no download): generate_sdxl.tokenize calls it on config.prompt
+    while tracing; the ids are constants of the program either way."""
+
+    def __init__(self, length: int):
+        self.model_max_length = length
+
+    def __call__(self, prompts, **_):
+        return types.SimpleNamespace(input_ids=np.zeros((len(prompts), self.model_max_length), np.int32))
+
+
+def maxdiffusion_sdxl_program(model: dict, mesh, steps: int, unroll: bool, B: int, size: int = 1024,
+                              attention: str = "dot_product", flash_min_seq_length: int = 4096,
+                              vae_dtype=jnp.float32):
+    """(jitted fn, abstract args) of MaxDiffusion's generate_sdxl.run_inference, its models built as its
+    orbax-checkpoint loader does (BaseStableDiffusionCheckpointer.load_checkpoint) from ``model``'s
+    config dicts, its states' shapes and shardings from max_utils.get_abstract_state.
+    ``attention``: base_xl.yml's "dot_product" (QK^T in f32) or "flash" (jax's splash kernel under
+    shard_map, only where query and key have >= ``flash_min_seq_length`` tokens: SDXL's 64x64 level).
+    ``vae_dtype``: f32 as sdjax; MaxDiffusion's loaders give the VAE activations_dtype (bf16)."""
+    import maxdiffusion
+    from maxdiffusion import (
+        FlaxAutoencoderKL,
+        FlaxStableDiffusionXLPipeline,
+        FlaxUNet2DConditionModel,
+        generate_sdxl,
+        max_utils,
+        maxdiffusion_utils,
+        pyconfig,
+    )
+    from maxdiffusion.configuration_utils import FrozenDict
+    from transformers import (
+        CLIPTextConfig,
+        FlaxCLIPTextModel,
+        FlaxCLIPTextModelWithProjection,
+    )
+
+    n = mesh.devices.size
+    assert B % n == 0, (B, n)
+    yml = os.path.join(os.path.dirname(maxdiffusion.__file__), "configs", "base_xl.yml")
+    pyconfig.initialize(["", yml, "run_name=aot_sdxl", f"output_dir={tempfile.gettempdir()}",
+                         "skip_jax_distributed_system=True", "compile_topology_num_slices=1",
+                         "weights_dtype=float32", "activations_dtype=bfloat16", f"attention={attention}",
+                         "split_head_dim=True", f"resolution={size}", f"num_inference_steps={steps}",
+                         "guidance_scale=7.5", "guidance_rescale=0.0", "do_classifier_free_guidance=True",
+                         f"per_device_batch_size={B // n}"], unittest=True)
+    config = pyconfig.config
+    # its mesh axes (data, fsdp, context, tensor) = (n, 1, 1, 1): the harness's 1-D data mesh, same device order
+    md_mesh = Mesh(np.asarray(mesh.devices).reshape(-1, 1, 1, 1), tuple(config.mesh_axes))
+    L = model["text_encoder"]["max_position_embeddings"]
+
+    unet = FlaxUNet2DConditionModel.from_config(
+        model["unet"], dtype=config.activations_dtype, weights_dtype=config.weights_dtype,
+        split_head_dim=config.split_head_dim, norm_num_groups=config.norm_num_groups, attention_kernel=config.attention,
+        flash_min_seq_length=flash_min_seq_length, flash_block_sizes=max_utils.get_flash_block_sizes(config),
+        mesh=md_mesh, precision=max_utils.get_precision(config))
+    vae = FlaxAutoencoderKL.from_config(model["vae"], dtype=vae_dtype, weights_dtype=config.weights_dtype)
+    text = FlaxCLIPTextModel(CLIPTextConfig(**model["text_encoder"]), dtype=config.activations_dtype, _do_init=False)
+    text_2 = FlaxCLIPTextModelWithProjection(CLIPTextConfig(**model["text_encoder_2"]),
+                                             dtype=config.activations_dtype, _do_init=False)
+    # create_scheduler finds the class through the config's module (a maxdiffusion FrozenDict) and applies
+    # base_xl.yml's diffusion_scheduler_config: FlaxEulerDiscreteScheduler, epsilon, trailing spacing
+    scheduler, scheduler_state = maxdiffusion_utils.create_scheduler(FrozenDict(dict(model["scheduler"])), config)
+    pipeline = FlaxStableDiffusionXLPipeline(text_encoder=text, text_encoder_2=text_2, vae=vae, tokenizer=None,
+                                             tokenizer_2=None, unet=unet, scheduler=scheduler)
+    pipeline.tokenizer = pipeline.tokenizer_2 = _Tokenizer(L)
+
+    rng = jax.random.PRNGKey(config.seed)
+
+    def abstract_state(module, init_fn):
+        state, _, shardings = max_utils.get_abstract_state(module, None, config, md_mesh, init_fn, training=False)
+        state = max_utils.unbox_logicallypartioned_trainstate(state)
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+    # same parameters; its init_weights runs the UNet on jax.device_count() (this host's) images, which
+    # the flash kernel's shard_map could not split over the slice
+    init_unet = unet.clone(attention_kernel="dot_product")
+    states = {
+        "unet_state": abstract_state(unet, functools.partial(init_unet.init_weights, rng=rng)),
+        "vae_state": abstract_state(vae, functools.partial(vae.init_weights, rng=rng)),
+        "text_encoder_state": abstract_state(text, functools.partial(text.init_weights, rng=rng, input_shape=(B, L))),
+        "text_encoder_2_state": abstract_state(text_2, functools.partial(text_2.init_weights, rng=rng,
+                                                                         input_shape=(B, L))),
+    }
+    run = functools.partial(generate_sdxl.run_inference, pipeline=pipeline, params={"scheduler": scheduler_state},
+                            config=config, rng=rng, mesh=md_mesh, batch_size=B)
+    fori_loop = jax.lax.fori_loop
+
+    def fn(states):
+        if not unroll:
+            return run(states)
+        with mock.patch.object(jax.lax, "fori_loop", functools.partial(fori_loop, unroll=True)):  # while tracing
+            return run(states)
+
+    out = NamedSharding(md_mesh, P(tuple(config.mesh_axes)))  # its run leaves out_shardings to the compiler
+    return jax.jit(fn, out_shardings=out), (states,)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--impl", choices=("sdjax", "flax"), required=True)
+    p.add_argument("--impl", choices=("sdjax", "flax", "maxdiffusion"), required=True,
+                   help="maxdiffusion: its generate_sdxl, for an SDXL model JSON")
     p.add_argument("--model", required=True,
                    help="JSON file: the diffusers configs of unet, vae, text_encoder, scheduler")
     tpu_slice.add_args(p, "v5e:2x4")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--unroll", action="store_true", help="write the DDIM loop out step by step")
+    p.add_argument("--unroll", action="store_true", help="write the sampling loop out step by step")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (a multiple of 8)")
     a = p.parse_args(argv)
     devices = tpu_slice.devices(a)
@@ -142,6 +248,10 @@ def main(argv=None) -> None:
         if "text_encoder_2" in model:
             p.error("--impl sdjax compiles SD 1.x/2.x; for SDXL run: python -m sdjax.aot --preset sdxl --what txt2img")
         build = sdjax_program
+    elif a.impl == "maxdiffusion":
+        if "text_encoder_2" not in model:
+            p.error("--impl maxdiffusion compiles MaxDiffusion's generate_sdxl: give an SDXL model JSON")
+        build = maxdiffusion_sdxl_program
     else:
         build = flax_sdxl_program if "text_encoder_2" in model else flax_program
     fn, args = build(model, mesh, a.steps, a.unroll, B, a.size)
@@ -149,7 +259,7 @@ def main(argv=None) -> None:
     timing.emit(dict(
         impl=a.impl, devices=len(devices), device_kind=devices[0].device_kind, per_chip_batch=a.per_chip_batch,
         steps=a.steps, unroll=a.unroll, size=a.size, **figures,
-        versions=timing.versions("jax", "jaxlib", "flax", "libtpu", "diffusers")))
+        versions=timing.versions("jax", "jaxlib", "flax", "libtpu", "diffusers", "transformers")))
 
 
 if __name__ == "__main__":

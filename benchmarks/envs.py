@@ -4,6 +4,9 @@
 sdjax (0.39's Flax code runs on jax 0.10.2 / flax 0.12.8), with transformers 4.57.6 (the last
 line with FlaxCLIPTextModel). Same XLA on both sides, so differences are the code's.
 ``diffusers-torch``: current diffusers with PyTorch.
+``maxdiffusion``: what MaxDiffusion's SDXL inference imports (its source is not on the registry:
+clone it and put its ``src/`` on PYTHONPATH; measured at commit 7cfb880, whose pyproject asks for
+Python >= 3.12 while the code runs on 3.11), on the same jax/flax/libtpu as sdjax.
 """
 
 import os
@@ -15,9 +18,13 @@ TORCH = "torch==2.13.0"  # pinned first, so nothing pulls a CUDA build
 SPECS = {
     "diffusers-flax": ["diffusers==0.39.0", "transformers==4.57.6", "jax==0.10.2", "flax==0.12.8", "safetensors"],
     "diffusers-torch": ["diffusers", "transformers", "safetensors", "accelerate"],
+    "maxdiffusion": ["transformers==4.57.6", "huggingface-hub==0.36.2", "jax==0.10.2", "flax==0.12.8",
+                     "diffusers==0.39.0", "safetensors", "tensorflow-cpu==2.21.0", "tensorboardX==2.6.5",
+                     "google-cloud-storage==3.17.1", "pyyaml", "pillow", "optax", "orbax-checkpoint==0.12.8",
+                     "ftfy", "einops", "chex", "aqtp==0.9.0", "datasets==3.6.0", "grain==0.2.18", "etils"],
 }
 GPU_EXTRAS = {"diffusers-flax": ["jax[cuda12]==0.10.2"]}
-TPU_EXTRAS = {"diffusers-flax": ["jax[tpu]==0.10.2"]}  # libtpu: compiling for TPU slices ahead of time
+TPU_EXTRAS = {"diffusers-flax": ["jax[tpu]==0.10.2"], "maxdiffusion": ["jax[tpu]==0.10.2"]}  # libtpu: compiling for TPU slices ahead of time
 
 
 def python(envs_dir: str | Path, name: str, gpu: bool = False, tpu: bool = False) -> str:
