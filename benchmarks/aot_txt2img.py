@@ -56,6 +56,21 @@ def sdjax_program(model: dict, mesh, steps: int, unroll: bool, B: int, size: int
     return fn, (params, generate.Inputs(ids, ids, noise), key, plan, scalar, scalar)
 
 
+def _flax_generate(pipe, scheduler, params: dict, mesh, ids_shape: tuple, steps: int, size: int):
+    """(jitted fn, abstract args) of a diffusers-Flax pipeline's ``_generate``: parameters replicated,
+    prompt and negative-prompt ids of ``ids_shape`` split over the batch, guidance 7.5."""
+    rep, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), params)
+    state = scheduler.create_state()
+    ids = jax.ShapeDtypeStruct(ids_shape, jnp.int32, sharding=batch)
+    prng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
+
+    def fn(params, ids, neg_ids, prng):
+        return pipe._generate(ids, dict(params, scheduler=state), prng, steps, size, size, 7.5, None, neg_ids)
+
+    return jax.jit(fn, out_shardings=batch), (params, ids, ids, prng)
+
+
 def flax_program(model: dict, mesh, steps: int, unroll: bool, B: int, size: int = 512):
     """(jitted fn, abstract args) of diffusers-Flax 0.39's FlaxStableDiffusionPipeline._generate."""
     from diffusers import FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxStableDiffusionPipeline, FlaxUNet2DConditionModel
@@ -63,7 +78,6 @@ def flax_program(model: dict, mesh, steps: int, unroll: bool, B: int, size: int 
     from transformers import CLIPTextConfig, FlaxCLIPTextModel
 
     pipeline_flax_stable_diffusion.DEBUG = unroll  # its Python loop instead of fori_loop
-    rep, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     unet = FlaxUNet2DConditionModel.from_config(model["unet"], dtype=jnp.bfloat16)
     vae = FlaxAutoencoderKL.from_config(model["vae"], dtype=jnp.float32)
     text = FlaxCLIPTextModel(CLIPTextConfig(**model["text_encoder"]), dtype=jnp.bfloat16, _do_init=False)
@@ -77,15 +91,7 @@ def flax_program(model: dict, mesh, steps: int, unroll: bool, B: int, size: int 
         "vae": jax.eval_shape(vae.init, key, jnp.zeros((1, 3, size, size)))["params"],
         "text_encoder": jax.eval_shape(lambda k: text.init_weights(k, (1, 77)), key),
     }
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), params)
-    state = scheduler.create_state()
-    ids = jax.ShapeDtypeStruct((B, 77), jnp.int32, sharding=batch)
-    prng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
-
-    def fn(params, ids, neg_ids, prng):
-        return pipe._generate(ids, dict(params, scheduler=state), prng, steps, size, size, 7.5, None, neg_ids)
-
-    return jax.jit(fn, out_shardings=batch), (params, ids, ids, prng)
+    return _flax_generate(pipe, scheduler, params, mesh, (B, 77), steps, size)
 
 
 def flax_sdxl_program(model: dict, mesh, steps: int, unroll: bool, B: int, size: int = 1024):
@@ -103,7 +109,6 @@ def flax_sdxl_program(model: dict, mesh, steps: int, unroll: bool, B: int, size:
     from transformers import CLIPTextConfig, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection
 
     pipeline_flax_stable_diffusion_xl.DEBUG = unroll  # its Python loop instead of fori_loop
-    rep, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     unet = FlaxUNet2DConditionModel.from_config(model["unet"], dtype=jnp.bfloat16, split_head_dim=True)
     vae = FlaxAutoencoderKL.from_config(model["vae"], dtype=jnp.float32)
     text = FlaxCLIPTextModel(CLIPTextConfig(**model["text_encoder"]), dtype=jnp.bfloat16, _do_init=False)
@@ -119,15 +124,7 @@ def flax_sdxl_program(model: dict, mesh, steps: int, unroll: bool, B: int, size:
         "text_encoder": jax.eval_shape(lambda k: text.init_weights(k, (1, L)), key),
         "text_encoder_2": jax.eval_shape(lambda k: text_2.init_weights(k, (1, L)), key),
     }
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), params)
-    state = scheduler.create_state()
-    ids = jax.ShapeDtypeStruct((B, 2, L), jnp.int32, sharding=batch)  # both tokenizers' ids, stacked
-    prng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
-
-    def fn(params, ids, neg_ids, prng):
-        return pipe._generate(ids, dict(params, scheduler=state), prng, steps, size, size, 7.5, None, neg_ids)
-
-    return jax.jit(fn, out_shardings=batch), (params, ids, ids, prng)
+    return _flax_generate(pipe, scheduler, params, mesh, (B, 2, L), steps, size)  # both tokenizers' ids, stacked
 
 
 class _Tokenizer:

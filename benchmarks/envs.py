@@ -24,7 +24,8 @@ SPECS = {
                      "ftfy", "einops", "chex", "aqtp==0.9.0", "datasets==3.6.0", "grain==0.2.18", "etils"],
 }
 GPU_EXTRAS = {"diffusers-flax": ["jax[cuda12]==0.10.2"]}
-TPU_EXTRAS = {"diffusers-flax": ["jax[tpu]==0.10.2"], "maxdiffusion": ["jax[tpu]==0.10.2"]}  # libtpu: compiling for TPU slices ahead of time
+# libtpu: compiling for TPU slices ahead of time
+TPU_EXTRAS = {"diffusers-flax": ["jax[tpu]==0.10.2"], "maxdiffusion": ["jax[tpu]==0.10.2"]}
 
 
 def python(envs_dir: str | Path, name: str, gpu: bool = False, tpu: bool = False) -> str:
