@@ -219,8 +219,8 @@ def test_remat_recomputes_without_changing_the_step(shapes_data_dir, setup1, sta
 
     state, m = setup.program.step(*args)
     want, want_m = step1
-    np.testing.assert_allclose(m["loss"], want_m["loss"], rtol=1e-5)
-    np.testing.assert_allclose(m["grad_norm"], want_m["grad_norm"], rtol=1e-5)
+    np.testing.assert_allclose(m["loss"], want_m["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m["grad_norm"], want_m["grad_norm"], rtol=1e-6)
     # Recomputing the forward pass changes XLA's summation order: a token-embedding entry that is a
     # sum with cancellation (1 of 32,768) differed by 1.6e-8, relative 7.7e-5; every entry is also
     # held to 1e-5 of its leaf's largest.
