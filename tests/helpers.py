@@ -27,12 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def subprocess_env(devices: int | None = 1, **extra: str) -> dict[str, str]:
     """The environment of a command a test runs: this one's (its compilation cache and any other XLA
     flags included, conftest.py), with ``devices`` CPU devices instead of the test process's eight (None: no
-    XLA_FLAGS at all, the command's own choice)."""
+    XLA_FLAGS at all, the command's own choice), and tests/site first on PYTHONPATH (its sitecustomize.py
+    lets the processes of a multi-process command share compiled programs)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     if devices is not None:
         env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+",
                                   f"--xla_force_host_platform_device_count={devices}", os.environ["XLA_FLAGS"])
     env.update(extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests" / "site"), env.get("PYTHONPATH")]))
     return env
 
 
