@@ -170,7 +170,9 @@ def run(argv: list[str] | None = None) -> dict:
               "--export", model_dir, f"--config.autoencoder.path={vae_dir}",
               f"--config.train.steps={args.latent_steps}", f"--config.train.batch_size={args.latent_batch}",
               f"--config.train.sample_every={max(args.latent_steps // 4, 1)}",
-              f"--config.train.checkpoint_every={max(args.latent_steps // 12, 1)}",
+              # a dozen checkpoints over a long run, none more often than every 50 steps (a short run
+              # saves its last step only: each save of a state this size costs about a step's time)
+              f"--config.train.checkpoint_every={max(args.latent_steps // 12, 50)}",
               "--config.train.cache_latents=True", *common, *(f"--config.{kv}" for kv in args.latent_config)], log,
              **cpu_devices(args.cpu_devices))
     timings["latent_s"] = time.perf_counter() - t
