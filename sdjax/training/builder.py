@@ -6,7 +6,9 @@ derives the shardings from ``jax.eval_shape(init)`` and jits the step once, with
 shardings, the state donated, and the model's activation constraints resolved on the mesh.
 """
 
+import concurrent.futures
 import dataclasses
+import os
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -60,8 +62,8 @@ class CompiledSteps:
 
     After each compilation every process waits for the others at a barrier (``sharding.barrier``),
     so a new program's first collective never starts while a peer is still compiling it (on CPU a
-    collective gives a late process 30 s). ``compile`` takes abstract arguments (``ShapeDtypeStruct``
-    with shardings), so a run can compile all its shapes before its first step.
+    collective gives a late process 30 s). ``compile`` and ``compile_all`` take abstract arguments
+    (``ShapeDtypeStruct`` with shardings), so a run can compile all its shapes before its first step.
     """
 
     def __init__(self, jitted: Callable, frozen: Any):
@@ -72,10 +74,27 @@ class CompiledSteps:
         return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(batch.items()))
 
     def compile(self, state: Any, batch: dict) -> None:
-        key = self._key(batch)
-        if key not in self.programs:
-            self.programs[key] = self.jitted.lower(state, batch, self.frozen).compile()
-            sharding.barrier("train step compiled")
+        self.compile_all(state, [batch])
+
+    def compile_all(self, state: Any, batches: Sequence[dict], max_workers: int = 4) -> None:
+        """Compiles the step for each batch shape not compiled yet: traced one by one, then compiled
+        by up to ``max_workers`` threads at once (XLA compiles outside Python's lock: a host with
+        cores to spare compiles several buckets' programs in the time of one), then one barrier."""
+        todo = {}
+        for batch in batches:
+            key = self._key(batch)
+            if key not in self.programs and key not in todo:
+                todo[key] = self.jitted.lower(state, batch, self.frozen)
+        if not todo:
+            return
+        workers = min(len(todo), max_workers, os.cpu_count() or 1)
+        if workers > 1:
+            with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool:
+                compiled = list(pool.map(lambda lowered: lowered.compile(), todo.values()))
+        else:
+            compiled = [lowered.compile() for lowered in todo.values()]
+        self.programs.update(zip(todo, compiled))
+        sharding.barrier("train step compiled")
 
     def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         self.compile(state, batch)

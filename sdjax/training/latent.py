@@ -420,15 +420,15 @@ def export(run: LatentRun, state: TrainState, path: str) -> None:
 
 def bucket_steps(run: LatentRun):
     """``step(state, batch)`` for ``data.buckets``: the step compiled for every bucket's shape before the
-    first one runs (so a pod never stops mid-run to compile), each batch sent to its bucket's program."""
+    first one runs (so a pod never stops mid-run to compile; several at once, ``CompiledSteps.compile_all``),
+    each batch sent to its bucket's program."""
     data, train = run.config.data, run.config.train
     sizes = buckets_lib.parse(data.buckets, data.image_size)
     state, on_mesh = run.program.restore_target(), run.program.batch_sharding
     steps = run.program.ahead_of_time(run.frozen)
-    for h, w in sizes:
-        steps.compile(state, {"image": jax.ShapeDtypeStruct((train.batch_size, h, w, 3), jnp.float32, sharding=on_mesh),
-                              "input_ids": jax.ShapeDtypeStruct((train.batch_size, run.seq_len), jnp.int32,
-                                                                sharding=on_mesh)})
+    steps.compile_all(state, [{"image": jax.ShapeDtypeStruct((train.batch_size, h, w, 3), jnp.float32, sharding=on_mesh),
+                               "input_ids": jax.ShapeDtypeStruct((train.batch_size, run.seq_len), jnp.int32,
+                                                                 sharding=on_mesh)} for h, w in sizes])
     if jax.process_index() == 0:
         print(f"compiled the step for {len(sizes)} buckets: {', '.join(f'{h}x{w}' for h, w in sizes)}", flush=True)
     return steps
