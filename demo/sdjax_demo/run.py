@@ -171,7 +171,7 @@ def run(argv: list[str] | None = None) -> dict:
               f"--config.train.steps={args.latent_steps}", f"--config.train.batch_size={args.latent_batch}",
               f"--config.train.sample_every={max(args.latent_steps // 4, 1)}",
               # a dozen checkpoints over a long run, none more often than every 50 steps (a short run
-              # saves its last step only: each save of a state this size costs about a step's time)
+              # saves its last step only)
               f"--config.train.checkpoint_every={max(args.latent_steps // 12, 50)}",
               "--config.train.cache_latents=True", *common, *(f"--config.{kv}" for kv in args.latent_config)], log,
              **cpu_devices(args.cpu_devices))

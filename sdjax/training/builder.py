@@ -97,8 +97,10 @@ class CompiledSteps:
         sharding.barrier("train step compiled")
 
     def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        self.compile(state, batch)
-        return self.programs[self._key(batch)](state, batch, self.frozen)
+        key = self._key(batch)
+        if key not in self.programs:
+            self.compile(state, batch)
+        return self.programs[key](state, batch, self.frozen)
 
 
 def make_mesh(config: MeshConfig, batch_size: int, devices: Sequence[jax.Device] | None = None,
