@@ -121,17 +121,9 @@ def compile_train(config, devices: list, per_chip_batch: int, preset: str | None
     with tempfile.TemporaryDirectory() as workdir:
         run = latent.build(run_config, workdir, devices=devices, sources=sources_lib.abstract(run_config.model, preset))
     state = run.program.restore_target()
-    f = run.configs.vae.downsample_factor
     size = run_config.data.image_size
-    B, L = run_config.train.batch_size, run.seq_len
-    sharded = run.program.batch_sharding
-    if run_config.train.cache_latents:
-        x = jax.ShapeDtypeStruct((B, size // f, size // f, 2 * run.configs.vae.latent_channels), jnp.float32,
-                                 sharding=sharded)
-    else:
-        x = jax.ShapeDtypeStruct((B, size, size, 3), jnp.float32, sharding=sharded)
-    batch = {run.program.batch_keys[0]: x, "input_ids": jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=sharded)}
-    return run.program.step.lower(state, batch, run.frozen).compile(), B, run
+    batch = run.batch_spec(size, size)
+    return run.program.step.lower(state, batch, run.frozen).compile(), run_config.train.batch_size, run
 
 
 def txt2img_configs(config, preset: str | None) -> ModelConfigs:

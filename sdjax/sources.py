@@ -28,8 +28,8 @@ class Sources:
     """A model's networks: their configs, and the parameters that exist before training starts.
 
     ``vae``: the frozen autoencoder (None: a random one, smoke tests only); ``text_encoder``: the
-    frozen text encoder (None: it trains from scratch); ``unet``: the UNet's starting parameters
-    (None: a random initialisation). With ``abstract`` the parameters are ``jax.ShapeDtypeStruct``
+    frozen text encoder (None: it trains from scratch); ``text_encoder_2``: SDXL's second, frozen;
+    ``unet``: the UNet's starting parameters (None: a random initialisation). With ``abstract`` the parameters are ``jax.ShapeDtypeStruct``
     trees: a run built from them compiles for any devices (``sdjax.aot``) but cannot run.
     """
     configs: ModelConfigs
@@ -38,6 +38,8 @@ class Sources:
     unet: Any = None
     tokenizer_dir: str | None = None
     abstract: bool = False
+    text_encoder_2: Any = None
+    tokenizer_2_dir: str | None = None
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -86,9 +88,10 @@ def read(source: ModelSource) -> Sources:
         return Sources(ModelConfigs.from_dicts(dicts), **params)
     loaded = load_lib.load(source.pretrained)
     configs = ModelConfigs.from_dicts(with_overrides(loaded.configs.to_dicts(), source.model))
-    return Sources(configs, vae=loaded.params["vae"], text_encoder=loaded.params["text_encoder"],
+    return Sources(configs, vae=loaded.params["vae"], text_encoder=loaded.params.get("text_encoder"),
                    unet=loaded.params["unet"] if source.unet_from_pretrained else None,
-                   tokenizer_dir=loaded.tokenizer_dir)
+                   tokenizer_dir=loaded.tokenizer_dir, text_encoder_2=loaded.params.get("text_encoder_2"),
+                   tokenizer_2_dir=loaded.tokenizer_2_dir)
 
 
 def abstract(source: ModelSource, preset: str | None = None) -> Sources:
@@ -99,7 +102,8 @@ def abstract(source: ModelSource, preset: str | None = None) -> Sources:
     pretrained = bool(source.pretrained or preset)
     frozen_text = pretrained or bool(source.text_encoder.pretrained)
     return Sources(configs, vae=params["vae"], text_encoder=params["text_encoder"] if frozen_text else None,
-                   unet=params["unet"] if pretrained and source.unet_from_pretrained else None, abstract=True)
+                   unet=params["unet"] if pretrained and source.unet_from_pretrained else None, abstract=True,
+                   text_encoder_2=params.get("text_encoder_2") if frozen_text else None)
 
 
 def generation_networks(configs: ModelConfigs, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,

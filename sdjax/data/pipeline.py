@@ -16,6 +16,7 @@ import hashlib
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from absl import flags
 import grain
@@ -277,17 +278,23 @@ def crop_image(image: np.ndarray, rng: np.random.Generator, config: DataConfig,
     return image.astype(np.float32) / 127.5 - 1.0, (int(top), int(left))
 
 
+def token_ids(tokenize: Callable[[str], Any] | None, text: str) -> dict[str, np.ndarray]:
+    """A caption's ids as the batch carries them: ``tokenize``'s sequence as "input_ids", or (a model
+    with two tokenizers, SDXL) its dict of named sequences ("input_ids", "input_ids_2"); none without it."""
+    if tokenize is None:
+        return {}
+    ids = tokenize(text)
+    return {k: np.asarray(v, np.int32) for k, v in (ids.items() if isinstance(ids, dict) else [("input_ids", ids)])}
+
+
 def example(image: np.ndarray, text: str, original_size: tuple[int, int], rng: np.random.Generator,
-            config: DataConfig, tokenize: Callable[[str], Sequence[int]] | None,
+            config: DataConfig, tokenize: Callable[[str], Any] | None,
             size: tuple[int, int] | None = None) -> dict:
-    """One training example: the cropped image, its caption (and ids), its original (height, width)
-    and the crop's (top, left), as SDXL's micro-conditioning takes them."""
+    """One training example: the cropped image, its caption (and ids, ``token_ids``), its original
+    (height, width) and the crop's (top, left), as SDXL's micro-conditioning takes them."""
     pixels, top_left = crop_image(image, rng, config, size)
-    out = {"image": pixels, "text": text, "original_size": np.asarray(original_size, np.int32),
-           "crop_top_left": np.asarray(top_left, np.int32)}
-    if tokenize is not None:
-        out["input_ids"] = np.asarray(tokenize(text), np.int32)
-    return out
+    return {"image": pixels, "text": text, "original_size": np.asarray(original_size, np.int32),
+            "crop_top_left": np.asarray(top_left, np.int32)} | token_ids(tokenize, text)
 
 
 def preprocess(row: dict, rng: np.random.Generator, config: DataConfig,
@@ -308,7 +315,8 @@ def make_dataset(config: DataConfig, tokenize: Callable[[str], Sequence[int]] | 
     """This host's batches of `config.split`: shuffled by `config.seed`, with `get_state()/set_state()`.
 
     `tokenize` maps one caption to a fixed-length id sequence (e.g. 77 CLIP ids); the
-    batch then carries them as int32 "input_ids" (B, L) next to the raw "text". With
+    batch then carries them as int32 "input_ids" (B, L) next to the raw "text" (a dict of
+    sequences, one per tokenizer, gives one array per name: ``token_ids``). With
     `drop_remainder=False` a finite pass (`num_epochs`) ends with a smaller last batch.
     """
     if config.name == WEBDATASET_NAME:
@@ -316,7 +324,7 @@ def make_dataset(config: DataConfig, tokenize: Callable[[str], Sequence[int]] | 
         def transform(image, text, original_size, rng, size):
             if config.moments_ext:  # precomputed latents: the "image" is the moments (h, w, 2C)
                 out = {"moments": image, "text": text, "original_size": np.asarray(original_size, np.int32)}
-                return out | ({"input_ids": np.asarray(tokenize(text), np.int32)} if tokenize else {})
+                return out | token_ids(tokenize, text)
             return example(image, text, original_size, rng, config, tokenize, size)
 
         return webdataset.WebDatasetIterator(webdataset.expand(config.files), config, transform, host, hosts)

@@ -47,10 +47,12 @@ class LatentRun:
     tokenizer: Any  # None for a run built from abstract sources
     tokenizer_dir: str | None
     step: LatentStep
-    frozen: dict[str, Any]  # frozen VAE (and text encoder, LoRA base UNet) params, empty-caption ids, schedule
+    frozen: dict[str, Any]  # frozen VAE (and text encoders, LoRA base UNet) params, empty-caption ids, schedule
     program: builder.TrainProgram
     dataset: Any  # the prepared TFDS builder of config.data (None for abstract sources)
     workdir: str
+    tokenizer_2: Any = None  # SDXL's second tokenizer
+    tokenizer_2_dir: str | None = None
 
     @property
     def configs(self) -> ModelConfigs:
@@ -59,6 +61,24 @@ class LatentRun:
     @property
     def seq_len(self) -> int:
         return self.configs.text_encoder.max_position_embeddings
+
+    def token_ids(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """The captions' ids for each tokenizer, named as the batch carries them ("input_ids", SDXL's "input_ids_2")."""
+        ids = {"input_ids": tokenize(self.tokenizer, texts, self.seq_len)}
+        if self.tokenizer_2 is not None:
+            ids["input_ids_2"] = tokenize(self.tokenizer_2, texts, self.configs.text_encoder_2.max_position_embeddings)
+        return ids
+
+    def batch_spec(self, height: int, width: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global batch the step takes for images of ``height`` x ``width`` (or their cached latent
+        moments), as abstract arrays on the mesh."""
+        B, on_mesh, f = self.config.train.batch_size, self.program.batch_sharding, self.configs.vae.downsample_factor
+        shapes = {"image": ((B, height, width, 3), jnp.float32), "input_ids": ((B, self.seq_len), jnp.int32),
+                  "moments": ((B, height // f, width // f, 2 * self.configs.vae.latent_channels), jnp.float32)}
+        if self.step.sdxl:
+            shapes |= {"input_ids_2": ((B, self.configs.text_encoder_2.max_position_embeddings), jnp.int32),
+                       "original_size": ((B, 2), jnp.int32), "crop_top_left": ((B, 2), jnp.int32)}
+        return {k: jax.ShapeDtypeStruct(*shapes[k], sharding=on_mesh) for k in self.program.batch_keys}
 
     @property
     def configured_latent_scale(self) -> float:
@@ -124,10 +144,20 @@ def _tokenizer_dir(config: LatentRunConfig, workdir: str, dataset: Any, pretrain
     return folder
 
 
-def _check_networks(configs: ModelConfigs, data) -> None:
-    if configs.unet.cross_attention_dim != configs.text_encoder.hidden_size:
-        raise ValueError(f"model.unet.cross_attention_dim={configs.unet.cross_attention_dim} must equal the text "
-                         f"encoder's hidden_size={configs.text_encoder.hidden_size}.")
+def _check_networks(configs: ModelConfigs, sources: sources_lib.Sources, data) -> None:
+    if configs.is_sdxl and not configs.text_encoder:
+        raise ValueError("This is SDXL's refiner (one text encoder, an aesthetic score): the latent trainer trains "
+                         "SD 1/2 and SDXL base models. Set pretrained to an SDXL base checkpoint.")
+    if configs.is_sdxl and (sources.text_encoder is None or sources.text_encoder_2 is None):
+        raise ValueError("SDXL trains from a pretrained checkpoint (its frozen text encoders): set pretrained=PATH "
+                         "to an SDXL diffusers folder or sdjax export.")
+    if configs.text_encoder_2 and not configs.is_sdxl:
+        raise ValueError("model.text_encoder_2 is SDXL's; its UNet must read added conditioning "
+                         "(addition_embed_type='text_time').")
+    width = sum(getattr(configs, name).hidden_size for name in configs.text_encoder_names)
+    if configs.unet.cross_attention_dim != width:
+        what = "the text encoders' hidden sizes summed" if configs.is_sdxl else "the text encoder's hidden_size"
+        raise ValueError(f"model.unet.cross_attention_dim={configs.unet.cross_attention_dim} must equal {what}={width}.")
     if configs.unet.in_channels != configs.vae.latent_channels:
         raise ValueError(f"model.unet.in_channels={configs.unet.in_channels} must equal the autoencoder's "
                          f"latent_channels={configs.vae.latent_channels}.")
@@ -156,11 +186,17 @@ def build(config: LatentRunConfig | ml_collections.ConfigDict, workdir: str, dev
     mesh, rules = builder.make_mesh(config.mesh, train.batch_size, devices, train.grad_accum)
     sources = sources or sources_lib.read(config.model)
     configs = sources.configs
-    _check_networks(configs, config.data)
+    _check_networks(configs, sources, config.data)
+    if configs.is_sdxl and (train.cache_latents or config.data.moments_ext):
+        raise ValueError("SDXL's micro-conditioning reads each image's crop, which cached latents (train.cache_latents, "
+                         "data.moments_ext) do not keep: train SDXL on images.")
+    if configs.is_sdxl and config.eval.on:
+        raise ValueError("eval (FID, CLIP score) during training supports SD 1/2 models: unset eval.every for SDXL, "
+                         "and evaluate its export with sdjax-evaluate.")
 
     nets = sources_lib.generation_networks(configs, DTYPES[train.dtype], attention=train.attention,
                                            platform=mesh.devices.flat[0].platform)
-    unet_module, text_encoder, vae = nets.unet.clone(remat=train.remat), nets.text_encoder, nets.vae
+    unet_module, vae = nets.unet.clone(remat=train.remat), nets.vae
     lora_targets, unet_shapes = (), None
     if config.lora.rank:
         if sources.unet is None:
@@ -173,14 +209,21 @@ def build(config: LatentRunConfig | ml_collections.ConfigDict, workdir: str, dev
         if config.lora.dropout:
             lora.check_dropout_targets(lora_targets)
 
-    tokenizer_dir = tokenizer = dataset = None
+    tokenizer_dir = tokenizer = tokenizer_2 = dataset = None
+    tokenizer_2_dir = sources.tokenizer_2_dir if configs.text_encoder_2 else None
+    if configs.text_encoder_2 and not sources.abstract and not tokenizer_2_dir:
+        raise ValueError(f"pretrained={config.model.pretrained} carries no second tokenizer: SDXL reads a diffusers "
+                         "folder (tokenizer/ and tokenizer_2/) or an sdjax export.")
     if not sources.abstract:
         dataset = prepare_on_all_hosts(config.data)
         tokenizer_dir = _tokenizer_dir(config, workdir, dataset, sources.tokenizer_dir)
         tokenizer = load_tokenizer(tokenizer_dir)
-        if len(tokenizer) > configs.text_encoder.vocab_size:
-            raise ValueError(f"The tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens but "
-                             f"text_encoder.vocab_size is {configs.text_encoder.vocab_size}; raise vocab_size.")
+        tokenizer_2 = load_tokenizer(tokenizer_2_dir) if tokenizer_2_dir else None
+        for name, tok, folder in (("text_encoder", tokenizer, tokenizer_dir),
+                                  ("text_encoder_2", tokenizer_2, tokenizer_2_dir)):
+            if tok is not None and len(tok) > getattr(configs, name).vocab_size:
+                raise ValueError(f"The tokenizer in {folder} has {len(tok)} tokens but {name}.vocab_size is "
+                                 f"{getattr(configs, name).vocab_size}; raise vocab_size.")
 
     vae_params = sources.vae
     if vae_params is None:  # Smoke tests only: a random frozen autoencoder.
@@ -197,7 +240,7 @@ def build(config: LatentRunConfig | ml_collections.ConfigDict, workdir: str, dev
         else:
             params = {"unet": unet_module.init(k_unet, *unet_inputs(configs.unet))["params"]}
         if sources.trains_text_encoder:
-            params["text_encoder"] = text_encoder.init(k_text, *text_encoder_inputs(configs.text_encoder))["params"]
+            params["text_encoder"] = nets.text_encoder.init(k_text, *text_encoder_inputs(configs.text_encoder))["params"]
         return TrainState.create(params, tx, k_state, extra={"latent_scale": jnp.asarray(latent_scale, jnp.float32)},
                                  ema=train.ema_decay > 0)
 
@@ -209,6 +252,8 @@ def build(config: LatentRunConfig | ml_collections.ConfigDict, workdir: str, dev
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     if not sources.trains_text_encoder:
         frozen["text_encoder"] = sources.text_encoder
+    if configs.text_encoder_2:
+        frozen["text_encoder_2"] = sources.text_encoder_2
     frozen_shardings = jax.tree.map(lambda _: replicated, frozen)
     if lora_targets:  # the frozen base UNet, sharded like a trained one
         frozen["unet"] = sources.unet
@@ -218,7 +263,7 @@ def build(config: LatentRunConfig | ml_collections.ConfigDict, workdir: str, dev
     else:
         frozen = jax.device_put(jax.tree.map(jnp.asarray, frozen), frozen_shardings)
 
-    step = LatentStep(unet=unet_module, vae=vae, text_encoder=text_encoder,
+    step = LatentStep(unet=unet_module, vae=vae, text_encoder=nets.text_encoder, text_encoder_2=nets.text_encoder_2,
                       train_text_encoder=sources.trains_text_encoder,
                       prediction_type=configs.scheduler.prediction_type,
                       num_train_timesteps=configs.scheduler.num_train_timesteps,
@@ -226,19 +271,22 @@ def build(config: LatentRunConfig | ml_collections.ConfigDict, workdir: str, dev
                       grad_accum=train.grad_accum, ema_decay=train.ema_decay, lora_targets=lora_targets,
                       lora_scale=config.lora.scale if lora_targets else 1.0,
                       lora_dropout=config.lora.dropout if lora_targets else 0.0)
+    batch_keys = ("moments" if train.cache_latents or config.data.moments_ext else "image", "input_ids")
+    if step.sdxl:
+        batch_keys += ("input_ids_2", "original_size", "crop_top_left")
     program = builder.compile_step(
         functools.partial(train_step, step=step), mesh=mesh, rules=rules, init=init, init_args=(1.0,),
-        seed=train.seed, batch_keys=("moments" if train.cache_latents or config.data.moments_ext else "image",
-                                     "input_ids"),
-        frozen_shardings=frozen_shardings, fast_compile=train.fast_compile, learning_rate=lr)
+        seed=train.seed, batch_keys=batch_keys, frozen_shardings=frozen_shardings, fast_compile=train.fast_compile,
+        learning_rate=lr)
     return LatentRun(config=config, sources=sources, tokenizer=tokenizer, tokenizer_dir=tokenizer_dir, step=step,
-                     frozen=frozen, program=program, dataset=dataset, workdir=workdir)
+                     frozen=frozen, program=program, dataset=dataset, workdir=workdir, tokenizer_2=tokenizer_2,
+                     tokenizer_2_dir=tokenizer_2_dir)
 
 
 # ---- data ----------------------------------------------------------------------------------------
 
 def _tokenize_fn(run: LatentRun):
-    return lambda text: tokenize(run.tokenizer, [text], run.seq_len)[0]
+    return lambda text: {name: ids[0] for name, ids in run.token_ids([text]).items()}
 
 
 def make_iterator(run: LatentRun):
@@ -326,10 +374,13 @@ def _trained(state: TrainState) -> dict[str, Any]:
 
 def inference_params(run: LatentRun, state: TrainState, gather: bool = True) -> dict[str, Any]:
     """The networks for inference: the EMA (or, without one, the trained) UNet and text encoder, the
-    frozen VAE; host copies gathered from every process unless ``gather=False``."""
+    frozen VAE (and SDXL's second text encoder); host copies gathered from every process unless
+    ``gather=False``."""
     trained = _trained(state)
     text = trained["text_encoder"] if run.step.train_text_encoder else run.frozen["text_encoder"]
     params = {"unet": unet_params(trained, run.frozen, run.step), "vae": run.frozen["vae"], "text_encoder": text}
+    if run.step.text_encoder_2 is not None:
+        params["text_encoder_2"] = run.frozen["text_encoder_2"]
     if not gather:
         return params
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
@@ -337,17 +388,23 @@ def inference_params(run: LatentRun, state: TrainState, gather: bool = True) -> 
 
 def make_sample_grid(run: LatentRun, seed: int = 0):
     """``grid(state) -> uint8 image``: one column per ``sample.prompts``, drawn from the EMA weights
-    with fixed noise by ``generate.generate`` (DDIM, classifier-free guidance)."""
+    with fixed noise by ``generate.generate`` (DDIM, classifier-free guidance against the empty
+    caption; SDXL: at ``data.image_size`` square, uncropped, with its zero negative conditioning
+    where the model says so)."""
     sample, prompts = run.config.sample, list(run.config.sample.prompts)
     plan = get_sampler("ddim").make_plan(run.configs.scheduler, sample.num_steps)
-    nets = generate.Networks(run.step.unet, run.step.vae, run.step.text_encoder)
-    fn = jax.jit(functools.partial(generate.generate, nets, "ddim", 0),
+    fn = jax.jit(functools.partial(generate.generate, run.step.nets, "ddim", 0),
                  compiler_options=RUN_ONCE_COMPILER_OPTIONS if run.config.train.fast_compile else None)
-    side = run.config.data.image_size // run.configs.vae.downsample_factor
-    ids = tokenize(run.tokenizer, prompts, run.seq_len)
-    noise = np.asarray(jax.random.normal(jax.random.key(seed), (len(prompts), side, side,
-                                                                 run.configs.unet.in_channels)))
-    inputs = generate.Inputs(ids, np.broadcast_to(np.asarray(run.frozen["empty_ids"]), ids.shape), noise)
+    size = run.config.data.image_size
+    side, n = size // run.configs.vae.downsample_factor, len(prompts)
+    ids, empty = run.token_ids(prompts), run.token_ids([""] * n)
+    noise = np.asarray(jax.random.normal(jax.random.key(seed), (n, side, side, run.configs.unet.in_channels)))
+    inputs = generate.Inputs(ids["input_ids"], empty["input_ids"], noise)
+    if run.step.sdxl:
+        time_ids = np.tile(np.asarray([size, size, 0, 0, size, size], np.float32), (n, 1))
+        keep = np.full((n,), 0.0 if run.configs.force_zeros_for_empty_prompt else 1.0, np.float32)
+        inputs = inputs.replace(cond_ids_2=ids["input_ids_2"], uncond_ids_2=empty["input_ids_2"], time_ids=time_ids,
+                                uncond_time_ids=time_ids, uncond_keep=keep)
 
     def grid(state: TrainState) -> np.ndarray:
         images = fn(inference_params(run, state, gather=False), inputs, jax.random.key(0), plan,
@@ -412,7 +469,8 @@ def export(run: LatentRun, state: TrainState, path: str) -> None:
         scale = float(multihost_utils.process_allgather(state.extra["latent_scale"], tiled=True).reshape(-1)[0])
     configs = dataclasses.replace(run.configs, vae=dataclasses.replace(run.configs.vae, scaling_factor=scale))
     if jax.process_index() == 0:
-        export_lib.save(path, configs, params, run.tokenizer_dir, format=run.config.train.export_format)
+        export_lib.save(path, configs, params, run.tokenizer_dir, format=run.config.train.export_format,
+                        tokenizer_2_dir=run.tokenizer_2_dir)
     sharding.barrier("export written")
 
 
@@ -422,13 +480,10 @@ def bucket_steps(run: LatentRun):
     """``step(state, batch)`` for ``data.buckets``: the step compiled for every bucket's shape before the
     first one runs (so a pod never stops mid-run to compile; several at once, ``CompiledSteps.compile_all``),
     each batch sent to its bucket's program."""
-    data, train = run.config.data, run.config.train
+    data = run.config.data
     sizes = buckets_lib.parse(data.buckets, data.image_size)
-    state, on_mesh = run.program.restore_target(), run.program.batch_sharding
     steps = run.program.ahead_of_time(run.frozen)
-    steps.compile_all(state, [{"image": jax.ShapeDtypeStruct((train.batch_size, h, w, 3), jnp.float32, sharding=on_mesh),
-                               "input_ids": jax.ShapeDtypeStruct((train.batch_size, run.seq_len), jnp.int32,
-                                                                 sharding=on_mesh)} for h, w in sizes])
+    steps.compile_all(run.program.restore_target(), [run.batch_spec(h, w) for h, w in sizes])
     if jax.process_index() == 0:
         print(f"compiled the step for {len(sizes)} buckets: {', '.join(f'{h}x{w}' for h, w in sizes)}", flush=True)
     return steps

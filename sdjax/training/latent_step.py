@@ -3,7 +3,9 @@
 The loss draws caption dropout, the latent sample, timesteps and noise from
 ``fold_in(state.key, state.step)``, so a resumed run repeats an uninterrupted one; with
 ``grad_accum`` = A the batch is split into A interleaved micro-batches whose gradients are
-averaged in a scan. ``builder.compile_step`` jits it on a mesh.
+averaged in a scan. ``builder.compile_step`` jits it on a mesh. The text is encoded as sampling
+encodes it (``generate.encode_text``): SDXL's two encoders, their pooled embedding and the
+micro-conditioning numbers of each example (original size, crop offset, target size) reach its UNet.
 """
 
 import dataclasses
@@ -13,10 +15,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sdjax import generate
 from sdjax.diffusion.schedule import add_noise, get_target
 from sdjax.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from sdjax.models.text_encoder import CLIPTextEncoder
-from sdjax.models.unet import UNet
+from sdjax.models.unet import AddedCond, UNet
 from sdjax.train_state import TrainState
 from sdjax.training import lora
 
@@ -37,6 +40,16 @@ class LatentStep:
     lora_targets: tuple[lora.Target, ...] = ()  # non-empty: the UNet is frozen and these layers' adapters train
     lora_scale: float = 1.0  # alpha / rank
     lora_dropout: float = 0.0  # > 0: adapters beside the frozen layers, dropout on their inputs
+    text_encoder_2: CLIPTextEncoder | None = None  # SDXL's second (frozen) text encoder
+
+    @property
+    def nets(self) -> generate.Networks:
+        return generate.Networks(self.unet, self.vae, self.text_encoder, self.text_encoder_2)
+
+    @property
+    def sdxl(self) -> bool:
+        """The UNet reads added conditioning: a pooled text embedding and micro-conditioning numbers."""
+        return bool(self.unet.config.addition_embed_type)
 
 
 def min_snr_weight(snr_B: jax.Array, gamma: float, prediction_type: str) -> jax.Array:
@@ -59,17 +72,37 @@ def unet_params(trained: dict[str, Any], frozen: dict[str, Any], step: LatentSte
     return lora.apply_adapters(frozen["unet"], trained["unet_lora"], step.lora_targets, step.lora_scale)
 
 
+def conditioning(params: Any, frozen: dict, micro: dict, drop_B: jax.Array, image_hw: tuple[int, int],
+                 step: LatentStep) -> tuple[jax.Array, AddedCond | None]:
+    """The UNet's text context of a micro-batch and, for SDXL, its added conditioning. A dropped
+    caption (``drop_B``) reads the empty caption's context (SD 1/2), or zeros for the context and the
+    pooled embedding (SDXL, as its training dropped them and as its pipelines' zero negative
+    conditioning reads). SDXL's micro-conditioning: each example's original (height, width) and crop
+    (top, left), then the trained images' (height, width) ``image_hw``."""
+    source = params if step.train_text_encoder else frozen
+    text_params = {name: source[name] for name in ("text_encoder", "text_encoder_2") if getattr(step, name)}
+    ids = micro["input_ids"]
+    if not step.sdxl:
+        ids = jnp.where(drop_B[:, None], frozen["empty_ids"][None], ids)
+        return generate.encode_text(step.nets, text_params, ids, None)[0], None
+    ctx, pooled = generate.encode_text(step.nets, text_params, ids, micro["input_ids_2"])
+    keep_B = 1.0 - drop_B.astype(jnp.float32)
+    target = jnp.broadcast_to(jnp.asarray(image_hw, jnp.float32), (ids.shape[0], 2))
+    time_ids = jnp.concatenate([micro["original_size"].astype(jnp.float32),
+                                micro["crop_top_left"].astype(jnp.float32), target], axis=-1)
+    return ((ctx * keep_B[:, None, None]).astype(ctx.dtype),
+            AddedCond((pooled * keep_B[:, None]).astype(pooled.dtype), time_ids))
+
+
 def micro_loss(params: Any, frozen: dict, micro: dict, key: jax.Array, latent_scale: jax.Array,
                step: LatentStep) -> jax.Array:
     """The mean (min-SNR weighted) denoising loss of one micro-batch."""
     k_drop, k_vae, k_t, k_noise = jax.random.split(key, 4)
-    ids = micro["input_ids"]
-    B = ids.shape[0]
+    B = micro["input_ids"].shape[0]
     drop_B = jax.random.bernoulli(k_drop, step.caption_dropout, (B,))
-    ids = jnp.where(drop_B[:, None], frozen["empty_ids"][None], ids)
     z = jax.lax.stop_gradient(posterior(step.vae, frozen["vae"], micro).sample(k_vae) * latent_scale)
-    text_params = params["text_encoder"] if step.train_text_encoder else frozen["text_encoder"]
-    ctx = step.text_encoder.apply({"params": text_params}, ids).context_BLD
+    f = step.vae.config.downsample_factor
+    ctx, added = conditioning(params, frozen, micro, drop_B, (z.shape[1] * f, z.shape[2] * f), step)
     t_B = jax.random.randint(k_t, (B,), 0, step.num_train_timesteps)
     noise = jax.random.normal(k_noise, z.shape, jnp.float32)
     ac = frozen["alphas_cumprod"]
@@ -78,9 +111,10 @@ def micro_loss(params: Any, frozen: dict, micro: dict, key: jax.Array, latent_sc
         interceptor = lora.dropout_interceptor(params["unet_lora"], step.lora_targets, step.lora_scale,
                                                step.lora_dropout, jax.random.split(key, 5)[4])
         with nn.intercept_methods(interceptor):
-            out = step.unet.apply({"params": frozen["unet"]}, x_t.astype(step.unet.dtype), t_B, ctx)
+            out = step.unet.apply({"params": frozen["unet"]}, x_t.astype(step.unet.dtype), t_B, ctx, added)
     else:
-        out = step.unet.apply({"params": unet_params(params, frozen, step)}, x_t.astype(step.unet.dtype), t_B, ctx)
+        out = step.unet.apply({"params": unet_params(params, frozen, step)}, x_t.astype(step.unet.dtype), t_B, ctx,
+                              added)
     target = get_target(ac, z, noise, t_B, step.prediction_type)
     err_B = jnp.mean(jnp.square(out.astype(jnp.float32) - target), axis=(1, 2, 3))
     if step.min_snr_gamma:
@@ -91,8 +125,9 @@ def micro_loss(params: Any, frozen: dict, micro: dict, key: jax.Array, latent_sc
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: dict[str, Any], *,
                step: LatentStep) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update on a global batch {"image" (B,H,W,3), "input_ids" (B,L)}; with
-    ``train.cache_latents`` the images are replaced by cached posterior "moments" (B,h,w,2C).
+    """One optimizer update on a global batch {"image" (B,H,W,3), "input_ids" (B,L)} (SDXL: and
+    "input_ids_2" (B,L), "original_size" and "crop_top_left" (B,2)); with ``train.cache_latents`` the
+    images are replaced by cached posterior "moments" (B,h,w,2C).
     Each micro-batch of ``grad_accum`` is spread over every data-parallel device."""
     key = state.step_key()
     scale = state.extra["latent_scale"]
