@@ -50,6 +50,8 @@ BLOCKS = {
                       "(compiler-estimated)"):
         "not run here: a full-size ViT-H-14 in two frameworks takes minutes; its parts (sdjax.evaluation's judges, "
         "tests/eval_reference.py) are tested against the same references",
+    ("training.md", "## SDXL: fine-tune and LoRA"): ("tests/test_sdxl.py",
+                                                      'readme_block("## SDXL: fine-tune and LoRA", "docs/training.md")'),
     ("training.md", "## Real Stable Diffusion configs"):
         "not run here: it needs a real SD 1.5 checkpoint; tests/test_configs.py trains its :tiny variant",
 }

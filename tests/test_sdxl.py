@@ -553,3 +553,138 @@ def test_sdxl_generation_sharded_over_eight_devices_equals_one(folder):
                                       mesh=Mesh(np.asarray(jax.devices()[:1]), ("data",)))
     one = sd.txt2img(prompts, **kw)
     np.testing.assert_allclose(eight, one, atol=1e-5)
+
+
+def _training_step_parts(sd: StableDiffusion, caption_dropout: float = 0.0):
+    """The latent trainer's step settings and frozen arrays for ``sd`` (its UNet as the trained network)."""
+    from sdjax.diffusion.schedule import alphas_cumprod
+    from sdjax.training.latent_step import LatentStep
+
+    nets = sd.generator.nets
+    step = LatentStep(unet=nets.unet, vae=nets.vae, text_encoder=nets.text_encoder, text_encoder_2=nets.text_encoder_2,
+                      train_text_encoder=False, prediction_type="epsilon", num_train_timesteps=1000,
+                      caption_dropout=caption_dropout, min_snr_gamma=None, grad_accum=1, ema_decay=0.0)
+    frozen = {name: sd.params[name] for name in ("vae", "text_encoder", "text_encoder_2")}
+    frozen |= {"empty_ids": sd.tokenize([""])[0], "alphas_cumprod": alphas_cumprod(sd.configs.scheduler)}
+    return step, frozen
+
+
+def test_training_conditioning_equals_diffusers_sdxl_training_script(folder):
+    """The latent step's SDXL conditioning (both encoders' penultimate states, the second's pooled
+    embedding, each example's original size and crop offset, then the trained size) gives the UNet
+    output that diffusers' train_text_to_image_sdxl.py computes for the same batch; a dropped caption's
+    context and pooled embedding are zero; different original sizes give different losses."""
+    import jax
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdjax.training.latent_step import conditioning, micro_loss
+
+    sd = StableDiffusion.from_pretrained(folder)
+    step, frozen = _training_step_parts(sd)
+    prompts = ["a red circle on a blue background", "a green triangle"]
+    micro = {"input_ids": sd.tokenize(prompts), "input_ids_2": sd.tokenize(prompts, encoder=2),
+             "original_size": np.asarray([[40, 40], [32, 48]], np.int32),
+             "crop_top_left": np.asarray([[0, 4], [3, 0]], np.int32)}
+    no_drop = np.zeros(2, bool)
+    ctx, added = conditioning({}, frozen, micro, no_drop, (24, 40), step)
+    x_t = np.random.default_rng(0).standard_normal((2, 12, 20, 4)).astype(np.float32)
+    t = np.asarray([10, 700], np.int32)
+    ours = np.asarray(step.unet.apply({"params": sd.params["unet"]}, x_t, t, ctx, added))
+
+    with torch.no_grad():
+        embeds = []
+        for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+            key = "input_ids" if name == "text_encoder" else "input_ids_2"
+            out = cls.from_pretrained(folder / name)(torch.from_numpy(micro[key]).long(), output_hidden_states=True,
+                                                      return_dict=False)
+            pooled, embeds = out[0], embeds + [out[-1][-2]]
+        time_ids = torch.tensor([[40, 40, 0, 4, 24, 40], [32, 48, 3, 0, 24, 40]], dtype=torch.float32)
+        ref = UNet2DConditionModel.from_pretrained(folder / "unet")(
+            torch.from_numpy(x_t.transpose(0, 3, 1, 2)), torch.from_numpy(t).long(), torch.cat(embeds, dim=-1),
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample.numpy().transpose(0, 2, 3, 1)
+    assert ours.shape == ref.shape == (2, 12, 20, 4)
+    np.testing.assert_allclose(ours, ref, atol=2e-4 * np.abs(ref).max())
+
+    dropped_ctx, dropped = conditioning({}, frozen, micro, np.asarray([True, False]), (24, 40), step)
+    assert not np.asarray(dropped_ctx[0]).any() and not np.asarray(dropped.text_embeds_BP[0]).any()
+    np.testing.assert_array_equal(np.asarray(dropped_ctx[1]), np.asarray(ctx[1]))
+    np.testing.assert_array_equal(np.asarray(dropped.time_ids_BK), np.asarray(added.time_ids_BK))
+
+    rng = np.random.default_rng(1)
+    batch = dict(micro, moments=np.concatenate([rng.standard_normal((2, 12, 20, 4)),
+                                                np.full((2, 12, 20, 4), -8.0)], -1).astype(np.float32))
+    loss = lambda b: float(micro_loss({"unet": sd.params["unet"]}, frozen, b, jax.random.key(0),  # noqa: E731
+                                      np.float32(0.13025), step))
+    other = dict(batch, original_size=np.asarray([[80, 80], [64, 96]], np.int32))
+    assert loss(batch) == loss(dict(batch)) != loss(other)
+
+
+@pytest.mark.slow
+def test_docs_sdxl_fine_tune_and_lora_commands(folder, tmp_path):
+    """docs/training.md's two SDXL commands with the tiny config on the tiny SDXL folder. The fine-tune
+    (in two aspect-ratio buckets) keeps the autoencoder and both text encoders bit for bit and moves
+    the UNet a little; the LoRA run (UNet and both text encoders) exports a file that diffusers'
+    StableDiffusionXLPipeline loads into the images sdjax's with_lora gives, and kohya's layout of
+    the same adapters reads back to the same images."""
+    import json
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    from sdjax.checkpoints import lora as lora_files
+    from tests.helpers import readme_block, subprocess_env, write_image_folder
+
+    full_cmd, lora_cmd = readme_block("## SDXL: fine-tune and LoRA", "docs/training.md")
+    write_image_folder(tmp_path / "my_images", 12)
+
+    def run(command: str, *extra: str) -> str:
+        args = [a.replace("=stable-diffusion-xl-base-1.0", f"={folder}") for a in shlex.split(command)]
+        args[0] = os.path.join(os.path.dirname(sys.executable), os.path.basename(args[0]))
+        args = ["sdxl_finetune:tiny" if a == "sdxl_finetune" else a for a in args]
+        done = subprocess.run(args + [f"--config.data.data_dir={tmp_path / 'tfds'}", *extra], cwd=tmp_path,
+                              env=subprocess_env(), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "step 4/4" in done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    flat = lambda tree: {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}  # noqa: E731
+    out = run(full_cmd, "--config.data.buckets=32x32,24x40")
+    assert "compiled the step for 2 buckets: 32x32, 24x40" in out
+    base, tuned = StableDiffusion.from_pretrained(folder), StableDiffusion.from_pretrained(tmp_path / "runs/xl-export")
+    assert tuned.configs == base.configs
+    assert tuned.tokenizer_2.get_vocab() == base.tokenizer_2.get_vocab() and tuned.tokenizer_2.pad_token == "!"
+    for name in ("vae", "text_encoder", "text_encoder_2"):  # frozen: bit for bit
+        for k, v in flat(base.params[name]).items():
+            np.testing.assert_array_equal(flat(tuned.params[name])[k], v, err_msg=name + k)
+    diff = max(np.abs(flat(tuned.params["unet"])[k] - v).max() for k, v in flat(base.params["unet"]).items())
+    assert 0 < diff < 5e-5  # 4 Adam steps at 1e-5 from the checkpoint's UNet
+    assert len(list((tmp_path / "runs/xl/samples").glob("samples_*.png"))) == 2
+
+    # A learning rate that moves the adapters visibly in 4 steps, so a misplaced adapter would show.
+    run(lora_cmd, "--config.train.learning_rate=3e-2")
+    lora_file = tmp_path / "runs/my-xl-lora/pytorch_lora_weights.safetensors"
+    with safe_open(str(lora_file), "np") as f:
+        keys, meta = list(f.keys()), json.loads(f.metadata()[lora_files.METADATA_KEY])
+    for network in ("unet", "text_encoder", "text_encoder_2"):
+        assert meta[f"{network}.r"] == 16 and any(k.startswith(network + ".") for k in keys)
+    assert any(k.startswith("text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A") for k in keys)
+    prompts, noise = ["a red circle", "a green triangle"], generate.starting_noise(5, 2, (16, 16, 4))
+    kw = dict(num_inference_steps=4, guidance_scale=5.0, height=32, width=32)
+    ours = base.with_lora(lora_file).txt2img(prompts, sampler="euler", init_latents=noise, output="float", **kw)
+    from diffusers import StableDiffusionXLPipeline
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+    ref = pipe(prompts, latents=torch.from_numpy(np.ascontiguousarray(noise.transpose(0, 3, 1, 2))),
+               output_type="np", **kw).images
+    assert np.abs(ours - ref).mean() <= 3e-4, np.abs(ours - ref).mean()
+    plain = base.txt2img(prompts, sampler="euler", init_latents=noise, output="float", **kw)
+    assert np.abs(ours - plain).mean() > 3e-3  # the adapters change the images
+    kohya = lora_files.save(str(tmp_path / "kohya"), lora_files.read(str(lora_file)), "kohya")
+    with safe_open(kohya, "np") as f:
+        assert {k.split("_text_model")[0] for k in f.keys() if "_te" in k} == {"lora_te1", "lora_te2"}
+    again = base.with_lora(kohya).txt2img(prompts, sampler="euler", init_latents=noise, output="float", **kw)
+    np.testing.assert_allclose(again, ours, atol=1e-6)

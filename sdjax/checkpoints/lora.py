@@ -156,12 +156,9 @@ _KOHYA_NETWORK_PREFIXES = {"unet": ("lora_unet_",), "text_encoder": ("lora_te_te
 
 def kohya_names(network: str, module: str) -> tuple[str, ...]:
     """kohya's names of a layer: ``lora_unet_``, ``lora_te_text_model_`` (SDXL: ``lora_te1_text_model_``,
-    ``lora_te2_text_model_``) + the module name with ``_``; the first is the one ``save`` writes."""
+    ``lora_te2_text_model_``) + the module name with ``_``; ``save`` writes the first (SDXL's first
+    encoder: the second)."""
     return tuple(prefix + module.replace(".", "_") for prefix in _KOHYA_NETWORK_PREFIXES[network])
-
-
-def kohya_name(network: str, module: str) -> str:
-    return kohya_names(network, module)[0]
 
 
 def save(folder: str, adapters: list[Adapter], layout: str = "peft") -> str:
@@ -171,12 +168,14 @@ def save(folder: str, adapters: list[Adapter], layout: str = "peft") -> str:
     if layout not in LORA_LAYOUTS:
         raise ValueError(f"unknown LoRA layout {layout!r}; choose one of {', '.join(LORA_LAYOUTS)}.")
     tensors, metadata = {}, {"format": "pt"}
+    sdxl = any(a.network == "text_encoder_2" for a in adapters)  # kohya names SDXL's first encoder lora_te1_
     for a in adapters:
-        if layout == "peft":
-            tensors[f"{a.network}.{a.module}.lora_A.weight"] = a.down
-            tensors[f"{a.network}.{a.module}.lora_B.weight"] = a.up
+        if layout == "peft":  # PEFT names a text encoder's layers inside its text_model
+            module = a.module if a.network == "unet" else "text_model." + a.module
+            tensors[f"{a.network}.{module}.lora_A.weight"] = a.down
+            tensors[f"{a.network}.{module}.lora_B.weight"] = a.up
         else:
-            name = kohya_name(a.network, a.module)
+            name = kohya_names(a.network, a.module)[1 if sdxl and a.network == "text_encoder" else 0]
             tensors[f"{name}.lora_down.weight"] = a.down
             tensors[f"{name}.lora_up.weight"] = a.up
             tensors[f"{name}.alpha"] = np.asarray(a.alpha, np.float32)

@@ -31,7 +31,7 @@ from sdjax.samplers import get_sampler
 from sdjax.tokenizer import load_tokenizer, tokenize
 from sdjax.train_state import RUN_ONCE_COMPILER_OPTIONS, TrainState, make_optimizer
 from sdjax.training import builder, lora, loop, schema
-from sdjax.training.latent_step import LatentStep, posterior, train_step, unet_params
+from sdjax.training.latent_step import LatentStep, posterior, text_encoder_params, train_step, unet_params
 from sdjax.training.schema import LatentRunConfig
 from sdjax.training.word_tokenizer import write_word_tokenizer
 
@@ -208,6 +208,9 @@ def build(config: LatentRunConfig | ml_collections.ConfigDict, workdir: str, dev
         lora_targets = lora.find_targets(nn.meta.unbox(unet_shapes)["params"], tuple(config.lora.targets))
         if config.lora.dropout:
             lora.check_dropout_targets(lora_targets)
+        if config.lora.text_encoders:
+            for name in configs.text_encoder_names:
+                lora_targets += lora.find_targets(getattr(sources, name), tuple(config.lora.text_encoder_targets), name)
 
     tokenizer_dir = tokenizer = tokenizer_2 = dataset = None
     tokenizer_2_dir = sources.tokenizer_2_dir if configs.text_encoder_2 else None
@@ -236,7 +239,10 @@ def build(config: LatentRunConfig | ml_collections.ConfigDict, workdir: str, dev
     def init(key: jax.Array, latent_scale: jax.Array) -> TrainState:
         k_unet, k_text, k_state = jax.random.split(key, 3)
         if lora_targets:  # only the adapters train (and have optimizer state and EMA)
-            params = {"unet_lora": lora.init_adapters(k_unet, lora_targets, config.lora.rank)}
+            params = {lora.params_key(name): lora.init_adapters(k, lora.of_network(lora_targets, name), config.lora.rank)
+                      for name, k in (("unet", k_unet), ("text_encoder", jax.random.fold_in(k_text, 1)),
+                                      ("text_encoder_2", jax.random.fold_in(k_text, 2)))
+                      if lora.of_network(lora_targets, name)}
         else:
             params = {"unet": unet_module.init(k_unet, *unet_inputs(configs.unet))["params"]}
         if sources.trains_text_encoder:
@@ -377,10 +383,8 @@ def inference_params(run: LatentRun, state: TrainState, gather: bool = True) -> 
     frozen VAE (and SDXL's second text encoder); host copies gathered from every process unless
     ``gather=False``."""
     trained = _trained(state)
-    text = trained["text_encoder"] if run.step.train_text_encoder else run.frozen["text_encoder"]
-    params = {"unet": unet_params(trained, run.frozen, run.step), "vae": run.frozen["vae"], "text_encoder": text}
-    if run.step.text_encoder_2 is not None:
-        params["text_encoder_2"] = run.frozen["text_encoder_2"]
+    params = {"unet": unet_params(trained, run.frozen, run.step), "vae": run.frozen["vae"],
+              **text_encoder_params(trained, run.frozen, run.step)}
     if not gather:
         return params
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
@@ -456,7 +460,9 @@ def export(run: LatentRun, state: TrainState, path: str) -> None:
     latent scale used in training as the VAE's ``scaling_factor``. A LoRA run writes its (EMA)
     adapters instead: ``path/pytorch_lora_weights.safetensors`` in ``lora.layout``."""
     if run.step.lora_targets:
-        adapters = jax.tree.map(np.asarray, multihost_utils.process_allgather(_trained(state)["unet_lora"], tiled=True))
+        trained = _trained(state)
+        adapters = jax.tree.map(np.asarray, multihost_utils.process_allgather(
+            {k: v for k, v in trained.items() if k.endswith("_lora")}, tiled=True))
         if jax.process_index() == 0:
             paths.makedirs(path)
             lora_files.save(path, lora.trained_adapters(adapters, run.step.lora_targets, run.config.lora.export_alpha),

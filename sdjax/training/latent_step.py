@@ -38,6 +38,7 @@ class LatentStep:
     grad_accum: int
     ema_decay: float
     lora_targets: tuple[lora.Target, ...] = ()  # non-empty: the UNet is frozen and these layers' adapters train
+    # (targets of the text encoders too with lora.text_encoders; those encoders stay frozen beneath them)
     lora_scale: float = 1.0  # alpha / rank
     lora_dropout: float = 0.0  # > 0: adapters beside the frozen layers, dropout on their inputs
     text_encoder_2: CLIPTextEncoder | None = None  # SDXL's second (frozen) text encoder
@@ -69,7 +70,24 @@ def unet_params(trained: dict[str, Any], frozen: dict[str, Any], step: LatentSte
     """The UNet's weights: trained, or (LoRA) the frozen base with the trained adapters merged in."""
     if not step.lora_targets:
         return trained["unet"]
-    return lora.apply_adapters(frozen["unet"], trained["unet_lora"], step.lora_targets, step.lora_scale)
+    return lora.apply_adapters(frozen["unet"], trained["unet_lora"], lora.of_network(step.lora_targets, "unet"),
+                               step.lora_scale)
+
+
+def text_encoder_params(trained: dict[str, Any], frozen: dict[str, Any], step: LatentStep) -> dict[str, Any]:
+    """Each text encoder's weights: trained (SD from scratch), frozen, or frozen with trained adapters merged in."""
+    out = {}
+    for name in ("text_encoder", "text_encoder_2"):
+        targets = lora.of_network(step.lora_targets, name)
+        if getattr(step, name) is None:
+            continue
+        if step.train_text_encoder and name == "text_encoder":
+            out[name] = trained[name]
+        elif targets:
+            out[name] = lora.apply_adapters(frozen[name], trained[lora.params_key(name)], targets, step.lora_scale)
+        else:
+            out[name] = frozen[name]
+    return out
 
 
 def conditioning(params: Any, frozen: dict, micro: dict, drop_B: jax.Array, image_hw: tuple[int, int],
@@ -79,8 +97,7 @@ def conditioning(params: Any, frozen: dict, micro: dict, drop_B: jax.Array, imag
     pooled embedding (SDXL, as its training dropped them and as its pipelines' zero negative
     conditioning reads). SDXL's micro-conditioning: each example's original (height, width) and crop
     (top, left), then the trained images' (height, width) ``image_hw``."""
-    source = params if step.train_text_encoder else frozen
-    text_params = {name: source[name] for name in ("text_encoder", "text_encoder_2") if getattr(step, name)}
+    text_params = text_encoder_params(params, frozen, step)
     ids = micro["input_ids"]
     if not step.sdxl:
         ids = jnp.where(drop_B[:, None], frozen["empty_ids"][None], ids)
@@ -108,8 +125,8 @@ def micro_loss(params: Any, frozen: dict, micro: dict, key: jax.Array, latent_sc
     ac = frozen["alphas_cumprod"]
     x_t = add_noise(ac, z, noise, t_B)
     if step.lora_dropout:
-        interceptor = lora.dropout_interceptor(params["unet_lora"], step.lora_targets, step.lora_scale,
-                                               step.lora_dropout, jax.random.split(key, 5)[4])
+        interceptor = lora.dropout_interceptor(params["unet_lora"], lora.of_network(step.lora_targets, "unet"),
+                                               step.lora_scale, step.lora_dropout, jax.random.split(key, 5)[4])
         with nn.intercept_methods(interceptor):
             out = step.unet.apply({"params": frozen["unet"]}, x_t.astype(step.unet.dtype), t_B, ctx, added)
     else:

@@ -1,8 +1,9 @@
 """Training LoRA adapters: the ``lora`` section of the latent trainer.
 
-With ``lora.rank`` > 0 (``schema.LoraConfig``) the adapters of the UNet's ``targets`` are the only trained parameters;
+With ``lora.rank`` > 0 (``schema.LoraConfig``) the adapters of the UNet's ``targets`` (and, with
+``text_encoders``, of the text encoders' ``text_encoder_targets``) are the only trained parameters;
 each step merges them into the frozen base kernels (``apply_adapters``), or with ``dropout`` > 0
-adds them beside the frozen layers (``dropout_interceptor``, PEFT's lora_dropout). The export
+adds the UNet's beside its frozen layers (``dropout_interceptor``, PEFT's lora_dropout). The export
 turns them into ``Adapter``s (``trained_adapters``) that ``sdjax.checkpoints.lora.save`` writes
 in the diffusers/PEFT or kohya layout.
 """
@@ -19,7 +20,7 @@ from flax import traverse_util
 from sdjax.checkpoints.convert import torch_key
 from sdjax.checkpoints.lora import Adapter
 from sdjax.models.layers import HeadsDense, HeadsMergeDense, features_to_heads, heads_to_features
-from sdjax.training.schema import LORA_TARGETS
+from sdjax.training.schema import LORA_TARGETS, TEXT_ENCODER_LORA_TARGETS
 
 @dataclasses.dataclass(frozen=True)
 class Target:
@@ -28,23 +29,35 @@ class Target:
     path: tuple[str, ...]  # the kernel's Flax path in the UNet params
     module: str  # the PyTorch module name (what LoRA files call the layer)
     kernel_shape: tuple[int, ...]
+    network: str = "unet"  # or "text_encoder", "text_encoder_2"
 
 
-def find_targets(unet_params: Any, suffixes: tuple[str, ...]) -> tuple[Target, ...]:
-    """The kernels of ``unet_params`` (arrays or ShapeDtypeStructs) whose module names end in one of
-    ``suffixes``; a suffix that matches nothing is an error naming it."""
+def params_key(network: str) -> str:
+    """Where a network's adapters live in the trained parameters ("unet_lora", "text_encoder_lora", ...)."""
+    return f"{network}_lora"
+
+
+def of_network(targets: tuple[Target, ...], network: str) -> tuple[Target, ...]:
+    return tuple(t for t in targets if t.network == network)
+
+
+def find_targets(params: Any, suffixes: tuple[str, ...], network: str = "unet") -> tuple[Target, ...]:
+    """The kernels of one network's ``params`` (arrays or ShapeDtypeStructs) whose module names end in
+    one of ``suffixes``; a suffix that matches nothing is an error naming it."""
     found, unused = [], set(suffixes)
-    for path, leaf in traverse_util.flatten_dict(unet_params).items():
+    for path, leaf in traverse_util.flatten_dict(params).items():
         if path[-1] != "kernel":
             continue
         module = torch_key(path)[:-len(".weight")]
         hits = [t for t in suffixes if module == t or module.endswith("." + t)]
         if hits:
             unused -= set(hits)
-            found.append(Target("__".join(path[:-1]), path, module, tuple(leaf.shape)))
+            found.append(Target("__".join(path[:-1]), path, module, tuple(leaf.shape), network))
     if unused:
-        raise ValueError(f"lora.targets {sorted(unused)} match no layer of this UNet; targets are module-name "
-                         f"suffixes such as {', '.join(LORA_TARGETS)}.")
+        field, examples = (("targets", LORA_TARGETS) if network == "unet"
+                           else ("text_encoder_targets", TEXT_ENCODER_LORA_TARGETS))
+        raise ValueError(f"lora.{field} {sorted(unused)} match no layer of {network}; targets are module-name "
+                         f"suffixes such as {', '.join(examples)}.")
     return tuple(found)
 
 
@@ -111,14 +124,16 @@ def check_dropout_targets(targets: tuple[Target, ...]) -> None:
                          f"convolutions (e.g. {wide[0]}): drop them from lora.targets or set lora.dropout=0.")
 
 
-def trained_adapters(adapters: dict[str, dict[str, Any]], targets: tuple[Target, ...], alpha: float) -> list[Adapter]:
-    """Trained adapters (host arrays) as ``Adapter``s of the UNet, in PyTorch layout (conv layers' 4-D)."""
+def trained_adapters(trained: dict[str, Any], targets: tuple[Target, ...], alpha: float) -> list[Adapter]:
+    """Trained adapters (host arrays under ``params_key(network)``, as the train state holds them) as
+    ``Adapter``s of their networks, in PyTorch layout (conv layers' 4-D)."""
     out = []
     for t in targets:
-        down, up = np.asarray(adapters[t.name]["down"], np.float32), np.asarray(adapters[t.name]["up"], np.float32)
+        a = trained[params_key(t.network)][t.name]
+        down, up = np.asarray(a["down"], np.float32), np.asarray(a["up"], np.float32)
         if len(t.kernel_shape) == 4:  # a 1x1 conv: PEFT adapts it with conv adapters
             kh, kw, cin, _ = t.kernel_shape
             down = down.reshape(-1, kh, kw, cin).transpose(0, 3, 1, 2)
             up = up[:, :, None, None]
-        out.append(Adapter("unet", t.module, down, up, alpha))
+        out.append(Adapter(t.network, t.module, down, up, alpha))
     return out

@@ -21,6 +21,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 # The layers diffusers' LoRA training scripts adapt by default, plus the transformers' projections and
 # feed-forward (PEFT ``target_modules``: suffixes of the PyTorch module names).
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+# The text encoders' attention projections, as diffusers' LoRA scripts adapt them with --train_text_encoder.
+TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,12 +214,15 @@ class ModelSource:
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    """``config.lora``: ``rank`` > 0 trains UNet adapters instead of the UNet."""
+    """``config.lora``: ``rank`` > 0 trains UNet adapters instead of the UNet (``text_encoders``: and
+    adapters of the frozen text encoders, both of SDXL's)."""
     rank: int = 0  # 0: no LoRA, the whole UNet trains
     alpha: float | None = None  # the update is scaled by alpha / rank; None: alpha = rank
     targets: tuple[str, ...] = LORA_TARGETS  # module-name suffixes of the adapted layers
-    dropout: float = 0.0  # PEFT's lora_dropout: dropout on each adapter's input (training only)
+    dropout: float = 0.0  # PEFT's lora_dropout: dropout on each UNet adapter's input (training only)
     layout: str = "peft"  # the export: peft (diffusers' load_lora_weights) or kohya (A1111, ComfyUI)
+    text_encoders: bool = False  # also adapt the text encoders' text_encoder_targets
+    text_encoder_targets: tuple[str, ...] = TEXT_ENCODER_LORA_TARGETS
 
     def __post_init__(self):
         if self.rank < 0:
@@ -228,6 +233,9 @@ class LoraConfig:
             raise ValueError(f"lora.alpha must be > 0, got {self.alpha}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}.")
+        if self.text_encoders and self.dropout:
+            raise ValueError("lora.dropout applies to the UNet's adapters, which run beside its layers; the text "
+                             "encoders' adapters are merged: set lora.dropout=0 with lora.text_encoders=True.")
 
     @property
     def scale(self) -> float:
