@@ -20,7 +20,9 @@ Caption dropout zeros both text embeddings and the pooled one (what SDXL's pipel
 negative conditioning of an empty negative prompt). Defaults: 1024 px, AdamW at 1e-5 after 500
 warm-up steps, bf16 compute with f32 master weights, EMA 0.9999, ``train.remat`` on, parameters,
 EMA and Adam state sharded over every device (``mesh.shape=(1, -1)``: fsdp; the batch still splits
-over all of them).
+over all of them). ``train.cache_latents=True`` encodes the images once and takes the autoencoder
+out of the step; the cache keeps each image's crop for the micro-conditioning (one size: not with
+buckets).
 
 LoRA instead of the whole UNet (``--config.lora.rank=16``; the export is
 ``pytorch_lora_weights.safetensors`` for diffusers' ``StableDiffusionXLPipeline.load_lora_weights``,

@@ -187,9 +187,10 @@ def build(config: LatentRunConfig | ml_collections.ConfigDict, workdir: str, dev
     sources = sources or sources_lib.read(config.model)
     configs = sources.configs
     _check_networks(configs, sources, config.data)
-    if configs.is_sdxl and (train.cache_latents or config.data.moments_ext):
-        raise ValueError("SDXL's micro-conditioning reads each image's crop, which cached latents (train.cache_latents, "
-                         "data.moments_ext) do not keep: train SDXL on images.")
+    if configs.is_sdxl and config.data.moments_ext:
+        raise ValueError("SDXL's micro-conditioning reads each image's crop, which precomputed latent shards "
+                         "(data.moments_ext) do not carry: train SDXL on images, or cache their latents with "
+                         "train.cache_latents=True (the cache keeps each crop).")
     if configs.is_sdxl and config.eval.on:
         raise ValueError("eval (FID, CLIP score) during training supports SD 1/2 models: unset eval.every for SDXL, "
                          "and evaluate its export with sdjax-evaluate.")
@@ -304,7 +305,8 @@ def make_iterator(run: LatentRun):
 
 def cache_fingerprint(run: LatentRun) -> dict:
     """What the run's latent cache depends on (``data.latent_cache.fingerprint``)."""
-    return latent_cache.fingerprint(run.config.data, run.frozen["vae"], run.tokenizer.get_vocab(), run.seq_len)
+    return latent_cache.fingerprint(run.config.data, run.frozen["vae"], run.tokenizer.get_vocab(), run.seq_len,
+                                    run.tokenizer_2.get_vocab() if run.tokenizer_2 is not None else None)
 
 
 def cached_latents(run: LatentRun) -> latent_cache.ChunkSource:
@@ -321,7 +323,8 @@ def cached_latents(run: LatentRun) -> latent_cache.ChunkSource:
 
     return latent_cache.encode_dataset(
         run.latent_cache_dir, data, run.dataset.as_data_source(split=data.split), _tokenize_fn(run),
-        lambda images: np.asarray(encode(vae_params, jax.device_put(images, device))), cache_fingerprint(run))
+        lambda images: np.asarray(encode(vae_params, jax.device_put(images, device))), cache_fingerprint(run),
+        example_arrays=tuple(k for k in run.program.batch_keys if k != "moments"))
 
 
 # ---- the start -----------------------------------------------------------------------------------
