@@ -148,34 +148,3 @@ def test_training_iterator_reads_the_cache_and_resumes(cached, shapes_data_dir, 
     with pytest.raises(ValueError, match="random_flip=False"):
         latent.build(c, str(tmp_path / "flip"), devices=jax.devices()[:1])
 
-
-def test_sdxl_cache_keeps_both_tokenizers_ids_and_each_crop(tmp_path):
-    """An SDXL run's cache holds, beside the moments, both tokenizers' ids and each example's original
-    size and crop offset, as the image pipeline gives them, and the step reads them from it."""
-    from sdjax import configs
-    from sdjax.data.pipeline import preprocess
-    from tests import tiny_models
-    from tests.helpers import write_image_folder
-
-    folder = tiny_models.save_sdxl_pipeline(tmp_path / "xl")
-    c = configs.load("sdxl_finetune:tiny")
-    c.pretrained, c.train.cache_latents = str(folder), True
-    c.data.update(manual_dir=str(write_image_folder(tmp_path / "images", 6)), data_dir=str(tmp_path / "tfds"),
-                  random_crop=False, random_flip=False)
-    run = latent.build(c, str(tmp_path / "w"), devices=jax.devices()[:1])
-    assert run.program.batch_keys == ("moments", "input_ids", "input_ids_2", "original_size", "crop_top_left")
-    arrays = _all(latent.cached_latents(run))
-    source = run.dataset.as_data_source(split=run.config.data.split)
-    rows = [preprocess(source[i], np.random.default_rng(0), run.config.data, None) for i in range(len(source))]
-    np.testing.assert_array_equal(arrays["original_size"], [r["original_size"] for r in rows])
-    np.testing.assert_array_equal(arrays["crop_top_left"], [r["crop_top_left"] for r in rows])
-    assert {tuple(r["original_size"]) for r in rows} == {(40, 40), (32, 48)}  # both of the folder's shapes
-    assert any(r["crop_top_left"].any() for r in rows)  # the 48-wide images are cropped
-    texts = [r["text"] for r in rows]
-    np.testing.assert_array_equal(arrays["input_ids"], tokenize(run.tokenizer, texts, 77))
-    np.testing.assert_array_equal(arrays["input_ids_2"], tokenize(run.tokenizer_2, texts, 77))
-    assert tokenize(run.tokenizer_2, ["a"], 77)[0, -1] != tokenize(run.tokenizer, ["a"], 77)[0, -1]  # pads differ
-    # The step takes a batch of the cache.
-    batch = run.program.device_batch({k: arrays[k][:4] for k in run.program.batch_keys})
-    state, metrics = run.program.ahead_of_time(run.frozen)(run.program.fresh_state(np.float32(0.13025)), batch)
-    assert np.isfinite(float(metrics["loss"]))

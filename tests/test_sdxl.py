@@ -624,9 +624,10 @@ def test_training_conditioning_equals_diffusers_sdxl_training_script(folder):
 def test_docs_sdxl_fine_tune_and_lora_commands(folder, tmp_path):
     """docs/training.md's two SDXL commands with the tiny config on the tiny SDXL folder. The fine-tune
     (in two aspect-ratio buckets) keeps the autoencoder and both text encoders bit for bit and moves
-    the UNet a little; the LoRA run (UNet and both text encoders) exports a file that diffusers'
-    StableDiffusionXLPipeline loads into the images sdjax's with_lora gives, and kohya's layout of
-    the same adapters reads back to the same images."""
+    the UNet a little; the LoRA run (UNet and both text encoders, from cached latents: the cache
+    keeps both tokenizers' ids and each image's original size and crop) exports a file that
+    diffusers' StableDiffusionXLPipeline loads into the images sdjax's with_lora gives, and kohya's
+    layout of the same adapters reads back to the same images."""
     import json
     import os
     import shlex
@@ -665,7 +666,14 @@ def test_docs_sdxl_fine_tune_and_lora_commands(folder, tmp_path):
     assert len(list((tmp_path / "runs/xl/samples").glob("samples_*.png"))) == 2
 
     # A learning rate that moves the adapters visibly in 4 steps, so a misplaced adapter would show.
-    run(lora_cmd, "--config.train.learning_rate=3e-2")
+    assert "cached latents" in run(lora_cmd, "--config.train.learning_rate=3e-2", "--config.train.cache_latents=True")
+    cache = tmp_path / "runs/xl-lora/latent_cache"
+    cached = {k: np.load(cache / f"{k}-000000.npy") for k in ("original_size", "crop_top_left", "input_ids",
+                                                              "input_ids_2")}
+    want = [(40, 40, 0, 0) if i % 2 else (32, 48, 0, 8) for i in range(12)]  # the folder's images, centre crops
+    got = np.concatenate([cached["original_size"], cached["crop_top_left"]], axis=1)
+    assert sorted(map(tuple, got.tolist())) == sorted(want)
+    assert (cached["input_ids"][:, -1] != cached["input_ids_2"][:, -1]).all()  # the second tokenizer pads with "!"
     lora_file = tmp_path / "runs/my-xl-lora/pytorch_lora_weights.safetensors"
     with safe_open(str(lora_file), "np") as f:
         ups = {k: f.get_tensor(k) for k in f.keys() if k.endswith("lora_B.weight")}
