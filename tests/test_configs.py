@@ -135,6 +135,17 @@ def test_bad_input_stops_before_compiling(tmp_path):
         latent.build(c, str(tmp_path), devices=jax.devices()[:1])
 
 
+def test_sdxl_bad_input_stops_before_compiling(tmp_path):
+    c = configs.load("sdxl_finetune:tiny")
+    c.pretrained = str(tiny_models.save_sdxl_pipeline(tmp_path / "refiner", refiner=True))
+    with pytest.raises(ValueError, match="This is SDXL's refiner"):
+        latent.build(c, str(tmp_path), devices=jax.devices()[:1])
+    c = configs.load("sdxl_finetune:tiny")
+    c.lora.update(rank=4, text_encoders=True, dropout=0.1)
+    with pytest.raises(ValueError, match="set lora.dropout=0 with lora.text_encoders=True"):
+        latent.build(c, str(tmp_path), devices=jax.devices()[:1])
+
+
 @pytest.mark.slow
 def test_encode_webdataset_to_mlperf_latent_shards_then_sd2_base_trains_on_them(tmp_path):
     """``sdjax-train encode`` on two processes, as on a pod: each encodes its own image shard into a

@@ -192,8 +192,8 @@ def build(config: LatentRunConfig | ml_collections.ConfigDict, workdir: str, dev
                          "(data.moments_ext) do not carry: train SDXL on images, or cache their latents with "
                          "train.cache_latents=True (the cache keeps each crop).")
     if configs.is_sdxl and config.eval.on:
-        raise ValueError("eval (FID, CLIP score) during training supports SD 1/2 models: unset eval.every for SDXL, "
-                         "and evaluate its export with sdjax-evaluate.")
+        raise ValueError("eval (FID, CLIP score) during training supports SD 1/2 models so far: unset eval.every "
+                         "for SDXL.")
 
     nets = sources_lib.generation_networks(configs, DTYPES[train.dtype], attention=train.attention,
                                            platform=mesh.devices.flat[0].platform)
@@ -262,6 +262,11 @@ def build(config: LatentRunConfig | ml_collections.ConfigDict, workdir: str, dev
     if configs.text_encoder_2:
         frozen["text_encoder_2"] = sources.text_encoder_2
     frozen_shardings = jax.tree.map(lambda _: replicated, frozen)
+    for name in configs.text_encoder_names:  # frozen encoders split over fsdp like trained networks (SDXL's: 0.8 B)
+        if name in frozen:
+            shapes = jax.eval_shape(getattr(nets, name).init, jax.random.key(0),
+                                    *text_encoder_inputs(getattr(configs, name)))
+            frozen_shardings[name] = sharding.tree_shardings(shapes, mesh, rules)["params"]
     if lora_targets:  # the frozen base UNet, sharded like a trained one
         frozen["unet"] = sources.unet
         frozen_shardings["unet"] = sharding.tree_shardings(unet_shapes, mesh, rules)["params"]
