@@ -38,6 +38,18 @@ def subprocess_env(devices: int | None = 1, **extra: str) -> dict[str, str]:
     return env
 
 
+def saved_state(step_dir: str) -> dict[str, np.ndarray]:
+    """Every array of a checkpoint's train state (params, EMA, optimizer, step, RNG) as host arrays by
+    key path, whatever devices and processes wrote it (``step_dir``: a run's checkpoints/<step>)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    path, ckptr = f"{step_dir}/state", ocp.PyTreeCheckpointer()
+    tree = ckptr.metadata(path).item_metadata.tree
+    restored = ckptr.restore(path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+
+
 def logs_tail(logs, limit: int = 3000) -> str:
     """What a failed multi-process run printed, for an assertion message: each process's first Python
     traceback (the cause; the others often only time out waiting for it) and its last lines."""

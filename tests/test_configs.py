@@ -144,6 +144,14 @@ def test_sdxl_bad_input_stops_before_compiling(tmp_path):
     c.lora.update(rank=4, text_encoders=True, dropout=0.1)
     with pytest.raises(ValueError, match="set lora.dropout=0 with lora.text_encoders=True"):
         latent.build(c, str(tmp_path), devices=jax.devices()[:1])
+    c = configs.load("sdxl_finetune:tiny")
+    c.train.cache_text = True
+    with pytest.raises(ValueError, match="set train.cache_latents=True too"):
+        latent.build(c, str(tmp_path), devices=jax.devices()[:1])
+    c.train.cache_latents = True
+    c.lora.update(rank=4, text_encoders=True)
+    with pytest.raises(ValueError, match="lora.text_encoders trains adapters in them"):
+        latent.build(c, str(tmp_path), devices=jax.devices()[:1])
 
 
 @pytest.mark.slow

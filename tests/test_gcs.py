@@ -99,8 +99,9 @@ def test_latent_cache_in_a_bucket_is_encoded_once_and_read_back(gcs, tmp_path, m
         return {"image": np.broadcast_to(idx[:, None, None, None], (stop - start, 2, 2, 3)),
                 "input_ids": np.repeat(np.arange(start, stop, dtype=np.int32)[:, None], 5, axis=1)}
 
-    def encode(images):
-        return np.concatenate([images[:, :1, :1, :1], 2 * images[:, :1, :1, :1]], axis=-1)
+    def encode(batch):
+        images = batch["image"]
+        return {"moments": np.concatenate([images[:, :1, :1, :1], 2 * images[:, :1, :1, :1]], axis=-1)}
 
     def build(fingerprint):
         return latent_cache.build(f"{bucket}/lc", fingerprint, n, examples, encode, 3, "test")

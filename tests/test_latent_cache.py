@@ -73,6 +73,12 @@ def test_cached_posterior_equals_the_images_posterior(cached, shapes_data_dir, t
                                latent.measure_latent_scale(setup_i, b_img, key), rtol=1e-5)
 
 
+def test_cached_text_needs_frozen_text_encoders(shapes_data_dir, tmp_path):
+    c = _one_device_config(shapes_data_dir, cache_latents=True, cache_text=True)  # tiny: its encoder trains
+    with pytest.raises(ValueError, match="this run trains its text encoder from scratch"):
+        latent.build(c, str(tmp_path), devices=jax.devices()[:1])
+
+
 def test_cache_is_reused_and_rebuilt_when_stale(cached, monkeypatch, capsys):
     setup, arrays = cached
     capsys.readouterr()
@@ -107,9 +113,10 @@ def test_encoding_writes_chunk_by_chunk_and_resumes(tmp_path, monkeypatch, capsy
         return {"image": np.broadcast_to(idx[:, None, None, None], (stop - start, 2, 2, 3)),
                 "input_ids": np.repeat(np.arange(start, stop, dtype=np.int32)[:, None], 5, axis=1)}
 
-    def encode(images):  # (3, 2, 2, 3) -> moments (3, 1, 1, 2): the image index and its double
-        assert images.shape[0] == 3  # the last, shorter batch of a chunk is padded to one shape
-        return np.concatenate([images[:, :1, :1, :1], 2 * images[:, :1, :1, :1]], axis=-1)
+    def encode(batch):  # images (3, 2, 2, 3) -> moments (3, 1, 1, 2): the image index and its double
+        images = batch["image"]
+        assert images.shape[0] == 3 and batch["input_ids"].shape == (3, 5)  # the last, shorter batch is padded
+        return {"moments": np.concatenate([images[:, :1, :1, :1], 2 * images[:, :1, :1, :1]], axis=-1)}
 
     build = lambda: latent_cache.build(str(tmp_path / "c"), {"v": 1}, n, examples, encode, 3, "test")  # noqa: E731
     with pytest.raises(KeyboardInterrupt):

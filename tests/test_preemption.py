@@ -12,14 +12,13 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from sdjax import paths
 from sdjax.cli.train import PREEMPTED_EXIT
 from sdjax.stable_diffusion import StableDiffusion
 from sdjax.training import preemption
-from tests.helpers import ROOT, free_port, logs_tail, subprocess_env, write_webdataset
+from tests.helpers import ROOT, free_port, logs_tail, saved_state, subprocess_env, write_webdataset
 
 
 def _shards(gcs, tmp_path, bucket: str, count: int) -> str:
@@ -53,17 +52,8 @@ def _wait_for(log_path, pattern: str, procs, timeout: float = 600) -> re.Match:
         time.sleep(0.05)
 
 
-def _final_state(root: str, run: str, step: int) -> dict:
-    """Every saved array of a run's state (params, EMA, optimizer, step, RNG) as host arrays, whatever
-    devices and processes wrote it."""
-    path, ckptr = f"{root}/{run}/checkpoints/{step}/state", ocp.PyTreeCheckpointer()
-    tree = ckptr.metadata(path).item_metadata.tree
-    restored = ckptr.restore(path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
-    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
-
-
 def _assert_same_run(root: str, got: str, want: str, steps: int) -> None:
-    a, b = _final_state(root, got, steps), _final_state(root, want, steps)
+    a, b = (saved_state(f"{root}/{run}/checkpoints/{steps}") for run in (got, want))
     assert a.keys() == b.keys()
     for k in b:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -4,6 +4,7 @@ images equal to diffusers' from the same starting latents."""
 import dataclasses
 import re
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -498,7 +499,6 @@ def test_lora_on_unet_and_both_text_encoders_equals_diffusers(folder, peft_lora,
 def test_aot_txt2img_program_is_the_one_the_api_runs(folder):
     """sdjax.aot compiles SDXL's txt2img from shapes alone (both tokenizers' ids, the micro-conditioning,
     the zero-conditioning flag); run on the tiny model's parameters, that program gives the API's images."""
-    import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -541,7 +541,6 @@ def test_presets_count_the_published_sdxl_networks(capsys):
 def test_sdxl_generation_sharded_over_eight_devices_equals_one(folder):
     """The batch split over the 8 CPU devices gives the images one device gives (SDXL's extra inputs are
     split with it)."""
-    import jax
     from jax.sharding import Mesh
 
     sd = StableDiffusion.from_pretrained(folder)
@@ -574,7 +573,6 @@ def test_training_conditioning_equals_diffusers_sdxl_training_script(folder):
     embedding, each example's original size and crop offset, then the trained size) gives the UNet
     output that diffusers' train_text_to_image_sdxl.py computes for the same batch; a dropped caption's
     context and pooled embedding are zero; different original sizes give different losses."""
-    import jax
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -618,6 +616,47 @@ def test_training_conditioning_equals_diffusers_sdxl_training_script(folder):
                                       np.float32(0.13025), step))
     other = dict(batch, original_size=np.asarray([[80, 80], [64, 96]], np.int32))
     assert loss(batch) == loss(dict(batch)) != loss(other)
+
+
+def test_cached_text_embeddings_equal_diffusers_encode_prompt_and_give_the_steps_loss(folder, tmp_path):
+    """``train.cache_text`` (with ``cache_latents``) on SDXL: the cache holds each caption's context
+    (both encoders' penultimate states) and pooled embedding as diffusers' StableDiffusionXLPipeline
+    encodes them, beside each image's moments, original size and crop, in the shapes the step is
+    compiled for; the step's loss on them equals its loss on the captions' ids (same key)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdjax import configs as config_files
+    from sdjax.training import latent, latent_step
+    from tests.helpers import write_image_folder
+
+    c = config_files.load("sdxl_finetune:tiny")
+    c.pretrained, c.mesh.shape = str(folder), (1, 1)
+    c.data.update(manual_dir=str(write_image_folder(tmp_path / "images", 6)), data_dir=str(tmp_path / "tfds"))
+    c.train.update(batch_size=2, cache_latents=True, cache_text=True, caption_dropout=0.5)
+    run = latent.build(c, str(tmp_path / "run"), devices=jax.devices()[:1])
+    source = latent.cached_latents(run)
+    rows = [source[i] for i in range(len(source))]
+    cached = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    assert set(cached) == {"moments", "text_embeds", "pooled_embeds", "original_size", "crop_top_left"}
+    spec = run.batch_spec(32, 32)
+    assert {k: (len(cached[k]),) + spec[k].shape[1:] for k in spec} == {k: v.shape for k, v in cached.items()}
+
+    data = run.dataset.as_data_source(split=run.config.data.split)
+    captions = [data[i][run.config.data.text_key].decode() for i in range(len(source))]
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    with torch.no_grad():
+        ctx, _, pooled, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False)
+    np.testing.assert_allclose(cached["text_embeds"], ctx.numpy(), atol=1e-5)
+    np.testing.assert_allclose(cached["pooled_embeds"], pooled.numpy(), atol=1e-5)
+
+    state = latent.init_state(run)
+    ids = run.token_ids(captions)
+    common = {k: cached[k] for k in ("moments", "original_size", "crop_top_left")}
+    loss = jax.jit(lambda micro, key: latent_step.micro_loss(state.params, run.frozen, micro, key, 0.13025, run.step))
+    for seed in range(3):  # caption dropout 0.5: dropped and kept captions
+        from_cache = loss(common | {k: cached[k] for k in ("text_embeds", "pooled_embeds")}, jax.random.key(seed))
+        from_ids = loss(common | ids, jax.random.key(seed))
+        np.testing.assert_allclose(from_cache, from_ids, rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -688,19 +727,95 @@ def test_docs_sdxl_fine_tune_and_lora_commands(folder, tmp_path):
             assert (np.abs(v).max() > 0) != k.startswith(last), k
     keys = list(ups)
     assert "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight" in keys
-    prompts, noise = ["a red circle", "a green triangle"], generate.starting_noise(5, 2, (16, 16, 4))
-    kw = dict(num_inference_steps=4, guidance_scale=5.0, height=32, width=32)
-    ours = base.with_lora(lora_file).txt2img(prompts, sampler="euler", init_latents=noise, output="float", **kw)
-    from diffusers import StableDiffusionXLPipeline
-    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
-    pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
-    ref = pipe(prompts, latents=torch.from_numpy(np.ascontiguousarray(noise.transpose(0, 3, 1, 2))),
-               output_type="np", **kw).images
-    assert np.abs(ours - ref).mean() <= 3e-4, np.abs(ours - ref).mean()
-    plain = base.txt2img(prompts, sampler="euler", init_latents=noise, output="float", **kw)
-    assert np.abs(ours - plain).mean() > 3e-3  # the adapters change the images
+    ours = _lora_images_equal_diffusers(folder, base, lora_file)
     kohya = lora_files.save(str(tmp_path / "kohya"), lora_files.read(str(lora_file)), "kohya")
     with safe_open(kohya, "np") as f:
         assert {k.split("_text_model")[0] for k in f.keys() if "_te" in k} == {"lora_te1", "lora_te2"}
-    again = base.with_lora(kohya).txt2img(prompts, sampler="euler", init_latents=noise, output="float", **kw)
+    again = base.with_lora(kohya).txt2img(_LORA_PROMPTS, sampler="euler", init_latents=_LORA_NOISE, output="float",
+                                          **_LORA_KW)
     np.testing.assert_allclose(again, ours, atol=1e-6)
+
+
+_LORA_PROMPTS, _LORA_NOISE = ["a red circle", "a green triangle"], generate.starting_noise(5, 2, (16, 16, 4))
+_LORA_KW = dict(num_inference_steps=4, guidance_scale=5.0, height=32, width=32)
+
+
+def _lora_images_equal_diffusers(folder, base: StableDiffusion, lora_file) -> np.ndarray:
+    """sdjax's ``with_lora`` images of ``lora_file`` (a diffusers/PEFT export) equal those of diffusers'
+    StableDiffusionXLPipeline after ``load_lora_weights`` within 3e-4, and differ from the plain model's."""
+    from diffusers import StableDiffusionXLPipeline
+
+    ours = base.with_lora(lora_file).txt2img(_LORA_PROMPTS, sampler="euler", init_latents=_LORA_NOISE,
+                                             output="float", **_LORA_KW)
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+    ref = pipe(_LORA_PROMPTS, latents=torch.from_numpy(np.ascontiguousarray(_LORA_NOISE.transpose(0, 3, 1, 2))),
+               output_type="np", **_LORA_KW).images
+    assert np.abs(ours - ref).mean() <= 3e-4, np.abs(ours - ref).mean()
+    plain = base.txt2img(_LORA_PROMPTS, sampler="euler", init_latents=_LORA_NOISE, output="float", **_LORA_KW)
+    assert np.abs(ours - plain).mean() > 3e-3  # the adapters change the images
+    return ours
+
+
+@pytest.mark.slow
+def test_sdxl_lora_run_killed_resumes_bitwise_and_its_unet_only_export_loads_in_diffusers(folder, tmp_path):
+    """SIGKILL to an SDXL LoRA run (UNet adapters only, from a folder's images encoded once with their
+    captions' text embeddings: train.cache_latents and train.cache_text) after its second checkpoint:
+    the same command resumes from the last checkpoint and ends with an uninterrupted run's train
+    state and export bit for bit, and that export (no text-encoder adapters) loads in diffusers'
+    StableDiffusionXLPipeline into the images sdjax's with_lora gives."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.numpy import load_file
+
+    from tests.helpers import saved_state, subprocess_env, write_image_folder
+
+    write_image_folder(tmp_path / "images", 12)
+    steps, logs = 8, {}
+
+    def start(run: str, log: str) -> subprocess.Popen:
+        cmd = [os.path.join(os.path.dirname(sys.executable), "sdjax-train"), "latent", "--config", "sdxl_finetune:tiny",
+               "--workdir", str(tmp_path / run), "--export", str(tmp_path / run / "export"),
+               f"--config.pretrained={folder}", "--config.lora.rank=4", "--config.train.learning_rate=3e-2",
+               "--config.data.name=captioned_images", f"--config.data.manual_dir={tmp_path / 'images'}",
+               f"--config.data.data_dir={tmp_path / 'tfds'}", f"--config.train.steps={steps}",
+               "--config.train.checkpoint_every=1", "--config.train.sample_every=0",
+               "--config.train.cache_latents=True", "--config.train.cache_text=True"]
+        logs[log] = tmp_path / f"{log}.log"
+        with open(logs[log], "w") as f:
+            return subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(), stdout=f, stderr=subprocess.STDOUT)
+
+    def finish(proc: subprocess.Popen, log: str) -> str:
+        assert proc.wait(timeout=600) == 0, logs[log].read_text()[-3000:]
+        return logs[log].read_text()
+
+    straight = finish(start("straight", "straight"), "straight")
+    assert f"step {steps}/{steps}" in straight and "cached latents" in straight
+    victim = start("victim", "killed")
+    try:
+        deadline = time.time() + 600
+        while not (tmp_path / "victim/checkpoints/2/state").exists():  # Orbax renames a step's folder when done
+            assert victim.poll() is None and time.time() < deadline, logs["killed"].read_text()[-3000:]
+            time.sleep(0.05)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=60)
+    finally:
+        victim.kill()
+    assert not (tmp_path / f"victim/checkpoints/{steps}").exists(), "the run ended before it was killed"
+    resumed = finish(start("victim", "finished"), "finished")
+    resumed_at = int(re.search(r"resumed from step (\d+)", resumed).group(1))
+    assert 2 <= resumed_at < steps
+    got, want = (saved_state(str(tmp_path / run / "checkpoints" / str(steps))) for run in ("victim", "straight"))
+    assert got.keys() == want.keys() and any("lora" in k for k in want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    lora_file = tmp_path / "straight/export/pytorch_lora_weights.safetensors"
+    exported, again = load_file(lora_file), load_file(tmp_path / "victim/export/pytorch_lora_weights.safetensors")
+    assert exported.keys() == again.keys() and {k.split(".")[0] for k in exported} == {"unet"}
+    for k in exported:
+        np.testing.assert_array_equal(again[k], exported[k], err_msg=k)
+    _lora_images_equal_diffusers(folder, StableDiffusion.from_pretrained(folder), lora_file)

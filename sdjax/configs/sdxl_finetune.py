@@ -22,7 +22,9 @@ warm-up steps, bf16 compute with f32 master weights, EMA 0.9999, ``train.remat``
 EMA and Adam state sharded over every device (``mesh.shape=(1, -1)``: fsdp; the batch still splits
 over all of them). ``train.cache_latents=True`` encodes the images once and takes the autoencoder
 out of the step; the cache keeps each image's crop for the micro-conditioning (one size: not with
-buckets).
+buckets). ``train.cache_text=True`` beside it caches both encoders' penultimate states and the pooled
+embedding too (f32, about 630 KB per caption at SDXL's 77 x 2048) and takes the text encoders out of
+the step (not with ``lora.text_encoders``).
 
 LoRA instead of the whole UNet (``--config.lora.rank=16``; the export is
 ``pytorch_lora_weights.safetensors`` for diffusers' ``StableDiffusionXLPipeline.load_lora_weights``,

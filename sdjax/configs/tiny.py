@@ -22,6 +22,7 @@ Sections:
   train               optimisation, EMA, precision, logging, checkpointing and export settings;
                       cache_latents=True encodes the dataset once (into latent_cache_dir, default
                       <workdir>/latent_cache) and trains on the cached posteriors: no VAE in the step.
+                      cache_text=True (with frozen text encoders) caches their outputs too: none in the step.
   sample              fixed prompts for the EMA sample grids (DDIM + classifier-free guidance).
   eval                FID and CLIP score every eval.every steps from eval.captions (docs/evaluation.md).
   mesh                device mesh: shape (-1 = fill with all devices) and axis names.

@@ -3,9 +3,11 @@
 A cache is a folder of chunks, each ``CHUNK`` consecutive examples of the (unshuffled) dataset:
 ``moments-NNNNNN.npy`` (f32 (n, h, w, 2C): the posterior's mean and log-variance, so training
 still samples a fresh latent each step) and ``input_ids-NNNNNN.npy`` (i32 (n, L)) (SDXL also
-caches ``input_ids_2`` and its micro-conditioning's ``original_size`` and ``crop_top_left``), beside a
-``meta.json`` whose fingerprint (autoencoder, data config, tokenizers) and array names say what they
-were made from. A cache whose fingerprint or arrays differ is rebuilt, never reused.
+caches ``input_ids_2`` and its micro-conditioning's ``original_size`` and ``crop_top_left``; with
+``train.cache_text`` the text encoders' outputs ``text_embeds`` (f32 (n, L, D)) and, for SDXL,
+``pooled_embeds`` (f32 (n, P)) replace the ids), beside a ``meta.json`` whose fingerprint
+(autoencoder, data config, tokenizers, text encoders when their outputs are cached) and array names
+say what they were made from. A cache whose fingerprint or arrays differ is rebuilt, never reused.
 
 Encoding writes one chunk at a time (host memory stays at one chunk whatever the dataset's
 size), each into a temporary file renamed when complete, so a run killed while encoding resumes
@@ -171,26 +173,27 @@ def _build_in_bucket(path: str, fingerprint: dict, num_examples: int, encode_chu
 
 
 def build(path: str, fingerprint: dict, num_examples: int, examples: Callable[[int, int], dict[str, np.ndarray]],
-          encode: Callable[[np.ndarray], np.ndarray], batch_size: int, what: str,
+          encode: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], batch_size: int, what: str,
           example_arrays: tuple[str, ...] = EXAMPLE_ARRAYS) -> ChunkSource:
     """The cache at ``path`` (local or ``gs://``); encodes what is missing first (all of it when absent
     or stale).
 
-    ``examples(start, stop)`` -> {"image" (n, H, W, 3) in [-1, 1], and each of ``example_arrays``
-    (e.g. "input_ids" (n, L))} of the unshuffled dataset; ``encode(images (batch_size, H, W, 3)) ->
-    moments``: the last, shorter batch of a chunk is padded so that ``encode`` sees one shape. Every
-    host calls this.
+    ``examples(start, stop)`` -> {"image" (n, H, W, 3) in [-1, 1], "input_ids" (n, L), ...} of the
+    unshuffled dataset; ``encode(a batch_size slice of those)`` -> {"moments", and any of
+    ``example_arrays`` it computes (e.g. "text_embeds")}: the last, shorter batch of a chunk is padded
+    (repeating its last example) so that ``encode`` sees one shape. The cache keeps the moments and
+    ``example_arrays``, each from ``encode`` or else from the examples. Every host calls this.
     """
     def encode_chunk(c: int) -> dict[str, np.ndarray]:
         start, stop = c * CHUNK, min((c + 1) * CHUNK, num_examples)
         chunk = examples(start, stop)
-        moments = []
+        parts = []
         for i in range(0, stop - start, batch_size):
-            images = chunk["image"][i:i + batch_size]
-            padded = np.zeros((batch_size,) + images.shape[1:], np.float32)
-            padded[:len(images)] = images
-            moments.append(np.asarray(encode(padded))[:len(images)])
-        return {"moments": np.concatenate(moments)} | {k: chunk[k] for k in example_arrays}
+            n = min(batch_size, stop - start - i)
+            padded = {k: np.concatenate([v[i:i + n]] + [v[i + n - 1:i + n]] * (batch_size - n)) for k, v in chunk.items()}
+            parts.append({k: np.asarray(v)[:n] for k, v in encode(padded).items()})
+        encoded = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return {k: encoded[k] if k in encoded else chunk[k] for k in _arrays(example_arrays)}
 
     if paths.is_remote(path):
         return _build_in_bucket(path, fingerprint, num_examples, encode_chunk, what, example_arrays)
@@ -224,37 +227,45 @@ def build(path: str, fingerprint: dict, num_examples: int, examples: Callable[[i
     return source
 
 
+def _sha256(params: Any) -> str:
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        digest.update(np.asarray(leaf).tobytes())
+    return digest.hexdigest()
+
+
 def fingerprint(config: DataConfig, vae_params: Any, vocab: dict[str, int], seq_len: int,
-                vocab_2: dict[str, int] | None = None) -> dict:
+                vocab_2: dict[str, int] | None = None, text_params: Any = None) -> dict:
     """What a cache of ``config``'s data depends on: the data read (not how it is batched or shuffled),
-    the autoencoder's weights, the tokenizer's vocabulary (and SDXL's second's) and the token
-    sequence length."""
-    vae_hash = hashlib.sha256()
-    for leaf in jax.tree.leaves(vae_params):
-        vae_hash.update(np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf).tobytes())
+    the autoencoder's weights, the tokenizer's vocabulary (and SDXL's second's), the token sequence
+    length and, when the text encoders' outputs are cached, their weights and compute dtype
+    (``text_params``: {"params": host arrays, "dtype": name}). ``vae_params``: replicated (or host) arrays."""
+    vae_params = jax.tree.map(lambda a: a.addressable_data(0) if isinstance(a, jax.Array) else a, vae_params)
     skip = ("batch_size", "num_threads", "num_workers", "shuffle", "num_epochs", "shard_index", "shard_count")
     data = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
     vocab_json = json.dumps(sorted(vocab.items())).encode()
-    out = {"data": data, "vae_sha256": vae_hash.hexdigest(), "vocab_sha256": hashlib.sha256(vocab_json).hexdigest(),
+    out = {"data": data, "vae_sha256": _sha256(vae_params), "vocab_sha256": hashlib.sha256(vocab_json).hexdigest(),
            "seq_len": seq_len}
     if vocab_2 is not None:
         out["vocab_2_sha256"] = hashlib.sha256(json.dumps(sorted(vocab_2.items())).encode()).hexdigest()
+    if text_params is not None:
+        out["text_encoders_sha256"], out["text_dtype"] = _sha256(text_params["params"]), text_params["dtype"]
     return out
 
 
 def encode_dataset(path: str, config: DataConfig, source: Any, tokenize: Callable[[str], Any],
-                   encode: Callable[[np.ndarray], np.ndarray], fingerprint: dict,
+                   encode: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], fingerprint: dict,
                    example_arrays: tuple[str, ...] = EXAMPLE_ARRAYS) -> ChunkSource:
     """The cache of ``source`` (``config``'s split, read in order) at ``path``, encoding what is missing
-    first (``build``), with each example's ``example_arrays`` (its ids; SDXL's second ids and
-    micro-conditioning) beside the moments. ``encode`` maps images (n, H, W, 3) to moments
-    (n, h, w, 2C). A dataset with several captions per image caches one of them, drawn by a
-    generator fixed per example."""
+    first (``build``), with each example's ``example_arrays`` (its ids, or the text encoders' outputs;
+    SDXL's micro-conditioning) beside the moments. ``encode`` maps a batch of examples {"image" (n, H,
+    W, 3), "input_ids" (n, L), ...} to {"moments" (n, h, w, 2C), and the example arrays it computes}. A
+    dataset with several captions per image caches one of them, drawn by a generator fixed per example."""
     prepare_example = functools.partial(preprocess, config=config, tokenize=tokenize)
 
     def examples(start: int, stop: int) -> dict[str, np.ndarray]:
         rows = [prepare_example(source[i], np.random.default_rng([config.seed, i])) for i in range(start, stop)]
-        return {k: np.stack([r[k] for r in rows]) for k in ("image",) + tuple(example_arrays)}
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
     return build(path, fingerprint, len(source), examples, encode=encode, batch_size=config.batch_size,
                  what=f"{config.name}[{config.split}]", example_arrays=example_arrays)

@@ -78,7 +78,18 @@ class LatentRun:
         if self.step.sdxl:
             shapes |= {"input_ids_2": ((B, self.configs.text_encoder_2.max_position_embeddings), jnp.int32),
                        "original_size": ((B, 2), jnp.int32), "crop_top_left": ((B, 2), jnp.int32)}
+        if self.config.train.cache_text:
+            ctx, pooled = self.text_embedding_shapes(B)
+            shapes |= {"text_embeds": (ctx.shape, jnp.float32), "pooled_embeds": (pooled.shape, jnp.float32)}
         return {k: jax.ShapeDtypeStruct(*shapes[k], sharding=on_mesh) for k in self.program.batch_keys}
+
+    def text_embedding_shapes(self, batch_size: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+        """The frozen text encoders' (context, pooled embedding) of ``batch_size`` captions (``generate.encode_text``)."""
+        ids = {name: jax.ShapeDtypeStruct((batch_size, getattr(self.configs, name).max_position_embeddings), jnp.int32)
+               if getattr(self.configs, name) else None for name in ("text_encoder", "text_encoder_2")}
+        params = {name: self.frozen[name] for name in self.configs.text_encoder_names}
+        return jax.eval_shape(functools.partial(generate.encode_text, self.step.nets), params, ids["text_encoder"],
+                              ids["text_encoder_2"])
 
     @property
     def configured_latent_scale(self) -> float:
@@ -191,6 +202,10 @@ def build(config: LatentRunConfig | ml_collections.ConfigDict, workdir: str, dev
         raise ValueError("SDXL's micro-conditioning reads each image's crop, which precomputed latent shards "
                          "(data.moments_ext) do not carry: train SDXL on images, or cache their latents with "
                          "train.cache_latents=True (the cache keeps each crop).")
+    if train.cache_text and sources.trains_text_encoder:
+        raise ValueError("train.cache_text caches the outputs of frozen text encoders, but this run trains its text "
+                         "encoder from scratch: set pretrained=PATH (or text_encoder.pretrained), or "
+                         "train.cache_text=False.")
     if configs.is_sdxl and config.eval.on:
         raise ValueError("eval (FID, CLIP score) during training supports SD 1/2 models so far: unset eval.every "
                          "for SDXL.")
@@ -283,9 +298,13 @@ def build(config: LatentRunConfig | ml_collections.ConfigDict, workdir: str, dev
                       grad_accum=train.grad_accum, ema_decay=train.ema_decay, lora_targets=lora_targets,
                       lora_scale=config.lora.scale if lora_targets else 1.0,
                       lora_dropout=config.lora.dropout if lora_targets else 0.0)
-    batch_keys = ("moments" if train.cache_latents or config.data.moments_ext else "image", "input_ids")
+    if train.cache_text:  # the text encoders' outputs from the cache
+        text_keys = ("text_embeds", "pooled_embeds") if step.sdxl else ("text_embeds",)
+    else:
+        text_keys = ("input_ids", "input_ids_2") if step.sdxl else ("input_ids",)
+    batch_keys = ("moments" if train.cache_latents or config.data.moments_ext else "image",) + text_keys
     if step.sdxl:
-        batch_keys += ("input_ids_2", "original_size", "crop_top_left")
+        batch_keys += ("original_size", "crop_top_left")
     program = builder.compile_step(
         functools.partial(train_step, step=step), mesh=mesh, rules=rules, init=init, init_args=(1.0,),
         seed=train.seed, batch_keys=batch_keys, frozen_shardings=frozen_shardings, fast_compile=train.fast_compile,
@@ -308,28 +327,52 @@ def make_iterator(run: LatentRun):
     return make_dataset(run.config.data, tokenize=_tokenize_fn(run))
 
 
-def cache_fingerprint(run: LatentRun) -> dict:
-    """What the run's latent cache depends on (``data.latent_cache.fingerprint``)."""
+def _frozen_text_encoders(run: LatentRun) -> dict[str, Any] | None:
+    """The frozen text encoders' weights as whole host arrays on every host (they are sharded over
+    fsdp in the step), when the cache keeps their outputs (``train.cache_text``); None otherwise.
+    Every host calls this."""
+    if not run.config.train.cache_text:
+        return None
+    frozen = {name: run.frozen[name] for name in run.configs.text_encoder_names}
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(frozen, tiled=True))
+
+
+def cache_fingerprint(run: LatentRun, text_params: dict[str, Any] | None = None) -> dict:
+    """What the run's latent cache depends on (``data.latent_cache.fingerprint``); ``text_params``:
+    the frozen text encoders' host weights when the cache keeps their outputs."""
+    text = None if text_params is None else {"params": text_params, "dtype": run.config.train.dtype}
     return latent_cache.fingerprint(run.config.data, run.frozen["vae"], run.tokenizer.get_vocab(), run.seq_len,
-                                    run.tokenizer_2.get_vocab() if run.tokenizer_2 is not None else None)
+                                    run.tokenizer_2.get_vocab() if run.tokenizer_2 is not None else None, text)
 
 
 def cached_latents(run: LatentRun) -> latent_cache.ChunkSource:
-    """The latent cache of the training split, encoding what is missing first (``data.latent_cache``)."""
+    """The latent cache of the training split, encoding what is missing first (``data.latent_cache``):
+    each image's posterior moments and, with ``train.cache_text``, each caption's text embeddings
+    (``generate.encode_text``, as the step would compute them), on this host's first device."""
     data = run.config.data
     device = jax.local_devices()[0]
-    vae_params = jax.device_put(jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), run.frozen["vae"]), device)
-    vae = run.step.vae
+    text_params = _frozen_text_encoders(run)
+    params = jax.device_put({"vae": jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), run.frozen["vae"]),
+                             "text": text_params}, device)
+    nets, sdxl = run.step.nets, run.step.sdxl
 
     @jax.jit
-    def encode(params, x):
-        post = vae.apply({"params": params}, x, method=AutoencoderKL.encode)
-        return jnp.concatenate([post.mean, post.logvar], axis=-1)
+    def encode(params, batch):
+        post = nets.vae.apply({"params": params["vae"]}, batch["image"], method=AutoencoderKL.encode)
+        out = {"moments": jnp.concatenate([post.mean, post.logvar], axis=-1)}
+        if params["text"] is not None:
+            ctx, pooled = generate.encode_text(nets, params["text"], batch["input_ids"], batch.get("input_ids_2"))
+            out |= {"text_embeds": ctx.astype(jnp.float32)} | ({"pooled_embeds": pooled.astype(jnp.float32)}
+                                                                if sdxl else {})
+        return out
+
+    def encode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        read = {k: batch[k] for k in ("image", "input_ids", "input_ids_2") if k in batch}
+        return jax.tree.map(np.asarray, encode(params, jax.device_put(read, device)))
 
     return latent_cache.encode_dataset(
-        run.latent_cache_dir, data, run.dataset.as_data_source(split=data.split), _tokenize_fn(run),
-        lambda images: np.asarray(encode(vae_params, jax.device_put(images, device))), cache_fingerprint(run),
-        example_arrays=tuple(k for k in run.program.batch_keys if k != "moments"))
+        run.latent_cache_dir, data, run.dataset.as_data_source(split=data.split), _tokenize_fn(run), encode_batch,
+        cache_fingerprint(run, text_params), example_arrays=tuple(k for k in run.program.batch_keys if k != "moments"))
 
 
 # ---- the start -----------------------------------------------------------------------------------
@@ -531,7 +574,7 @@ def encode(config: ml_collections.ConfigDict, out: str) -> dict[str, int]:
     """``sdjax-train encode``: the config's webdataset image shards (``data.files``) encoded by its
     frozen autoencoder into latent shards under ``out`` (``sdjax.data.encode``), this host's share."""
     config = ml_collections.ConfigDict(config.to_dict())
-    config.train.cache_latents = False  # what training will do with the shards is not this command's concern
+    config.train.cache_latents = config.train.cache_text = False  # what training does with the shards is not this command's concern
     run_config = LatentRunConfig.from_config(config)
     data = run_config.data
     if data.name != "webdataset" or data.moments_ext:

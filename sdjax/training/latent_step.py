@@ -98,13 +98,19 @@ def conditioning(params: Any, frozen: dict, micro: dict, drop_B: jax.Array, imag
     conditioning reads). SDXL's micro-conditioning: each example's original (height, width) and crop
     (top, left), then the trained images' (height, width) ``image_hw``."""
     text_params = text_encoder_params(params, frozen, step)
-    ids = micro["input_ids"]
+    B = drop_B.shape[0]
     if not step.sdxl:
-        ids = jnp.where(drop_B[:, None], frozen["empty_ids"][None], ids)
+        if "text_embeds" in micro:  # cached (train.cache_text): the empty caption encoded here, once per step
+            empty = generate.encode_text(step.nets, text_params, frozen["empty_ids"][None], None)[0]
+            return jnp.where(drop_B[:, None, None], empty, micro["text_embeds"].astype(empty.dtype)), None
+        ids = jnp.where(drop_B[:, None], frozen["empty_ids"][None], micro["input_ids"])
         return generate.encode_text(step.nets, text_params, ids, None)[0], None
-    ctx, pooled = generate.encode_text(step.nets, text_params, ids, micro["input_ids_2"])
+    if "text_embeds" in micro:
+        ctx, pooled = (micro[k].astype(step.unet.dtype) for k in ("text_embeds", "pooled_embeds"))
+    else:
+        ctx, pooled = generate.encode_text(step.nets, text_params, micro["input_ids"], micro["input_ids_2"])
     keep_B = 1.0 - drop_B.astype(jnp.float32)
-    target = jnp.broadcast_to(jnp.asarray(image_hw, jnp.float32), (ids.shape[0], 2))
+    target = jnp.broadcast_to(jnp.asarray(image_hw, jnp.float32), (B, 2))
     time_ids = jnp.concatenate([micro["original_size"].astype(jnp.float32),
                                 micro["crop_top_left"].astype(jnp.float32), target], axis=-1)
     return ((ctx * keep_B[:, None, None]).astype(ctx.dtype),
@@ -115,7 +121,7 @@ def micro_loss(params: Any, frozen: dict, micro: dict, key: jax.Array, latent_sc
                step: LatentStep) -> jax.Array:
     """The mean (min-SNR weighted) denoising loss of one micro-batch."""
     k_drop, k_vae, k_t, k_noise = jax.random.split(key, 4)
-    B = micro["input_ids"].shape[0]
+    B = micro["image" if "image" in micro else "moments"].shape[0]
     drop_B = jax.random.bernoulli(k_drop, step.caption_dropout, (B,))
     z = jax.lax.stop_gradient(posterior(step.vae, frozen["vae"], micro).sample(k_vae) * latent_scale)
     f = step.vae.config.downsample_factor
@@ -144,7 +150,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: dict[str,
                step: LatentStep) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on a global batch {"image" (B,H,W,3), "input_ids" (B,L)} (SDXL: and
     "input_ids_2" (B,L), "original_size" and "crop_top_left" (B,2)); with ``train.cache_latents`` the
-    images are replaced by cached posterior "moments" (B,h,w,2C).
+    images are replaced by cached posterior "moments" (B,h,w,2C), and with ``train.cache_text`` the
+    ids by the text encoders' cached outputs "text_embeds" (B,L,D) (SDXL: and "pooled_embeds" (B,P)).
     Each micro-batch of ``grad_accum`` is spread over every data-parallel device."""
     key = state.step_key()
     scale = state.extra["latent_scale"]

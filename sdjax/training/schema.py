@@ -69,6 +69,7 @@ class LatentTrainConfig(LoopConfig):
     sample_every: int = 0  # 0: no sample grids
     init_from: str | None = None  # a Stable Diffusion checkpoint to start the trained networks from
     cache_latents: bool = False  # encode the dataset once, then train on the cached posteriors
+    cache_text: bool = False  # with cache_latents: cache the frozen text encoders' outputs too (no text encoder in the step)
     latent_cache_dir: str | None = None  # None: <workdir>/latent_cache
 
     def __post_init__(self):
@@ -332,6 +333,12 @@ class LatentRunConfig:
             raise ValueError("train.cache_latents encodes each image once, so random crops and flips would be frozen "
                              "into the cache: set data.random_crop=False and data.random_flip=False, or turn caching "
                              "off.")
+        if self.train.cache_text and not self.train.cache_latents:
+            raise ValueError("train.cache_text keeps the text encoders' outputs in the latent cache: set "
+                             "train.cache_latents=True too.")
+        if self.train.cache_text and self.lora.rank and self.lora.text_encoders:
+            raise ValueError("train.cache_text freezes the text encoders' outputs, but lora.text_encoders trains "
+                             "adapters in them: turn one of them off.")
         if self.train.cache_latents and self.data.buckets:
             raise ValueError("train.cache_latents encodes every image at one size; data.buckets trains each at its "
                              "bucket's: turn one of them off.")
