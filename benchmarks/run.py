@@ -3,6 +3,7 @@
     python -m benchmarks.run --only text2img,compile,overhead,train,scaling --size sd15 --out results.json
     ./run bench --size tiny --only text2img,overhead
     ./run bench --only aot-txt2img --peers flax --topology v5e-8     # TPU compiler's estimates, no TPU needed
+    ./run bench --only aot-train --peers maxdiffusion                # SD 2 base's step beside MaxDiffusion's (v5p-8)
     ./run bench --only data                                           # webdataset shards -> 512 px batches (no peers)
     ./run bench --only eval                       # Inception and CLIP ViT-H-14 beside pytorch-fid and open_clip
 
@@ -23,7 +24,8 @@ from typing import Any
 
 from benchmarks import envs, timing
 
-BENCHMARKS = ("text2img", "compile", "overhead", "train", "scaling", "aot", "aot-txt2img", "data", "eval")
+BENCHMARKS = ("text2img", "compile", "overhead", "train", "scaling", "aot", "aot-txt2img", "aot-train", "data", "eval")
+MAXDIFFUSION_COMMIT = "7cfb880"  # the MaxDiffusion source aot-train's peer was measured at (docs/benchmarks.md)
 
 
 def defaults(gpu: bool) -> dict[str, Any]:
@@ -130,7 +132,27 @@ def table(results: dict[str, Any]) -> str:
             unit=" s")
     for name, value in results.get("errors", {}).items():
         lines.append(f"| {name} | error | {value.splitlines()[-1] if value else ''} | | | | |")
-    return "\n".join(lines)
+    return "\n".join(lines + _aot_train_table(results.get("aot-train", {})))
+
+
+def _aot_train_table(results: dict[str, Any]) -> list[str]:
+    """aot-train's rows, beside MaxDiffusion (not a diffusers peer: a table of its own)."""
+    lines = []
+    for key, a in results.items():
+        s, m = a.get("sdjax", {}), a.get("maxdiffusion", {})
+        hbm = s.get("hbm_gib", {})
+        rows = [("compiler-optimal step, ms", _ms(s), _ms(m)),
+                ("images/s/chip", s.get("images_per_s_per_chip"), m.get("images_per_s_per_chip")),
+                ("FLOPs per step (compiler's count), T", _gb(s, "flops", 1e12), _gb(m, "flops", 1e12)),
+                ("HBM bytes accessed per step, GB", _gb(s, "bytes_accessed"), _gb(m, "bytes_accessed")),
+                ("HBM arguments per chip, GiB", hbm.get("arguments"), _gb(m, "argument_bytes", 2**30)),
+                ("HBM temporaries per chip, GiB", hbm.get("temporaries"), _gb(m, "temp_bytes", 2**30)),
+                ("roofline MFU (compiler's FLOPs)", s.get("roofline_mfu"), m.get("roofline_mfu")),
+                ("compile time on this host, s", s.get("compile_s"), m.get("compile_s"))]
+        lines += ["", f"{key}:", "", f"| metric | sdjax | MaxDiffusion {MAXDIFFUSION_COMMIT} | sdjax / MaxDiffusion |",
+                  "|---|---|---|---|"]
+        lines += [f"| {name} | {fmt(x)} | {fmt(y)} | {fmt(ratio(x, y))} |" for name, x, y in rows]
+    return lines
 
 
 def _ms(r: dict) -> float | None:
@@ -158,7 +180,11 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--train-batch", type=int, default=None, help="default: 8 (tiny), 1 (sd15)")
     p.add_argument("--train-image-size", type=int, default=None, help="default: 32 (tiny), 256 (sd15)")
-    p.add_argument("--peers", default="flax,torch", help="comma-separated peers to run ('' for none)")
+    p.add_argument("--peers", default="flax,torch",
+                   help="comma-separated peers to run ('' for none): flax, torch; maxdiffusion (aot-train)")
+    p.add_argument("--maxdiffusion-src", default=os.path.join(envs.repo_root(), "maxdiffusion", "src"),
+                   help="aot-train: MaxDiffusion's src/ (git clone https://github.com/AI-Hypercomputer/maxdiffusion; "
+                        f"git checkout {MAXDIFFUSION_COMMIT})")
     p.add_argument("--topology", default="v5p-8", help="aot: the TPU slice to compile for (see sdjax.aot)")
     p.add_argument("--per-chip-batch", type=int, default=8, help="aot: images per chip")
     p.add_argument("--aot-steps", type=int, default=50, help="aot-txt2img: DDIM steps")
@@ -171,8 +197,13 @@ def main(argv=None) -> None:
     if unknown:
         p.error(f"unknown benchmarks {unknown}; choose from {','.join(BENCHMARKS)}.")
     peers = [x for x in a.peers.split(",") if x]
-    if set(peers) - {"flax", "torch"}:
-        p.error(f"--peers takes flax and/or torch, got {a.peers!r}.")
+    if set(peers) - {"flax", "torch", "maxdiffusion"}:
+        p.error(f"--peers takes flax, torch and/or maxdiffusion, got {a.peers!r}.")
+    if "maxdiffusion" in peers and "aot-train" in only and not os.path.isdir(os.path.join(a.maxdiffusion_src,
+                                                                                          "maxdiffusion")):
+        p.error(f"--peers maxdiffusion compiles MaxDiffusion's own trainer: no maxdiffusion/ under {a.maxdiffusion_src}. "
+                "Clone it (git clone https://github.com/AI-Hypercomputer/maxdiffusion && git -C maxdiffusion checkout "
+                f"{MAXDIFFUSION_COMMIT}) or give --maxdiffusion-src.")
 
     from benchmarks import weights
 
@@ -289,6 +320,8 @@ def main(argv=None) -> None:
 
     if "aot-txt2img" in only:
         results["aot-txt2img"] = aot_txt2img(a, peers, log, results["errors"])
+    if "aot-train" in only:
+        results["aot-train"] = aot_train(a, peers, log, results["errors"])
     if "data" in only:  # sdjax's own reader, no peer: its table prints as it runs
         from benchmarks import data_path
         results["data"] = data_path.main([])
@@ -302,6 +335,57 @@ def main(argv=None) -> None:
     print(table(results))
     print(f"\nload average at start {mach['load_avg']}, at end {results['load_avg_end']}; "
           f"JSON: {a.out}, runner logs: {log}")
+
+
+def sd2_base_model() -> dict:
+    """SD 2 base as configs/sd2_base.py trains it: sd21's networks with its 512 px UNet (64-wide heads)."""
+    from sdjax import presets
+    from sdjax.configs import sd2_base
+
+    model = presets.sd21()
+    model["unet"] = sd2_base.get_config().model.unet.to_dict()
+    return model
+
+
+def aot_train(a, peers: list[str], log: Path, errors: dict) -> dict:
+    """SD 2 base's whole train step as MLPerf trains it (512 px, v-prediction, from cached VAE
+    moments and text-encoder outputs, bf16 compute, f32 weights, AdamW, data-parallel), compiled for
+    ``--topology`` at ``--per-chip-batch`` by sdjax (``configs/sd2_base.py`` with ``train.cache_text``,
+    through ``sdjax.aot``) and, with ``--peers maxdiffusion``, by MaxDiffusion's own trainer
+    (``benchmarks/aot_train_maxdiffusion.py``: its ``dataset_type=grain`` step, MLPerf's layout)."""
+    from sdjax import aot
+
+    t = aot.TOPOLOGIES[a.topology]
+    chip = aot.CHIPS[t.chip]
+    tmp = Path(tempfile.mkdtemp())
+    out = {}
+    report = tmp / "sdjax.json"
+    r = run_runner(sys.executable, "sdjax.aot", ["--config", "sd2_base", "--preset", "sd21", "--topology", a.topology,
+                                                 "--per-chip-batch", str(a.per_chip_batch), "--set",
+                                                 "train.cache_text=True", "--out", str(report)],
+                   dict(JAX_PLATFORMS="cpu"), log=log)
+    if "error" in r:
+        errors["aot-train sdjax"] = r["error"]
+    else:
+        out["sdjax"] = json.loads(report.read_text())["reports"][0]
+    if "maxdiffusion" in peers:
+        model = tmp / "sd2base.json"
+        model.write_text(json.dumps(sd2_base_model()))
+        r = run_runner(envs.python(a.envs_dir, "maxdiffusion", tpu=True), "benchmarks.aot_train_maxdiffusion",
+                       ["--model", str(model), "--topology", t.topology_name, "--chip-config", t.chip_config_name,
+                        "--bounds", ",".join(map(str, t.chips_per_host_bounds)),
+                        "--wrap", ",".join(str(int(w)) for w in t.wrap), "--per-chip-batch", str(a.per_chip_batch)],
+                       dict(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([envs.repo_root(), a.maxdiffusion_src])),
+                       log=log)
+        if "error" in r:
+            errors["aot-train maxdiffusion"] = r["error"]
+        else:
+            r["commit"] = MAXDIFFUSION_COMMIT
+            if r.get("optimal_seconds") and r["optimal_seconds"] > 0:
+                r["images_per_s_per_chip"] = a.per_chip_batch / r["optimal_seconds"]
+                r["roofline_mfu"] = r["flops"] / (r["optimal_seconds"] * chip.bf16_tflops * 1e12)
+            out["maxdiffusion"] = r
+    return {f"SD 2 base train step 512px, {a.per_chip_batch}/chip, {a.topology} (compiler-estimated)": out}
 
 
 def aot_txt2img(a, peers: list[str], log: Path, errors: dict) -> dict:

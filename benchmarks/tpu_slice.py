@@ -29,11 +29,17 @@ def compile_figures(lowered) -> tuple[dict, str]:
     t0 = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
+    figures, hlo = figures_of(compiled)
+    return dict(compile_s=compile_s, **figures), hlo
+
+
+def figures_of(compiled) -> tuple[dict, str]:
+    """A compiled program's FLOPs, bytes, the compiler's roofline time, memory, custom calls; its HLO text."""
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     hlo = compiled.as_text()
-    return dict(compile_s=compile_s, flops=cost.get("flops"), bytes_accessed=cost.get("bytes accessed"),
+    return dict(flops=cost.get("flops"), bytes_accessed=cost.get("bytes accessed"),
                 optimal_seconds=cost.get("optimal_seconds"), argument_bytes=mem.argument_size_in_bytes,
                 temp_bytes=mem.temp_size_in_bytes, output_bytes=mem.output_size_in_bytes,
                 alias_bytes=mem.alias_size_in_bytes,

@@ -68,7 +68,10 @@ def test_table_shows_ratios_and_errors():
         **{"aot-txt2img": {"v5e-8 txt2img": dict(
             sdjax=dict(optimal_seconds=2.0, images_per_s_per_chip=4.0, runs=dict(loop=dict(compile_s=100.0))),
             flax=dict(optimal_seconds=4.0, images_per_s_per_chip=2.0, runs=dict(loop=dict(compile_s=50.0)))),
-            "v5e-8 no time": dict(sdjax=dict(optimal_seconds=-3.0), flax=dict(optimal_seconds=-4.0))}},
+            "v5e-8 no time": dict(sdjax=dict(optimal_seconds=-3.0), flax=dict(optimal_seconds=-4.0))},
+           "aot-train": {"sd2 base step": dict(
+               sdjax=dict(optimal_seconds=0.08, images_per_s_per_chip=100.0, hbm_gib=dict(temporaries=8.0)),
+               maxdiffusion=dict(optimal_seconds=0.1, images_per_s_per_chip=80.0, temp_bytes=4 * 2**30))}},
         errors={"text2img torch": "peer_torch exited with 1:\nOSError: no weights"})
     text = run.table(results)
     assert "| aot | v5p-8: images/s/chip (sdjax flash attention) | 80 | 64 | 1.25 |" in text
@@ -81,6 +84,9 @@ def test_table_shows_ratios_and_errors():
     assert "| text2img | sd15 B=1: images/s | 3 | 2 | 1.5 | - | - |" in text
     assert "| compile | first call (cold) | 10 s | 20 s | 0.5 |" in text
     assert "OSError: no weights" in text
+    assert "| images/s/chip | 100 | 80 | 1.25 |" in text  # aot-train: beside MaxDiffusion, a table of its own
+    assert "| compiler-optimal step, ms | 80 | 100 | 0.8 |" in text
+    assert "| HBM temporaries per chip, GiB | 8 | 4 | 2 |" in text
 
 
 # Lines in the form libtpu's compiled HLO text takes (shortened): a fused matmul, a layout copy in the
