@@ -404,6 +404,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. train.remat=True (repeatable)")
     p.add_argument("--out", help="write the report as JSON here")
+    p.add_argument("--hlo", help="also write the compiled train step's HLO text here (for benchmarks.hlo_ops)")
     args = p.parse_args(argv)
     if args.config is None and (args.what != "txt2img" or not args.preset):
         p.error("--config is needed (--what txt2img takes --preset alone, e.g. --preset sdxl)")
@@ -430,6 +431,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         reports.append(report(compiled, args.per_chip_batch, chip, f"train step, global batch {batch}",
                               time.perf_counter() - t0))
         reports[-1].update(state_sizes(run))
+        if args.hlo:
+            with open(args.hlo, "w") as f:
+                f.write(compiled.as_text())
         print(format_report(reports[-1]), flush=True)
     if args.what in ("txt2img", "both"):
         reports.append(txt2img_report(txt2img_configs(config, args.preset), devices, chip, args))

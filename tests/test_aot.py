@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from benchmarks import hlo_ops
 from sdjax import aot
 from sdjax.models import layers
 
@@ -28,7 +29,7 @@ def test_topologies_describe_the_slices_and_refuse_unknown_names():
 def test_train_and_txt2img_report_for_a_v5e_slice(tmp_path, capsys):
     out = tmp_path / "report.json"
     reports = aot.main(["--config", "tiny", "--topology", "v5e-8", "--per-chip-batch", "2", "--what", "both",
-                        "--steps", "2", "--out", str(out)])
+                        "--steps", "2", "--out", str(out), "--hlo", str(tmp_path / "train.hlo")])
     text = capsys.readouterr().out
     assert "v5e-8: 8 devices" in text and "compiler-estimated" in text
     assert json.loads(out.read_text())["reports"] == json.loads(json.dumps(reports))
@@ -43,6 +44,10 @@ def test_train_and_txt2img_report_for_a_v5e_slice(tmp_path, capsys):
         assert r["roofline_mfu"] == pytest.approx(r["flops"] / (r["optimal_seconds"] * 197e12))
     assert train["hbm_gib"]["outputs_not_aliased"] < 1e-3  # the state is donated: updated in place
     assert sample["cost_from"].startswith("the 1- and 2-step programs") and "cost from the 1- and 2-step" in text
+    # The train step's compiled HLO, with the TPU compiler's per-instruction cycle estimates that
+    # benchmarks.hlo_ops sums by model path: the UNet's convolutions among them.
+    ops = hlo_ops.ops((tmp_path / "train.hlo").read_text())
+    assert any(o.kind == "matmul/conv" and o.where.startswith("up_blocks_") and o.cycles > 0 for o in ops)
 
 
 def test_eval_summary_counts_padded_calls_and_the_share_of_the_run():
