@@ -11,8 +11,9 @@ per-chip memory and cost as one JSON line. ``--impl flax`` imports no sdjax.
 
 An SDXL model JSON (one with ``text_encoder_2``) gets diffusers-Flax's SDXL pipeline instead, with
 Euler, as a peer of ``python -m sdjax.aot --preset sdxl --what txt2img`` (docs/benchmarks.md); ``--impl
-maxdiffusion`` compiles the other peer, MaxDiffusion's ``generate_sdxl`` (its environment:
-``benchmarks/envs.py``, its source on PYTHONPATH). Neither imports sdjax:
+maxdiffusion`` compiles the other peer, MaxDiffusion's ``generate_sdxl`` (for SD 1.x/2.x its
+``generate`` with DDIM; its environment: ``benchmarks/envs.py``, its source on PYTHONPATH). Neither
+imports sdjax:
 
     python -c "import json, sdjax.presets as p; json.dump(p.get('sdxl'), open('sdxl.json', 'w'), default=list)"
     python -c "from benchmarks import envs; envs.python('.bench-envs', 'diffusers-flax', tpu=True)"
@@ -138,20 +139,30 @@ class _Tokenizer:
         return types.SimpleNamespace(input_ids=np.zeros((len(prompts), self.model_max_length), np.int32))
 
 
-def maxdiffusion_sdxl_program(model: dict, mesh, steps: int, unroll: bool, B: int, size: int = 1024,
-                              attention: str = "dot_product", flash_min_seq_length: int = 4096,
-                              vae_dtype=jnp.float32):
-    """(jitted fn, abstract args) of MaxDiffusion's generate_sdxl.run_inference, its models built as its
-    orbax-checkpoint loader does (BaseStableDiffusionCheckpointer.load_checkpoint) from ``model``'s
-    config dicts, its states' shapes and shardings from max_utils.get_abstract_state.
-    ``attention``: base_xl.yml's "dot_product" (QK^T in f32) or "flash" (jax's splash kernel under
-    shard_map, only where query and key have >= ``flash_min_seq_length`` tokens: SDXL's 64x64 level).
+def maxdiffusion_program(model: dict, mesh, steps: int, unroll: bool, B: int, size: int = 512,
+                         attention: str | None = None, flash_min_seq_length: int = 4096, vae_dtype=jnp.float32):
+    """(jitted fn, abstract args) of MaxDiffusion's own generation: ``generate_sdxl.run_inference`` with
+    base_xl.yml for an SDXL model JSON, else ``generate.run_inference`` with base15.yml (SD 1.x) or
+    base_2_base.yml (SD 2.x: 1024-wide text), its models built as its orbax-checkpoint loader does
+    (BaseStableDiffusionCheckpointer.load_checkpoint) from ``model``'s config dicts, its states'
+    shapes and shardings from max_utils.get_abstract_state.
+    ``attention`` (None: the yml's where this environment has it): base_xl.yml's "dot_product" (QK^T
+    in f32); "flash" is jax's splash kernel under shard_map, only where query and key have >=
+    ``flash_min_seq_length`` tokens (SDXL's 64x64 level; SD's 64x64 level at 512 px). base_2_base.yml
+    names "flash"; base15.yml names "tokamax_flash", whose package MaxDiffusion's requirements do not
+    install, so SD 1.x takes "flash" too.
+    SD 1.x/2.x sample with its FlaxDDIMScheduler built from the model's scheduler config, where its
+    ``generate.run`` builds the yml's ``diffusion_scheduler_config`` (PNDM for SD 1.5, none for SD 2):
+    the one change, so that both sides run the same DDIM steps.
     ``vae_dtype``: f32 as sdjax; MaxDiffusion's loaders give the VAE activations_dtype (bf16)."""
     import maxdiffusion
     from maxdiffusion import (
         FlaxAutoencoderKL,
+        FlaxDDIMScheduler,
+        FlaxStableDiffusionPipeline,
         FlaxStableDiffusionXLPipeline,
         FlaxUNet2DConditionModel,
+        generate,
         generate_sdxl,
         max_utils,
         maxdiffusion_utils,
@@ -166,13 +177,16 @@ def maxdiffusion_sdxl_program(model: dict, mesh, steps: int, unroll: bool, B: in
 
     n = mesh.devices.size
     assert B % n == 0, (B, n)
-    yml = os.path.join(os.path.dirname(maxdiffusion.__file__), "configs", "base_xl.yml")
-    pyconfig.initialize(["", yml, "run_name=aot_sdxl", f"output_dir={tempfile.gettempdir()}",
+    sdxl = "text_encoder_2" in model
+    yml = "base_xl.yml" if sdxl else "base_2_base.yml" if model["text_encoder"]["hidden_size"] == 1024 else "base15.yml"
+    attention = attention or ("dot_product" if sdxl else "flash")
+    pyconfig.initialize(["", os.path.join(os.path.dirname(maxdiffusion.__file__), "configs", yml),
+                         "run_name=aot_generate", f"output_dir={tempfile.gettempdir()}",
                          "skip_jax_distributed_system=True", "compile_topology_num_slices=1",
                          "weights_dtype=float32", "activations_dtype=bfloat16", f"attention={attention}",
                          "split_head_dim=True", f"resolution={size}", f"num_inference_steps={steps}",
-                         "guidance_scale=7.5", "guidance_rescale=0.0", "do_classifier_free_guidance=True",
-                         f"per_device_batch_size={B // n}"], unittest=True)
+                         "guidance_scale=7.5", "guidance_rescale=0.0", f"per_device_batch_size={B // n}"]
+                        + ["do_classifier_free_guidance=True"] * sdxl, unittest=True)  # SD's ymls guide always
     config = pyconfig.config
     # its mesh axes (data, fsdp, context, tensor) = (n, 1, 1, 1): the harness's 1-D data mesh, same device order
     md_mesh = Mesh(np.asarray(mesh.devices).reshape(-1, 1, 1, 1), tuple(config.mesh_axes))
@@ -185,15 +199,6 @@ def maxdiffusion_sdxl_program(model: dict, mesh, steps: int, unroll: bool, B: in
         mesh=md_mesh, precision=max_utils.get_precision(config))
     vae = FlaxAutoencoderKL.from_config(model["vae"], dtype=vae_dtype, weights_dtype=config.weights_dtype)
     text = FlaxCLIPTextModel(CLIPTextConfig(**model["text_encoder"]), dtype=config.activations_dtype, _do_init=False)
-    text_2 = FlaxCLIPTextModelWithProjection(CLIPTextConfig(**model["text_encoder_2"]),
-                                             dtype=config.activations_dtype, _do_init=False)
-    # create_scheduler finds the class through the config's module (a maxdiffusion FrozenDict) and applies
-    # base_xl.yml's diffusion_scheduler_config: FlaxEulerDiscreteScheduler, epsilon, trailing spacing
-    scheduler, scheduler_state = maxdiffusion_utils.create_scheduler(FrozenDict(dict(model["scheduler"])), config)
-    pipeline = FlaxStableDiffusionXLPipeline(text_encoder=text, text_encoder_2=text_2, vae=vae, tokenizer=None,
-                                             tokenizer_2=None, unet=unet, scheduler=scheduler)
-    pipeline.tokenizer = pipeline.tokenizer_2 = _Tokenizer(L)
-
     rng = jax.random.PRNGKey(config.seed)
 
     def abstract_state(module, init_fn):
@@ -201,17 +206,33 @@ def maxdiffusion_sdxl_program(model: dict, mesh, steps: int, unroll: bool, B: in
         state = max_utils.unbox_logicallypartioned_trainstate(state)
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
+    def text_state(encoder):
+        return abstract_state(encoder, functools.partial(encoder.init_weights, rng=rng, input_shape=(B, L)))
+
     # same parameters; its init_weights runs the UNet on jax.device_count() (this host's) images, which
     # the flash kernel's shard_map could not split over the slice
     init_unet = unet.clone(attention_kernel="dot_product")
-    states = {
-        "unet_state": abstract_state(unet, functools.partial(init_unet.init_weights, rng=rng)),
-        "vae_state": abstract_state(vae, functools.partial(vae.init_weights, rng=rng)),
-        "text_encoder_state": abstract_state(text, functools.partial(text.init_weights, rng=rng, input_shape=(B, L))),
-        "text_encoder_2_state": abstract_state(text_2, functools.partial(text_2.init_weights, rng=rng,
-                                                                         input_shape=(B, L))),
-    }
-    run = functools.partial(generate_sdxl.run_inference, pipeline=pipeline, params={"scheduler": scheduler_state},
+    states = {"unet_state": abstract_state(unet, functools.partial(init_unet.init_weights, rng=rng)),
+              "vae_state": abstract_state(vae, functools.partial(vae.init_weights, rng=rng)),
+              "text_encoder_state": text_state(text)}
+    if sdxl:
+        text_2 = FlaxCLIPTextModelWithProjection(CLIPTextConfig(**model["text_encoder_2"]),
+                                                 dtype=config.activations_dtype, _do_init=False)
+        states["text_encoder_2_state"] = text_state(text_2)
+        # create_scheduler finds the class through the config's module (a maxdiffusion FrozenDict) and applies
+        # base_xl.yml's diffusion_scheduler_config: FlaxEulerDiscreteScheduler, epsilon, trailing spacing
+        scheduler, scheduler_state = maxdiffusion_utils.create_scheduler(FrozenDict(dict(model["scheduler"])), config)
+        pipeline = FlaxStableDiffusionXLPipeline(text_encoder=text, text_encoder_2=text_2, vae=vae, tokenizer=None,
+                                                 tokenizer_2=None, unet=unet, scheduler=scheduler)
+        pipeline.tokenizer = pipeline.tokenizer_2 = _Tokenizer(L)
+        run_inference = generate_sdxl.run_inference
+    else:
+        scheduler = FlaxDDIMScheduler.from_config(dict(model["scheduler"]))
+        scheduler_state = scheduler.create_state()
+        pipeline = FlaxStableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet, scheduler=scheduler)
+        pipeline.tokenizer = _Tokenizer(L)  # set after: registering a module reads its package's name
+        run_inference = generate.run_inference
+    run = functools.partial(run_inference, pipeline=pipeline, params={"scheduler": scheduler_state},
                             config=config, rng=rng, mesh=md_mesh, batch_size=B)
     fori_loop = jax.lax.fori_loop
 
@@ -228,13 +249,14 @@ def maxdiffusion_sdxl_program(model: dict, mesh, steps: int, unroll: bool, B: in
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--impl", choices=("sdjax", "flax", "maxdiffusion"), required=True,
-                   help="maxdiffusion: its generate_sdxl, for an SDXL model JSON")
+                   help="maxdiffusion: its generate (SD 1.x/2.x, DDIM) or generate_sdxl (an SDXL model JSON)")
     p.add_argument("--model", required=True,
                    help="JSON file: the diffusers configs of unet, vae, text_encoder, scheduler")
     tpu_slice.add_args(p, "v5e:2x4")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--unroll", action="store_true", help="write the sampling loop out step by step")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (a multiple of 8)")
+    p.add_argument("--attention", help="maxdiffusion: its attention kernel (default: its yml's, see maxdiffusion_program)")
     a = p.parse_args(argv)
     devices = tpu_slice.devices(a)
     mesh = Mesh(np.asarray(devices), ("data",))
@@ -246,12 +268,12 @@ def main(argv=None) -> None:
             p.error("--impl sdjax compiles SD 1.x/2.x; for SDXL run: python -m sdjax.aot --preset sdxl --what txt2img")
         build = sdjax_program
     elif a.impl == "maxdiffusion":
-        if "text_encoder_2" not in model:
-            p.error("--impl maxdiffusion compiles MaxDiffusion's generate_sdxl: give an SDXL model JSON")
-        build = maxdiffusion_sdxl_program
+        build = maxdiffusion_program
     else:
         build = flax_sdxl_program if "text_encoder_2" in model else flax_program
-    fn, args = build(model, mesh, a.steps, a.unroll, B, a.size)
+    if a.attention and a.impl != "maxdiffusion":
+        p.error("--attention chooses MaxDiffusion's kernel: use it with --impl maxdiffusion")
+    fn, args = build(model, mesh, a.steps, a.unroll, B, a.size, **({"attention": a.attention} if a.attention else {}))
     figures, _ = tpu_slice.compile_figures(fn.lower(*args))
     timing.emit(dict(
         impl=a.impl, devices=len(devices), device_kind=devices[0].device_kind, per_chip_batch=a.per_chip_batch,
