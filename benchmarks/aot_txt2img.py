@@ -150,7 +150,8 @@ def maxdiffusion_program(model: dict, mesh, steps: int, unroll: bool, B: int, si
     in f32); "flash" is jax's splash kernel under shard_map, only where query and key have >=
     ``flash_min_seq_length`` tokens (SDXL's 64x64 level; SD's 64x64 level at 512 px). base_2_base.yml
     names "flash"; base15.yml names "tokamax_flash", whose package MaxDiffusion's requirements do not
-    install, so SD 1.x takes "flash" too.
+    install, so SD 1.x takes "flash" too (for SD 1.5 at 512 px and 8 images per chip its flash
+    kernels did not compile on v5p, out of scoped VMEM: ``--attention dot_product`` there).
     SD 1.x/2.x sample with its FlaxDDIMScheduler built from the model's scheduler config, where its
     ``generate.run`` builds the yml's ``diffusion_scheduler_config`` (PNDM for SD 1.5, none for SD 2):
     the one change, so that both sides run the same DDIM steps.

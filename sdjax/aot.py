@@ -406,6 +406,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", help="write the report as JSON here")
     p.add_argument("--hlo", help="also write the compiled train step's HLO text here (for benchmarks.hlo_ops)")
     args = p.parse_args(argv)
+    if args.hlo and args.what == "txt2img":
+        p.error("--hlo writes the train step's HLO: use it with --what train, both or eval")
     if args.config is None and (args.what != "txt2img" or not args.preset):
         p.error("--config is needed (--what txt2img takes --preset alone, e.g. --preset sdxl)")
     config = None if args.config is None else configs_lib.load(args.config)
