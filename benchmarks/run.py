@@ -4,6 +4,7 @@
     ./run bench --size tiny --only text2img,overhead
     ./run bench --only aot-txt2img --peers flax --topology v5e-8     # TPU compiler's estimates, no TPU needed
     ./run bench --only aot-train --peers maxdiffusion                # SD 2 base's step beside MaxDiffusion's (v5p-8)
+    ./run bench --only aot-txt2img --peers flax,maxdiffusion --aot-model sd2-base   # SD 2 base txt2img, v5p-8
     ./run bench --only data                                           # webdataset shards -> 512 px batches (no peers)
     ./run bench --only eval                       # Inception and CLIP ViT-H-14 beside pytorch-fid and open_clip
 
@@ -121,22 +122,39 @@ def table(results: dict[str, Any]) -> str:
         row("aot", f"{key}: HBM bytes accessed/step, GB", _gb(s, "bytes_accessed"), _gb(f, "bytes_accessed"))
         row("aot", f"{key}: temporaries per chip, GiB", _gb(s, "temp_bytes", 2**30), _gb(f, "temp_bytes", 2**30))
         row("aot", f"{key}: roofline MFU", s.get("mfu"), f.get("mfu"))
-    for key, a in results.get("aot-txt2img", {}).items():
-        s, f = a.get("sdjax", {}), a.get("flax", {})
-        row("aot", f"{key}: compiler-optimal time per batch", _ms(s), _ms(f), unit=" ms")
-        row("aot", f"{key}: images/s/chip", s.get("images_per_s_per_chip"), f.get("images_per_s_per_chip"))
-        row("aot", f"{key}: FLOPs per batch, T", _gb(s, "flops", 1e12), _gb(f, "flops", 1e12))
-        row("aot", f"{key}: HBM bytes accessed per batch, GB", _gb(s, "bytes_accessed"), _gb(f, "bytes_accessed"))
-        loop_s, loop_f = s.get("runs", {}).get("loop", {}), f.get("runs", {}).get("loop", {})
-        row("aot", f"{key}: temporaries per chip (the loop), GiB", _gb(loop_s, "temp_bytes", 2**30),
-            _gb(loop_f, "temp_bytes", 2**30))
-        row("aot", f"{key}: compile time on this host (the loop)", loop_s.get("compile_s"), loop_f.get("compile_s"),
-            unit=" s")
     for name, value in results.get("errors", {}).items():
         lines.append(f"| {name} | error | {value.splitlines()[-1] if value else ''} | | | | |")
     if len(lines) == 2:  # no diffusers-peer rows (e.g. --only aot-train): that table's header alone says nothing
         lines = []
-    return "\n".join(lines + _aot_train_table(results.get("aot-train", {}))).strip("\n")
+    return "\n".join(lines + _aot_txt2img_table(results.get("aot-txt2img", {}))
+                     + _aot_train_table(results.get("aot-train", {}))).strip("\n")
+
+
+def _aot_txt2img_table(results: dict[str, Any]) -> list[str]:
+    """aot-txt2img's rows: sdjax beside diffusers-Flax and MaxDiffusion (each where it ran)."""
+    lines = []
+    for key, a in results.items():
+        s, f, m = (a.get(impl, {}) for impl in ("sdjax", "flax", "maxdiffusion"))
+        loop = [r.get("runs", {}).get("loop", {}) for r in (s, f, m)]
+        rows = [("compiler-optimal time per call, ms", _ms(s), _ms(f), _ms(m)),
+                ("images/s/chip", s.get("images_per_s_per_chip"), f.get("images_per_s_per_chip"),
+                 m.get("images_per_s_per_chip")),
+                ("FLOPs per call, T", *(_gb(r, "flops", 1e12) for r in (s, f, m))),
+                ("HBM bytes accessed per call, GB", *(_gb(r, "bytes_accessed") for r in (s, f, m))),
+                ("roofline MFU (compiler's FLOPs)", *(r.get("roofline_mfu") for r in (s, f, m))),
+                ("temporaries per chip (the loop), GiB", *(_gb(r, "temp_bytes", 2**30) for r in loop)),
+                ("compile time on this host (the loop), s", *(r.get("compile_s") for r in loop))]
+        lines += _side_by_side(key, rows, ("diffusers-Flax 0.39", f"MaxDiffusion {MAXDIFFUSION_COMMIT}"))
+    return lines
+
+
+def _side_by_side(key: str, rows: list[tuple], peers: tuple[str, ...]) -> list[str]:
+    """A table under ``key``: each row (metric, sdjax's value, each peer's), with sdjax / peer after each peer."""
+    head = "| metric | sdjax | " + " | ".join(f"{p} | sdjax / {p.split()[0]}" for p in peers) + " |"
+    lines = ["", f"{key}:", "", head, "|---" * (2 + 2 * len(peers)) + "|"]
+    for name, ours, *theirs in rows:
+        lines.append(f"| {name} | {fmt(ours)} | " + " | ".join(f"{fmt(x)} | {fmt(ratio(ours, x))}" for x in theirs) + " |")
+    return lines
 
 
 def _aot_train_table(results: dict[str, Any]) -> list[str]:
@@ -153,9 +171,7 @@ def _aot_train_table(results: dict[str, Any]) -> list[str]:
                 ("HBM temporaries per chip, GiB", hbm.get("temporaries"), _gb(m, "temp_bytes", 2**30)),
                 ("roofline MFU (compiler's FLOPs)", s.get("roofline_mfu"), m.get("roofline_mfu")),
                 ("compile time on this host, s", s.get("compile_s"), m.get("compile_s"))]
-        lines += ["", f"{key}:", "", f"| metric | sdjax | MaxDiffusion {MAXDIFFUSION_COMMIT} | sdjax / MaxDiffusion |",
-                  "|---|---|---|---|"]
-        lines += [f"| {name} | {fmt(x)} | {fmt(y)} | {fmt(ratio(x, y))} |" for name, x, y in rows]
+        lines += _side_by_side(key, rows, (f"MaxDiffusion {MAXDIFFUSION_COMMIT}",))
     return lines
 
 
@@ -185,13 +201,19 @@ def main(argv=None) -> None:
     p.add_argument("--train-batch", type=int, default=None, help="default: 8 (tiny), 1 (sd15)")
     p.add_argument("--train-image-size", type=int, default=None, help="default: 32 (tiny), 256 (sd15)")
     p.add_argument("--peers", default="flax,torch",
-                   help="comma-separated peers to run ('' for none): flax, torch; maxdiffusion (aot-train)")
+                   help="comma-separated peers to run ('' for none): flax, torch; maxdiffusion (aot-train, "
+                        "aot-txt2img)")
     p.add_argument("--maxdiffusion-src", default=os.path.join(envs.repo_root(), "maxdiffusion", "src"),
-                   help="aot-train: MaxDiffusion's src/ (git clone https://github.com/AI-Hypercomputer/maxdiffusion; "
+                   help="aot-train, aot-txt2img: MaxDiffusion's src/ (git clone "
+                        "https://github.com/AI-Hypercomputer/maxdiffusion; "
                         f"git checkout {MAXDIFFUSION_COMMIT})")
     p.add_argument("--topology", default="v5p-8", help="aot: the TPU slice to compile for (see sdjax.aot)")
     p.add_argument("--per-chip-batch", type=int, default=8, help="aot: images per chip")
     p.add_argument("--aot-steps", type=int, default=50, help="aot-txt2img: DDIM steps")
+    p.add_argument("--aot-model", default="sd15", choices=("sd15", "sd2-base"), help="aot-txt2img: the networks")
+    p.add_argument("--maxdiffusion-attention",
+                   help="aot-txt2img: MaxDiffusion's attention kernel (default: its yml's; see "
+                        "benchmarks/aot_txt2img.py)")
     p.add_argument("--out", default="bench-results.json")
     p.add_argument("--cache-dir", default=os.path.join(envs.repo_root(), ".bench-cache"), help="random weights")
     p.add_argument("--envs-dir", default=os.path.join(envs.repo_root(), ".bench-envs"), help="peer venvs")
@@ -203,9 +225,9 @@ def main(argv=None) -> None:
     peers = [x for x in a.peers.split(",") if x]
     if set(peers) - {"flax", "torch", "maxdiffusion"}:
         p.error(f"--peers takes flax, torch and/or maxdiffusion, got {a.peers!r}.")
-    if "maxdiffusion" in peers and "aot-train" in only and not os.path.isdir(os.path.join(a.maxdiffusion_src,
-                                                                                          "maxdiffusion")):
-        p.error(f"--peers maxdiffusion compiles MaxDiffusion's own trainer: no maxdiffusion/ under {a.maxdiffusion_src}. "
+    md_src = os.path.join(a.maxdiffusion_src, "maxdiffusion")
+    if "maxdiffusion" in peers and {"aot-train", "aot-txt2img"} & set(only) and not os.path.isdir(md_src):
+        p.error(f"--peers maxdiffusion compiles MaxDiffusion's own code: no maxdiffusion/ under {a.maxdiffusion_src}. "
                 "Clone it (git clone https://github.com/AI-Hypercomputer/maxdiffusion && git -C maxdiffusion checkout "
                 f"{MAXDIFFUSION_COMMIT}) or give --maxdiffusion-src.")
 
@@ -392,30 +414,47 @@ def aot_train(a, peers: list[str], log: Path, errors: dict) -> dict:
     return {f"SD 2 base train step 512px, {a.per_chip_batch}/chip, {a.topology} (compiler-estimated)": out}
 
 
+def txt2img_model(name: str) -> dict:
+    """aot-txt2img's networks: SD 1.5, or SD 2 base (512 px, epsilon prediction)."""
+    from sdjax import presets
+
+    if name == "sd15":
+        return presets.sd15()
+    model = sd2_base_model()
+    model["scheduler"] = dict(model["scheduler"], prediction_type="epsilon")
+    return model
+
+
 def aot_txt2img(a, peers: list[str], log: Path, errors: dict) -> dict:
-    """SD 1.5 txt2img at 512 px, ``--aot-steps`` DDIM steps, compiled for ``--topology`` by sdjax and
-    the diffusers-Flax peer: each program as users run it (the loop: memory, compile time) and with
-    1 and 2 steps written out, whose costs give the loop's (XLA's cost analysis counts a loop's
-    body once)."""
-    from sdjax import aot, presets
+    """``--aot-model``'s txt2img at 512 px, ``--aot-steps`` DDIM steps, guidance 7.5, compiled for
+    ``--topology`` by sdjax and the peers (diffusers-Flax's ``_generate``; MaxDiffusion's
+    ``generate.run_inference``, ``--maxdiffusion-attention``): each program as users run it (the
+    loop: memory, compile time) and with 1 and 2 steps written out, whose costs give the loop's
+    (XLA's cost analysis counts a loop's body once)."""
+    from sdjax import aot
 
     t = aot.TOPOLOGIES[a.topology]
     chip = aot.CHIPS[t.chip]
-    model = Path(tempfile.mkdtemp()) / "sd15.json"
-    model.write_text(json.dumps(presets.sd15()))
+    model = Path(tempfile.mkdtemp()) / f"{a.aot_model}.json"
+    model.write_text(json.dumps(txt2img_model(a.aot_model)))
     args = ["--model", str(model), "--topology", t.topology_name, "--chip-config", t.chip_config_name,
             "--bounds", ",".join(map(str, t.chips_per_host_bounds)), "--wrap", ",".join(str(int(w)) for w in t.wrap),
             "--per-chip-batch", str(a.per_chip_batch)]
-    pythons = {"sdjax": sys.executable}
+    runners = {"sdjax": (sys.executable, [], {})}
     if "flax" in peers:
-        pythons["flax"] = envs.python(a.envs_dir, "diffusers-flax", tpu=True)
+        runners["flax"] = (envs.python(a.envs_dir, "diffusers-flax", tpu=True), [], {})
+    if "maxdiffusion" in peers:
+        runners["maxdiffusion"] = (
+            envs.python(a.envs_dir, "maxdiffusion", tpu=True),
+            ["--attention", a.maxdiffusion_attention] if a.maxdiffusion_attention else [],
+            dict(PYTHONPATH=os.pathsep.join([envs.repo_root(), a.maxdiffusion_src])))
     out = {}
-    for impl, python in pythons.items():
+    for impl, (python, impl_args, env) in runners.items():
         runs = {}
         for name, extra in (("loop", ["--steps", str(a.aot_steps)]), ("one", ["--steps", "1", "--unroll"]),
                             ("two", ["--steps", "2", "--unroll"])):
-            runs[name] = run_runner(python, "benchmarks.aot_txt2img", args + ["--impl", impl] + extra,
-                                    dict(JAX_PLATFORMS="cpu"), log=log)
+            runs[name] = run_runner(python, "benchmarks.aot_txt2img", args + ["--impl", impl] + impl_args + extra,
+                                    dict(JAX_PLATFORMS="cpu", **env), log=log)
         if any("error" in r for r in runs.values()):
             errors[f"aot-txt2img {impl}"] = next(r["error"] for r in runs.values() if "error" in r)
             continue
@@ -424,7 +463,10 @@ def aot_txt2img(a, peers: list[str], log: Path, errors: dict) -> dict:
                              a.aot_steps)
         out[impl] = dict(runs=runs, steps=a.aot_steps, per_chip_batch=a.per_chip_batch,
                          **aot.cost_figures(cost, a.per_chip_batch, chip))
-    return {f"SD 1.5 txt2img 512px, {a.aot_steps} DDIM steps, {a.per_chip_batch}/chip, {a.topology} "
+        if impl == "maxdiffusion":
+            out[impl].update(commit=MAXDIFFUSION_COMMIT, attention=a.maxdiffusion_attention or "its yml's")
+    name = {"sd15": "SD 1.5", "sd2-base": "SD 2 base"}[a.aot_model]
+    return {f"{name} txt2img 512px, {a.aot_steps} DDIM steps, {a.per_chip_batch}/chip, {a.topology} "
             "(compiler-estimated)": out}
 
 

@@ -67,7 +67,8 @@ def test_table_shows_ratios_and_errors():
                            sdjax_xla={}, flax=dict(optimal_seconds=0.125, per_chip_batch=8))},
         **{"aot-txt2img": {"v5e-8 txt2img": dict(
             sdjax=dict(optimal_seconds=2.0, images_per_s_per_chip=4.0, runs=dict(loop=dict(compile_s=100.0))),
-            flax=dict(optimal_seconds=4.0, images_per_s_per_chip=2.0, runs=dict(loop=dict(compile_s=50.0)))),
+            flax=dict(optimal_seconds=4.0, images_per_s_per_chip=2.0, runs=dict(loop=dict(compile_s=50.0))),
+            maxdiffusion=dict(optimal_seconds=5.0, images_per_s_per_chip=1.6, runs=dict(loop=dict(compile_s=40.0)))),
             "v5e-8 no time": dict(sdjax=dict(optimal_seconds=-3.0), flax=dict(optimal_seconds=-4.0))},
            "aot-train": {"sd2 base step": dict(
                sdjax=dict(optimal_seconds=0.08, images_per_s_per_chip=100.0, hbm_gib=dict(temporaries=8.0)),
@@ -76,9 +77,11 @@ def test_table_shows_ratios_and_errors():
     text = run.table(results)
     assert "| aot | v5p-8: images/s/chip (sdjax flash attention) | 80 | 64 | 1.25 |" in text
     assert "| aot | v5p-8: compiler-optimal step (sdjax flash attention) | 100 ms | 125 ms | 0.8 |" in text
-    assert "| aot | v5e-8 txt2img: images/s/chip | 4 | 2 | 2 |" in text
-    assert "| aot | v5e-8 txt2img: compile time on this host (the loop) | 100 s | 50 s | 2 |" in text
-    assert "| aot | v5e-8 no time: compiler-optimal time per batch | - | - | - |" in text  # the compiler gave <= 0
+    # aot-txt2img: beside diffusers-Flax and MaxDiffusion, a table of its own
+    assert "| metric | sdjax | diffusers-Flax 0.39 | sdjax / diffusers-Flax | MaxDiffusion" in text
+    assert "| images/s/chip | 4 | 2 | 2 | 1.6 | 2.5 |" in text
+    assert "| compile time on this host (the loop), s | 100 | 50 | 2 | 40 | 2.5 |" in text
+    assert "| compiler-optimal time per call, ms | - | - | - | - | - |" in text  # "no time": the compiler gave <= 0
     assert "| train | sd15 256px B=1 float32 remat=False: compiled memory (args+out-alias+temp) | 3072 MiB | - | - |" in text
     assert "| train | sd15 256px B=1 float32 remat=False: GFLOP/step (XLA) | 850 | - | - |" in text
     assert "| text2img | sd15 B=1: images/s | 3 | 2 | 1.5 | - | - |" in text
