@@ -1,13 +1,14 @@
-"""SD 1.5 txt2img (text encoding, classifier-free-guided DDIM loop, VAE decoding), compiled ahead of
-time for a TPU slice, in sdjax's environment or the diffusers-Flax peer's (run as a subprocess).
+"""SD 1.x/2.x txt2img (text encoding, classifier-free-guided DDIM loop, VAE decoding), compiled ahead
+of time for a TPU slice, in sdjax's environment or a peer's (run as a subprocess).
 
     python -m benchmarks.aot_txt2img --impl sdjax --topology v5e:2x4 --chip-config default --bounds 2,2,1 --steps 2
 
 The same program for both: prompt and negative-prompt token ids in, ``--size`` x ``--size`` images
-out (512 by default, SD 1.5's); bf16 UNet and text encoder, f32 VAE (sdjax's txt2img default), f32
+out (512 by default, SD 1.5's and SD 2 base's); bf16 UNet and text encoder, f32 VAE (sdjax's txt2img default), f32
 DDIM arithmetic, guidance 7.5, batch split over the slice's devices, parameters replicated. ``--unroll`` writes the DDIM loop out step by step
 (XLA's cost analysis counts a loop's body once, whatever its trip count). Prints the compiler's
-per-chip memory and cost as one JSON line. ``--impl flax`` imports no sdjax.
+per-chip memory and cost as one JSON line; ``--hlo FILE`` also writes the compiled HLO, which
+``python -m benchmarks.hlo_ops FILE`` breaks down op by op. ``--impl flax`` imports no sdjax.
 
 An SDXL model JSON (one with ``text_encoder_2``) gets diffusers-Flax's SDXL pipeline instead, with
 Euler, as a peer of ``python -m sdjax.aot --preset sdxl --what txt2img`` (docs/benchmarks.md); ``--impl
@@ -88,7 +89,7 @@ def flax_program(model: dict, mesh, steps: int, unroll: bool, B: int, size: int 
     key = jax.random.key(0)
     params = {
         "unet": jax.eval_shape(unet.init, key, jnp.zeros((1, 4, size // 8, size // 8)), jnp.zeros((1,), jnp.int32),
-                               jnp.zeros((1, 77, 768)))["params"],
+                               jnp.zeros((1, 77, model["unet"]["cross_attention_dim"])))["params"],
         "vae": jax.eval_shape(vae.init, key, jnp.zeros((1, 3, size, size)))["params"],
         "text_encoder": jax.eval_shape(lambda k: text.init_weights(k, (1, 77)), key),
     }
@@ -258,6 +259,7 @@ def main(argv=None) -> None:
     p.add_argument("--unroll", action="store_true", help="write the sampling loop out step by step")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (a multiple of 8)")
     p.add_argument("--attention", help="maxdiffusion: its attention kernel (default: its yml's, see maxdiffusion_program)")
+    p.add_argument("--hlo", help="also write the compiled program's HLO text here (for benchmarks.hlo_ops)")
     a = p.parse_args(argv)
     devices = tpu_slice.devices(a)
     mesh = Mesh(np.asarray(devices), ("data",))
@@ -275,7 +277,10 @@ def main(argv=None) -> None:
     if a.attention and a.impl != "maxdiffusion":
         p.error("--attention chooses MaxDiffusion's kernel: use it with --impl maxdiffusion")
     fn, args = build(model, mesh, a.steps, a.unroll, B, a.size, **({"attention": a.attention} if a.attention else {}))
-    figures, _ = tpu_slice.compile_figures(fn.lower(*args))
+    figures, hlo = tpu_slice.compile_figures(fn.lower(*args))
+    if a.hlo:
+        with open(a.hlo, "w") as f:
+            f.write(hlo)
     timing.emit(dict(
         impl=a.impl, devices=len(devices), device_kind=devices[0].device_kind, per_chip_batch=a.per_chip_batch,
         steps=a.steps, unroll=a.unroll, size=a.size, **figures,

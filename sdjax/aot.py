@@ -203,11 +203,15 @@ def custom_kernels(hlo_text: str) -> list[str]:
     return sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo_text)))
 
 
-def report(compiled, per_chip_batch: int, chip: Chip | None, what: str, compile_s: float) -> dict:
-    """The compiler's per-chip figures of one compiled program."""
+def report(compiled, per_chip_batch: int, chip: Chip | None, what: str, compile_s: float,
+           hlo_path: str | None = None) -> dict:
+    """The compiler's per-chip figures of one compiled program; ``hlo_path``: also write its HLO text there."""
     mem = compiled.memory_analysis()
     cost = _first(compiled.cost_analysis())
     hlo = compiled.as_text()
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(hlo)
     args, temps = int(mem.argument_size_in_bytes), int(mem.temp_size_in_bytes)
     outs, alias = int(mem.output_size_in_bytes), int(mem.alias_size_in_bytes)
     code = int(getattr(mem, "generated_code_size_in_bytes", 0))
@@ -431,11 +435,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         t0 = time.perf_counter()
         compiled, batch, run = compile_train(config, devices, args.per_chip_batch, args.preset)
         reports.append(report(compiled, args.per_chip_batch, chip, f"train step, global batch {batch}",
-                              time.perf_counter() - t0))
+                              time.perf_counter() - t0, hlo_path=args.hlo))
         reports[-1].update(state_sizes(run))
-        if args.hlo:
-            with open(args.hlo, "w") as f:
-                f.write(compiled.as_text())
         print(format_report(reports[-1]), flush=True)
     if args.what in ("txt2img", "both"):
         reports.append(txt2img_report(txt2img_configs(config, args.preset), devices, chip, args))

@@ -129,7 +129,31 @@ def test_aot_txt2img_runner_costs_written_out_steps_on_a_tiny_model(tmp_path, ca
     base = ["--impl", "sdjax", "--model", str(path), "--topology", "v5e:2x4", "--chip-config", "default",
             "--bounds", "2,2,1", "--per-chip-batch", "1", "--size", "64"]
     flops = {}
-    for name, extra in (("one", ["--steps", "1", "--unroll"]), ("two", ["--steps", "2", "--unroll"])):
+    for name, extra in (("one", ["--steps", "1", "--unroll"]), ("two", ["--steps", "2", "--unroll", "--hlo",
+                                                                       str(tmp_path / "two.hlo")])):
         aot_txt2img.main(base + extra)
         flops[name] = timing.parse(capsys.readouterr().out)["flops"]
     assert flops["two"] - flops["one"] > 0.1 * flops["one"]
+    # --hlo: the program's HLO, whose cycle estimates benchmarks.hlo_ops sums; both steps' UNet in it
+    ops = hlo_ops.ops((tmp_path / "two.hlo").read_text())
+    assert any(o.kind == "matmul/conv" and "up_blocks_" in o.where and o.cycles > 0 for o in ops)
+
+
+def test_a_kernel_without_a_declared_cost_counts_no_flops(capsys):
+    """What MaxDiffusion's figures beside sdjax's rest on (docs/benchmarks.md): the TPU compiler
+    counts jax's splash kernel, which declares no cost, as no FLOPs (its program's time is its
+    operands' bytes), while jax's flash forward declares the layer's 4 B N L^2 H and XLA's einsums
+    count it themselves."""
+    from benchmarks import aot_attention, timing
+
+    figures = {}
+    for impl in ("splash", "flash", "xla"):
+        with jax.default_matmul_precision("default"):  # as the runner's own process has it (conftest sets "highest")
+            aot_attention.main(["--impl", impl, "--topology", "v5:2x2x1", "--chip-config", "megacore", "--bounds", "2,2,1",
+                                "--per-chip-batch", "2", "--heads", "2", "--tokens", "512", "--head-dim", "64"])
+        figures[impl] = timing.parse(capsys.readouterr().out)
+    model = figures["xla"]["model_flops"]
+    assert model == 4 * 2 * 2 * 512**2 * 64
+    assert figures["splash"]["flops"] < 0.01 * model
+    assert figures["flash"]["flops"] >= model and figures["xla"]["flops"] >= model
+    assert figures["splash"]["optimal_seconds"] < figures["flash"]["optimal_seconds"]
