@@ -16,6 +16,7 @@ Every time is the median over --repeats warm calls, synchronised before the cloc
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -123,11 +124,18 @@ def table(results: dict[str, Any]) -> str:
         row("aot", f"{key}: temporaries per chip, GiB", _gb(s, "temp_bytes", 2**30), _gb(f, "temp_bytes", 2**30))
         row("aot", f"{key}: roofline MFU", s.get("mfu"), f.get("mfu"))
     for name, value in results.get("errors", {}).items():
-        lines.append(f"| {name} | error | {value.splitlines()[-1] if value else ''} | | | | |")
+        lines.append(f"| {name} | error | {_error_line(value)} | | | | |")
     if len(lines) == 2:  # no diffusers-peer rows (e.g. --only aot-train): that table's header alone says nothing
         lines = []
     return "\n".join(lines + _aot_txt2img_table(results.get("aot-txt2img", {}))
                      + _aot_train_table(results.get("aot-train", {}))).strip("\n")
+
+
+def _error_line(text: str) -> str:
+    """The line of a runner's stderr tail that names the error (its last ``...Error: ...`` line), else its last line."""
+    lines = text.splitlines()
+    return next((line for line in reversed(lines) if re.match(r"^[\w.]*(Error|Exception)\b", line)),
+                lines[-1] if lines else "")
 
 
 def _aot_txt2img_table(results: dict[str, Any]) -> list[str]:

@@ -73,7 +73,9 @@ def test_table_shows_ratios_and_errors():
            "aot-train": {"sd2 base step": dict(
                sdjax=dict(optimal_seconds=0.08, images_per_s_per_chip=100.0, hbm_gib=dict(temporaries=8.0)),
                maxdiffusion=dict(optimal_seconds=0.1, images_per_s_per_chip=80.0, temp_bytes=4 * 2**30))}},
-        errors={"text2img torch": "peer_torch exited with 1:\nOSError: no weights"})
+        errors={"text2img torch": "peer_torch exited with 1:\nOSError: no weights",
+                "aot-txt2img flax": "aot_txt2img exited with 1:\nflax.errors.ScopeParamShapeError: For parameter "
+                                    "kernel\nFor simplicity, JAX has removed its internal frames"})
     text = run.table(results)
     assert "| aot | v5p-8: images/s/chip (sdjax flash attention) | 80 | 64 | 1.25 |" in text
     assert "| aot | v5p-8: compiler-optimal step (sdjax flash attention) | 100 ms | 125 ms | 0.8 |" in text
@@ -87,6 +89,7 @@ def test_table_shows_ratios_and_errors():
     assert "| text2img | sd15 B=1: images/s | 3 | 2 | 1.5 | - | - |" in text
     assert "| compile | first call (cold) | 10 s | 20 s | 0.5 |" in text
     assert "OSError: no weights" in text
+    assert "| aot-txt2img flax | error | flax.errors.ScopeParamShapeError: For parameter kernel |" in text  # not JAX's note
     assert "| images/s/chip | 100 | 80 | 1.25 |" in text  # aot-train: beside MaxDiffusion, a table of its own
     assert "| compiler-optimal step, ms | 80 | 100 | 0.8 |" in text
     assert "| HBM temporaries per chip, GiB | 8 | 4 | 2 |" in text
