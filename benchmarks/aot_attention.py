@@ -1,7 +1,8 @@
 """How the TPU compiler costs one attention layer's kernel: jax's splash kernel as MaxDiffusion calls
 it (its ``flash`` attention; the kernel declares no cost), jax's flash kernel with the cost it
-declares (what sdjax's kernels build on), and XLA's einsums; forward only, bf16, compiled for a
-TPU slice on this host (libtpu, no TPU).
+declares (what sdjax's kernels build on), XLA's einsums, and diffusers-Flax's attention (einsums
+with the heads folded into the batch); forward only, bf16, compiled for a TPU slice on this host
+(libtpu, no TPU).
 
     python -m benchmarks.aot_attention --impl splash --topology v5:2x2x1 --chip-config megacore --bounds 2,2,1 \\
         --per-chip-batch 16 --heads 5 --tokens 4096 --head-dim 64
@@ -48,10 +49,20 @@ def xla(q, k, v, block: int):
     return jnp.einsum("bnls,bnsh->bnlh", jax.nn.softmax(s, axis=-1).astype(q.dtype), v)
 
 
+def diffusers(q, k, v, block: int):
+    """diffusers-Flax 0.39's ``FlaxAttention`` (its default: heads folded into the batch, bf16 logits
+    and softmax, no fused kernel)."""
+    B, N, L, H = q.shape
+    fold = lambda x: x.reshape(B * N, x.shape[2], H)  # noqa: E731
+    scores = jnp.einsum("b i d, b j d->b i j", fold(q), fold(k)) * H**-0.5
+    out = jnp.einsum("b i j, b j d -> b i d", jax.nn.softmax(scores, axis=2), fold(v))
+    return out.reshape(B, N, L, H)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     tpu_slice.add_args(p, "v5:2x2x1")
-    p.add_argument("--impl", required=True, choices=("splash", "flash", "xla"))
+    p.add_argument("--impl", required=True, choices=("splash", "flash", "xla", "diffusers"))
     p.add_argument("--heads", type=int, default=5)
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--head-dim", type=int, default=64)
@@ -59,7 +70,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     devices = tpu_slice.devices(a)
     mesh = Mesh(np.asarray(devices), ("data",))
-    impl = {"splash": splash, "flash": flash, "xla": xla}[a.impl]
+    impl = {"splash": splash, "flash": flash, "xla": xla, "diffusers": diffusers}[a.impl]
     fn = jax.jit(jax.shard_map(lambda q, k, v: impl(q, k, v, min(a.block, a.tokens)), mesh=mesh,
                                in_specs=(P("data"),) * 3, out_specs=P("data"), check_vma=False))
     x = jax.ShapeDtypeStruct((a.per_chip_batch * len(devices), a.heads, a.tokens, a.head_dim), jnp.bfloat16,
