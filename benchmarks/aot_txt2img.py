@@ -3,10 +3,11 @@ of time for a TPU slice, in sdjax's environment or a peer's (run as a subprocess
 
     python -m benchmarks.aot_txt2img --impl sdjax --topology v5e:2x4 --chip-config default --bounds 2,2,1 --steps 2
 
-The same program for both: prompt and negative-prompt token ids in, ``--size`` x ``--size`` images
-out (512 by default, SD 1.5's and SD 2 base's); bf16 UNet and text encoder, f32 VAE (sdjax's txt2img default), f32
-DDIM arithmetic, guidance 7.5, batch split over the slice's devices, parameters replicated. ``--unroll`` writes the DDIM loop out step by step
-(XLA's cost analysis counts a loop's body once, whatever its trip count). Prints the compiler's
+The same program for all: prompt and negative-prompt token ids in, ``--size`` x ``--size`` images
+out (512 by default, SD 1.5's and SD 2 base's); bf16 UNet and text encoder, f32 VAE (sdjax's
+txt2img default), f32 DDIM arithmetic, guidance 7.5, batch split over the slice's devices,
+parameters replicated. ``--unroll`` writes the DDIM loop out step by step (XLA's cost analysis
+counts a loop's body once, whatever its trip count). Prints the compiler's
 per-chip memory and cost as one JSON line; ``--hlo FILE`` also writes the compiled HLO, which
 ``python -m benchmarks.hlo_ops FILE`` breaks down op by op. ``--impl flax`` imports no sdjax.
 
