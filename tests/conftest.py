@@ -30,8 +30,9 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # The files that take minutes, longest first (measured on a 2-core host): ``./run test`` hands out
 # whole files to its two workers in collection order (--dist loadfile --no-loadscope-reorder), so
 # these start first and the quick files fill in behind them; both workers then finish together.
-LONG_FILES = ("test_preemption.py", "test_train_latent.py", "test_aot.py", "test_configs.py", "test_lora.py",
-              "test_demo.py", "test_evaluator.py", "test_install.py", "test_fid.py", "test_stable_diffusion.py")
+LONG_FILES = ("test_train_latent.py", "test_sdxl.py", "test_preemption.py", "test_evaluator.py", "test_lora.py",
+              "test_configs.py", "test_aot.py", "test_demo.py", "test_install.py", "test_own_data.py", "test_fid.py",
+              "test_stable_diffusion.py", "test_cli_train.py", "test_inpaint.py")
 
 
 def pytest_collection_modifyitems(config, items):
