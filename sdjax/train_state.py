@@ -86,9 +86,10 @@ def abstract_state(init: Callable[..., TrainState], *args: Any) -> TrainState:
     return jax.eval_shape(init, *args)
 
 
-def state_shardings(init: Callable[..., TrainState], mesh: Mesh, rules, *args: Any) -> TrainState:
-    """NamedShardings of the unboxed state, from the logical axes of its boxed abstract version."""
-    return sharding_lib.tree_shardings(abstract_state(init, *args), mesh, rules)
+def state_shardings(abstract: TrainState, mesh: Mesh, rules) -> TrainState:
+    """NamedShardings of the unboxed state, from the logical axes of its boxed abstract version
+    (``abstract_state``)."""
+    return sharding_lib.tree_shardings(abstract, mesh, rules)
 
 
 # Code that runs once (initialisers) is not worth XLA's backend optimisation: on CPU it cuts
@@ -102,7 +103,8 @@ def sharded_init(init: Callable[..., TrainState], shardings: TrainState) -> Call
                    compiler_options=RUN_ONCE_COMPILER_OPTIONS)
 
 
-def abstract_sharded(init: Callable[..., TrainState], shardings: TrainState, *args: Any) -> TrainState:
-    """ShapeDtypeStructs carrying shardings: the restore target of a checkpoint."""
-    shapes = nn.meta.unbox(abstract_state(init, *args))
+def abstract_sharded(abstract: TrainState, shardings: TrainState) -> TrainState:
+    """ShapeDtypeStructs carrying shardings (the boxed ``abstract_state`` unboxed): the restore
+    target of a checkpoint."""
+    shapes = nn.meta.unbox(abstract)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)

@@ -18,7 +18,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sdjax import sharding
-from sdjax.train_state import RUN_ONCE_COMPILER_OPTIONS, TrainState, abstract_sharded, sharded_init, state_shardings
+from sdjax.train_state import (RUN_ONCE_COMPILER_OPTIONS, TrainState, abstract_sharded, abstract_state, sharded_init,
+                               state_shardings)
 from sdjax.training.schema import MeshConfig
 
 
@@ -32,13 +33,15 @@ class TrainProgram:
     init_args: tuple  # init's arguments after the key, as used for shapes (e.g. a latent scale)
     seed: int
     shardings: TrainState
+    target: TrainState  # the state's ShapeDtypeStructs with their shardings
     batch_sharding: NamedSharding
     batch_keys: tuple[str, ...]
     step: Callable[[TrainState, dict, Any], tuple[TrainState, dict]]
 
     def restore_target(self) -> TrainState:
-        """Abstract arrays carrying shardings: what a checkpoint restores into."""
-        return abstract_sharded(self.init, self.shardings, jax.random.key(self.seed), *self.init_args)
+        """Abstract arrays carrying shardings: what a checkpoint restores into (and what the step is
+        compiled for before the first state exists)."""
+        return self.target
 
     def fresh_state(self, *init_args: Any) -> TrainState:
         """``init(key(seed), *init_args)``, written straight into the shardings."""
@@ -117,7 +120,10 @@ def compile_step(step: Callable, *, mesh: Mesh, rules: tuple, init: Callable[...
                  seed: int, batch_keys: tuple[str, ...], frozen_shardings: Any, fast_compile: bool,
                  learning_rate: optax.Schedule | None = None) -> TrainProgram:
     """``step`` jitted for the mesh; with ``learning_rate`` the metrics also report the step's rate."""
-    shardings = state_shardings(init, mesh, rules, jax.random.key(seed), *init_args)
+    # init traced once, for the shapes both the shardings and the restore target are made of (a
+    # trace of a full-size model's init takes seconds; a run asks for the target more than once).
+    abstract = abstract_state(init, jax.random.key(seed), *init_args)
+    shardings = state_shardings(abstract, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
 
     def step_on_mesh(state: TrainState, batch: dict, frozen: Any) -> tuple[TrainState, dict]:
@@ -132,4 +138,5 @@ def compile_step(step: Callable, *, mesh: Mesh, rules: tuple, init: Callable[...
                      out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,),
                      compiler_options=RUN_ONCE_COMPILER_OPTIONS if fast_compile else None)
     return TrainProgram(mesh=mesh, rules=rules, init=init, init_args=init_args, seed=seed, shardings=shardings,
+                        target=abstract_sharded(abstract, shardings),
                         batch_sharding=batch_sharding, batch_keys=batch_keys, step=jitted)
