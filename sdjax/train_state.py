@@ -14,9 +14,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
-
-from sdjax import sharding as sharding_lib
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -84,12 +81,6 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int, total_steps: int,
 def abstract_state(init: Callable[..., TrainState], *args: Any) -> TrainState:
     """Shapes (and logical boxes) of ``init(*args)`` without allocating anything."""
     return jax.eval_shape(init, *args)
-
-
-def state_shardings(abstract: TrainState, mesh: Mesh, rules) -> TrainState:
-    """NamedShardings of the unboxed state, from the logical axes of its boxed abstract version
-    (``abstract_state``)."""
-    return sharding_lib.tree_shardings(abstract, mesh, rules)
 
 
 # Code that runs once (initialisers) is not worth XLA's backend optimisation: on CPU it cuts

@@ -18,8 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sdjax import sharding
-from sdjax.train_state import (RUN_ONCE_COMPILER_OPTIONS, TrainState, abstract_sharded, abstract_state, sharded_init,
-                               state_shardings)
+from sdjax.train_state import RUN_ONCE_COMPILER_OPTIONS, TrainState, abstract_sharded, abstract_state, sharded_init
 from sdjax.training.schema import MeshConfig
 
 
@@ -30,7 +29,6 @@ class TrainProgram:
     mesh: Mesh
     rules: tuple
     init: Callable[..., TrainState]  # init(key, *init_args) -> boxed TrainState
-    init_args: tuple  # init's arguments after the key, as used for shapes (e.g. a latent scale)
     seed: int
     shardings: TrainState
     target: TrainState  # the state's ShapeDtypeStructs with their shardings
@@ -119,11 +117,12 @@ def make_mesh(config: MeshConfig, batch_size: int, devices: Sequence[jax.Device]
 def compile_step(step: Callable, *, mesh: Mesh, rules: tuple, init: Callable[..., TrainState], init_args: tuple,
                  seed: int, batch_keys: tuple[str, ...], frozen_shardings: Any, fast_compile: bool,
                  learning_rate: optax.Schedule | None = None) -> TrainProgram:
-    """``step`` jitted for the mesh; with ``learning_rate`` the metrics also report the step's rate."""
+    """``step`` jitted for the mesh; with ``learning_rate`` the metrics also report the step's rate.
+    ``init_args``: init's arguments after the key, as used for shapes (e.g. a latent scale)."""
     # init traced once, for the shapes both the shardings and the restore target are made of (a
     # trace of a full-size model's init takes seconds; a run asks for the target more than once).
     abstract = abstract_state(init, jax.random.key(seed), *init_args)
-    shardings = state_shardings(abstract, mesh, rules)
+    shardings = sharding.tree_shardings(abstract, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
 
     def step_on_mesh(state: TrainState, batch: dict, frozen: Any) -> tuple[TrainState, dict]:
@@ -137,6 +136,6 @@ def compile_step(step: Callable, *, mesh: Mesh, rules: tuple, init: Callable[...
     jitted = jax.jit(step_on_mesh, in_shardings=(shardings, {k: batch_sharding for k in batch_keys}, frozen_shardings),
                      out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,),
                      compiler_options=RUN_ONCE_COMPILER_OPTIONS if fast_compile else None)
-    return TrainProgram(mesh=mesh, rules=rules, init=init, init_args=init_args, seed=seed, shardings=shardings,
+    return TrainProgram(mesh=mesh, rules=rules, init=init, seed=seed, shardings=shardings,
                         target=abstract_sharded(abstract, shardings),
                         batch_sharding=batch_sharding, batch_keys=batch_keys, step=jitted)
