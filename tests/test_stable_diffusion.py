@@ -8,6 +8,7 @@ import json
 import os
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -108,6 +109,25 @@ def test_published_parameter_counts():
     sd21 = {k: count_params(v) for k, v in abstract_params(ModelConfigs.from_dicts(presets.sd21())).items()}
     assert sd15 == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
     assert sd21 == {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840}
+
+
+def test_abstract_params_are_traced_once_per_config_and_each_call_owns_its_tree(monkeypatch):
+    from sdjax.configs import tiny
+    from sdjax.models import configs as model_configs
+    traces = []
+    eval_shape = jax.eval_shape
+    monkeypatch.setattr(jax, "eval_shape", lambda *a, **k: traces.append(a[0]) or eval_shape(*a, **k))
+    model_configs._traced_params.cache_clear()
+    dicts = tiny.get_config().model.to_dict()
+    first = abstract_params(ModelConfigs.from_dicts(dicts))
+    assert len(traces) == 3  # unet, vae, text encoder
+    first["unet"].clear()  # the caller's to change: later calls get the whole tree
+    second = abstract_params(ModelConfigs.from_dicts(dicts))  # an equal config, new objects: no trace
+    assert len(traces) == 3
+    want = {k: count_params(v) for k, v in abstract_params(ModelConfigs.from_dicts(dicts)).items()}
+    assert {k: count_params(v) for k, v in second.items()} == want and want["unet"] > 0
+    half = abstract_params(ModelConfigs.from_dicts(dicts), jnp.bfloat16)  # another dtype: traced again
+    assert len(traces) == 6 and {x.dtype for x in jax.tree.leaves(half)} == {jnp.dtype(jnp.bfloat16)}
 
 
 # ---- bad input --------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The configs of a whole Stable Diffusion model, its three Flax modules, and their parameter shapes."""
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -119,7 +120,17 @@ def init_inputs(configs: ModelConfigs) -> dict[str, tuple]:
 
 
 def abstract_module_params(module: Any, inputs: tuple) -> Any:
-    """Parameter shapes of ``module`` traced on ``inputs`` (``jax.eval_shape``: nothing allocated)."""
+    """Parameter shapes of ``module`` traced on ``inputs`` (``jax.eval_shape``: nothing allocated).
+    Traced once per process for each module and input shapes (a full-size UNet's trace takes
+    seconds; loading, exporting and counting all ask for it); each call returns its own containers."""
+    leaves, treedef = jax.tree.flatten(inputs)
+    specs = tuple(jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in leaves)
+    return jax.tree.map(lambda x: x, _traced_params(module, treedef, specs))
+
+
+@functools.lru_cache(maxsize=64)
+def _traced_params(module: Any, treedef: Any, specs: tuple) -> Any:
+    inputs = jax.tree.unflatten(treedef, specs)
     return unbox(jax.eval_shape(module.init, jax.random.key(0), *inputs))["params"]
 
 
