@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from safetensors.numpy import load_file, save_file
+from scipy import linalg
 
 from sdjax.checkpoints.errors import CheckpointError
 from sdjax.checkpoints.load import load_inception
@@ -83,6 +84,19 @@ def test_frechet_distance_matches_pytorch_fid(tmp_path):
     c, d = fid.Statistics(np.zeros(16), np.diag(s1)), fid.Statistics(np.ones(16), np.diag(s2))
     assert fid.frechet_distance(c, d) == pytest.approx(16 + np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2), rel=1e-9)
     assert fid.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    # Singular covariances (32 samples in 256 dimensions): pytorch-fid's formula, with scipy's sqrtm, here.
+    e, f = (fid.Statistics.of(rng.normal(size=(32, 256)) + shift) for shift in (0.0, 0.5))
+    sqrtm = linalg.sqrtm(e.sigma @ f.sigma).real
+    want = np.sum((e.mu - f.mu) ** 2) + np.trace(e.sigma) + np.trace(f.sigma) - 2 * np.trace(sqrtm)
+    assert fid.frechet_distance(e, f) == pytest.approx(want, rel=1e-9)
+
+
+def test_frechet_distance_refuses_what_is_not_a_covariance():
+    c = fid.Statistics(np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match="imaginary component"):
+        fid.frechet_distance(c, fid.Statistics(np.zeros(4), -np.eye(4)))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        fid.frechet_distance(c, fid.Statistics(np.full(4, np.nan), np.eye(4)))
 
 
 def test_statistics_files_are_pytorch_fids_format(tmp_path):
