@@ -9,6 +9,8 @@ at any moment (even mid-save) resumes from the last complete step.
 import os
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from sdjax import paths
@@ -18,12 +20,29 @@ from sdjax.train_state import TrainState
 _STATE_FIELDS = ("step", "params", "ema_params", "opt_state", "rng", "extra")
 
 
-def make_manager(workdir: str, max_to_keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
-    """The run's checkpoint manager over ``workdir/checkpoints``."""
+def make_manager(workdir: str, max_to_keep: int = 3, async_save: bool = True,
+                 item_handlers: dict[str, Any] | None = None) -> ocp.CheckpointManager:
+    """The run's checkpoint manager over ``workdir/checkpoints``; ``item_handlers``: the Orbax handler
+    of each item saved beside the state (e.g. the data iterator's position)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            create=True)
     root = workdir if paths.is_remote(workdir) else os.path.abspath(workdir)
-    return ocp.CheckpointManager(f"{root}/checkpoints", options=options)
+    return ocp.CheckpointManager(f"{root}/checkpoints", options=options,
+                                item_handlers={"state": _state_handler(), **(item_handlers or {})})
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """Orbax's pytree handler with its default type handlers, less each array's saved sharding (the
+    ``_sharding`` file) and array metadata: a run restores into its own target's shardings, never the
+    saved ones, and for a state of many small arrays those writes are a quarter of a save's CPU
+    (1.95 -> 1.45 s for 1,167 arrays, the tiny config's count). The files read as before: a step saved
+    either way restores either way."""
+    types = ocp.type_handlers
+    scalars = tuple((t, types.ScalarHandler()) for t in (int, float, bytes, np.number))
+    registry = types.create_type_handler_registry(
+        *scalars, (np.ndarray, types.NumpyHandler()), (str, types.StringHandler()),
+        (jax.Array, types.ArrayHandler(enable_write_sharding_file=False)))
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
 def _state_items(state: TrainState) -> dict[str, Any]:
@@ -33,7 +52,7 @@ def _state_items(state: TrainState) -> dict[str, Any]:
 def save(manager: ocp.CheckpointManager, state: TrainState, items: dict[str, Any] | None = None,
          force: bool = False) -> bool:
     """Starts an async save of ``state`` at ``state.step``, with ``items`` (name -> Orbax save args)."""
-    args = {"state": ocp.args.StandardSave(_state_items(state)), **(items or {})}
+    args = {"state": ocp.args.PyTreeSave(_state_items(state)), **(items or {})}
     return manager.save(int(state.step), args=ocp.args.Composite(**args), force=force)
 
 
@@ -45,7 +64,9 @@ def restore_latest(manager: ocp.CheckpointManager, target: TrainState, items: di
     step = manager.latest_step()
     if step is None:
         return None
-    args = {"state": ocp.args.StandardRestore(_state_items(target)), **(items or {})}
+    abstract = _state_items(target)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    args = {"state": ocp.args.PyTreeRestore(abstract, restore_args=restore_args), **(items or {})}
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**args))
     except (ValueError, KeyError, FileNotFoundError) as e:

@@ -522,3 +522,8 @@ def iterator_save_args(iterator: grain.DatasetIterator) -> grain.checkpoint.Chec
 def iterator_restore_args(iterator: grain.DatasetIterator) -> grain.checkpoint.CheckpointRestore:
     """Orbax args restoring a saved position into `iterator` (built from the same config)."""
     return grain.checkpoint.CheckpointRestore(iterator)
+
+
+def iterator_handler() -> grain.checkpoint.CheckpointHandler:
+    """The Orbax handler of those args, for a checkpoint manager that names its items' handlers."""
+    return grain.checkpoint.CheckpointHandler()

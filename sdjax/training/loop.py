@@ -50,7 +50,7 @@ def run(task: Task, workdir: str) -> TrainState:
 
 def _run(task: Task, workdir: str, watch: preemption.Watch) -> TrainState:
     tc = task.train
-    manager = train_ckpt.make_manager(workdir, tc.max_to_keep)
+    manager = train_ckpt.make_manager(workdir, tc.max_to_keep, item_handlers={"data": data.iterator_handler()})
     state = train_ckpt.restore_latest(manager, task.restore_target, {"data": data.iterator_restore_args(task.iterator)})
     pending = None
     if state is None:
