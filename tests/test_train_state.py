@@ -52,7 +52,8 @@ def test_train_checkpoints_restore_both_layouts_and_refuse_another_shape(tmp_pat
     train_ckpt.save(manager, new)
     manager.wait_until_finished()
     assert "_sharding" not in os.listdir(tmp_path / "new" / "checkpoints" / "0" / "state")
-    standard = ocp.CheckpointManager(str(tmp_path / "old" / "checkpoints"), options=ocp.CheckpointManagerOptions(create=True))
+    options = ocp.CheckpointManagerOptions(create=True)
+    standard = ocp.CheckpointManager(str(tmp_path / "old" / "checkpoints"), options=options)
     standard.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(
         {f: getattr(old, f) for f in ("step", "params", "ema_params", "opt_state", "rng", "extra")})))
     standard.wait_until_finished()

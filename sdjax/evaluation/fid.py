@@ -58,10 +58,11 @@ def frechet_distance(a: Statistics, b: Statistics) -> float:
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 sqrt(S_a S_b)), pytorch-fid's value. Its last trace is
     taken as the sum of the square roots of the eigenvalues of S_a S_b (a product of two
     covariances is similar to a symmetric positive semi-definite matrix, so its eigenvalues are real
-    and >= 0 up to round-off), which is the trace of the ``scipy.linalg.sqrtm`` that pytorch-fid
-    takes, to round-off, in a quarter of its time at 2048-d, with no epsilon for singular covariances
-    (where pytorch-fid adds 1e-6 to the diagonals if sqrtm is not finite). A square root with an imaginary part over
-    1e-3 is an error (the statistics are not covariances of one feature space), as in pytorch-fid."""
+    and >= 0 up to round-off): the trace of the ``scipy.linalg.sqrtm`` that pytorch-fid takes, to
+    round-off, without forming the square root (docs/evaluation.md), and with no epsilon for singular
+    covariances (pytorch-fid adds 1e-6 to the diagonals where its sqrtm is not finite). A square root
+    with an imaginary part over 1e-3 is an error (the statistics are not covariances of one feature
+    space), as in pytorch-fid."""
     if a.mu.shape != b.mu.shape or a.sigma.shape != b.sigma.shape:
         raise ValueError(f"FID compares statistics of the same features: got {a.mu.shape[0]}-d and "
                          f"{b.mu.shape[0]}-d means.")
