@@ -64,6 +64,7 @@ def restore_latest(manager: ocp.CheckpointManager, target: TrainState, items: di
     if step is None:
         return None
     abstract = _state_items(target)
+    _check_saved_shapes(manager, step, abstract)
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
     args = {"state": ocp.args.PyTreeRestore(abstract, restore_args=restore_args), **(items or {})}
     try:
@@ -72,3 +73,27 @@ def restore_latest(manager: ocp.CheckpointManager, target: TrainState, items: di
         raise CheckpointError(f"{manager.directory}/{step}: cannot restore into this run's train state ({e}). "
                               "Was it written with a different model or optimizer config? Use a new workdir.") from e
     return target.replace(**restored["state"])
+
+
+def _check_saved_shapes(manager: ocp.CheckpointManager, step: int, abstract: dict[str, Any]) -> None:
+    """Refuses, before any array is read, a step whose arrays are not the target's: names missing on
+    either side or shapes that differ, the first few of each named. Dtypes may differ (a restore
+    casts). A step without array metadata is left to the restore's own checks."""
+    try:
+        saved = manager.item_metadata(step)["state"]
+    except (KeyError, ValueError, FileNotFoundError, TypeError):
+        return
+    leaves = [m for m in jax.tree.leaves(saved) if hasattr(m, "name") and hasattr(m, "shape")]
+    if not leaves:
+        return
+    have = {m.name: tuple(m.shape) for m in leaves}
+    want = {jax.tree_util.keystr(path, simple=True, separator="."): tuple(x.shape)
+            for path, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    problems = [f"{n}: saved {have[n]}, this run {want[n]}" for n in want if n in have and have[n] != want[n]]
+    problems += [f"{n}: not in the checkpoint" for n in want if n not in have]
+    problems += [f"{n}: saved, not in this run's state" for n in have if n not in want]
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise CheckpointError(f"{manager.directory}/{step}: cannot restore into this run's train state: "
+                              f"{len(problems)} array(s) differ ({shown}). Was it written with a different model or "
+                              "optimizer config? Use a new workdir.")
