@@ -1,9 +1,9 @@
 """The train state shared by every sdjax trainer: params, EMA, optimizer, step, RNG, extras.
 
 Build it inside one function ``init(key, ...) -> TrainState`` whose params are still Flax
-``Partitioned`` boxes; ``sharded_init`` then derives shardings from ``jax.eval_shape`` of it
-and runs it once, jitted, straight into those shardings (nothing is ever materialised
-unsharded). ``rng`` is a raw uint32 key (``jax.random.key_data``) so checkpoints stay plain
+``Partitioned`` boxes; ``trace_init`` traces it once, for the shapes the shardings are derived
+from, and ``sharded_init`` runs that trace, jitted, straight into those shardings (nothing is ever
+materialised unsharded). ``rng`` is a raw uint32 key (``jax.random.key_data``) so checkpoints stay plain
 arrays; a step draws its randomness from ``fold_in(state.key, state.step)``.
 """
 
@@ -12,6 +12,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import flax.struct
 import jax
+import jax.extend
 import jax.numpy as jnp
 import optax
 
@@ -78,9 +79,13 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int, total_steps: int,
     return optax.chain(*parts), lr
 
 
-def abstract_state(init: Callable[..., TrainState], *args: Any) -> TrainState:
-    """Shapes (and logical boxes) of ``init(*args)`` without allocating anything."""
-    return jax.eval_shape(init, *args)
+def trace_init(init: Callable[..., TrainState], *args: Any) -> tuple[Callable[..., TrainState], TrainState]:
+    """``init`` traced once at ``args``' shapes: a function that replays the trace (for arguments of
+    those shapes) and the shapes (and logical boxes) of its result, nothing allocated. Replaying the
+    trace skips a second trace of the networks' initialisers, which costs as much as the first."""
+    jaxpr, abstract = jax.make_jaxpr(init, return_shape=True)(*args)
+    run, tree = jax.extend.core.jaxpr_as_fun(jaxpr), jax.tree.structure(abstract)
+    return (lambda *a: jax.tree.unflatten(tree, run(*jax.tree.leaves(a)))), abstract
 
 
 # Code that runs once (initialisers) is not worth XLA's backend optimisation: on CPU it cuts

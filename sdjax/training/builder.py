@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sdjax import sharding
-from sdjax.train_state import RUN_ONCE_COMPILER_OPTIONS, TrainState, abstract_sharded, abstract_state, sharded_init
+from sdjax.train_state import RUN_ONCE_COMPILER_OPTIONS, TrainState, abstract_sharded, sharded_init, trace_init
 from sdjax.training.schema import MeshConfig
 
 
@@ -28,7 +28,7 @@ class TrainProgram:
     also carry the optimizer), the batch's, and ``step(state, global batch, frozen)``."""
     mesh: Mesh
     rules: tuple
-    init: Callable[..., TrainState]  # init(key, *init_args) -> boxed TrainState
+    init: Callable[..., TrainState]  # init(key, *init_args) -> boxed TrainState (a replay of its trace)
     seed: int
     shardings: TrainState
     target: TrainState  # the state's ShapeDtypeStructs with their shardings
@@ -119,9 +119,9 @@ def compile_step(step: Callable, *, mesh: Mesh, rules: tuple, init: Callable[...
                  learning_rate: optax.Schedule | None = None) -> TrainProgram:
     """``step`` jitted for the mesh; with ``learning_rate`` the metrics also report the step's rate.
     ``init_args``: init's arguments after the key, as used for shapes (e.g. a latent scale)."""
-    # init traced once, for the shapes both the shardings and the restore target are made of (a
-    # trace of a full-size model's init takes seconds; a run asks for the target more than once).
-    abstract = abstract_state(init, jax.random.key(seed), *init_args)
+    # init traced once, for the shapes both the shardings and the restore target are made of, and
+    # replayed for a fresh state (a trace of a full-size model's init takes seconds).
+    init, abstract = trace_init(init, jax.random.key(seed), *init_args)
     shardings = sharding.tree_shardings(abstract, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
 
