@@ -5,11 +5,14 @@ import os
 import shutil
 import tempfile
 
-# XLA's backend optimisation off for every program the tests compile (as train.fast_compile does for
-# the train step): the tests compile far more than they run, and this takes 7-15% off a test file
-# on a 2-core host. The commands tests start inherit it (tests/helpers.subprocess_env).
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0").strip()
+# The tests compile far more than they run, so every program they compile (and every command they
+# start: tests/helpers.subprocess_env passes these on) is compiled the cheapest way XLA's CPU
+# backend offers: backend optimisation off (as train.fast_compile does for the train step), the
+# classic LLVM emitters instead of the MLIR fusion emitters, and one LLVM module per program
+# instead of parts compiled in parallel (on a busy 2-core host the parts only add overhead).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+                           " --xla_cpu_parallel_codegen_split_count=1").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
