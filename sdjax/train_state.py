@@ -30,8 +30,9 @@ class TrainState(flax.struct.PyTreeNode):
     def create(cls, params: Any, tx: optax.GradientTransformation, key: jax.Array,
                extra: dict[str, jax.Array] | None = None, ema: bool = True) -> "TrainState":
         """A fresh state; ``params`` may be boxed (then so are EMA and optimizer moments)."""
-        return cls(step=jnp.zeros((), jnp.int32), params=params, ema_params=jax.tree.map(jnp.copy, params) if ema else None,
-                   opt_state=tx.init(params), rng=jax.random.key_data(key), extra=dict(extra or {}), tx=tx)
+        ema_params = jax.tree.map(jnp.copy, params) if ema else None
+        return cls(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema_params, opt_state=tx.init(params),
+                   rng=jax.random.key_data(key), extra=dict(extra or {}), tx=tx)
 
     @property
     def key(self) -> jax.Array:
