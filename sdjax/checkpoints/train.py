@@ -70,8 +70,7 @@ def restore_latest(manager: ocp.CheckpointManager, target: TrainState, items: di
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**args))
     except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CheckpointError(f"{manager.directory}/{step}: cannot restore into this run's train state ({e}). "
-                              "Was it written with a different model or optimizer config? Use a new workdir.") from e
+        raise _refused(manager, step, f" ({e})") from e
     return target.replace(**restored["state"])
 
 
@@ -94,6 +93,9 @@ def _check_saved_shapes(manager: ocp.CheckpointManager, step: int, abstract: dic
     problems += [f"{n}: saved, not in this run's state" for n in have if n not in want]
     if problems:
         shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
-        raise CheckpointError(f"{manager.directory}/{step}: cannot restore into this run's train state: "
-                              f"{len(problems)} array(s) differ ({shown}). Was it written with a different model or "
-                              "optimizer config? Use a new workdir.")
+        raise _refused(manager, step, f": {len(problems)} array(s) differ ({shown})")
+
+
+def _refused(manager: ocp.CheckpointManager, step: int, why: str) -> CheckpointError:
+    return CheckpointError(f"{manager.directory}/{step}: cannot restore into this run's train state{why}. "
+                           "Was it written with a different model or optimizer config? Use a new workdir.")
