@@ -18,6 +18,7 @@ from sdjax.checkpoints.errors import CheckpointError
 from sdjax.train_state import TrainState
 
 _STATE_FIELDS = ("step", "params", "ema_params", "opt_state", "rng", "extra")
+_MIN_REPLICA_SLICE_BYTES = 256 * 1024
 
 
 def make_manager(workdir: str, max_to_keep: int = 3, async_save: bool = True,
@@ -35,12 +36,17 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
     """Orbax's pytree handler with its default type handlers, less each array's saved sharding (the
     ``_sharding`` file) and array metadata: a run restores into its own target's shardings, never the
     saved ones, and a state of many small arrays pays those writes per array. The files read as
-    before: a step saved either way restores either way."""
+    before: a step saved either way restores either way.
+
+    The replicas of an array share its writing (replica-parallel) only where each one's slice holds
+    at least ``_MIN_REPLICA_SLICE_BYTES``: cutting a slice per replica costs a dispatch per array and
+    shard (and, on the first save, a compile per shape), more than writing a small array whole."""
     types = ocp.type_handlers
     scalars = tuple((t, types.ScalarHandler()) for t in (int, float, bytes, np.number))
+    arrays = types.ArrayHandler(enable_write_sharding_file=False,
+                                min_slice_bytes_for_replica_parallel=_MIN_REPLICA_SLICE_BYTES)
     registry = types.create_type_handler_registry(
-        *scalars, (np.ndarray, types.NumpyHandler()), (str, types.StringHandler()),
-        (jax.Array, types.ArrayHandler(enable_write_sharding_file=False)))
+        *scalars, (np.ndarray, types.NumpyHandler()), (str, types.StringHandler()), (jax.Array, arrays))
     return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
