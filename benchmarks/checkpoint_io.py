@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks import timing
+
 VARIANTS = ("sdjax", "orbax-default")
 
 
@@ -45,21 +47,29 @@ def _one(config_name: str, variant: str, saves: int) -> dict:
     leaves = jax.tree.leaves(state)
     row = {"variant": variant, "arrays": len(leaves), "mb": sum(x.nbytes for x in leaves) / 1e6, "saves_s": [],
            "saves_cpu_s": []}
-    workdir = tempfile.mkdtemp(prefix="sdjax-ckpt-bench-")
-    manager = train_ckpt.make_manager(workdir)
-    for i in range(saves):
+
+    def clocked(fn):  # (result, wall s, CPU s of the whole process: Orbax writes from its own threads)
         c0, t0 = time.process_time(), time.perf_counter()
-        train_ckpt.save(manager, state.replace(step=state.step + i), force=True)
+        out = fn()
+        return out, time.perf_counter() - t0, time.process_time() - c0
+
+    def save(manager, step):
+        train_ckpt.save(manager, state.replace(step=step), force=True)
         manager.wait_until_finished()
-        row["saves_s"].append(time.perf_counter() - t0)
-        row["saves_cpu_s"].append(time.process_time() - c0)
-    manager.close()
-    manager = train_ckpt.make_manager(workdir)
-    c0, t0 = time.process_time(), time.perf_counter()
-    restored = train_ckpt.restore_latest(manager, target)
-    jax.block_until_ready(jax.tree.leaves(restored))
-    row["restore_s"], row["restore_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
-    manager.close()
+
+    def restore(manager):
+        return jax.block_until_ready(train_ckpt.restore_latest(manager, target))
+
+    with tempfile.TemporaryDirectory(prefix="sdjax-ckpt-bench-") as workdir:
+        manager = train_ckpt.make_manager(workdir)
+        for i in range(saves):
+            _, wall, cpu = clocked(lambda: save(manager, state.step + i))
+            row["saves_s"].append(wall)
+            row["saves_cpu_s"].append(cpu)
+        manager.close()
+        manager = train_ckpt.make_manager(workdir)
+        restored, row["restore_s"], row["restore_cpu_s"] = clocked(lambda: restore(manager))
+        manager.close()
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state.replace(step=state.step + saves - 1))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     return row
@@ -85,7 +95,7 @@ def main(argv=None) -> None:
                                a.config, "--saves", str(a.saves)], env=env, capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"\n{a.config}'s train state, {rows[0]['arrays']} arrays, {rows[0]['mb']:.1f} MB, replicated over "
-          f"{a.devices} CPU devices (measured on this host)\n")
+          f"{a.devices} CPU devices ({timing.machine()['cpu']}, measured)\n")
     print("| handler | first save (CPU s / wall s) | later saves (CPU s) | restore (CPU s / wall s) |")
     print("|---|---|---|---|")
     for r in rows:
@@ -93,7 +103,8 @@ def main(argv=None) -> None:
         print(f"| {r['variant']} | {r['saves_cpu_s'][0]:.2f} / {r['saves_s'][0]:.2f} | {later} | "
               f"{r['restore_cpu_s']:.2f} / {r['restore_s']:.2f} |")
     with open(a.out, "w") as f:
-        json.dump({"config": a.config, "devices": a.devices, "rows": rows}, f, indent=1)
+        json.dump({"config": a.config, "devices": a.devices, "rows": rows, "machine": timing.machine(),
+                   "versions": timing.versions("jax", "orbax-checkpoint", "tensorstore")}, f, indent=1)
     print(f"\nwrote {a.out}")
 
 
