@@ -279,6 +279,11 @@ def test_frozen_pretrained_text_encoder_and_init_from(shapes_data_dir, setup1, s
         assert got.keys() == exported_unet.keys()
         for k in got:
             np.testing.assert_array_equal(got[k], exported_unet[k], err_msg=k)
+    # The started UNet is not drawn first: the fresh state's program draws no random bits.
+    program = jax.make_jaxpr(lambda key, start: setup.program.init_from_start(key, 1.0, start=start))(
+        jax.random.key(0), state.params)
+    assert "random_bits" not in str(program) and "random_bits" in str(jax.make_jaxpr(setup.program.init)(
+        jax.random.key(0), 1.0))
 
     initial = jax.tree.map(np.asarray, state)
     state, m = setup.program.step(state, batch, setup.frozen)

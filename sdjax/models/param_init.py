@@ -1,12 +1,13 @@
 """Fresh parameters drawn a group at a time, so a network's init compiles in seconds.
 
-``module.init`` draws every parameter with PRNG ops of its own (its key, its random bits, the
+``module.init`` draws every parameter with PRNG ops of its own (its random bits and their
 transform to its distribution), so the init program grows with the parameter count and its compile
 is mostly those draws. ``init_params`` runs ``module.init`` with the draws of the parameters made
 by ``partitioned`` initialisers deferred, then draws them one group at a time: the parameters of
-one initialiser, shape and dtype in one vmapped draw, the i-th parameter (in the params tree's
-order) from ``jax.random.split(key, n)[i]``. Outside ``init_params`` (``module.init``, shape
-evaluation) a ``partitioned`` initialiser draws at once, as ``nn.with_logical_partitioning`` does.
+one initialiser, shape and dtype in one vmapped draw, each from the key Flax gave it. The values are
+``module.init``'s (the same random bits; the transform may differ in the last bit). Outside
+``init_params`` (``module.init``, shape evaluation) a ``partitioned`` initialiser draws at once, as
+``nn.with_logical_partitioning`` does.
 """
 
 import collections
@@ -23,6 +24,7 @@ _DEFERRING = contextvars.ContextVar("sdjax_deferring_parameter_draws", default=F
 
 class _Deferred(nn.LogicallyPartitioned):
     """A parameter whose draw ``init_params`` makes later: ``value`` holds zeros of its shape."""
+    key: Any = None  # the key Flax gave the parameter's initialiser
     init: Callable = flax.struct.field(pytree_node=False, default=None)
 
 
@@ -30,7 +32,7 @@ def partitioned(init: Callable, names: Sequence[str | None]) -> Callable:
     """``nn.with_logical_partitioning(init, names)`` whose draw ``init_params`` groups with others."""
     def draw(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> nn.LogicallyPartitioned:
         if _DEFERRING.get():
-            return _Deferred(jnp.zeros(shape, dtype), tuple(names), init=init)
+            return _Deferred(jnp.zeros(shape, dtype), tuple(names), key=key, init=init)
         return nn.LogicallyPartitioned(init(key, shape, dtype), tuple(names))
     return draw
 
@@ -45,15 +47,12 @@ def init_params(module: nn.Module, key: jax.Array, *inputs: Any) -> Any:
         _DEFERRING.reset(token)
     deferred = lambda x: isinstance(x, _Deferred)  # noqa: E731
     leaves, tree = jax.tree.flatten(params, is_leaf=deferred)
-    todo = [i for i, leaf in enumerate(leaves) if deferred(leaf)]
-    if not todo:
-        return params
-    keys = jax.random.split(key, len(todo))
-    groups = collections.defaultdict(list)  # (initialiser, shape, dtype) -> [(leaf index, key index)]
-    for n, i in enumerate(todo):
-        groups[leaves[i].init, leaves[i].value.shape, leaves[i].value.dtype].append((i, n))
+    groups = collections.defaultdict(list)  # (initialiser, shape, dtype) -> leaf indices
+    for i, leaf in enumerate(leaves):
+        if deferred(leaf):
+            groups[leaf.init, leaf.value.shape, leaf.value.dtype].append(i)
     for (init, shape, dtype), members in groups.items():
-        values = jax.vmap(lambda k: init(k, shape, dtype))(keys[jnp.asarray([n for _, n in members])])
-        for row, (i, _) in enumerate(members):
+        values = jax.vmap(lambda k: init(k, shape, dtype))(jnp.stack([leaves[i].key for i in members]))
+        for row, i in enumerate(members):
             leaves[i] = nn.LogicallyPartitioned(values[row], leaves[i].names)
     return jax.tree.unflatten(tree, leaves)

@@ -1,7 +1,9 @@
 """What both trainers build alike: the mesh, the train state's shardings and the jitted step.
 
 A trainer supplies its pure step ``step(state, batch, frozen) -> (state, metrics)`` and its
-``init(key, *args) -> TrainState`` (parameters still in Flax's logical boxes); ``compile_step``
+``init(key, *args) -> TrainState`` (parameters still in Flax's logical boxes; a trainer that starts
+networks from given parameters also takes ``start=``, those parameters by network, used instead of
+drawing them); ``compile_step``
 derives the shardings from ``jax.eval_shape(init)`` and jits the step once, with explicit in/out
 shardings, the state donated, and the model's activation constraints resolved on the mesh.
 """
@@ -29,6 +31,7 @@ class TrainProgram:
     mesh: Mesh
     rules: tuple
     init: Callable[..., TrainState]  # init(key, *init_args) -> boxed TrainState (a replay of its trace)
+    init_from_start: Callable[..., TrainState]  # the trainer's init(key, *init_args, start=...) itself
     seed: int
     shardings: TrainState
     target: TrainState  # the state's ShapeDtypeStructs with their shardings
@@ -41,9 +44,14 @@ class TrainProgram:
         compiled for before the first state exists)."""
         return self.target
 
-    def fresh_state(self, *init_args: Any) -> TrainState:
-        """``init(key(seed), *init_args)``, written straight into the shardings."""
-        return sharded_init(self.init, self.shardings)(jax.random.key(self.seed), *init_args)
+    def fresh_state(self, *init_args: Any, start: dict[str, Any] | None = None) -> TrainState:
+        """``init(key(seed), *init_args)``, written straight into the shardings. ``start``: trained
+        networks' starting parameters (in the state's shardings), which replace their random draws:
+        none is drawn, and the state holds no second copy of them."""
+        if start is None:
+            return sharded_init(self.init, self.shardings)(jax.random.key(self.seed), *init_args)
+        init = lambda key, start, *args: self.init_from_start(key, *args, start=start)  # noqa: E731
+        return sharded_init(init, self.shardings)(jax.random.key(self.seed), start, *init_args)
 
     def device_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """A host batch (this process's rows) -> the global batch the step takes."""
@@ -121,7 +129,7 @@ def compile_step(step: Callable, *, mesh: Mesh, rules: tuple, init: Callable[...
     ``init_args``: init's arguments after the key, as used for shapes (e.g. a latent scale)."""
     # init traced once, for the shapes both the shardings and the restore target are made of, and
     # replayed for a fresh state (a trace of a full-size model's init takes seconds).
-    init, abstract = trace_init(init, jax.random.key(seed), *init_args)
+    replay, abstract = trace_init(init, jax.random.key(seed), *init_args)
     shardings = sharding.tree_shardings(abstract, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
 
@@ -136,6 +144,6 @@ def compile_step(step: Callable, *, mesh: Mesh, rules: tuple, init: Callable[...
     jitted = jax.jit(step_on_mesh, in_shardings=(shardings, {k: batch_sharding for k in batch_keys}, frozen_shardings),
                      out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,),
                      compiler_options=RUN_ONCE_COMPILER_OPTIONS if fast_compile else None)
-    return TrainProgram(mesh=mesh, rules=rules, init=init, seed=seed, shardings=shardings,
+    return TrainProgram(mesh=mesh, rules=rules, init=replay, init_from_start=init, seed=seed, shardings=shardings,
                         target=abstract_sharded(abstract, shardings),
                         batch_sharding=batch_sharding, batch_keys=batch_keys, step=jitted)

@@ -253,17 +253,23 @@ def build(config: LatentRunConfig | ml_collections.ConfigDict, workdir: str, dev
                             total_steps=train.steps, schedule=train.schedule, weight_decay=train.weight_decay,
                             clip_norm=train.clip_norm)
 
-    def init(key: jax.Array, latent_scale: jax.Array) -> TrainState:
+    def init(key: jax.Array, latent_scale: jax.Array, start: dict[str, Any] | None = None) -> TrainState:
+        """A fresh state; ``start``: trained networks' starting parameters, which are not drawn."""
+        start = start or {}
         k_unet, k_text, k_state = jax.random.split(key, 3)
+        draws = {}  # each trained network's random draw, made unless ``start`` holds it
         if lora_targets:  # only the adapters train (and have optimizer state and EMA)
-            params = {lora.params_key(name): lora.init_adapters(k, lora.of_network(lora_targets, name), config.lora.rank)
-                      for name, k in (("unet", k_unet), ("text_encoder", jax.random.fold_in(k_text, 1)),
-                                      ("text_encoder_2", jax.random.fold_in(k_text, 2)))
-                      if lora.of_network(lora_targets, name)}
+            for name, k in (("unet", k_unet), ("text_encoder", jax.random.fold_in(k_text, 1)),
+                            ("text_encoder_2", jax.random.fold_in(k_text, 2))):
+                if lora.of_network(lora_targets, name):
+                    draws[lora.params_key(name)] = functools.partial(
+                        lora.init_adapters, k, lora.of_network(lora_targets, name), config.lora.rank)
         else:
-            params = {"unet": init_params(unet_module, k_unet, *unet_inputs(configs.unet))}
+            draws["unet"] = functools.partial(init_params, unet_module, k_unet, *unet_inputs(configs.unet))
         if sources.trains_text_encoder:
-            params["text_encoder"] = init_params(nets.text_encoder, k_text, *text_encoder_inputs(configs.text_encoder))
+            draws["text_encoder"] = functools.partial(init_params, nets.text_encoder, k_text,
+                                                      *text_encoder_inputs(configs.text_encoder))
+        params = {name: start[name] if name in start else draw() for name, draw in draws.items()}
         return TrainState.create(params, tx, k_state, extra={"latent_scale": jnp.asarray(latent_scale, jnp.float32)},
                                  ema=train.ema_decay > 0)
 
@@ -397,30 +403,32 @@ def init_state(run: LatentRun, first_batch: dict[str, jax.Array] | None = None) 
         if first_batch is None:
             raise ValueError("train.scale_by_std needs the first batch to measure the latents' std.")
         scale = measure_latent_scale(run, first_batch, jax.random.fold_in(jax.random.key(train.seed), 1))
-    state = run.program.fresh_state(jnp.float32(scale))
     if train.init_from:
         loaded = load_lib.load(train.init_from)
-        return _start_from(run, state, {name: loaded.params[name] for name in state.params},
+        return _start_from(run, scale, {name: loaded.params[name] for name in run.program.target.params},
                            f"train.init_from={train.init_from}")
     if run.sources.unet is not None and not run.step.lora_targets:
-        return _start_from(run, state, {"unet": run.sources.unet}, "pretrained")
-    return state
+        return _start_from(run, scale, {"unet": run.sources.unet}, "pretrained")
+    return run.program.fresh_state(jnp.float32(scale))
 
 
-def _start_from(run: LatentRun, state: TrainState, params: dict[str, Any], what: str) -> TrainState:
-    """Starts the trained networks (and their EMA) from pretrained parameters."""
+def _start_from(run: LatentRun, scale: float, params: dict[str, Any], what: str) -> TrainState:
+    """A fresh state whose trained networks (and their EMA) start from pretrained parameters, held
+    as f32 master weights."""
     # device_put accepts any shapes that divide the mesh (another width, say), so compare them first.
     shapes = lambda tree: {jax.tree_util.keystr(k): v.shape  # noqa: E731
                            for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    got, want = shapes(params), shapes(state.params)
+    target = run.program.target.params
+    got, want = shapes(params), shapes(target)
     if got != want:
         diff = [f"{k}: checkpoint {got.get(k, 'missing')}, config {want.get(k, 'missing')}"
                 for k in sorted(got.keys() | want.keys()) if got.get(k) != want.get(k)]
         raise ValueError(f"{what}: its networks do not match config.model ({len(diff)} "
                          f"parameters differ, e.g. {'; '.join(diff[:3])}). Set config.model to the checkpoint's.")
-    params = jax.device_put(params, run.program.shardings.params)
-    return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params) if state.ema_params is not None else None,
-                         opt_state=state.tx.init(params))
+    params = jax.tree.map(lambda x, t: x if x.dtype == t.dtype else x.astype(t.dtype), params,
+                          {name: target[name] for name in params})  # cast where it is (host or device)
+    start = jax.device_put(params, {name: run.program.shardings.params[name] for name in params})
+    return run.program.fresh_state(jnp.float32(scale), start=start)
 
 
 # ---- sample grids and export -----------------------------------------------------------------------
