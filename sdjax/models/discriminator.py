@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from sdjax.models.layers import CONV_KERNEL_AXES, constrain_image
-from sdjax.models.param_init import partitioned
 
 Dtype = Any
 
@@ -32,8 +31,8 @@ def _conv(features: int, stride: int, use_bias: bool, name: str, dtype: Dtype, p
     return nn.Conv(
         features, (4, 4), strides=(stride, stride), padding=((1, 1), (1, 1)), use_bias=use_bias,
         dtype=dtype, param_dtype=param_dtype, name=name,
-        kernel_init=partitioned(nn.initializers.normal(0.02), CONV_KERNEL_AXES),
-        bias_init=partitioned(nn.initializers.zeros_init(), ("conv_out",)),
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), CONV_KERNEL_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
     )
 
 
@@ -49,8 +48,8 @@ class BatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x_BHWC: jax.Array) -> jax.Array:
         C = x_BHWC.shape[-1]
-        scale = self.param("scale", partitioned(_scale_init, ("norm",)), (C,), self.param_dtype)
-        bias = self.param("bias", partitioned(nn.initializers.zeros_init(), ("norm",)),
+        scale = self.param("scale", nn.with_logical_partitioning(_scale_init, ("norm",)), (C,), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
                           (C,), self.param_dtype)
         x = x_BHWC.astype(jnp.float32)
         mean = jnp.mean(x, axis=(0, 1, 2))

@@ -13,8 +13,6 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax.sharding import PartitionSpec as P
 
-from sdjax.models.param_init import partitioned
-
 Dtype = Any
 
 # Logical axis names used by parameters and activations; configs map them to mesh axes.
@@ -36,8 +34,8 @@ def dense(features: int, *, name: str, dtype: Dtype, param_dtype: Dtype, use_bia
           kernel_init=nn.initializers.lecun_normal()) -> nn.Dense:
     return nn.Dense(
         features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-        kernel_init=partitioned(kernel_init, DENSE_KERNEL_AXES),
-        bias_init=partitioned(nn.initializers.zeros_init(), ("dense_out",)),
+        kernel_init=nn.with_logical_partitioning(kernel_init, DENSE_KERNEL_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("dense_out",)),
     )
 
 
@@ -89,8 +87,8 @@ def conv(features: int, kernel: int = 3, *, name: str, dtype: Dtype, param_dtype
     return nn.Conv(
         features, (kernel, kernel), strides=(stride, stride), padding=padding,
         dtype=dtype, param_dtype=param_dtype, name=name, conv_general_dilated=conv_general_dilated,
-        kernel_init=partitioned(kernel_init, CONV_KERNEL_AXES),
-        bias_init=partitioned(nn.initializers.zeros_init(), ("conv_out",)),
+        kernel_init=nn.with_logical_partitioning(kernel_init, CONV_KERNEL_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
     )
 
 
@@ -107,8 +105,8 @@ def group_norm(num_groups: int, epsilon: float, *, name: str, dtype: Dtype, para
     return GroupNorm(
         num_groups=num_groups, epsilon=epsilon, dtype=jnp.float32, param_dtype=param_dtype,
         out_dtype=dtype, name=name,
-        scale_init=partitioned(nn.initializers.ones_init(), ("norm",)),
-        bias_init=partitioned(nn.initializers.zeros_init(), ("norm",)),
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
     )
 
 
@@ -116,8 +114,8 @@ def layer_norm(epsilon: float, *, name: str, dtype: Dtype, param_dtype: Dtype) -
     """LayerNorm computing in f32; callers cast the result back to their dtype."""
     return nn.LayerNorm(
         epsilon=epsilon, dtype=jnp.float32, param_dtype=param_dtype, name=name,
-        scale_init=partitioned(nn.initializers.ones_init(), ("norm",)),
-        bias_init=partitioned(nn.initializers.zeros_init(), ("norm",)),
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
     )
 
 
@@ -252,8 +250,8 @@ class Attention(nn.Module):
 
 def _dense_params(module: nn.Dense, in_features: int):
     """``module``'s kernel and bias as ``dense`` creates them (logical axes, initialisers)."""
-    kernel_init = partitioned(module.kernel_init, DENSE_KERNEL_AXES)
-    bias_init = partitioned(module.bias_init, ("dense_out",))
+    kernel_init = nn.with_logical_partitioning(module.kernel_init, DENSE_KERNEL_AXES)
+    bias_init = nn.with_logical_partitioning(module.bias_init, ("dense_out",))
     kernel = module.param("kernel", kernel_init, (in_features, module.features), module.param_dtype)
     bias = module.param("bias", bias_init, (module.features,), module.param_dtype) if module.use_bias else None
     return kernel, bias

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from sdjax.models.layers import CONV_KERNEL_AXES
-from sdjax.models.param_init import partitioned
 
 Dtype = Any
 
@@ -72,15 +71,15 @@ class LPIPS(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.convs = {
             index: nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), name=f"features_{index}",
-                           kernel_init=partitioned(nn.initializers.lecun_normal(),
+                           kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
                                                                     CONV_KERNEL_AXES),
-                           bias_init=partitioned(nn.initializers.zeros_init(), ("conv_out",)),
+                           bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
                            **kw)
             for stage in VGG16_STAGES for index, channels in stage
         }
         self.lins = [
             nn.Conv(1, (1, 1), use_bias=False, name=f"lin{k}", dtype=jnp.float32, param_dtype=self.param_dtype,
-                    kernel_init=partitioned(nn.initializers.lecun_normal(), CONV_KERNEL_AXES))
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_KERNEL_AXES))
             for k in range(len(VGG16_STAGES))
         ]
 

@@ -25,7 +25,6 @@ import flax.linen as nn
 import flax.struct
 
 from sdjax.models import layers
-from sdjax.models.param_init import partitioned
 
 Dtype = Any
 
@@ -106,9 +105,9 @@ class CLIPTextEmbeddings(nn.Module):
         init = nn.initializers.normal(0.02)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         token = nn.Embed(c.vocab_size, c.hidden_size, name="token_embedding",
-                         embedding_init=partitioned(init, ("vocab", "embed")), **kw)
+                         embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")), **kw)
         position = nn.Embed(c.max_position_embeddings, c.hidden_size, name="position_embedding",
-                            embedding_init=partitioned(init, (None, "embed")), **kw)
+                            embedding_init=nn.with_logical_partitioning(init, (None, "embed")), **kw)
         L = input_ids_BL.shape[1]
         return token(input_ids_BL) + position(jnp.arange(L))[None]
 

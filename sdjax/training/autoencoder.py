@@ -29,7 +29,6 @@ from sdjax.data import make_dataset, prepare_on_all_hosts, splits
 from sdjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from sdjax.models.discriminator import NLayerDiscriminator
 from sdjax.models.lpips import LPIPS
-from sdjax.models.param_init import init_params
 from sdjax.train_state import RUN_ONCE_COMPILER_OPTIONS, TrainState, make_optimizer
 from sdjax.training import builder, loop
 from sdjax.training.autoencoder_loss import Networks, loss_and_grads
@@ -102,9 +101,9 @@ def build(config: AutoencoderRunConfig | ml_collections.ConfigDict, devices=None
     def init(key: jax.Array) -> TrainState:
         k_vae, k_disc, k_state = jax.random.split(key, 3)
         x = jnp.zeros((1, size, size, vae_config.in_channels))
-        params = {"autoencoder": init_params(vae, k_vae, x),
+        params = {"autoencoder": vae.init(k_vae, x)["params"],
                   "logvar": jnp.full((), loss.logvar_init, jnp.float32),
-                  "discriminator": init_params(disc, k_disc, x)}
+                  "discriminator": disc.init(k_disc, x)["params"]}
         return TrainState.create(params, tx, k_state, ema=False)
 
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -27,7 +27,6 @@ from sdjax.data import buckets as buckets_lib, encode as encode_lib, latent_cach
 from sdjax.diffusion.schedule import alphas_cumprod
 from sdjax.models.autoencoder import AutoencoderKL
 from sdjax.models.configs import ModelConfigs, text_encoder_inputs, unet_inputs, vae_inputs
-from sdjax.models.param_init import init_params
 from sdjax.samplers import get_sampler
 from sdjax.tokenizer import load_tokenizer, tokenize
 from sdjax.train_state import RUN_ONCE_COMPILER_OPTIONS, TrainState, make_optimizer
@@ -247,7 +246,7 @@ def build(config: LatentRunConfig | ml_collections.ConfigDict, workdir: str, dev
 
     vae_params = sources.vae
     if vae_params is None:  # Smoke tests only: a random frozen autoencoder.
-        vae_params = jax.jit(lambda k: nn.meta.unbox(init_params(vae, k, *vae_inputs(configs.vae))),
+        vae_params = jax.jit(lambda k: nn.meta.unbox(vae.init(k, *vae_inputs(configs.vae)))["params"],
                              compiler_options=RUN_ONCE_COMPILER_OPTIONS)(jax.random.key(config.model.autoencoder.seed))
     tx, lr = make_optimizer(learning_rate=train.learning_rate, warmup_steps=train.warmup_steps,
                             total_steps=train.steps, schedule=train.schedule, weight_decay=train.weight_decay,
@@ -265,10 +264,10 @@ def build(config: LatentRunConfig | ml_collections.ConfigDict, workdir: str, dev
                     draws[lora.params_key(name)] = functools.partial(
                         lora.init_adapters, k, lora.of_network(lora_targets, name), config.lora.rank)
         else:
-            draws["unet"] = functools.partial(init_params, unet_module, k_unet, *unet_inputs(configs.unet))
+            draws["unet"] = lambda: unet_module.init(k_unet, *unet_inputs(configs.unet))["params"]
         if sources.trains_text_encoder:
-            draws["text_encoder"] = functools.partial(init_params, nets.text_encoder, k_text,
-                                                      *text_encoder_inputs(configs.text_encoder))
+            draws["text_encoder"] = lambda: nets.text_encoder.init(
+                k_text, *text_encoder_inputs(configs.text_encoder))["params"]
         params = {name: start[name] if name in start else draw() for name, draw in draws.items()}
         return TrainState.create(params, tx, k_state, extra={"latent_scale": jnp.asarray(latent_scale, jnp.float32)},
                                  ema=train.ema_decay > 0)

@@ -8,7 +8,6 @@ turns them into ``Adapter``s (``trained_adapters``) that ``sdjax.checkpoints.lor
 in the diffusers/PEFT or kohya layout.
 """
 
-import collections
 import dataclasses
 from typing import Any
 
@@ -64,20 +63,14 @@ def find_targets(params: Any, suffixes: tuple[str, ...], network: str = "unet") 
 
 def init_adapters(key: jax.Array, targets: tuple[Target, ...], rank: int) -> dict[str, dict[str, jax.Array]]:
     """Fresh adapters as PEFT makes them: ``down`` (r, in) uniform in +-1/sqrt(in) (kaiming-uniform with
-    a = sqrt(5)), ``up`` (out, r) zero, so training starts from the base model. Target i's ``down`` is
-    drawn from ``fold_in(key, i)``; the targets of one width are drawn together (one vmapped draw)."""
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(len(targets), dtype=jnp.uint32))
-    by_fan_in = collections.defaultdict(list)
+    a = sqrt(5)), ``up`` (out, r) zero, so training starts from the base model."""
+    out = {}
     for i, t in enumerate(targets):
-        by_fan_in[int(np.prod(t.kernel_shape[:-1]))].append(i)
-    downs = {}
-    for fan_in, members in by_fan_in.items():
+        fan_in = int(np.prod(t.kernel_shape[:-1]))
         bound = 1.0 / np.sqrt(fan_in)
-        drawn = jax.vmap(lambda k: jax.random.uniform(k, (rank, fan_in), jnp.float32, -bound, bound))(
-            keys[jnp.asarray(members)])
-        downs.update({i: drawn[row] for row, i in enumerate(members)})
-    return {t.name: {"down": downs[i], "up": jnp.zeros((t.kernel_shape[-1], rank), jnp.float32)}
-            for i, t in enumerate(targets)}
+        out[t.name] = {"down": jax.random.uniform(jax.random.fold_in(key, i), (rank, fan_in), jnp.float32, -bound, bound),
+                       "up": jnp.zeros((t.kernel_shape[-1], rank), jnp.float32)}
+    return out
 
 
 def apply_adapters(unet_params: Any, adapters: dict[str, dict[str, jax.Array]], targets: tuple[Target, ...],
