@@ -46,8 +46,7 @@ class TrainProgram:
 
     def fresh_state(self, *init_args: Any, start: dict[str, Any] | None = None) -> TrainState:
         """``init(key(seed), *init_args)``, written straight into the shardings. ``start``: trained
-        networks' starting parameters (in the state's shardings), which replace their random draws:
-        none is drawn, and the state holds no second copy of them."""
+        networks' starting parameters (in the state's shardings), used instead of drawing them."""
         if start is None:
             return sharded_init(self.init, self.shardings)(jax.random.key(self.seed), *init_args)
         init = lambda key, start, *args: self.init_from_start(key, *args, start=start)  # noqa: E731

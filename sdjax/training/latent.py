@@ -256,19 +256,18 @@ def build(config: LatentRunConfig | ml_collections.ConfigDict, workdir: str, dev
         """A fresh state; ``start``: trained networks' starting parameters, which are not drawn."""
         start = start or {}
         k_unet, k_text, k_state = jax.random.split(key, 3)
-        draws = {}  # each trained network's random draw, made unless ``start`` holds it
         if lora_targets:  # only the adapters train (and have optimizer state and EMA)
-            for name, k in (("unet", k_unet), ("text_encoder", jax.random.fold_in(k_text, 1)),
-                            ("text_encoder_2", jax.random.fold_in(k_text, 2))):
-                if lora.of_network(lora_targets, name):
-                    draws[lora.params_key(name)] = functools.partial(
-                        lora.init_adapters, k, lora.of_network(lora_targets, name), config.lora.rank)
+            params = {lora.params_key(name): lora.init_adapters(k, lora.of_network(lora_targets, name), config.lora.rank)
+                      for name, k in (("unet", k_unet), ("text_encoder", jax.random.fold_in(k_text, 1)),
+                                      ("text_encoder_2", jax.random.fold_in(k_text, 2)))
+                      if lora.of_network(lora_targets, name)}
+        elif "unet" in start:
+            params = {"unet": start["unet"]}
         else:
-            draws["unet"] = lambda: unet_module.init(k_unet, *unet_inputs(configs.unet))["params"]
+            params = {"unet": unet_module.init(k_unet, *unet_inputs(configs.unet))["params"]}
         if sources.trains_text_encoder:
-            draws["text_encoder"] = lambda: nets.text_encoder.init(
+            params["text_encoder"] = start["text_encoder"] if "text_encoder" in start else nets.text_encoder.init(
                 k_text, *text_encoder_inputs(configs.text_encoder))["params"]
-        params = {name: start[name] if name in start else draw() for name, draw in draws.items()}
         return TrainState.create(params, tx, k_state, extra={"latent_scale": jnp.asarray(latent_scale, jnp.float32)},
                                  ema=train.ema_decay > 0)
 
