@@ -25,10 +25,16 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
+import gc  # noqa: E402
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from sdjax.cli import COMMAND_GC_THRESHOLD  # noqa: E402
+
 jax.config.update("jax_default_matmul_precision", "highest")
+# The test processes trace as much as any command does: the commands' garbage-collector thresholds.
+gc.set_threshold(*COMMAND_GC_THRESHOLD)
 
 # The files that take minutes, longest first (measured on a 2-core host): ``./run test`` hands out
 # whole files to its two workers in collection order (--dist loadfile --no-loadscope-reorder), so

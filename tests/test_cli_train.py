@@ -2,6 +2,7 @@
 two-phase commands of docs/training.md on the synthetic shapes set (run as written, shortened by flags; the own
 images commands run in test_own_data)."""
 
+import gc
 import json
 import os
 import shlex
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 
 from sdjax import configs
+from sdjax import cli
 from sdjax.cli import train
 from tests.helpers import SHORT, readme_block, subprocess_env
 
@@ -22,6 +24,18 @@ def _fails(argv: list[str], capsys) -> str:
     assert e.value.code not in (0, None)
     captured = capsys.readouterr()
     return str(e.value) if isinstance(e.value.code, str) else captured.err
+
+
+def test_a_command_line_process_collects_less_often_and_a_python_caller_keeps_its_settings():
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        cli.tune_gc(["sdjax-train", "latent"])  # main(argv) called from Python
+        assert gc.get_threshold() == (700, 10, 10)
+        cli.tune_gc(None)  # main() of a console script or train/*.py: the process is the command's
+        assert gc.get_threshold() == cli.COMMAND_GC_THRESHOLD and cli.COMMAND_GC_THRESHOLD[0] > 700
+    finally:
+        gc.set_threshold(*before)
 
 
 def test_config_by_name_or_path():

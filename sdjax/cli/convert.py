@@ -5,6 +5,7 @@ import argparse
 import time
 from typing import Sequence
 
+from sdjax.cli import tune_gc
 from sdjax.cli.errors import user_errors
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    tune_gc(argv)
     args = build_parser().parse_args(argv)
     with user_errors():
         import jax.numpy as jnp

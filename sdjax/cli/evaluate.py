@@ -17,6 +17,7 @@ import os
 import time
 from typing import Sequence
 
+from sdjax.cli import tune_gc
 from sdjax.cli.errors import user_errors
 from sdjax.evaluation.evaluator import Protocol
 
@@ -199,6 +200,7 @@ def _statistics(path: str, args: argparse.Namespace, extractor: list):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    tune_gc(argv)
     args = build_parser().parse_args(argv)
     with user_errors():
         if args.batch_size < 1:

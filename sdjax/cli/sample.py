@@ -23,6 +23,7 @@ from PIL import Image
 
 from sdjax import images as images_lib, paths
 from sdjax.checkpoints import hub
+from sdjax.cli import tune_gc
 from sdjax.cli.errors import user_errors
 from sdjax.samplers import SAMPLERS
 
@@ -291,6 +292,7 @@ def _progress(done: int, total: int, start: float) -> None:
 def main(argv: Sequence[str] | None = None, mode: str = "txt2img") -> list[str]:
     """Runs the command (``mode``: txt2img, img2img or inpaint); returns the paths written (images, then
     the grid if any)."""
+    tune_gc(argv)
     args = build_parser(mode).parse_args(argv)
     prompts = check_args(args, mode)
     with user_errors():

@@ -19,6 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sdjax import configs as configs_lib
+from sdjax.cli import tune_gc
 from sdjax.cli.errors import user_errors
 
 PHASES = ("autoencoder", "latent", "encode")
@@ -97,6 +98,7 @@ PREEMPTED_EXIT = 143  # 128 + SIGTERM, as a shell reports a process the signal e
 
 def main(argv: Sequence[str] | None = None, phase: str | None = None) -> None:
     """``sdjax-train PHASE ...``; ``phase`` given: the rest of the command line is that phase's."""
+    tune_gc(argv)
     missing = [name for name in TRAIN_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         raise SystemExit(f"error: training reads its data with {', '.join(missing)}, which this installation "
