@@ -58,7 +58,8 @@ def test_malformed_weights_are_refused(tmp_path, inception):
     del state["Mixed_6b.branch7x7_2.conv.weight"]
     state["Mixed_5b.branch1x1.bn.running_mean"] = np.zeros(3, np.float32)
     save_file(state, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(CheckpointError, match=r"(?s)Mixed_6b/branch7x7_2/conv/kernel.*Mixed_5b.branch1x1.bn.running_mean"):
+    names = r"(?s)Mixed_6b/branch7x7_2/conv/kernel.*Mixed_5b.branch1x1.bn.running_mean"
+    with pytest.raises(CheckpointError, match=names):
         load_inception(str(tmp_path / "bad.safetensors"))
     (tmp_path / "cut.safetensors").write_bytes(weights.read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):

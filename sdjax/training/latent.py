@@ -23,7 +23,8 @@ from jax.experimental import multihost_utils
 
 from sdjax import generate, images as images_lib, paths, sharding, sources as sources_lib
 from sdjax.checkpoints import export as export_lib, load as load_lib, lora as lora_files
-from sdjax.data import buckets as buckets_lib, encode as encode_lib, latent_cache, make_dataset, prepare_on_all_hosts, webdataset
+from sdjax.data import (buckets as buckets_lib, encode as encode_lib, latent_cache, make_dataset, prepare_on_all_hosts,
+                        webdataset)
 from sdjax.diffusion.schedule import alphas_cumprod
 from sdjax.models.autoencoder import AutoencoderKL
 from sdjax.models.configs import ModelConfigs, text_encoder_inputs, unet_inputs, vae_inputs
@@ -84,7 +85,8 @@ class LatentRun:
         return {k: jax.ShapeDtypeStruct(*shapes[k], sharding=on_mesh) for k in self.program.batch_keys}
 
     def text_embedding_shapes(self, batch_size: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
-        """The frozen text encoders' (context, pooled embedding) of ``batch_size`` captions (``generate.encode_text``)."""
+        """The frozen text encoders' (context, pooled embedding) of ``batch_size`` captions
+        (``generate.encode_text``)."""
         ids = {name: jax.ShapeDtypeStruct((batch_size, getattr(self.configs, name).max_position_embeddings), jnp.int32)
                if getattr(self.configs, name) else None for name in ("text_encoder", "text_encoder_2")}
         params = {name: self.frozen[name] for name in self.configs.text_encoder_names}
@@ -141,7 +143,8 @@ def _tokenizer_dir(config: LatentRunConfig, workdir: str, dataset: Any, pretrain
         words = tok.words.split()
     else:
         raise ValueError("Set tokenizer.dir (a CLIP tokenizer folder), tokenizer.words (a word list for a text "
-                         "encoder trained from scratch) or tokenizer.from_captions=True (the training captions' words).")
+                         "encoder trained from scratch) or tokenizer.from_captions=True (the training captions' "
+                         "words).")
     if paths.is_remote(workdir):  # every host writes the same files locally; host 0 keeps a copy in the bucket
         folder = os.path.join(paths.mirror(workdir), "tokenizer")
         write_word_tokenizer(folder, words)
@@ -168,7 +171,8 @@ def _check_networks(configs: ModelConfigs, sources: sources_lib.Sources, data) -
     width = sum(getattr(configs, name).hidden_size for name in configs.text_encoder_names)
     if configs.unet.cross_attention_dim != width:
         what = "the text encoders' hidden sizes summed" if configs.is_sdxl else "the text encoder's hidden_size"
-        raise ValueError(f"model.unet.cross_attention_dim={configs.unet.cross_attention_dim} must equal {what}={width}.")
+        raise ValueError(f"model.unet.cross_attention_dim={configs.unet.cross_attention_dim} must equal "
+                         f"{what}={width}.")
     if configs.unet.in_channels != configs.vae.latent_channels:
         raise ValueError(f"model.unet.in_channels={configs.unet.in_channels} must equal the autoencoder's "
                          f"latent_channels={configs.vae.latent_channels}.")
@@ -177,7 +181,8 @@ def _check_networks(configs: ModelConfigs, sources: sources_lib.Sources, data) -
     if image_size % (f * levels):
         raise ValueError(f"data.image_size={image_size} must be a multiple of {f * levels} (autoencoder factor "
                          f"{f} x {levels} UNet downsamplings).")
-    odd = [f"{h}x{w}" for h, w in buckets_lib.parse(data.buckets, image_size) or () if h % (f * levels) or w % (f * levels)]
+    odd = [f"{h}x{w}" for h, w in buckets_lib.parse(data.buckets, image_size) or ()
+           if h % (f * levels) or w % (f * levels)]
     if odd:
         raise ValueError(f"data.buckets {', '.join(odd)}: every side must be a multiple of {f * levels} (autoencoder "
                          f"factor {f} x {levels} UNet downsamplings).")
@@ -257,7 +262,8 @@ def build(config: LatentRunConfig | ml_collections.ConfigDict, workdir: str, dev
         start = start or {}
         k_unet, k_text, k_state = jax.random.split(key, 3)
         if lora_targets:  # only the adapters train (and have optimizer state and EMA)
-            params = {lora.params_key(name): lora.init_adapters(k, lora.of_network(lora_targets, name), config.lora.rank)
+            params = {lora.params_key(name):
+                      lora.init_adapters(k, lora.of_network(lora_targets, name), config.lora.rank)
                       for name, k in (("unet", k_unet), ("text_encoder", jax.random.fold_in(k_text, 1)),
                                       ("text_encoder_2", jax.random.fold_in(k_text, 2)))
                       if lora.of_network(lora_targets, name)}
@@ -581,7 +587,8 @@ def encode(config: ml_collections.ConfigDict, out: str) -> dict[str, int]:
     """``sdjax-train encode``: the config's webdataset image shards (``data.files``) encoded by its
     frozen autoencoder into latent shards under ``out`` (``sdjax.data.encode``), this host's share."""
     config = ml_collections.ConfigDict(config.to_dict())
-    config.train.cache_latents = config.train.cache_text = False  # what training does with the shards is not this command's concern
+    # What training does with the shards (caching their latents or captions) is not this command's concern.
+    config.train.cache_latents = config.train.cache_text = False
     run_config = LatentRunConfig.from_config(config)
     data = run_config.data
     if data.name != "webdataset" or data.moments_ext:
