@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import configs as configs_lib, generate, presets, sharding, sources as sources_lib
+from sdjax.cli import tune_gc
 from sdjax.evaluation import clip_score, features
 from sdjax.evaluation.evaluator import read_clip_config
 from sdjax.models.clip import CLIPConfig, CLIPModel
@@ -388,6 +389,7 @@ def format_report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    tune_gc(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", help="a latent-diffusion config's name or path, optionally :VARIANT (txt2img: or "
                                     "none, with --preset)")
