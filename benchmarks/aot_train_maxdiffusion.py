@@ -82,7 +82,8 @@ def compile_step(model: dict, devices: list, per_chip_batch: int, size: int, cac
         split_head_dim=config.split_head_dim, norm_num_groups=config.norm_num_groups, attention_kernel=config.attention,
         flash_min_seq_length=getattr(config, "flash_min_seq_length", 4096),
         flash_block_sizes=max_utils.get_flash_block_sizes(config), mesh=mesh, precision=max_utils.get_precision(config))
-    vae = FlaxAutoencoderKL.from_config(model["vae"], dtype=config.activations_dtype, weights_dtype=config.weights_dtype)
+    vae = FlaxAutoencoderKL.from_config(model["vae"], dtype=config.activations_dtype,
+                                        weights_dtype=config.weights_dtype)
     text = FlaxCLIPTextModel(CLIPTextConfig(**model["text_encoder"]), dtype=config.activations_dtype, _do_init=False)
     scheduler = FlaxDDPMScheduler.from_config(dict(model["scheduler"]))
     pipeline = type("Pipeline", (), {})()

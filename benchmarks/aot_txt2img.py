@@ -232,7 +232,8 @@ def maxdiffusion_program(model: dict, mesh, steps: int, unroll: bool, B: int, si
     else:
         scheduler = FlaxDDIMScheduler.from_config(dict(model["scheduler"]))
         scheduler_state = scheduler.create_state()
-        pipeline = FlaxStableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet, scheduler=scheduler)
+        pipeline = FlaxStableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet,
+                                               scheduler=scheduler)
         pipeline.tokenizer = _Tokenizer(L)  # set after: registering a module reads its package's name
         run_inference = generate.run_inference
     run = functools.partial(run_inference, pipeline=pipeline, params={"scheduler": scheduler_state},
@@ -259,7 +260,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--unroll", action="store_true", help="write the sampling loop out step by step")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (a multiple of 8)")
-    p.add_argument("--attention", help="maxdiffusion: its attention kernel (default: its yml's, see maxdiffusion_program)")
+    p.add_argument("--attention",
+                   help="maxdiffusion: its attention kernel (default: its yml's, see maxdiffusion_program)")
     p.add_argument("--hlo", help="also write the compiled program's HLO text here (for benchmarks.hlo_ops)")
     a = p.parse_args(argv)
     devices = tpu_slice.devices(a)

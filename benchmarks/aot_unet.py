@@ -80,7 +80,8 @@ def main(argv=None) -> None:
 
     sds = lambda shape, dt, s: jax.ShapeDtypeStruct(shape, dt, sharding=s)  # noqa: E731
     args = (jax.tree.map(lambda x: sds(x.shape, x.dtype, rep), params), sds((B, 64, 64, 4), jnp.bfloat16, batch),
-            sds((B,), jnp.int32, batch), sds((B, 77, 768), jnp.bfloat16, batch), sds((B, 64, 64, 4), jnp.float32, batch))
+            sds((B,), jnp.int32, batch), sds((B, 77, 768), jnp.bfloat16, batch),
+            sds((B, 64, 64, 4), jnp.float32, batch))
     step = jax.jit(jax.value_and_grad(loss), out_shardings=(rep, rep))
     figures, hlo = tpu_slice.compile_figures(step.lower(*args))
     if a.hlo:

@@ -6,9 +6,10 @@ Inception (512 px float images -> 2048 features, resized to 299 inside) and open
     ./run bench --only eval
 
 Full-size networks with random weights (nothing is downloaded; speed does not depend on the
-values), f32 in both frameworks, the same batch (8 images for Inception, 2 pairs for CLIP). Each framework runs in a process of its own (a
-ViT-H-14 is 4 GiB of f32 weights), jax's and torch's own thread pools on every core; each time is
-the median of ``--repeats`` calls after one warm-up call (jax's first call compiles).
+values), f32 in both frameworks, the same batch (8 images for Inception, 2 pairs for CLIP). Each
+framework runs in a process of its own (a ViT-H-14 is 4 GiB of f32 weights), jax's and torch's own
+thread pools on every core; each time is the median of ``--repeats`` calls after one warm-up call
+(jax's first call compiles).
 """
 
 import argparse

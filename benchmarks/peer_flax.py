@@ -65,7 +65,8 @@ def main(argv=None) -> None:
 
     first = timing.first_call(call, np.asarray)
     warm = timing.measure(call, np.asarray, a.repeats, warmup=1)
-    timing.emit(dict(load_s=load_s, first_call_s=first, batch_s=warm["median_s"], images_per_s=a.batch / warm["median_s"],
+    timing.emit(dict(load_s=load_s, first_call_s=first, batch_s=warm["median_s"],
+                     images_per_s=a.batch / warm["median_s"],
                      times_s=warm["times_s"], device=jax.devices()[0].device_kind, devices=n_dev,
                      versions=timing.versions("jax", "jaxlib", "flax", "diffusers", "torch", "transformers")))
 

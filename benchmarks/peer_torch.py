@@ -45,7 +45,8 @@ def main(argv=None) -> None:
 
     first = timing.first_call(call, np.asarray)  # output_type="np" copies to the host: synchronised
     warm = timing.measure(call, np.asarray, a.repeats, warmup=1)
-    timing.emit(dict(load_s=load_s, first_call_s=first, batch_s=warm["median_s"], images_per_s=a.batch / warm["median_s"],
+    timing.emit(dict(load_s=load_s, first_call_s=first, batch_s=warm["median_s"],
+                     images_per_s=a.batch / warm["median_s"],
                      times_s=warm["times_s"], device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                      threads=torch.get_num_threads(),
                      versions=timing.versions("torch", "diffusers", "transformers", "jax", "flax")))

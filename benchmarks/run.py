@@ -74,7 +74,8 @@ def fmt(x: Any, unit: str = "") -> str:
 
 def table(results: dict[str, Any]) -> str:
     """Markdown rows: benchmark, metric, sdjax, diffusers Flax, sdjax/Flax, diffusers PyTorch, sdjax/PyTorch."""
-    lines = ["| benchmark | metric | sdjax | diffusers Flax 0.39 | sdjax / Flax | diffusers PyTorch | sdjax / PyTorch |",
+    lines = ["| benchmark | metric | sdjax | diffusers Flax 0.39 | sdjax / Flax | diffusers PyTorch "
+             "| sdjax / PyTorch |",
              "|---|---|---|---|---|---|---|"]
 
     def row(bench, metric, ours, flax=None, torch=None, unit=""):
@@ -94,7 +95,8 @@ def table(results: dict[str, Any]) -> str:
                 ("sdjax", "flax", "torch")} if results.get("text2img") else {}
         minus = {n: c.get(f"{n}_first_call_s") - warm[n] if c.get(f"{n}_first_call_s") and warm.get(n) else None
                  for n in ("sdjax", "flax")}
-        row("compile", "first call - warm call (compile estimate)", minus["sdjax"], minus["flax"], unit=" s")  # torch is eager: nothing to compile
+        # torch is eager: nothing to compile
+        row("compile", "first call - warm call (compile estimate)", minus["sdjax"], minus["flax"], unit=" s")
     for key, o in results.get("overhead", {}).items():
         row("overhead", f"{key}: text2img / (steps x UNet(2B) + text + decode)", o.get("overhead"))
         for part in ("text_encoder_s", "unet_guided_s", "vae_decode_s", "ideal_s", "batch_s"):
@@ -110,8 +112,8 @@ def table(results: dict[str, Any]) -> str:
         row("train", f"{key}: temporaries", (r.get("memory", {}).get("temp_size") or 0) / 2**20 or None, unit=" MiB")
         row("train", f"{key}: compile", r.get("compile_s"), unit=" s")
     for r in results.get("scaling", {}).get("rows", []):
-        row("scaling", f"{r['devices']} devices: s/batch (max abs diff vs 1 device = {r['max_abs_diff_vs_1']:.2g})", r["batch_s"],
-            unit=" s")
+        row("scaling", f"{r['devices']} devices: s/batch (max abs diff vs 1 device = {r['max_abs_diff_vs_1']:.2g})",
+            r["batch_s"], unit=" s")
     for key, a in results.get("aot", {}).items():
         s, x, f = a.get("sdjax", {}), a.get("sdjax_xla", {}), a.get("flax", {})
         row("aot", f"{key}: compiler-optimal step (sdjax flash attention)", _ms(s), _ms(f), unit=" ms")
@@ -161,7 +163,8 @@ def _side_by_side(key: str, rows: list[tuple], peers: tuple[str, ...]) -> list[s
     head = "| metric | sdjax | " + " | ".join(f"{p} | sdjax / {p.split()[0]}" for p in peers) + " |"
     lines = ["", f"{key}:", "", head, "|---" * (2 + 2 * len(peers)) + "|"]
     for name, ours, *theirs in rows:
-        lines.append(f"| {name} | {fmt(ours)} | " + " | ".join(f"{fmt(x)} | {fmt(ratio(ours, x))}" for x in theirs) + " |")
+        lines.append(f"| {name} | {fmt(ours)} | " + " | ".join(f"{fmt(x)} | {fmt(ratio(ours, x))}" for x in theirs)
+                     + " |")
     return lines
 
 
@@ -197,7 +200,8 @@ def _gb(r: dict, key: str, unit: float = 1e9) -> float | None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     p.add_argument("--size", default="sd15", choices=("tiny", "sd15"), help="network shapes (random weights)")
@@ -270,7 +274,8 @@ def main(argv=None) -> None:
             t["sdjax"] = run_runner(here, "benchmarks.sdjax_runner", common + ["--dtype", d["jax_dtype"], "--overhead"]
                                     + (["--compile-cache", cache] if i == 0 else []), log=log)
             if "flax" in peers:
-                t["flax"] = run_runner(py["flax"], "benchmarks.peer_flax", common + ["--dtype", d["jax_dtype"]], log=log)
+                t["flax"] = run_runner(py["flax"], "benchmarks.peer_flax", common + ["--dtype", d["jax_dtype"]],
+                                       log=log)
             if "torch" in peers:
                 t["torch"] = run_runner(py["torch"], "benchmarks.peer_torch", common + ["--dtype", d["torch_dtype"]],
                                         log=log)
@@ -332,7 +337,8 @@ def main(argv=None) -> None:
         t = aot.TOPOLOGIES[a.topology]
         chip = aot.CHIPS[t.chip]
         args = ["--topology", t.topology_name, "--chip-config", t.chip_config_name,
-                "--bounds", ",".join(map(str, t.chips_per_host_bounds)), "--wrap", ",".join(str(int(w)) for w in t.wrap),
+                "--bounds", ",".join(map(str, t.chips_per_host_bounds)),
+                "--wrap", ",".join(str(int(w)) for w in t.wrap),
                 "--per-chip-batch", str(a.per_chip_batch)]
         env = dict(JAX_PLATFORMS="cpu")
         r = {"sdjax": run_runner(here, "benchmarks.aot_unet", args + ["--impl", "sdjax"], env, log=log),

@@ -35,7 +35,8 @@ def text2img(sd, batch: int, steps: int, height: int, width: int, repeats: int) 
     call = text2img_call(sd, batch, steps, height, width)
     first = timing.first_call(call, np.asarray)
     warm = timing.measure(call, np.asarray, repeats, warmup=1)
-    return dict(first_call_s=first, batch_s=warm["median_s"], images_per_s=batch / warm["median_s"], times_s=warm["times_s"])
+    return dict(first_call_s=first, batch_s=warm["median_s"], images_per_s=batch / warm["median_s"],
+                times_s=warm["times_s"])
 
 
 def components(sd, batch: int, steps: int, height: int, width: int, repeats: int) -> dict[str, Any]:

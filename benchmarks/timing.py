@@ -34,7 +34,8 @@ def measure(fn: Callable[[], Any], sync: Callable[[Any], Any], repeats: int, war
         t0 = clock()
         sync(fn())
         times.append(clock() - t0)
-    return dict(median_s=statistics.median(times), min_s=min(times), times_s=times, first_call_s=warm[0] if warm else None)
+    return dict(median_s=statistics.median(times), min_s=min(times), times_s=times,
+                first_call_s=warm[0] if warm else None)
 
 
 def first_call(fn: Callable[[], Any], sync: Callable[[Any], Any]) -> float:

@@ -1,6 +1,7 @@
 """Img2Img from the command line: the same as ``sdjax-img2img`` (``sdjax/cli/sample.py``).
 
-    python sample/img2img.py --checkpoint CKPT --init-img in.png --strength 0.75 --prompt "an oil painting" --out outputs
+    python sample/img2img.py --checkpoint CKPT --init-img in.png --strength 0.75 --prompt "an oil painting" \
+        --out outputs
 """
 
 from sdjax.cli.sample import img2img

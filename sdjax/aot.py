@@ -302,9 +302,9 @@ MLPERF_EVAL_CAPTIONS = 30_000  # COCO-2014 validation captions
 
 def eval_report(config, devices: list, chip: Chip | None, args, train: dict | None) -> list[dict]:
     """The config's in-training evaluation (``config.eval``): the generation program and both judges
-    (the CLIP one ``eval.clip_config``'s, default ViT-H-14) at the eval's per-chip batch, and a summary: seconds per evaluation of MLPerf's 30,000 captions
-    on these devices, and (with ``train``, the train step's report) its share of the run's time when
-    it runs every ``eval.every`` steps."""
+    (the CLIP one ``eval.clip_config``'s, default ViT-H-14) at the eval's per-chip batch, and a summary:
+    seconds per evaluation of MLPerf's 30,000 captions on these devices, and (with ``train``, the train
+    step's report) its share of the run's time when it runs every ``eval.every`` steps."""
     run_config = LatentRunConfig.from_config(config)
     e, chips = run_config.eval, len(devices)
     per_chip = -(-e.batch_size // chips)

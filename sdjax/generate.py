@@ -152,8 +152,8 @@ def generate(nets: Networks, sampler_name: str, start_index: int, params: dict[s
              add_noise: bool = True, decode: bool = True, clip_skip: int = 0) -> jax.Array:
     """The whole generation: ids -> context -> guided sampling -> f32 decode -> [0, 1] images.
 
-    ``params`` = {"unet", "vae", "text_encoder"} (SDXL: and "text_encoder_2"); ``plan`` comes from the sampler's ``make_plan``;
-    ``start_index`` > 0 (Img2Img) starts from ``inputs.init_images`` (or ``inputs.start_latents``)
+    ``params`` = {"unet", "vae", "text_encoder"} (SDXL: and "text_encoder_2"); ``plan`` comes from the sampler's
+    ``make_plan``; ``start_index`` > 0 (Img2Img) starts from ``inputs.init_images`` (or ``inputs.start_latents``)
     noised to that step, or, with ``add_noise=False``, from them as they are; with ``inputs.masks`` it
     inpaints (see the module docstring). ``stop_index``: the step to stop before (default: after the
     last); ``decode=False`` returns the latents (B, h, w, C) in place of images. ``unroll``: the

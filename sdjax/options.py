@@ -217,7 +217,8 @@ class SamplingOptions:
         size, crop top-left, then the target size (base) or the aesthetic score (refiner)."""
         for name in self._MICRO:
             value = getattr(self, name)
-            if value is not None and (len(value) != 2 or not all(isinstance(v, (int, float, np.number)) for v in value)):
+            if value is not None and (len(value) != 2
+                                      or not all(isinstance(v, (int, float, np.number)) for v in value)):
                 raise ValueError(f"{name} must be two numbers ((height, width) or (top, left)), got {value!r}.")
         original, target = self.original_size or (height, width), self.target_size or (height, width)
         ids = (*original, *self.crops_coords_top_left, *((self.aesthetic_score,) if aesthetic else target))
@@ -240,8 +241,9 @@ class SamplingOptions:
         multiple = max(8, downsample_factor)
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, (int, np.integer)) or v <= 0 or v % multiple:
-                raise ValueError(f"{name} must be a positive multiple of {multiple}, got {v!r}; "
-                                 f"try {max(multiple, round(v / multiple) * multiple) if isinstance(v, (int, float)) else 512}.")
+                raise ValueError(
+                    f"{name} must be a positive multiple of {multiple}, got {v!r}; "
+                    f"try {max(multiple, round(v / multiple) * multiple) if isinstance(v, (int, float)) else 512}.")
         if self.eta < 0:
             raise ValueError(f"eta must be >= 0, got {self.eta}.")
         if editing and not 0.0 < self.strength <= 1.0:

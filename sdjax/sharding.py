@@ -91,7 +91,8 @@ def resolve_mesh_shape(shape: Sequence[int], axes: Sequence[str], num_devices: i
     if len(set(axes)) != len(axes):
         raise ValueError(f"mesh.axes {axes} repeats an axis name.")
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise ValueError(f"mesh.shape {shape}: use positive sizes and at most one -1 (fill with the remaining devices).")
+        raise ValueError(f"mesh.shape {shape}: use positive sizes and at most one -1 "
+                         "(fill with the remaining devices).")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if num_devices % known:

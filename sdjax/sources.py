@@ -29,8 +29,9 @@ class Sources:
 
     ``vae``: the frozen autoencoder (None: a random one, smoke tests only); ``text_encoder``: the
     frozen text encoder (None: it trains from scratch); ``text_encoder_2``: SDXL's second, frozen;
-    ``unet``: the UNet's starting parameters (None: a random initialisation). With ``abstract`` the parameters are ``jax.ShapeDtypeStruct``
-    trees: a run built from them compiles for any devices (``sdjax.aot``) but cannot run.
+    ``unet``: the UNet's starting parameters (None: a random initialisation). With ``abstract`` the
+    parameters are ``jax.ShapeDtypeStruct`` trees: a run built from them compiles for any devices
+    (``sdjax.aot``) but cannot run.
     """
     configs: ModelConfigs
     vae: Any = None
@@ -112,8 +113,8 @@ def generation_networks(configs: ModelConfigs, dtype: Any = jnp.float32, param_d
     decoder in half precision is a known NaN source); ``attention`` resolved for ``platform`` (None:
     the default devices')."""
     platform = platform or jax.devices()[0].platform
-    text = {name: CLIPTextEncoder(getattr(configs, name), dtype=dtype, param_dtype=param_dtype) if getattr(configs, name)
-            else None for name in TEXT_ENCODERS}
+    text = {name: CLIPTextEncoder(getattr(configs, name), dtype=dtype, param_dtype=param_dtype)
+            if getattr(configs, name) else None for name in TEXT_ENCODERS}
     return generate.Networks(
         UNet(configs.unet, dtype=dtype, param_dtype=param_dtype,
              attention=resolve_attention(attention, platform, dtype)),

@@ -128,8 +128,8 @@ class StableDiffusion:
         """One UNet evaluation: model output (epsilon, v or x0) with the latents' shape; ``added``: SDXL's
         pooled text embedding and micro-conditioning numbers (``sdjax.models.unet.AddedCond``)."""
         t = jnp.broadcast_to(jnp.asarray(timesteps), (latents_BhwC.shape[0],))
-        return self._unet(self.params["unet"], jnp.asarray(latents_BhwC, self.dtype), t, jnp.asarray(ctx_BLD, self.dtype),
-                          added)
+        return self._unet(self.params["unet"], jnp.asarray(latents_BhwC, self.dtype), t,
+                          jnp.asarray(ctx_BLD, self.dtype), added)
 
     def vae_encode(self, images_BHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Images in [-1, 1] -> (mean, logvar) of the unscaled latent posterior."""
@@ -172,7 +172,8 @@ class StableDiffusion:
         if refiner is None:
             return self._generate(options, prompts, negative_prompts)
         if not (self.configs.is_sdxl and refiner.configs.is_sdxl):
-            raise ValueError("refiner= hands an SDXL base's latents to an SDXL refiner; these models are not both SDXL.")
+            raise ValueError("refiner= hands an SDXL base's latents to an SDXL refiner; "
+                             "these models are not both SDXL.")
         for name in ("denoising_start", "denoising_end"):
             if name in options:
                 raise TypeError(f"{name} is set by high_noise_frac when a refiner is given; give high_noise_frac.")

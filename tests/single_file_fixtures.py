@@ -28,7 +28,8 @@ def with_text_model_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 def to_original(unet: Mapping[str, Any], vae: Mapping[str, Any], text_encoder: Mapping[str, Any], *,
                 version: Literal["v1", "v2"], inner_text_model: bool = True, seed: int = 0) -> dict[str, np.ndarray]:
     """One original-layout state dict as released files hold it."""
-    states = {"unet": to_numpy(unet), "vae": to_numpy(vae), "text_encoder": with_text_model_prefix(to_numpy(text_encoder))}
+    states = {"unet": to_numpy(unet), "vae": to_numpy(vae),
+              "text_encoder": with_text_model_prefix(to_numpy(text_encoder))}
     state = join_original(states, version)
     rng = np.random.default_rng(seed)
     if version == "v2":  # what SD 2 never reads is random in a real file, not the identity sdjax writes

@@ -150,8 +150,9 @@ def test_a_kernel_without_a_declared_cost_counts_no_flops(capsys):
     figures = {}
     for impl in ("splash", "flash", "xla", "diffusers"):
         with jax.default_matmul_precision("default"):  # as the runner's own process has it (conftest sets "highest")
-            aot_attention.main(["--impl", impl, "--topology", "v5:2x2x1", "--chip-config", "megacore", "--bounds", "2,2,1",
-                                "--per-chip-batch", "2", "--heads", "2", "--tokens", "512", "--head-dim", "64"])
+            aot_attention.main(["--impl", impl, "--topology", "v5:2x2x1", "--chip-config", "megacore",
+                                "--bounds", "2,2,1", "--per-chip-batch", "2", "--heads", "2", "--tokens", "512",
+                                "--head-dim", "64"])
         figures[impl] = timing.parse(capsys.readouterr().out)
     model = figures["xla"]["model_flops"]
     assert model == 4 * 2 * 2 * 512**2 * 64

@@ -89,7 +89,8 @@ def test_diagonal_gaussian_against_float64():
 
     key = jax.random.key(3)
     eps = jax.random.normal(key, mean.shape, jnp.float32)
-    np.testing.assert_allclose(post.sample(key), mean + np.sqrt(var) * np.asarray(eps, np.float64), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(post.sample(key), mean + np.sqrt(var) * np.asarray(eps, np.float64),
+                               rtol=1e-5, atol=1e-6)
 
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     ref = DiagonalGaussianDistribution(torch.from_numpy(moments.transpose(0, 3, 1, 2)))
@@ -133,7 +134,8 @@ def test_config_round_trips_diffusers_json():
     cfg = AutoencoderConfig.from_diffusers_config(d)
     assert cfg == AutoencoderConfig()
     out = cfg.to_diffusers_config()
-    assert {k: out[k] for k in d if k != "_diffusers_version"} == {k: v for k, v in d.items() if k != "_diffusers_version"}
+    assert ({k: out[k] for k in d if k != "_diffusers_version"}
+            == {k: v for k, v in d.items() if k != "_diffusers_version"})
     assert AutoencoderConfig.from_diffusers_config(out) == cfg
 
 

@@ -58,8 +58,8 @@ def test_text2img_and_overhead_on_a_tiny_model(tmp_path):
 
 def test_table_shows_ratios_and_errors():
     results = dict(
-        text2img={"sd15 B=1": dict(sdjax=dict(images_per_s=3.0, batch_s=1 / 3), flax=dict(images_per_s=2.0, batch_s=0.5),
-                                   torch={})},
+        text2img={"sd15 B=1": dict(sdjax=dict(images_per_s=3.0, batch_s=1 / 3),
+                                   flax=dict(images_per_s=2.0, batch_s=0.5), torch={})},
         compile=dict(sdjax_first_call_s=10.0, flax_first_call_s=20.0, sdjax_cached_first_call_s=2.0),
         train=dict(rows=[dict(size="sd15", image_size=256, batch=1, dtype="float32", remat=False, step_s=None,
                               flops_per_step=8.5e11, memory=dict(peak_estimate=3 * 2**30, temp_size=2**30))]),
@@ -84,12 +84,14 @@ def test_table_shows_ratios_and_errors():
     assert "| images/s/chip | 4 | 2 | 2 | 1.6 | 2.5 |" in text
     assert "| compile time on this host (the loop), s | 100 | 50 | 2 | 40 | 2.5 |" in text
     assert "| compiler-optimal time per call, ms | - | - | - | - | - |" in text  # "no time": the compiler gave <= 0
-    assert "| train | sd15 256px B=1 float32 remat=False: compiled memory (args+out-alias+temp) | 3072 MiB | - | - |" in text
+    assert ("| train | sd15 256px B=1 float32 remat=False: compiled memory (args+out-alias+temp) | 3072 MiB | - | - |"
+            in text)
     assert "| train | sd15 256px B=1 float32 remat=False: GFLOP/step (XLA) | 850 | - | - |" in text
     assert "| text2img | sd15 B=1: images/s | 3 | 2 | 1.5 | - | - |" in text
     assert "| compile | first call (cold) | 10 s | 20 s | 0.5 |" in text
     assert "OSError: no weights" in text
-    assert "| aot-txt2img flax | error | flax.errors.ScopeParamShapeError: For parameter kernel |" in text  # not JAX's note
+    # not JAX's note
+    assert "| aot-txt2img flax | error | flax.errors.ScopeParamShapeError: For parameter kernel |" in text
     assert "| images/s/chip | 100 | 80 | 1.25 |" in text  # aot-train: beside MaxDiffusion, a table of its own
     assert "| compiler-optimal step, ms | 80 | 100 | 0.8 |" in text
     assert "| HBM temporaries per chip, GiB | 8 | 4 | 2 |" in text
@@ -113,17 +115,25 @@ TPU_HLO = """HloModule jit_loss, entry_computation_layout={(bf16[8,64]{1,0})->bf
 %body.3 (p.3: (s32[], f32[8,64])) -> (s32[], f32[8,64]) {
   %p.3 = (s32[], f32[8,64]{1,0}) parameter(0)
   %gte.3 = f32[8,64]{1,0} get-tuple-element(%p.3), index=1
-  %fusion.3 = f32[8,64]{1,0} fusion(%gte.3), kind=kLoop, calls=%fused_computation.2, metadata={op_name="jit(loss)/jvp(UNet)/down_blocks_0/resnets_1/norm1/exp"}, backend_config={"flag_configs":[],"estimated_cycles":"300"}
+  %fusion.3 = f32[8,64]{1,0} fusion(%gte.3), kind=kLoop, calls=%fused_computation.2, \
+metadata={op_name="jit(loss)/jvp(UNet)/down_blocks_0/resnets_1/norm1/exp"}, \
+backend_config={"flag_configs":[],"estimated_cycles":"300"}
   ROOT %t.3 = (s32[], f32[8,64]{1,0}) tuple(%gte.3, %fusion.3)
 }
 
 ENTRY %main.9 (x.1: bf16[8,64], w.1: bf16[64,64]) -> bf16[8,64] {
   %x.1 = bf16[8,64]{1,0:T(8,128)(2,1)} parameter(0), metadata={op_name="x"}
   %w.1 = bf16[64,64]{1,0:T(8,128)(2,1)} parameter(1), metadata={op_name="w"}
-  %fusion.1 = bf16[8,64]{1,0} fusion(%x.1, %w.1), kind=kOutput, calls=%fused_computation.1, metadata={op_name="jit(loss)/jvp(UNet)/down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q/dot_general"}, backend_config={"flag_configs":[],"estimated_cycles":"1000"}
-  %copy.5 = bf16[8,64]{0,1} copy(%fusion.1), metadata={op_name="jit(loss)/transpose(jvp(UNet))/down_blocks_0/attentions_0/transformer_blocks_0/attn1/transpose"}, backend_config={"flag_configs":[],"estimated_cycles":"200"}
+  %fusion.1 = bf16[8,64]{1,0} fusion(%x.1, %w.1), kind=kOutput, calls=%fused_computation.1, \
+metadata={op_name="jit(loss)/jvp(UNet)/down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q/dot_general"}, \
+backend_config={"flag_configs":[],"estimated_cycles":"1000"}
+  %copy.5 = bf16[8,64]{0,1} copy(%fusion.1), \
+metadata={op_name="jit(loss)/transpose(jvp(UNet))/down_blocks_0/attentions_0/transformer_blocks_0/attn1/transpose"}, \
+backend_config={"flag_configs":[],"estimated_cycles":"200"}
   %while.7 = (s32[], f32[8,64]{1,0}) while(%t.0), condition=%cond.3, body=%body.3
-  %kernel.8 = bf16[8,64]{1,0} custom-call(%copy.5), custom_call_target="tpu_custom_call", metadata={op_name="jit(loss)/jvp(UNet)/down_blocks_0/attentions_0/transformer_blocks_0/attn1/jit(flash_attention)/pallas_call"}
+  %kernel.8 = bf16[8,64]{1,0} custom-call(%copy.5), custom_call_target="tpu_custom_call", \
+metadata={op_name="jit(loss)/jvp(UNet)/down_blocks_0/attentions_0/transformer_blocks_0/attn1/\
+jit(flash_attention)/pallas_call"}
   ROOT %bitcast.9 = bf16[8,64]{1,0} bitcast(%kernel.8)
 }
 """
@@ -134,7 +144,8 @@ def test_hlo_ops_sums_the_compilers_cycle_estimates():
 
     got = {(o.name, o.kind, o.backward, o.cycles, o.where) for o in hlo_ops.ops(TPU_HLO)}
     assert got == {
-        ("fusion.1", "matmul/conv", False, 1000, "down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q/dot_general"),
+        ("fusion.1", "matmul/conv", False, 1000,
+         "down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q/dot_general"),
         ("copy.5", "copy/transpose", True, 200, "down_blocks_0/attentions_0/transformer_blocks_0/attn1/transpose"),
         ("fusion.3", "elementwise/reduce", False, 300, "down_blocks_0/resnets_1/norm1/exp"),
     }  # the Pallas kernel has no estimate; parameters, bitcasts and tuples cost nothing

@@ -132,9 +132,9 @@ def test_user_errors_are_one_line_and_others_keep_their_traceback(folder, tmp_pa
 
 
 def test_readme_sampling_commands(folder, tmp_path):
-    """The README's sampling commands (also docs/sampling.md's), as written, through the installed console scripts (shortened by
-    flags appended after them: argparse keeps the last value), with HOME in tmp for --compile-cache
-    (passed on unexpanded, as when quoted: the command expands it)."""
+    """The README's sampling commands (also docs/sampling.md's), as written, through the installed console
+    scripts (shortened by flags appended after them: argparse keeps the last value), with HOME in tmp for
+    --compile-cache (passed on unexpanded, as when quoted: the command expands it)."""
     import os
     import shlex
     import subprocess
@@ -146,7 +146,8 @@ def test_readme_sampling_commands(folder, tmp_path):
     assert readme_block("## From Python", "docs/sampling.md") == commands
     assert [c.split()[0] for c in commands] == [".venv/bin/sdjax-txt2img"] * 2 + [".venv/bin/sdjax-img2img"]
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "sketch.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3),
+                                                      dtype=np.uint8)).save(tmp_path / "sketch.png")
     env = subprocess_env(HOME=str(tmp_path / "home"))
     for command in commands:
         args = [str(folder) if a == "CKPT" else a for a in shlex.split(command)]

@@ -39,19 +39,21 @@ BLOCKS = {
         ("tests/test_benchmarks.py", "data_path.main("),
     ("training.md", "## Training: two phases"): ("tests/test_cli_train.py",
                                                  'readme_block("## Training: two phases", "docs/training.md")'),
-    ("training.md", "## Your own captioned images"): ("tests/test_own_data.py",
-                                                      'readme_block("## Your own captioned images", "docs/training.md")'),
+    ("training.md", "## Your own captioned images"):
+        ("tests/test_own_data.py", 'readme_block("## Your own captioned images", "docs/training.md")'),
     ("evaluation.md", "## FID"): ("tests/test_fid.py", 'readme_block("## FID", "docs/evaluation.md")'),
-    ("evaluation.md", "## CLIP score"): ("tests/test_clip_score.py", 'readme_block("## CLIP score", "docs/evaluation.md")'),
+    ("evaluation.md", "## CLIP score"):
+        ("tests/test_clip_score.py", 'readme_block("## CLIP score", "docs/evaluation.md")'),
     ("evaluation.md", "## A model's FID and CLIP score, as MLPerf measures them"):
         ("tests/test_evaluator.py", 'readme_block("## A model\'s FID and CLIP score", "docs/evaluation.md")'),
-    ("evaluation.md", "## In training"): ("tests/test_evaluator.py", 'readme_block("## In training", "docs/evaluation.md")'),
+    ("evaluation.md", "## In training"):
+        ("tests/test_evaluator.py", 'readme_block("## In training", "docs/evaluation.md")'),
     ("benchmarks.md", "## The evaluation: its judges on this CPU (measured) and MLPerf's evaluation on a v5p-8 "
                       "(compiler-estimated)"):
         "not run here: a full-size ViT-H-14 in two frameworks takes minutes; its parts (sdjax.evaluation's judges, "
         "tests/eval_reference.py) are tested against the same references",
-    ("training.md", "## SDXL: fine-tune and LoRA"): ("tests/test_sdxl.py",
-                                                      'readme_block("## SDXL: fine-tune and LoRA", "docs/training.md")'),
+    ("training.md", "## SDXL: fine-tune and LoRA"):
+        ("tests/test_sdxl.py", 'readme_block("## SDXL: fine-tune and LoRA", "docs/training.md")'),
     ("training.md", "## Real Stable Diffusion configs"):
         "not run here: it needs a real SD 1.5 checkpoint; tests/test_configs.py trains its :tiny variant",
 }

@@ -175,9 +175,11 @@ def test_generate_errors_name_the_problem(tmp_path, capsys):
             (["--captions", str(tmp_path / "ok.tsv"), "--ref-stats", "r.npz"], "both --ref-stats"),
             (["--captions", str(tmp_path / "ok.tsv"), "--clip", "c.bin"], "both --clip"),
             (["--captions", str(tmp_path / "ok.tsv")], "nothing to measure"),
-            (["--captions", str(tmp_path / "no-caption.tsv"), "--clip", "c", "--clip-tokenizer", "t"], "'caption' column"),
+            (["--captions", str(tmp_path / "no-caption.tsv"), "--clip", "c", "--clip-tokenizer", "t"],
+             "'caption' column"),
             (["--captions", str(tmp_path / "repeated.tsv"), "--clip", "c", "--clip-tokenizer", "t"], "ids repeat (1)"),
-            (["--captions", str(tmp_path / "missing.tsv"), "--clip", "c", "--clip-tokenizer", "t"], "no such caption file"),
+            (["--captions", str(tmp_path / "missing.tsv"), "--clip", "c", "--clip-tokenizer", "t"],
+             "no such caption file"),
             (["--captions", str(tmp_path / "ok.tsv"), "--clip", str(tmp_path / "missing.bin"), "--clip-tokenizer", "t"],
              "missing.bin")]:
         with pytest.raises(SystemExit) as e:

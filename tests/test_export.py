@@ -107,7 +107,8 @@ def test_single_file_export_reads_back_through_diffusers_converters_and_sdjax(so
                                            prediction_type=sd.configs.scheduler.prediction_type)
     # upcast_attention is not in a single file either (sdjax's attention softmax is always f32)
     assert back.configs.unet == dataclasses.replace(sd.configs.unet, upcast_attention=False)
-    unknowable = ("projection_dim", "bos_token_id", "eos_token_id", "pad_token_id")  # not in a single file; unused by SD
+    # not in a single file; unused by SD
+    unknowable = ("projection_dim", "bos_token_id", "eos_token_id", "pad_token_id")
     assert ({k: v for k, v in vars(back.configs.text_encoder).items() if k not in unknowable}
             == {k: v for k, v in vars(sd.configs.text_encoder).items() if k not in unknowable})
     for a, b in zip(jax_leaves(sd.params), jax_leaves(back.params)):
@@ -137,8 +138,9 @@ def test_half_precision_exports_cast_every_tensor(source, tmp_path):
     assert {v.dtype.name for v in unet.values()} == {"bfloat16"}
     sd.save_pretrained(tmp_path / "sdjax-bf16", dtype=jnp.bfloat16)
     back = StableDiffusion.from_pretrained(tmp_path / "sdjax-bf16")
-    np.testing.assert_array_equal(np.asarray(back.params["unet"]["conv_in"]["kernel"]),
-                                  np.asarray(sd.params["unet"]["conv_in"]["kernel"]).astype(jnp.bfloat16).astype(np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(back.params["unet"]["conv_in"]["kernel"]),
+        np.asarray(sd.params["unet"]["conv_in"]["kernel"]).astype(jnp.bfloat16).astype(np.float32))
 
 
 @pytest.mark.parametrize("source", ["sd2"], indirect=True)

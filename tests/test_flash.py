@@ -58,7 +58,8 @@ def test_kernel_costs_count_what_each_grid_moves():
     assert costs["dkv"].bytes_accessed == 2 * 1024 * tok + 4 * (2 * 1024 * tok + 3 * 1024 * stat) + 2 * 1024 * tok
     # dQ: q, dO, max, sum once, dO.O broadcast to the 256-key block once; k, v once per 512-query block (2)
     assert costs["dq"].flops == 3 * 2 * pairs * 40  # QK^T again, dO V^T again, dS K
-    assert costs["dq"].bytes_accessed == 2 * 1024 * tok + 2 * 1024 * stat + 2 * 1024 * stat + 2 * 2 * 1024 * tok + 1024 * tok
+    assert costs["dq"].bytes_accessed == (2 * 1024 * tok + 2 * 1024 * stat + 2 * 1024 * stat + 2 * 2 * 1024 * tok
+                                          + 1024 * tok)
     inference = flash.kernel_costs(2, 3, 1024, 1024, 40, 2, blocks, residuals=False)["forward"]
     assert inference.bytes_accessed == costs["forward"].bytes_accessed - 2 * 1024 * stat
 

@@ -72,7 +72,8 @@ def test_seed_reproducible_and_sharding_invariant(folder, sd):
     c = sd.txt2img(PROMPTS, **dict(kw, seed=8))
     assert np.abs(a - c).mean() > 1e-3
     assert len(jax.devices()) == 8
-    one = generate.Generator(sd.generator.nets, sd.configs.scheduler, mesh=Mesh(np.asarray(jax.devices()[:1]), ("data",)))
+    one = generate.Generator(sd.generator.nets, sd.configs.scheduler,
+                             mesh=Mesh(np.asarray(jax.devices()[:1]), ("data",)))
     noise = generate.starting_noise(7, len(PROMPTS), _latent_shape(sd))
     inputs = generate.Inputs(sd.tokenize(PROMPTS), sd.tokenize([""] * 3), noise)
     single = one(sd.params, inputs, sampler="euler_a", steps=3, eta=0.0, guidance_scale=7.5, seed=7,

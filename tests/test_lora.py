@@ -23,7 +23,8 @@ from tests.helpers import free_port, logs_tail, readme_block, subprocess_env, wr
 
 PROMPTS = ["a photo of a cat", "a dog"]
 SIZE, STEPS, SCALE = 16, 10, 7.5
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
+                "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
@@ -130,12 +131,14 @@ def test_with_lora_leaves_the_model_alone_and_does_not_recompile(base, peft_lora
 
 def test_loras_that_do_not_fit_are_refused_by_name(sd, peft_lora, tmp_path):
     tensors = load_file(str(peft_lora))
-    sdxl = dict(tensors, **{f"text_encoder_2.encoder.layers.0.self_attn.q_proj.lora_{x}.weight": np.zeros((8, 8), np.float32)
-                            for x in "AB"})
+    sdxl = dict(tensors,
+                **{f"text_encoder_2.encoder.layers.0.self_attn.q_proj.lora_{x}.weight": np.zeros((8, 8), np.float32)
+                   for x in "AB"})
     save_file(sdxl, str(tmp_path / "sdxl.safetensors"))
     with pytest.raises(CheckpointError, match="adapts text_encoder_2, which this model does not have"):
         sd.with_lora(tmp_path / "sdxl.safetensors")
-    flux = dict(tensors, **{"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": np.zeros((2, 8), np.float32)})
+    flux = dict(tensors,
+                **{"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": np.zeros((2, 8), np.float32)})
     save_file(flux, str(tmp_path / "flux.safetensors"))
     with pytest.raises(CheckpointError, match="LoRA for Flux"):
         sd.with_lora(tmp_path / "flux.safetensors")
@@ -373,7 +376,8 @@ def test_dropout_path_on_the_flash_attention_layout():
 
     with pltpu.force_tpu_interpret_mode():
         got = jax.jit(beside)()
-        want = jax.jit(functools.partial(attn.apply, {"params": lora.apply_adapters(params, adapters, targets, 2.0)}))(x)
+        want = jax.jit(functools.partial(attn.apply,
+                                         {"params": lora.apply_adapters(params, adapters, targets, 2.0)}))(x)
         plain = jax.jit(attn.apply)({"params": params}, x)
     assert np.abs(np.asarray(want) - np.asarray(plain)).max() > 0.01  # the adapters change the output
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

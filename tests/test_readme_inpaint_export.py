@@ -1,5 +1,5 @@
-"""The inpainting and export commands of the README and docs/ (sampling.md, checkpoints.md), run as written (plus a few shortening flags) through the
-installed console scripts on a tiny 9-channel inpainting checkpoint."""
+"""The inpainting and export commands of the README and docs/ (sampling.md, checkpoints.md), run as written
+(plus a few shortening flags) through the installed console scripts on a tiny 9-channel inpainting checkpoint."""
 
 import json
 import os

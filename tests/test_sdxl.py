@@ -61,7 +61,8 @@ def test_sdjax_and_diffusers_exports_round_trip_bit_for_bit(folder, tmp_path):
     for component, file in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
                             ("text_encoder", "model"), ("text_encoder_2", "model")):
         # transformers 5.6+ writes CLIPTextModel without its text_model. level; sdjax writes it (every version reads it)
-        want, got = ({k.removeprefix("text_model."): v for k, v in load_file(str(f / component / f"{file}.safetensors")).items()
+        want, got = ({k.removeprefix("text_model."): v
+                      for k, v in load_file(str(f / component / f"{file}.safetensors")).items()
                       if not k.endswith("position_ids")} for f in (folder, tmp_path / "diffusers"))
         assert got.keys() == want.keys(), component
         for k in want:
@@ -89,7 +90,8 @@ def test_fp16_variant_folder_loads_with_variant_and_says_so_without(folder, tmp_
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == np.float32, k
-        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]).astype(np.float16).astype(np.float32), err_msg=k)
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]).astype(np.float16).astype(np.float32),
+                                      err_msg=k)
     with pytest.raises(CheckpointError, match=r"holds the 'fp16' variant: pass variant='fp16' \(--variant fp16"):
         StableDiffusion.from_pretrained(tmp_path / "fp16")
     convert.main([str(tmp_path / "fp16"), str(tmp_path / "out"), "--to", "sdjax", "--variant", "fp16"])
@@ -204,7 +206,8 @@ def test_base_then_refiner_equals_diffusers_ensemble_of_experts(folder, refiner)
     latents = base.txt2img(prompts, sampler="euler", init_latents=noise, denoising_end=0.7, output="latent", **kw)
     assert latents.shape == (n, 16, 16, 4) and not isinstance(latents, np.ndarray)
     want = handoff.numpy().transpose(0, 2, 3, 1)
-    assert np.abs(np.asarray(latents) - want).mean() <= 1e-3 * np.abs(want).mean(), np.abs(np.asarray(latents) - want).mean()
+    assert np.abs(np.asarray(latents) - want).mean() <= 1e-3 * np.abs(want).mean(), (
+        np.abs(np.asarray(latents) - want).mean())
     again = ref.img2img(latents, prompts, sampler="euler", denoising_start=0.7, output="float", **kw)
     np.testing.assert_array_equal(again, ours)
     # The whole schedule from the base alone is another image; cuts that leave no step are refused.
@@ -239,7 +242,8 @@ def test_base_then_refiner_with_dpm_solver_equals_diffusers(folder, refiner):
     before the cut stays second order and lands on the cut's noise level (not on zero); the refiner
     starts its own history (a first-order first step) and ends first order, as diffusers' schedulers do."""
     base, ref = StableDiffusion.from_pretrained(folder), StableDiffusion.from_pretrained(refiner)
-    prompts, noise = ["a red circle on a blue background", "a green triangle"], generate.starting_noise(9, 2, (16, 16, 4))
+    prompts, noise = (["a red circle on a blue background", "a green triangle"],
+                      generate.starting_noise(9, 2, (16, 16, 4)))
     kw = dict(num_inference_steps=10, guidance_scale=5.0, negative_prompt=["blurry", "dark"])
     ours = base.txt2img(prompts, refiner=ref, high_noise_frac=0.7, sampler="dpm++2m", init_latents=noise,
                         output="float", **kw)
@@ -378,7 +382,8 @@ def test_single_file_export_reads_back_through_diffusers_converters_and_sdjax(fo
     want = {name: load_file(str(path / name / f"{stem}.safetensors"))
             for name, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
                                ("text_encoder_2", "model"), ("text_encoder", "model")) if (path / name).is_dir()}
-    got = {"unet": convert_ldm_unet_checkpoint(ckpt, config("unet")), "vae": convert_ldm_vae_checkpoint(ckpt, config("vae")),
+    got = {"unet": convert_ldm_unet_checkpoint(ckpt, config("unet")),
+           "vae": convert_ldm_vae_checkpoint(ckpt, config("vae")),
            "text_encoder_2": convert_open_clip_checkpoint(
                CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2"), ckpt, prefix=big_g)}
     if model != "refiner":

@@ -52,7 +52,8 @@ def test_hinge_and_adopt_weight_closed_form():
     fake = np.array([[-2.0, 0.0], [3.0, -0.5]], np.float32)
     want = 0.5 * (np.mean(np.maximum(0, 1 - real)) + np.mean(np.maximum(0, 1 + fake)))
     np.testing.assert_allclose(autoencoder_loss.hinge_d_loss(real, fake), want, rtol=1e-6)
-    assert float(autoencoder_loss.adopt_weight(0.7, 4, 5)) == 0.0 and float(autoencoder_loss.adopt_weight(0.7, 5, 5)) == np.float32(0.7)
+    assert (float(autoencoder_loss.adopt_weight(0.7, 4, 5)) == 0.0
+            and float(autoencoder_loss.adopt_weight(0.7, 5, 5)) == np.float32(0.7))
 
 
 def test_adaptive_weight_closed_form():

@@ -41,7 +41,8 @@ def setup8(shapes_data_dir, tmp_path_factory):
 
 def _batches(setup):
     """``setup``'s training batches (this one process's: the whole global batch): images and token ids."""
-    it = make_dataset(setup.config.data, tokenize=lambda text: latent.tokenize(setup.tokenizer, [text], setup.seq_len)[0])
+    it = make_dataset(setup.config.data,
+                      tokenize=lambda text: latent.tokenize(setup.tokenizer, [text], setup.seq_len)[0])
     for batch in it:
         yield {k: batch[k] for k in ("image", "input_ids")}
 
@@ -167,8 +168,9 @@ def test_loss_falls_and_export_loads(setup1, start, tmp_path):
     t = jnp.asarray([10, 500])
     want = jax.jit(setup1.step.unet.apply)({"params": state.ema_params["unet"]}, x, t, ctx)
     np.testing.assert_allclose(sd.unet_apply(x, t, ctx), want, rtol=1e-5, atol=1e-6)
-    ema_text = jax.jit(setup1.step.text_encoder.apply)({"params": state.ema_params["text_encoder"]},
-                                                     jnp.asarray(sd.tokenize(["a red circle on a green background"]))).context_BLD
+    ema_text = jax.jit(setup1.step.text_encoder.apply)(
+        {"params": state.ema_params["text_encoder"]},
+        jnp.asarray(sd.tokenize(["a red circle on a green background"]))).context_BLD
     np.testing.assert_allclose(ctx[:1], ema_text, rtol=1e-5, atol=1e-6)
 
 
@@ -339,7 +341,8 @@ def test_two_hosts_each_with_its_own_home_match_one(tmp_path):
         return [sys.executable, os.path.join(ROOT, "train", "latent.py"), "--config", "tiny", "--workdir", workdir,
                 "--export", os.path.join(workdir, "export"), "--config.data.name=captioned_images",
                 f"--config.data.manual_dir={folder}", "--config.tokenizer.from_captions=True",
-                "--config.train.batch_size=8", f"--config.train.steps={steps}", f"--config.train.checkpoint_every={steps}",
+                "--config.train.batch_size=8", f"--config.train.steps={steps}",
+                f"--config.train.checkpoint_every={steps}",
                 "--config.train.sample_every=0", "--config.train.log_every=1", "--config.train.fast_compile=True",
                 "--config.train.cache_latents=True", "--config.train.latent_cache_dir=~/latent_cache",
                 "--config.mesh.shape=(2,4)"]

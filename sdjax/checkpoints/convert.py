@@ -118,7 +118,8 @@ def torch_to_flax(state_dict: Mapping[str, Any], target: Mapping[str, Any], *, w
 
 def text_encoder_from_torch(state_dict: Mapping[str, Any], config: TextEncoderConfig) -> dict:
     """Flax params of ``CLIPTextEncoder`` from a ``CLIPTextModel`` (or ``CLIPTextModelWithProjection``)
-    state dict (with or without the ``text_model.`` prefix). For a penultimate-layer config, the layers past the ones used are dropped."""
+    state dict (with or without the ``text_model.`` prefix). For a penultimate-layer config, the layers
+    past the ones used are dropped."""
     prefix = "text_model."
     sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
     unused = tuple(f"encoder.layers.{i}." for i in range(config.num_layers_used, config.num_hidden_layers))

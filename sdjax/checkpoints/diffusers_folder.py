@@ -55,7 +55,8 @@ def _weight_files(folder: str, variant: str | None, allow_pickle: bool) -> list[
     hint = (" The folder holds PyTorch pickles only: pass allow_pickle=True (loads them with "
             "torch.load(weights_only=True)) or convert them to safetensors." if pickles and not allow_pickle else "")
     variants = sorted({m.group(1) for f in found
-                       if (m := re.fullmatch(rf"(?:{'|'.join(_WEIGHT_STEMS)})\.([^.]+)\.(?:safetensors|bin)(?:\.index\.json)?", f))})
+                       if (m := re.fullmatch(rf"(?:{'|'.join(_WEIGHT_STEMS)})\.([^.]+)\."
+                                             r"(?:safetensors|bin)(?:\.index\.json)?", f))})
     if variants and variant not in variants:
         hint += (f" The folder holds the {' and '.join(map(repr, variants))} variant: pass variant={variants[0]!r} "
                  f"(--variant {variants[0]} on the command line).")

@@ -2,7 +2,8 @@
 
 ``load(path)`` -> ``Loaded(configs, params, tokenizer_dir)`` for a diffusers folder, an
 original single file or an sdjax export; ``load_vae(path)`` takes the autoencoder out of an
-autoencoder export, a diffusers ``AutoencoderKL`` folder or any of those; ``load_lpips(path)`` reads the LPIPS weights file.
+autoencoder export, a diffusers ``AutoencoderKL`` folder or any of those; ``load_lpips(path)``
+reads the LPIPS weights file.
 """
 
 import dataclasses

@@ -144,7 +144,8 @@ class UNetLayout:
         levels = indices(keys, r"down_blocks\.(\d+)\.")
         has = lambda side, level: any(k.startswith(f"{side}.{level}.attentions.") for k in keys)  # noqa: E731
         return cls(len(indices(keys, r"down_blocks\.0\.resnets\.(\d+)\.")),
-                   tuple(has("down_blocks", level) for level in levels), tuple(has("up_blocks", level) for level in levels),
+                   tuple(has("down_blocks", level) for level in levels),
+                   tuple(has("up_blocks", level) for level in levels),
                    any(k.startswith("add_embedding.") for k in keys))
 
 

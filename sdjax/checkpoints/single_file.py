@@ -302,7 +302,8 @@ def infer_configs(state_dict: Mapping[str, Any], *, image_size: int | None = Non
     image_size = image_size or (1024 if xl else 512)
     vae = infer_vae_config(parts["vae"], sample_size=image_size, norm_num_groups=norm_num_groups)
     latent_size = image_size // 2 ** (len(vae["block_out_channels"]) - 1)
-    texts = {name: infer_text_config(parts[name], version, heads=text_heads, openai=name == "text_encoder" if xl else None)
+    texts = {name: infer_text_config(parts[name], version, heads=text_heads,
+                                     openai=name == "text_encoder" if xl else None)
              for name in ("text_encoder", "text_encoder_2") if name in parts}
     pooled = texts["text_encoder_2"]["projection_dim"] if xl else None
     configs = {"unet": infer_unet_config(parts["unet"], version, heads=unet_heads, sample_size=latent_size,

@@ -33,7 +33,8 @@ def read_torch_pickle(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
             "explicit opt-in: pass allow_pickle=True (command line: --allow-pickle), which loads it with "
             "torch.load(weights_only=True). Better, convert it once to safetensors: "
             "python -c \"import torch, safetensors.torch as s; sd=torch.load('IN', weights_only=True); "
-            "sd=sd.get('state_dict', sd); s.save_file({k: v.contiguous() for k, v in sd.items() if hasattr(v, 'contiguous')}, 'OUT.safetensors')\"")
+            "sd=sd.get('state_dict', sd); s.save_file({k: v.contiguous() for k, v in sd.items() "
+            "if hasattr(v, 'contiguous')}, 'OUT.safetensors')\"")
     try:
         import torch
     except ImportError as e:

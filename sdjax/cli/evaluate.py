@@ -3,7 +3,8 @@ prints its figure on its last line.
 
     sdjax-eval stats IMAGES_DIR OUT.npz --inception pt_inception-2015-12-05-6726825d.pth --allow-pickle
     sdjax-eval fid A B [--inception FILE]     # A, B: image folders or statistics .npz files
-    sdjax-eval clip IMAGES_DIR --clip open_clip_pytorch_model.bin --allow-pickle --tokenizer bpe_simple_vocab_16e6.txt.gz
+    sdjax-eval clip IMAGES_DIR --clip open_clip_pytorch_model.bin --allow-pickle \
+        --tokenizer bpe_simple_vocab_16e6.txt.gz
     sdjax-eval generate --checkpoint CKPT --captions val2014_30k.tsv --ref-stats val2014_30k_stats.npz \
         --inception pt_inception-2015-12-05-6726825d.pth --clip open_clip_pytorch_model.bin \
         --clip-tokenizer bpe_simple_vocab_16e6.txt.gz --allow-pickle   # MLPerf's protocol: FID and CLIP score
@@ -152,7 +153,8 @@ def _generate(args: argparse.Namespace) -> None:
     captions = captions_lib.read(args.captions)[:args.limit]
     # Every weight file is read before the first compile, so a wrong path fails in seconds.
     judges = Judges.load(inception=args.inception, ref_stats=args.ref_stats, clip=args.clip,
-                         clip_config=args.clip_config, clip_tokenizer=args.clip_tokenizer, allow_pickle=args.allow_pickle)
+                         clip_config=args.clip_config, clip_tokenizer=args.clip_tokenizer,
+                         allow_pickle=args.allow_pickle)
     sd = StableDiffusion.from_pretrained(args.checkpoint, dtype=getattr(jnp, args.dtype), tokenizer=args.tokenizer,
                                          allow_pickle=args.allow_pickle)
     protocol = Protocol(sampler=args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance_scale,
@@ -160,7 +162,8 @@ def _generate(args: argparse.Namespace) -> None:
                         batch_size=args.batch_size)
     evaluator = Evaluator.of(sd, protocol, judges)
     if jax.process_index() == 0:
-        print(f"{len(captions)} captions, {protocol.steps} {protocol.sampler} steps, guidance {protocol.guidance_scale}, "
+        print(f"{len(captions)} captions, {protocol.steps} {protocol.sampler} steps, "
+              f"guidance {protocol.guidance_scale}, "
               f"{evaluator.latent_shape[0] * sd.downsample_factor} px, batches of {evaluator.batch_size} on "
               f"{jax.device_count()} {jax.devices()[0].platform} device(s)", flush=True)
     result = evaluator(evaluator.replicated(sd.params), captions, sd.scaling_factor, images_dir=args.images)

@@ -1,7 +1,9 @@
 """Tiny perceptual KL autoencoder on the synthetic captioned_shapes set: trains on a CPU in minutes.
 
-    python train/autoencoder.py --config configs/tiny_autoencoder.py --workdir /tmp/sdjax_vae --export /tmp/sdjax_vae_export
-    python train/latent.py --config configs/tiny.py --workdir /tmp/sdjax_tiny --config.autoencoder.path=/tmp/sdjax_vae_export
+    python train/autoencoder.py --config configs/tiny_autoencoder.py --workdir /tmp/sdjax_vae \
+        --export /tmp/sdjax_vae_export
+    python train/latent.py --config configs/tiny.py --workdir /tmp/sdjax_tiny \
+        --config.autoencoder.path=/tmp/sdjax_vae_export
 
 32x32 images -> 8x8x4 latents (downsample factor 4). Without LPIPS weights (none can be
 downloaded offline) the perceptual term is off; pass --config.loss.lpips_path=FILE (written by
@@ -33,8 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.discriminator = configs.section(DiscriminatorConfig, ndf=32, n_layers=2)
     c.loss = configs.section(LossConfig, disc_start=1500)
     c.data = config_section(name="captioned_shapes", image_size=32, num_examples=2000, num_threads=2)
-    c.train = configs.section(AutoencoderTrainConfig, steps=2000, batch_size=16, learning_rate=1e-3, checkpoint_every=500,
-                              max_to_keep=2, log_every=50, eval_every=250, eval_images=64)
+    c.train = configs.section(AutoencoderTrainConfig, steps=2000, batch_size=16, learning_rate=1e-3,
+                              checkpoint_every=500, max_to_keep=2, log_every=50, eval_every=250, eval_images=64)
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "fsdp")))
     c.logical_axis_rules = sharding.LOGICAL_AXIS_RULES
     return c

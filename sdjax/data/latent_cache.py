@@ -190,7 +190,8 @@ def build(path: str, fingerprint: dict, num_examples: int, examples: Callable[[i
         parts = []
         for i in range(0, stop - start, batch_size):
             n = min(batch_size, stop - start - i)
-            padded = {k: np.concatenate([v[i:i + n]] + [v[i + n - 1:i + n]] * (batch_size - n)) for k, v in chunk.items()}
+            padded = {k: np.concatenate([v[i:i + n]] + [v[i + n - 1:i + n]] * (batch_size - n))
+                      for k, v in chunk.items()}
             parts.append({k: np.asarray(v)[:n] for k, v in encode(padded).items()})
         encoded = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return {k: encoded[k] if k in encoded else chunk[k] for k in _arrays(example_arrays)}
@@ -222,7 +223,8 @@ def build(path: str, fingerprint: dict, num_examples: int, examples: Callable[[i
     source = read(path, fingerprint, example_arrays)
     if source is None:
         raise ValueError(f"The latent cache {path} is incomplete after encoding (chunks "
-                         f"{_missing_chunks(path, num_chunks, _arrays(example_arrays))[:5]} missing): is the folder writable on every host?")
+                         f"{_missing_chunks(path, num_chunks, _arrays(example_arrays))[:5]} missing): "
+                         "is the folder writable on every host?")
     print(f"training on {len(source)} cached latents from {path}", flush=True)
     return source
 
@@ -276,5 +278,6 @@ def make_dataset(source: ChunkSource, config: DataConfig) -> grain.DatasetIterat
     and repeated, checkpointable like ``sdjax.data.make_dataset``'s iterator."""
     if len(source) < config.batch_size * config.shard()[1]:
         raise ValueError(f"The latent cache holds {len(source)} examples, fewer than the global batch of "
-                         f"{config.batch_size * config.shard()[1]}; use a bigger dataset or a smaller train.batch_size.")
+                         f"{config.batch_size * config.shard()[1]}; use a bigger dataset or a smaller "
+                         "train.batch_size.")
     return global_batches(grain.MapDataset.source(source), config)

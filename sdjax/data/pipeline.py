@@ -101,8 +101,8 @@ class DataConfig:
                              "batch at every step); leave num_epochs unset.")
         if self.moments_ext is not None and (self.name != WEBDATASET_NAME or self.buckets or self.random_crop
                                              or self.random_flip):
-            raise ValueError("data.moments_ext reads precomputed latents from webdataset shards (data.name=webdataset), "
-                             "as encoded: without data.buckets, random_crop or random_flip.")
+            raise ValueError("data.moments_ext reads precomputed latents from webdataset shards "
+                             "(data.name=webdataset), as encoded: without data.buckets, random_crop or random_flip.")
         if self.buckets is not None:
             buckets_lib.parse(self.buckets, self.image_size)
         if self.interleave < 1 or self.shuffle_buffer < 1:
@@ -192,7 +192,8 @@ def prepare_on_all_hosts(config: DataConfig) -> "tfds.core.DatasetBuilder | webd
     multihost_utils.sync_global_devices("sdjax data prepared on host 0")
     if me != 0:
         b, error = attempt()
-    digest = np.frombuffer(hashlib.sha256(_describe(b).encode()).digest()[:16], np.uint32) if b else np.zeros(4, np.uint32)
+    digest = (np.frombuffer(hashlib.sha256(_describe(b).encode()).digest()[:16], np.uint32) if b
+              else np.zeros(4, np.uint32))
     rows = np.asarray(multihost_utils.process_allgather(np.concatenate([[error is None], digest]).astype(np.uint32)))
     rows = rows.reshape(jax.process_count(), 5)
     if error is not None:
@@ -471,7 +472,8 @@ class GlobalBatchIterator(grain.DatasetIterator):
     def _iterator(self) -> grain.DatasetIterator:
         c = self._config
         rows = _HostRows(self._ds, self._next, c.batch_size, c.shard(), self._drop_remainder)
-        it_ds = rows.to_iter_dataset(grain.ReadOptions(num_threads=c.num_threads, prefetch_buffer_size=2 * c.batch_size))
+        it_ds = rows.to_iter_dataset(grain.ReadOptions(num_threads=c.num_threads,
+                                                       prefetch_buffer_size=2 * c.batch_size))
         it_ds = it_ds.batch(c.batch_size, drop_remainder=self._drop_remainder)
         if c.num_workers:
             # Grain's worker processes read absl flags; scripts not run by absl.app have parsed none.

@@ -78,7 +78,8 @@ class CLIPScorer:
             if pad:
                 pixels = np.concatenate([pixels, np.zeros((pad, *pixels.shape[1:]), pixels.dtype)])
                 batch_ids = np.concatenate([batch_ids, np.repeat(batch_ids[-1:], pad, axis=0)])
-            got = self._cosines(self._params, jax.device_put(pixels, self._batch), jax.device_put(batch_ids, self._batch))
+            got = self._cosines(self._params, jax.device_put(pixels, self._batch),
+                                jax.device_put(batch_ids, self._batch))
             out.append(np.asarray(jax.device_get(got))[:n])
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 

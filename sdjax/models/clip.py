@@ -58,8 +58,9 @@ class CLIPConfig:
                              "ViT image towers and the plain text transformer (ViT-H-14, ViT-L-14, ViT-B-32 ...).")
         act = "quick_gelu" if d.get("quick_gelu") else "gelu"
         width, t_width = v.get("width", 768), t.get("width", 512)
-        vision = VisionConfig(image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 16), hidden_size=width,
-                              intermediate_size=int(width * v.get("mlp_ratio", 4.0)), num_hidden_layers=v.get("layers", 12),
+        vision = VisionConfig(image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 16),
+                              hidden_size=width, intermediate_size=int(width * v.get("mlp_ratio", 4.0)),
+                              num_hidden_layers=v.get("layers", 12),
                               num_attention_heads=width // v.get("head_width", 64), hidden_act=act)
         text = TextEncoderConfig(vocab_size=t.get("vocab_size", 49408), hidden_size=t_width,
                                  intermediate_size=int(t_width * t.get("mlp_ratio", 4.0)),

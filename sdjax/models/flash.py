@@ -89,7 +89,8 @@ def with_declared_cost(fn, cost: pl.CostEstimate):
     globals from a dict of its own, where ``pl`` adds the estimate; jax's module is never changed,
     so concurrent traces (threads) each declare their own cost."""
     real = fa.pl
-    pl_with_cost = types.SimpleNamespace(**{name: getattr(real, name) for name in dir(real) if not name.startswith("__")})
+    pl_with_cost = types.SimpleNamespace(**{name: getattr(real, name) for name in dir(real)
+                                            if not name.startswith("__")})
     pl_with_cost.pallas_call = lambda *args, **kwargs: real.pallas_call(*args, **{**kwargs, "cost_estimate": cost})
     copy = types.FunctionType(fn.__code__, {**fn.__globals__, "pl": pl_with_cost}, fn.__name__, fn.__defaults__,
                               fn.__closure__)

@@ -8,8 +8,8 @@ along channels; the squared differences go through learned 1x1 heads ``lin0..lin
 Weights file (``LPIPS_KEYS``): one safetensors file in PyTorch layout,
 ``features.{i}.weight`` (O, I, 3, 3) / ``features.{i}.bias`` for the 13 convs at
 torchvision's ``vgg16().features`` indices, and ``lin{k}.weight`` (1, C_k, 1, 1) from the
-LPIPS ``vgg.pth``; ``sdjax/tools/convert_lpips.py`` writes it from those two files; ``sdjax.checkpoints.load.load_lpips``
-reads it.
+LPIPS ``vgg.pth``; ``sdjax/tools/convert_lpips.py`` writes it from those two files;
+``sdjax.checkpoints.load.load_lpips`` reads it.
 """
 
 from typing import Any

@@ -97,7 +97,8 @@ class SpatialTransformer(nn.Module):
         h_BLD = constrain_seq(h_BLD)
         for k in range(self.num_layers):
             h_BLD = BasicTransformerBlock(inner, self.heads, self.head_dim, self.only_cross_attention,
-                                          attention=self.attention, name=f"transformer_blocks_{k}", **kw)(h_BLD, ctx_BSD)
+                                          attention=self.attention, name=f"transformer_blocks_{k}",
+                                          **kw)(h_BLD, ctx_BSD)
         if self.use_linear_projection:
             h = dense(C, name="proj_out", **kw)(h_BLD).reshape(B, H, W, C)
         else:

@@ -100,7 +100,8 @@ class UNetConfig:
         if self.addition_embed_type not in (None, "text_time"):
             raise ValueError(f"UNetConfig: addition_embed_type={self.addition_embed_type!r} is not supported; "
                              "sdjax implements None (SD 1/2) and 'text_time' (SDXL).")
-        if self.addition_embed_type and not (self.addition_time_embed_dim and self.projection_class_embeddings_input_dim):
+        if self.addition_embed_type and not (self.addition_time_embed_dim
+                                             and self.projection_class_embeddings_input_dim):
             raise ValueError("UNetConfig: addition_embed_type='text_time' needs addition_time_embed_dim and "
                              "projection_class_embeddings_input_dim.")
         if len(self.down_block_types) != n or len(self.up_block_types) != n:

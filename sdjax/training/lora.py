@@ -68,7 +68,8 @@ def init_adapters(key: jax.Array, targets: tuple[Target, ...], rank: int) -> dic
     for i, t in enumerate(targets):
         fan_in = int(np.prod(t.kernel_shape[:-1]))
         bound = 1.0 / np.sqrt(fan_in)
-        out[t.name] = {"down": jax.random.uniform(jax.random.fold_in(key, i), (rank, fan_in), jnp.float32, -bound, bound),
+        out[t.name] = {"down": jax.random.uniform(jax.random.fold_in(key, i), (rank, fan_in), jnp.float32,
+                                                  -bound, bound),
                        "up": jnp.zeros((t.kernel_shape[-1], rank), jnp.float32)}
     return out
 

@@ -69,7 +69,8 @@ class LatentTrainConfig(LoopConfig):
     sample_every: int = 0  # 0: no sample grids
     init_from: str | None = None  # a Stable Diffusion checkpoint to start the trained networks from
     cache_latents: bool = False  # encode the dataset once, then train on the cached posteriors
-    cache_text: bool = False  # with cache_latents: cache the frozen text encoders' outputs too (no text encoder in the step)
+    # with cache_latents: cache the frozen text encoders' outputs too (no text encoder in the step)
+    cache_text: bool = False
     latent_cache_dir: str | None = None  # None: <workdir>/latent_cache
 
     def __post_init__(self):
@@ -320,8 +321,8 @@ class LatentRunConfig:
                 raise ValueError(f"pretrained={self.model.pretrained} provides the autoencoder, the text encoder and "
                                  f"the UNet: unset {', '.join(taken)}.")
             if self.model.model.get("unet") and self.model.unet_from_pretrained:
-                raise ValueError("model.unet is set, but the UNet comes from pretrained: set unet_from_pretrained=False "
-                                 "to train model.unet from scratch, or unset model.unet.")
+                raise ValueError("model.unet is set, but the UNet comes from pretrained: set "
+                                 "unet_from_pretrained=False to train model.unet from scratch, or unset model.unet.")
         if self.train.cache_latents and self.data.name == "webdataset" and not self.data.moments_ext:
             raise ValueError("train.cache_latents encodes a dataset read by index; webdataset shards are a stream. "
                              "Train on the shards directly (cache_latents=False), or encode them once (`sdjax-train "
