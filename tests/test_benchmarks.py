@@ -90,7 +90,7 @@ def test_table_shows_ratios_and_errors():
     assert "| text2img | sd15 B=1: images/s | 3 | 2 | 1.5 | - | - |" in text
     assert "| compile | first call (cold) | 10 s | 20 s | 0.5 |" in text
     assert "OSError: no weights" in text
-    # not JAX's note
+    # The error row shows the exception's own line, not JAX's note on removed frames after it.
     assert "| aot-txt2img flax | error | flax.errors.ScopeParamShapeError: For parameter kernel |" in text
     assert "| images/s/chip | 100 | 80 | 1.25 |" in text  # aot-train: beside MaxDiffusion, a table of its own
     assert "| compiler-optimal step, ms | 80 | 100 | 0.8 |" in text
