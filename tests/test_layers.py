@@ -80,6 +80,22 @@ def test_conv_matches_float64_reference(hw, channels, kernel, stride):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), grads, want_grad)
 
 
+def test_group_norm_of_a_nearly_flat_input_matches_float64():
+    """Each group a plain colour (mean 1-2) with a texture of 3e-4: normalised, the texture is the
+    whole output, so the statistics must not lose it to cancellation (float32 E[x^2] - E[x]^2 misses
+    float64 by ~1e-4 here; the mean of squared deviations by ~5e-6)."""
+    rng = np.random.default_rng(0)
+    x = (2.0 * rng.uniform(0.5, 1.0, (2, 1, 1, 16)) + 3e-4 * rng.standard_normal((2, 16, 16, 16))).astype(np.float32)
+    g = x.astype(np.float64).reshape(2, 256, 4, 4)
+    mean = g.mean(axis=(1, 3), keepdims=True)
+    var = ((g - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+    want = ((g - mean) / np.sqrt(var + 1e-6)).reshape(x.shape)
+    m = layers.group_norm(4, 1e-6, name="norm", dtype=jnp.float32, param_dtype=jnp.float32)
+    got = jax.jit(m.apply)(nn.unbox(m.init(jax.random.key(0), x)), x)
+    assert np.abs(want).max() > 1.0  # the texture, normalised, is what the comparison sees
+    np.testing.assert_allclose(got, want, rtol=0, atol=2.5e-5)
+
+
 @pytest.mark.parametrize("hw,channels,matmul", [(2, 4, True), (4, 4, False), (4, 256, True), (8, 256, False)])
 def test_small_convolutions_compile_to_a_matmul_on_cpu(hw, channels, matmul):
     m = conv(8, 3, name="c", dtype=jnp.float32, param_dtype=jnp.float32)
