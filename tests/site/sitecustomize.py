@@ -55,7 +55,7 @@ def _compile_once_between_processes(compiler) -> None:
 
     def mark_of(backend, devices, cache_key) -> str | None:
         """The mark's path for a program that spans processes (compiled alike by each), else None."""
-        if folder and backend.platform == "cpu" and not devices.is_fully_addressable:
+        if folder and os.path.isdir(folder) and backend.platform == "cpu" and not devices.is_fully_addressable:
             return os.path.join(folder, f"{cache_key}.compiling")
         return None
 
