@@ -79,10 +79,7 @@ def _compile_once_between_processes(compiler) -> None:
         # it is removed once the entry is written, and made before).
         entry = os.path.join(folder, f"{cache_key}{lru_cache._CACHE_SUFFIX}")
         deadline = time.monotonic() + MARK_WAIT_SECONDS
-        while True:
-            written = os.path.exists(entry)
-            if os.path.exists(mark) or written or time.monotonic() > deadline:
-                break
+        while not (os.path.exists(mark) or os.path.exists(entry)) and time.monotonic() < deadline:
             time.sleep(0.02)
         while os.path.exists(mark):
             try:
