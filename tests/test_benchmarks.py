@@ -9,6 +9,7 @@ import pytest
 from benchmarks import run, sdjax_runner, timing, train_runner
 from sdjax import StableDiffusion
 from tests import tiny_models
+from tests.helpers import ROOT
 
 
 def test_measure_takes_the_median_after_warmup(monkeypatch):
@@ -168,3 +169,17 @@ def test_data_path_benchmark_reads_its_shards_into_512px_batches(tmp_path, capsy
     assert result["images_per_s_per_core"] > 0 and "| decode threads | images/s |" in capsys.readouterr().out
     rate = result["images_per_s_per_core"]
     assert result["v5p8_host_cores_needed"]["sd15_finetune full"] == pytest.approx(4 * 71.66 / rate)
+
+
+def test_checkpoint_io_benchmark_saves_and_restores_the_same_state_with_both_handlers(tmp_path, capsys, monkeypatch):
+    from benchmarks import checkpoint_io
+
+    monkeypatch.chdir(ROOT)  # each variant runs as ``python -m benchmarks.checkpoint_io`` from the repository
+    out = tmp_path / "checkpoint-io.json"
+    checkpoint_io.main(["--devices", "2", "--saves", "2", "--out", str(out)])  # each restore is compared inside
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert list(rows) == list(checkpoint_io.VARIANTS) and result["devices"] == 2
+    assert rows["sdjax"]["arrays"] == rows["orbax-default"]["arrays"] > 100
+    assert all(len(r["saves_s"]) == 2 and r["restore_s"] > 0 for r in rows.values())
+    assert "| handler | first save (CPU s / wall s) |" in capsys.readouterr().out
